@@ -1,0 +1,2 @@
+//! `mla-launch`: spawns and supervises training ranks.
+fn main() {}

@@ -1,0 +1,3 @@
+//! mla-trainer: everything behind the `mla` binary — run configuration (YAML → typed,
+//! validated sections), data, optimizer, communicator, training loop, checkpoints, generation.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
