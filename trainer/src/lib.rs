@@ -1,3 +1,5 @@
 //! mla-trainer: everything behind the `mla` binary — run configuration (YAML → typed,
 //! validated sections), data, optimizer, communicator, training loop, checkpoints, generation.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod data;
