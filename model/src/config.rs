@@ -1,0 +1,660 @@
+//! `ModelConfig`: the litgpt `Config` schema (field names, defaults and derivation rules of
+//! litgpt 0.5.13 `config.py`) for the architectures mla builds: GPT with MHA/GQA/MQA or MLA.
+//!
+//! Not here: reading YAML (trainer's `config` module owns the YAML crate) and the named
+//! registry (`registry.rs`). litgpt keys mla does not implement (sliding windows, MoE,
+//! soft-capping, …) are accepted only at their default value so that configs saved by
+//! litgpt still load; any other value is a validation error naming the key.
+//!
+//! MLA: `latent_attention` is either `true` (the seed's shorthand, see [`LatentAttention`])
+//! or a mapping with DeepSeek names (litgpt 0.5.13 semantics).
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// One problem found while validating a config: the key (relative to `model_config`) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Every problem of one config, reported at once.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigIssue>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&parts.join("; "))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum NormClass {
+    #[default]
+    LayerNorm,
+    RMSNorm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum MlpClass {
+    #[default]
+    GptNeoxMLP,
+    LLaMAMLP,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum GeluApproximate {
+    #[default]
+    None,
+    Tanh,
+}
+
+impl GeluApproximate {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GeluApproximate::None => "none",
+            GeluApproximate::Tanh => "tanh",
+        }
+    }
+}
+
+/// MLA dimensions with DeepSeek/HF names (the `latent_attention:` mapping form).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MlaDims {
+    /// Rank of the query compression; `null` means a plain `q_proj` (DeepSeek-V2-Lite style).
+    #[serde(default)]
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_rope_head_dim: usize,
+    pub qk_nope_head_dim: usize,
+    pub v_head_dim: usize,
+}
+
+/// The `latent_attention` key: `true`/`false`, or the DeepSeek-named mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LatentAttention {
+    /// `true`: the seed's MLA — q_lora_rank = n_embd/2, kv_lora_rank = 2·n_embd/3,
+    /// rope = nope = head_size/2, v = head_size, no bias in any MLA linear, latent norms
+    /// (of `norm_class_name`) only when `norm_qk`. `false`: ordinary attention.
+    Flag(bool),
+    /// Mapping (litgpt 0.5.13): RMSNorm on both latents; bias on q_b/kv_b/proj per `bias`,
+    /// on q_a/kv_a per `attn_bias`.
+    Dims(MlaDims),
+}
+
+impl Serialize for LatentAttention {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            LatentAttention::Flag(b) => s.serialize_bool(*b),
+            LatentAttention::Dims(d) => d.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for LatentAttention {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = LatentAttention;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`true`, `false`, or a mapping with q_lora_rank, kv_lora_rank, qk_rope_head_dim, qk_nope_head_dim, v_head_dim")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(LatentAttention::Flag(v))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                MlaDims::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(LatentAttention::Dims)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// MLA as the model builds it: dimensions plus which optional pieces exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MlaSpec {
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_rope_head_dim: usize,
+    pub qk_nope_head_dim: usize,
+    pub v_head_dim: usize,
+    /// Bias on the down projections (q_a_proj, kv_a_proj_with_mqa).
+    pub down_bias: bool,
+    /// Bias on q_b_proj (or q_proj), kv_b_proj and the output proj.
+    pub up_bias: bool,
+    /// Norm on the latents c_q and c_kv, and its kind.
+    pub latent_norm: Option<NormClass>,
+}
+
+impl MlaSpec {
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
+    /// Values per position and layer in the compressed cache: `[c_kv | k_rope]`.
+    pub fn compressed_cache_width(&self) -> usize {
+        self.kv_lora_rank + self.qk_rope_head_dim
+    }
+}
+
+/// Which attention a config builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionKind {
+    Mha,
+    Gqa { n_query_groups: usize },
+    Mqa,
+    Mla(MlaSpec),
+}
+
+impl AttentionKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            AttentionKind::Mha => "MHA",
+            AttentionKind::Gqa { .. } => "GQA",
+            AttentionKind::Mqa => "MQA",
+            AttentionKind::Mla(_) => "MLA",
+        }
+    }
+}
+
+fn d_block_size() -> usize {
+    4096
+}
+fn d_n_layer() -> usize {
+    16
+}
+fn d_n_embd() -> usize {
+    4096
+}
+fn d_vocab_size() -> usize {
+    50254
+}
+fn d_padding_multiple() -> usize {
+    512
+}
+fn d_norm_eps() -> f64 {
+    1e-5
+}
+fn d_true() -> bool {
+    true
+}
+fn d_n_head() -> usize {
+    32
+}
+fn d_rope_base() -> f64 {
+    10000.0
+}
+fn d_rotary_percentage() -> f64 {
+    0.25
+}
+fn d_one() -> usize {
+    1
+}
+
+/// litgpt's `Config`, restricted to what mla builds. Field names, defaults and derivations
+/// follow litgpt 0.5.13 so that its YAML (and its saved `model_config.yaml`) loads unchanged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub hf_config: BTreeMap<String, String>,
+    #[serde(default = "d_block_size")]
+    pub block_size: usize,
+    #[serde(default = "d_n_layer")]
+    pub n_layer: usize,
+    #[serde(default = "d_n_embd")]
+    pub n_embd: usize,
+    #[serde(default = "d_vocab_size")]
+    pub vocab_size: usize,
+    #[serde(default = "d_padding_multiple")]
+    pub padding_multiple: usize,
+    /// Derived when absent: `vocab_size` rounded up to `padding_multiple`.
+    #[serde(default)]
+    pub padded_vocab_size: Option<usize>,
+    #[serde(default)]
+    pub norm_class_name: NormClass,
+    #[serde(default = "d_norm_eps")]
+    pub norm_eps: f64,
+    /// Per-head q/k norms (MHA/GQA/MQA); for `latent_attention: true`, norms on the latents.
+    #[serde(default)]
+    pub norm_qk: bool,
+    #[serde(default = "d_true")]
+    pub parallel_residual: bool,
+    #[serde(default)]
+    pub shared_attention_norm: bool,
+    #[serde(default = "d_n_head")]
+    pub n_head: usize,
+    /// Derived when absent: `n_embd / n_head`.
+    #[serde(default)]
+    pub head_size: Option<usize>,
+    /// `n_head` = MHA, 1 = MQA, in between = GQA. Derived when absent: `n_head`.
+    #[serde(default)]
+    pub n_query_groups: Option<usize>,
+    #[serde(default)]
+    pub attn_bias: bool,
+    /// Attention scale is 1/sqrt(this) when set, else 1/sqrt(q/k head dim).
+    #[serde(default)]
+    pub attention_scores_scalar: Option<usize>,
+    #[serde(default = "d_rope_base")]
+    pub rope_base: f64,
+    /// Fraction of each q/k head that is rotated (MHA/GQA/MQA; MLA uses qk_rope_head_dim).
+    #[serde(default = "d_rotary_percentage")]
+    pub rotary_percentage: f64,
+    #[serde(default = "d_one")]
+    pub rope_condense_ratio: usize,
+    /// Derived when absent (GptNeoxMLP): `4 · n_embd`.
+    #[serde(default)]
+    pub intermediate_size: Option<usize>,
+    #[serde(default = "d_true")]
+    pub bias: bool,
+    #[serde(default)]
+    pub mlp_class_name: MlpClass,
+    #[serde(default)]
+    pub gelu_approximate: GeluApproximate,
+    #[serde(default)]
+    pub scale_embeddings: bool,
+    #[serde(default)]
+    pub lm_head_bias: bool,
+    #[serde(default)]
+    pub latent_attention: Option<LatentAttention>,
+
+    // litgpt keys accepted only at their default (mla does not implement them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm_qk_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_attention_norm: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_mlp_norm: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm_1: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm_2: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_interleave: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window_size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window_indices: Option<Vec<usize>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_logit_softcapping: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_logit_softcapping: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_adjustments: Option<BTreeMap<String, f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_local_base_freq: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_indices: Option<Vec<usize>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe_intermediate_size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_expert: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_expert_per_token: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_shared_expert: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_expert_groups: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_topk_groups: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_topk_scores_per_group: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_k_dense_replace: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routed_scaling_factor: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm_topk_prob: Option<bool>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        // Every field has a serde default, so an empty mapping is the litgpt default config.
+        serde::de::Deserialize::deserialize(serde::de::value::MapDeserializer::<
+            '_,
+            std::iter::Empty<(String, String)>,
+            serde::de::value::Error,
+        >::new(std::iter::empty()))
+        .unwrap_or_else(|_| unreachable!("all ModelConfig fields have defaults"))
+    }
+}
+
+fn round_up(n: usize, k: usize) -> usize {
+    n.div_ceil(k) * k
+}
+
+impl ModelConfig {
+    /// Check every rule and fill the derived fields (as litgpt's `__post_init__`).
+    /// All problems are reported at once; keys are relative to `model_config`.
+    pub fn resolve(mut self) -> Result<ModelConfig, ConfigErrors> {
+        let mut issues = Vec::new();
+        let mut bad = |key: &str, message: String| {
+            issues.push(ConfigIssue {
+                key: key.to_string(),
+                message,
+            })
+        };
+        for (key, value) in [
+            ("n_layer", self.n_layer),
+            ("n_embd", self.n_embd),
+            ("n_head", self.n_head),
+            ("vocab_size", self.vocab_size),
+            ("block_size", self.block_size),
+            ("padding_multiple", self.padding_multiple),
+            ("rope_condense_ratio", self.rope_condense_ratio),
+        ] {
+            if value == 0 {
+                bad(key, "must be at least 1".into());
+            }
+        }
+        if self.n_head > 0 && self.head_size.is_none() {
+            if self.n_embd % self.n_head != 0 {
+                bad(
+                    "n_embd",
+                    format!(
+                        "n_embd ({}) must be divisible by n_head ({}) unless head_size is set",
+                        self.n_embd, self.n_head
+                    ),
+                );
+            } else {
+                self.head_size = Some(self.n_embd / self.n_head);
+            }
+        }
+        if self.head_size == Some(0) {
+            bad("head_size", "must be at least 1".into());
+        }
+        match self.padded_vocab_size {
+            None if self.padding_multiple > 0 => {
+                self.padded_vocab_size = Some(round_up(self.vocab_size, self.padding_multiple))
+            }
+            Some(p) => {
+                if p == 0 {
+                    bad("padded_vocab_size", "must be at least 1".into());
+                }
+                self.vocab_size = self.vocab_size.min(p);
+            }
+            None => {}
+        }
+        match self.n_query_groups {
+            Some(0) => bad("n_query_groups", "must be at least 1".into()),
+            Some(g) if self.n_head % g != 0 => bad(
+                "n_query_groups",
+                format!(
+                    "n_head ({}) must be divisible by n_query_groups ({g})",
+                    self.n_head
+                ),
+            ),
+            Some(_) => {}
+            None => self.n_query_groups = Some(self.n_head),
+        }
+        if self.intermediate_size.is_none() {
+            match self.mlp_class_name {
+                MlpClass::GptNeoxMLP => self.intermediate_size = Some(4 * self.n_embd),
+                MlpClass::LLaMAMLP => bad(
+                    "intermediate_size",
+                    "must be set when mlp_class_name is LLaMAMLP".into(),
+                ),
+            }
+        }
+        if self.norm_eps.is_nan() || self.norm_eps <= 0.0 {
+            bad(
+                "norm_eps",
+                format!("must be positive, got {}", self.norm_eps),
+            );
+        }
+        if self.rope_base.is_nan() || self.rope_base <= 0.0 {
+            bad(
+                "rope_base",
+                format!("must be positive, got {}", self.rope_base),
+            );
+        }
+        if !(0.0..=1.0).contains(&self.rotary_percentage) {
+            bad(
+                "rotary_percentage",
+                format!("must be in [0, 1], got {}", self.rotary_percentage),
+            );
+        }
+        if self.shared_attention_norm && !self.parallel_residual {
+            bad(
+                "shared_attention_norm",
+                "requires parallel_residual: true (as litgpt)".into(),
+            );
+        }
+        match self.latent_attention {
+            Some(LatentAttention::Flag(true)) | Some(LatentAttention::Dims(_)) => {
+                if self.n_query_groups.is_some_and(|g| g != self.n_head) {
+                    bad(
+                        "n_query_groups",
+                        format!(
+                            "latent attention needs n_query_groups == n_head ({}), got {}",
+                            self.n_head,
+                            self.n_query_groups.unwrap_or_default()
+                        ),
+                    );
+                }
+                if let Some(LatentAttention::Dims(d)) = self.latent_attention {
+                    for (key, value) in [
+                        ("kv_lora_rank", d.kv_lora_rank),
+                        ("qk_rope_head_dim", d.qk_rope_head_dim),
+                        ("qk_nope_head_dim", d.qk_nope_head_dim),
+                        ("v_head_dim", d.v_head_dim),
+                    ] {
+                        if value == 0 {
+                            bad(
+                                &format!("latent_attention.{key}"),
+                                "must be at least 1".into(),
+                            );
+                        }
+                    }
+                    if d.q_lora_rank == Some(0) {
+                        bad(
+                            "latent_attention.q_lora_rank",
+                            "must be at least 1 (or null for a plain q_proj)".into(),
+                        );
+                    }
+                    if d.qk_rope_head_dim % 2 != 0 {
+                        bad(
+                            "latent_attention.qk_rope_head_dim",
+                            format!("RoPE needs an even dimension, got {}", d.qk_rope_head_dim),
+                        );
+                    }
+                } else if let Some(hs) = self.head_size {
+                    if hs % 2 != 0 {
+                        bad(
+                            "head_size",
+                            format!("latent_attention: true splits each head in two halves (rope, nope); head_size {hs} is odd"),
+                        );
+                    } else if (hs / 2) % 2 != 0 {
+                        bad(
+                            "head_size",
+                            format!("latent_attention: true rotates head_size/2 = {} dims; RoPE needs an even dimension", hs / 2),
+                        );
+                    }
+                }
+            }
+            _ => {
+                if let Some(hs) = self.head_size {
+                    let n = self.rope_n_elem_for(hs);
+                    if n % 2 != 0 {
+                        bad(
+                            "rotary_percentage",
+                            format!(
+                                "rotary_percentage {} × head_size {hs} = {n} rotated dims; RoPE needs an even dimension",
+                                self.rotary_percentage
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        self.check_unsupported(&mut bad);
+        if issues.is_empty() {
+            Ok(self)
+        } else {
+            Err(ConfigErrors(issues))
+        }
+    }
+
+    fn check_unsupported(&self, bad: &mut impl FnMut(&str, String)) {
+        let mut unsupported = |key: &str, set: bool| {
+            if set {
+                bad(key, "is a litgpt option mla does not implement; remove it or leave it at its default".into());
+            }
+        };
+        unsupported(
+            "norm_qk_type",
+            self.norm_qk_type.as_deref().is_some_and(|t| t != "default"),
+        );
+        unsupported(
+            "post_attention_norm",
+            self.post_attention_norm == Some(true),
+        );
+        unsupported("post_mlp_norm", self.post_mlp_norm == Some(true));
+        unsupported("norm_1", self.norm_1 == Some(false));
+        unsupported("norm_2", self.norm_2 == Some(false));
+        unsupported("rope_interleave", self.rope_interleave == Some(true));
+        unsupported("sliding_window_size", self.sliding_window_size.is_some());
+        unsupported(
+            "sliding_window_indices",
+            self.sliding_window_indices.is_some(),
+        );
+        unsupported(
+            "attention_logit_softcapping",
+            self.attention_logit_softcapping.is_some(),
+        );
+        unsupported(
+            "final_logit_softcapping",
+            self.final_logit_softcapping.is_some(),
+        );
+        unsupported("rope_adjustments", self.rope_adjustments.is_some());
+        unsupported("rope_local_base_freq", self.rope_local_base_freq.is_some());
+        unsupported("rope_indices", self.rope_indices.is_some());
+        unsupported(
+            "moe_intermediate_size",
+            self.moe_intermediate_size.is_some(),
+        );
+        unsupported("n_expert", self.n_expert.is_some_and(|n| n > 0));
+        unsupported(
+            "n_expert_per_token",
+            self.n_expert_per_token.is_some_and(|n| n > 0),
+        );
+        unsupported("n_shared_expert", self.n_shared_expert.is_some());
+        unsupported("n_expert_groups", self.n_expert_groups.is_some());
+        unsupported("n_topk_groups", self.n_topk_groups.is_some());
+        unsupported(
+            "n_topk_scores_per_group",
+            self.n_topk_scores_per_group.is_some(),
+        );
+        unsupported(
+            "first_k_dense_replace",
+            self.first_k_dense_replace.is_some(),
+        );
+        unsupported(
+            "routed_scaling_factor",
+            self.routed_scaling_factor.is_some_and(|f| f != 1.0),
+        );
+        unsupported("norm_topk_prob", self.norm_topk_prob == Some(true));
+    }
+
+    fn rope_n_elem_for(&self, head_size: usize) -> usize {
+        // litgpt: int(rotary_percentage * head_size)
+        (self.rotary_percentage * head_size as f64) as usize
+    }
+
+    // Accessors for derived values. They are meaningful on a resolved config (`resolve`),
+    // where the derived fields are set; on an unresolved one they fall back to litgpt's rules.
+
+    pub fn head_size(&self) -> usize {
+        self.head_size
+            .unwrap_or_else(|| self.n_embd / self.n_head.max(1))
+    }
+    pub fn n_query_groups(&self) -> usize {
+        self.n_query_groups.unwrap_or(self.n_head)
+    }
+    pub fn padded_vocab_size(&self) -> usize {
+        self.padded_vocab_size
+            .unwrap_or_else(|| round_up(self.vocab_size, self.padding_multiple.max(1)))
+    }
+    pub fn intermediate_size(&self) -> usize {
+        self.intermediate_size.unwrap_or(4 * self.n_embd)
+    }
+
+    /// The MLA the config builds, if any.
+    pub fn mla(&self) -> Option<MlaSpec> {
+        let hs = self.head_size();
+        match self.latent_attention? {
+            LatentAttention::Flag(false) => None,
+            LatentAttention::Flag(true) => Some(MlaSpec {
+                q_lora_rank: Some(self.n_embd / 2),
+                kv_lora_rank: 2 * self.n_embd / 3,
+                qk_rope_head_dim: hs / 2,
+                qk_nope_head_dim: hs / 2,
+                v_head_dim: hs,
+                down_bias: false,
+                up_bias: false,
+                latent_norm: self.norm_qk.then_some(self.norm_class_name),
+            }),
+            LatentAttention::Dims(d) => Some(MlaSpec {
+                q_lora_rank: d.q_lora_rank,
+                kv_lora_rank: d.kv_lora_rank,
+                qk_rope_head_dim: d.qk_rope_head_dim,
+                qk_nope_head_dim: d.qk_nope_head_dim,
+                v_head_dim: d.v_head_dim,
+                down_bias: self.attn_bias,
+                up_bias: self.bias,
+                latent_norm: Some(NormClass::RMSNorm),
+            }),
+        }
+    }
+
+    pub fn attention_kind(&self) -> AttentionKind {
+        if let Some(spec) = self.mla() {
+            return AttentionKind::Mla(spec);
+        }
+        match self.n_query_groups() {
+            g if g == self.n_head => AttentionKind::Mha,
+            1 => AttentionKind::Mqa,
+            g => AttentionKind::Gqa { n_query_groups: g },
+        }
+    }
+
+    /// Rotated dims per q/k head (litgpt `rope_n_elem`).
+    pub fn rope_n_elem(&self) -> usize {
+        match self.mla() {
+            Some(m) => m.qk_rope_head_dim,
+            None => self.rope_n_elem_for(self.head_size()),
+        }
+    }
+
+    /// q/k and v head dims seen by scaled-dot-product attention in training.
+    pub fn sdpa_head_dims(&self) -> (usize, usize) {
+        match self.mla() {
+            Some(m) => (m.qk_head_dim(), m.v_head_dim),
+            None => (self.head_size(), self.head_size()),
+        }
+    }
+
+    /// Softmax scale: 1/sqrt(attention_scores_scalar or the q/k head dim).
+    pub fn attention_scale(&self) -> f64 {
+        let d = self
+            .attention_scores_scalar
+            .unwrap_or_else(|| self.sdpa_head_dims().0);
+        1.0 / (d as f64).sqrt()
+    }
+}

@@ -1,0 +1,98 @@
+//! Figures derived from a config without building the model: parameter count, training
+//! FLOPs per token, inference-cache bytes per token, SDPA head dims. `mla info` prints these;
+//! tests check the parameter count against a built model.
+
+use crate::config::{AttentionKind, MlpClass, ModelConfig, NormClass};
+
+fn linear(in_dim: usize, out_dim: usize, bias: bool) -> usize {
+    in_dim * out_dim + if bias { out_dim } else { 0 }
+}
+
+fn norm(kind: NormClass, size: usize) -> usize {
+    match kind {
+        NormClass::LayerNorm => 2 * size,
+        NormClass::RMSNorm => size,
+    }
+}
+
+/// Parameters of one attention module.
+pub fn attention_parameters(cfg: &ModelConfig) -> usize {
+    let (c, h, hs) = (cfg.n_embd, cfg.n_head, cfg.head_size());
+    match cfg.attention_kind() {
+        AttentionKind::Mla(m) => {
+            let q = match m.q_lora_rank {
+                Some(r) => {
+                    linear(c, r, m.down_bias)
+                        + m.latent_norm.map_or(0, |k| norm(k, r))
+                        + linear(r, h * m.qk_head_dim(), m.up_bias)
+                }
+                None => linear(c, h * m.qk_head_dim(), m.up_bias),
+            };
+            q + linear(c, m.kv_lora_rank + m.qk_rope_head_dim, m.down_bias)
+                + m.latent_norm.map_or(0, |k| norm(k, m.kv_lora_rank))
+                + linear(
+                    m.kv_lora_rank,
+                    h * (m.qk_nope_head_dim + m.v_head_dim),
+                    m.up_bias,
+                )
+                + linear(h * m.v_head_dim, c, m.up_bias)
+        }
+        _ => {
+            let g = cfg.n_query_groups();
+            let qk_norms = if cfg.norm_qk {
+                2 * norm(cfg.norm_class_name, hs)
+            } else {
+                0
+            };
+            linear(c, (h + 2 * g) * hs, cfg.bias || cfg.attn_bias)
+                + linear(h * hs, c, cfg.bias)
+                + qk_norms
+        }
+    }
+}
+
+fn mlp_parameters(cfg: &ModelConfig) -> usize {
+    let (c, i, b) = (cfg.n_embd, cfg.intermediate_size(), cfg.bias);
+    match cfg.mlp_class_name {
+        MlpClass::GptNeoxMLP => linear(c, i, b) + linear(i, c, b),
+        MlpClass::LLaMAMLP => 2 * linear(c, i, b) + linear(i, c, b),
+    }
+}
+
+/// Parameters of the whole model (embedding and LM head untied, as litgpt's default).
+pub fn parameters(cfg: &ModelConfig) -> usize {
+    let (c, v) = (cfg.n_embd, cfg.padded_vocab_size());
+    let norms_per_block = if cfg.shared_attention_norm { 1 } else { 2 };
+    let block = norms_per_block * norm(cfg.norm_class_name, c)
+        + attention_parameters(cfg)
+        + mlp_parameters(cfg);
+    v * c + cfg.n_layer * block + norm(cfg.norm_class_name, c) + linear(c, v, cfg.lm_head_bias)
+}
+
+/// Training FLOPs per token (forward + backward), PaLM appendix B: 6·N + 6·L·H·T·(Dqk + Dv),
+/// N = parameters except the input embedding, T = block_size, the attention term without
+/// causal halving (12·L·H·Q·T for Dqk = Dv = Q).
+pub fn flops_per_token(cfg: &ModelConfig) -> f64 {
+    let n = (parameters(cfg) - cfg.padded_vocab_size() * cfg.n_embd) as f64;
+    let (dqk, dv) = cfg.sdpa_head_dims();
+    let attn = 6.0 * (cfg.n_layer * cfg.n_head * cfg.block_size * (dqk + dv)) as f64;
+    6.0 * n + attn
+}
+
+/// Inference-cache values per token over all layers: 2·G·hs per layer for K/V caches,
+/// kv_lora_rank + qk_rope_head_dim per layer for the compressed MLA cache.
+pub fn kv_cache_values_per_token(cfg: &ModelConfig) -> usize {
+    let per_layer = match cfg.attention_kind() {
+        AttentionKind::Mla(m) => m.compressed_cache_width(),
+        _ => 2 * cfg.n_query_groups() * cfg.head_size(),
+    };
+    cfg.n_layer * per_layer
+}
+
+/// q/k and v head dims of the absorbed MLA decode's attention (latent + rope, latent).
+pub fn absorbed_head_dims(cfg: &ModelConfig) -> Option<(usize, usize)> {
+    match cfg.attention_kind() {
+        AttentionKind::Mla(m) => Some((m.compressed_cache_width(), m.kv_lora_rank)),
+        _ => None,
+    }
+}

@@ -1,0 +1,125 @@
+//! Cached inference equals the uncached forward (fp32, ≤ 1e-5) for every attention kind:
+//! prefill + 16 single-token decode steps, and a chunked prefill that needs the offset mask.
+//! For MLA both the naive and the absorbed path over the compressed cache, and absorbed == naive.
+
+mod common;
+use common::*;
+use mla_model::{Gpt, MlaDecode, ModelConfig};
+use tch::{Kind, Tensor};
+
+const TOL: f64 = 1e-5;
+
+/// Logits for every position of `idx` computed through the cache: prefill `chunks[0]`
+/// tokens, then the other chunk sizes in order.
+fn cached_logits(gpt: &Gpt, idx: &Tensor, chunks: &[i64], decode: MlaDecode) -> Tensor {
+    let (b, t) = (idx.size()[0], idx.size()[1]);
+    let mut cache = gpt
+        .new_cache(b, t, decode, Kind::Float)
+        .expect("cache fits");
+    let mut start = 0;
+    let mut out = Vec::new();
+    for &n in chunks {
+        out.push(
+            gpt.forward_cached(&idx.narrow(1, start, n), &mut cache)
+                .expect("fits"),
+        );
+        start += n;
+    }
+    assert_eq!(start, t, "chunks cover the sequence");
+    assert_eq!(cache.len(), t);
+    Tensor::cat(&out, 1)
+}
+
+fn prefill_then_decode(steps: i64, prefill: i64) -> Vec<i64> {
+    std::iter::once(prefill)
+        .chain(std::iter::repeat_n(1, steps as usize))
+        .collect()
+}
+
+fn check(cfg: &ModelConfig, decode: MlaDecode) -> Tensor {
+    let (_vs, gpt) = random_model(cfg, 7);
+    let idx = tokens(2, 24, cfg.vocab_size as i64, 11);
+    tch::no_grad(|| {
+        let full = gpt.forward(&idx);
+        for chunks in [prefill_then_decode(16, 8), vec![5, 3, 4, 1, 1, 10]] {
+            let cached = cached_logits(&gpt, &idx, &chunks, decode);
+            let diff = max_abs_diff(&full, &cached);
+            println!(
+                "{} {:?} chunks {:?}: max |Δ| = {diff:.2e} (max |logit| {:.1})",
+                cfg.attention_kind().name(),
+                decode,
+                chunks,
+                full.abs().max().double_value(&[])
+            );
+            assert!(
+                diff <= TOL,
+                "cached forward differs by {diff:e} (chunks {chunks:?})"
+            );
+        }
+        cached_logits(&gpt, &idx, &prefill_then_decode(16, 8), decode)
+    })
+}
+
+#[test]
+fn mha_cached_decode_equals_uncached_forward() {
+    let _ = check(&tiny(4), MlaDecode::Naive);
+}
+
+#[test]
+fn gqa_cached_decode_equals_uncached_forward() {
+    let _ = check(&tiny(2), MlaDecode::Naive);
+}
+
+#[test]
+fn mqa_cached_decode_equals_uncached_forward() {
+    let _ = check(&tiny(1), MlaDecode::Naive);
+}
+
+#[test]
+fn mla_compressed_cache_naive_and_absorbed_equal_uncached_forward() {
+    for cfg in [
+        tiny_mla_seed(false),
+        tiny_mla_seed(true),
+        tiny_mla_dims(Some(16)),
+        tiny_mla_dims(None),
+    ] {
+        let naive = check(&cfg, MlaDecode::Naive);
+        let absorbed = check(&cfg, MlaDecode::Absorbed);
+        let diff = max_abs_diff(&naive, &absorbed);
+        println!("absorbed vs naive: max |Δ| = {diff:.2e}");
+        assert!(diff <= TOL, "absorbed differs from naive by {diff:e}");
+    }
+}
+
+#[test]
+fn mla_cache_holds_only_the_compressed_latent() {
+    let cfg = tiny_mla_dims(Some(16)).resolve().expect("valid");
+    let (_vs, gpt) = random_model(&cfg, 1);
+    let cache = gpt
+        .new_cache(3, 20, MlaDecode::Absorbed, Kind::Float)
+        .expect("fits");
+    // (kv_lora_rank + qk_rope_head_dim) fp32 values per position, batch and layer.
+    let expected = 3 * 20 * (24 + 4) * 4 * cfg.n_layer as i64;
+    assert_eq!(cache.bytes(), expected);
+    assert_eq!(
+        mla_model::stats::kv_cache_values_per_token(&cfg) as i64 * 3 * 20 * 4,
+        expected
+    );
+}
+
+#[test]
+fn cache_rejects_positions_beyond_its_capacity() {
+    let (_vs, gpt) = random_model(&tiny(4), 1);
+    let mut cache = gpt
+        .new_cache(1, 4, MlaDecode::Naive, Kind::Float)
+        .expect("fits");
+    let idx = tokens(1, 5, 64, 1);
+    tch::no_grad(|| {
+        assert!(gpt.forward_cached(&idx.narrow(1, 0, 4), &mut cache).is_ok());
+        let err = gpt
+            .forward_cached(&idx.narrow(1, 4, 1), &mut cache)
+            .unwrap_err();
+        assert!(err.to_string().contains("do not fit"), "{err}");
+    });
+    assert!(gpt.new_cache(1, 33, MlaDecode::Naive, Kind::Float).is_err());
+}

@@ -1,0 +1,81 @@
+//! Helpers shared by the model integration tests: tiny configs for every attention kind
+//! and models whose every parameter (biases and norm weights too) is randomised.
+#![allow(dead_code)]
+
+use mla_model::{Gpt, LatentAttention, MlaDims, ModelConfig};
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+/// Parameter noise: large enough that biases and norms matter, small enough that logits stay
+/// O(1) as in a real model, so fp32 tolerances are meaningful.
+pub const NOISE_STD: f64 = 0.15;
+
+pub fn tiny(n_query_groups: usize) -> ModelConfig {
+    ModelConfig {
+        name: "tiny".into(),
+        block_size: 32,
+        n_layer: 2,
+        n_embd: 32,
+        n_head: 4,
+        vocab_size: 64,
+        padding_multiple: 64,
+        n_query_groups: Some(n_query_groups),
+        rotary_percentage: 0.5,
+        intermediate_size: Some(64),
+        ..ModelConfig::default()
+    }
+}
+
+/// The seed's `latent_attention: true` (n_embd 48 so that 2·n_embd/3 is whole).
+pub fn tiny_mla_seed(norm_qk: bool) -> ModelConfig {
+    ModelConfig {
+        n_embd: 48,
+        latent_attention: Some(LatentAttention::Flag(true)),
+        norm_qk,
+        ..tiny(4)
+    }
+}
+
+/// The DeepSeek-named mapping (litgpt semantics: RMSNorm latents, biases per `bias`).
+pub fn tiny_mla_dims(q_lora_rank: Option<usize>) -> ModelConfig {
+    ModelConfig {
+        latent_attention: Some(LatentAttention::Dims(MlaDims {
+            q_lora_rank,
+            kv_lora_rank: 24,
+            qk_rope_head_dim: 4,
+            qk_nope_head_dim: 6,
+            v_head_dim: 10,
+        })),
+        ..tiny(4)
+    }
+}
+
+/// A model on CPU with every parameter drawn from N(0, NOISE_STD²) (norm weights around 1).
+pub fn random_model(cfg: &ModelConfig, seed: i64) -> (VarStore, Gpt) {
+    tch::manual_seed(seed);
+    let vs = VarStore::new(Device::Cpu);
+    let gpt = Gpt::new(&vs.root(), cfg).expect("valid config");
+    tch::no_grad(|| {
+        let mut vars: Vec<_> = vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0)); // HashMap order is random; noise must not be
+        for (name, mut var) in vars {
+            let noise = Tensor::randn(var.size(), (Kind::Float, Device::Cpu)) * NOISE_STD;
+            let base = if name.contains("norm") && name.ends_with("weight") {
+                1.0
+            } else {
+                0.0
+            };
+            var.copy_(&(noise + base));
+        }
+    });
+    (vs, gpt)
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+pub fn tokens(batch: i64, len: i64, vocab: i64, seed: i64) -> Tensor {
+    tch::manual_seed(seed);
+    Tensor::randint(vocab, [batch, len], (Kind::Int64, Device::Cpu))
+}
