@@ -1,2 +1,35 @@
 //! mla-storage: the checkpoint store (local disk, S3, memory) behind `out_dir`. No tch.
+//!
+//! Bytes and manifests only: the trainer turns tensors into named byte objects, this crate
+//! stores them under `out_dir/step-00000400/` (or `final/`) with the manifest-last protocol
+//! (DESIGN §6, `storage/README.md`): a step exists iff its `manifest.json` is present and valid,
+//! and it is trusted only after every object's size and sha256 verify.
+//!
+//! * [`CheckpointStore`] — async API (write, verify, list, latest valid, retention, resolve).
+//! * [`BlockingCheckpointStore`] — the same for synchronous callers.
+//! * [`BackgroundSaver`] — uploads while training continues, one save at a time.
+//!
+//! Not here: tensor (de)serialisation, resume policy, config checks (trainer).
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+mod blocking;
+mod error;
+mod location;
+mod manifest;
+mod saver;
+mod store;
+
+pub use blocking::BlockingCheckpointStore;
+pub use bytes::Bytes;
+pub use error::{redact_secrets, Corruption, Error, Result, StoreErrorKind};
+pub use manifest::{
+    check_object_name, sha256_hex, Manifest, ManifestMeta, ObjectEntry, StepName, FINAL_DIR,
+    FORMAT_VERSION, MANIFEST_NAME,
+};
+/// The backend trait, for [`CheckpointStore::from_object_store`].
+pub use object_store;
+pub use saver::{BackgroundSaver, SaveJob, SaveReport};
+pub use store::{
+    is_invalid_step, CheckpointStore, Latest, LoadedStep, PutOutcome, RetainReport, RetryOptions,
+    SkippedStep, StepInfo, StoreOptions, Verification, VerifiedStep,
+};

@@ -1,0 +1,123 @@
+//! `BlockingCheckpointStore`: the `CheckpointStore` API for synchronous callers (the training
+//! loop, `mla ckpt`), each call driven to completion on a small private tokio runtime.
+//!
+//! Not for use inside an async context (tokio refuses to block inside a runtime), and not for
+//! saving while training: that is `BackgroundSaver`, which does not block the caller.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::error::{Error, Result};
+use crate::manifest::{Manifest, ManifestMeta, StepName};
+use crate::store::{
+    CheckpointStore, Latest, LoadedStep, RetainReport, StepInfo, StoreOptions, VerifiedStep,
+};
+
+pub(crate) fn runtime(name: &str) -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(name)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Internal {
+            detail: format!("cannot start the {name} tokio runtime: {e}"),
+        })
+}
+
+/// A `CheckpointStore` with blocking methods. Cheap to clone (shares store and runtime).
+#[derive(Clone)]
+pub struct BlockingCheckpointStore {
+    store: CheckpointStore,
+    rt: Arc<tokio::runtime::Runtime>,
+}
+
+impl std::fmt::Debug for BlockingCheckpointStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("BlockingCheckpointStore")
+            .field(&self.store)
+            .finish()
+    }
+}
+
+impl BlockingCheckpointStore {
+    /// See [`CheckpointStore::open`].
+    pub fn open(out_dir: &str) -> Result<Self> {
+        Self::new(CheckpointStore::open(out_dir)?)
+    }
+
+    pub fn open_with(out_dir: &str, opts: StoreOptions) -> Result<Self> {
+        Self::new(CheckpointStore::open_with(out_dir, opts)?)
+    }
+
+    /// See [`CheckpointStore::resolve`].
+    pub fn resolve(step_dir: &str) -> Result<(Self, StepName)> {
+        let (store, step) = CheckpointStore::resolve(step_dir)?;
+        Ok((Self::new(store)?, step))
+    }
+
+    pub fn new(store: CheckpointStore) -> Result<Self> {
+        Ok(BlockingCheckpointStore {
+            store,
+            rt: Arc::new(runtime("mla-storage")?),
+        })
+    }
+
+    /// The async store (e.g. to hand to a `BackgroundSaver`).
+    pub fn store(&self) -> &CheckpointStore {
+        &self.store
+    }
+
+    pub fn url(&self) -> &str {
+        self.store.url()
+    }
+
+    pub fn list(&self) -> Result<Vec<StepInfo>> {
+        self.rt.block_on(self.store.list())
+    }
+
+    pub fn list_verified(&self) -> Result<Vec<StepInfo>> {
+        self.rt.block_on(self.store.list_verified())
+    }
+
+    pub fn latest_valid(&self) -> Result<Latest<VerifiedStep>> {
+        self.rt.block_on(self.store.latest_valid())
+    }
+
+    pub fn load_latest_valid(&self) -> Result<Latest<LoadedStep>> {
+        self.rt.block_on(self.store.load_latest_valid())
+    }
+
+    pub fn verify(&self, step: &StepName) -> Result<Manifest> {
+        self.rt.block_on(self.store.verify(step))
+    }
+
+    pub fn load_step(&self, step: &StepName) -> Result<LoadedStep> {
+        self.rt.block_on(self.store.load_step(step))
+    }
+
+    pub fn read_manifest(&self, step: &StepName) -> Result<Manifest> {
+        self.rt.block_on(self.store.read_manifest(step))
+    }
+
+    pub fn read_object(&self, step: &StepName, name: &str) -> Result<Bytes> {
+        self.rt.block_on(self.store.read_object(step, name))
+    }
+
+    pub fn write_step(
+        &self,
+        step: &StepName,
+        objects: &[(String, Bytes)],
+        meta: ManifestMeta,
+    ) -> Result<Manifest> {
+        self.rt.block_on(self.store.write_step(step, objects, meta))
+    }
+
+    pub fn delete_step(&self, step: &StepName) -> Result<()> {
+        self.rt.block_on(self.store.delete_step(step))
+    }
+
+    pub fn retain(&self, keep_last: usize) -> Result<RetainReport> {
+        self.rt.block_on(self.store.retain(keep_last))
+    }
+}

@@ -1,0 +1,204 @@
+//! Errors of the checkpoint store: one `thiserror` enum whose variants carry the store URL, the
+//! step and the object they are about.
+//!
+//! Not a place for policy (retry, fall back, stop): callers match on variants. Messages from the
+//! underlying object store are turned into strings *after* scrubbing credentials
+//! ([`redact_secrets`]), so no variant can ever print an AWS secret, even through `source()`.
+
+use crate::manifest::StepName;
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What kind of failure the object store reported (kept so callers need not parse messages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreErrorKind {
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    /// Anything else: network, server error after all retries, local I/O.
+    Other,
+}
+
+/// Why an object of a step failed verification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Corruption {
+    /// Listed in the manifest but absent from the store.
+    Missing,
+    SizeMismatch {
+        expected_bytes: u64,
+        actual_bytes: u64,
+    },
+    Sha256Mismatch {
+        expected: String,
+        actual: String,
+    },
+}
+
+impl std::fmt::Display for Corruption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Corruption::Missing => write!(f, "missing"),
+            Corruption::SizeMismatch {
+                expected_bytes,
+                actual_bytes,
+            } => write!(
+                f,
+                "size {actual_bytes} bytes, manifest says {expected_bytes} bytes"
+            ),
+            Corruption::Sha256Mismatch { expected, actual } => {
+                write!(f, "sha256 {actual}, manifest says {expected}")
+            }
+        }
+    }
+}
+
+/// Every error of `mla-storage`. `url` is the store root (`s3://bucket/prefix`, `file:///abs/dir`,
+/// `memory://`), never anything with credentials in it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    #[error("invalid checkpoint location {location:?}: {reason}")]
+    InvalidLocation { location: String, reason: String },
+
+    #[error("cannot open checkpoint store {url}: {detail}")]
+    Open { url: String, detail: String },
+
+    #[error("{op} {url}/{path} failed: {detail}")]
+    Store {
+        op: &'static str,
+        url: String,
+        /// Path relative to the store root (`step-00000400/model.safetensors`).
+        path: String,
+        kind: StoreErrorKind,
+        detail: String,
+    },
+
+    #[error("{url}/{step}: no manifest.json (incomplete save or deleted checkpoint)")]
+    MissingManifest { url: String, step: StepName },
+
+    #[error("{url}/{step}/manifest.json is invalid: {reason}")]
+    InvalidManifest {
+        url: String,
+        step: StepName,
+        reason: String,
+    },
+
+    #[error("{url}/{step}: object {object} is corrupt: {problem}")]
+    Corrupt {
+        url: String,
+        step: StepName,
+        object: String,
+        problem: Corruption,
+    },
+
+    #[error("invalid object name {name:?}: {reason}")]
+    InvalidObjectName { name: String, reason: String },
+
+    #[error("{url}/{step}: object {object} is not listed in the manifest")]
+    UnknownObject {
+        url: String,
+        step: StepName,
+        object: String,
+    },
+
+    #[error("{location:?} is not a step directory (expected …/step-NNNNNNNN or …/final)")]
+    NotAStepDir { location: String },
+
+    #[error("background saver: {detail}")]
+    Saver { detail: String },
+
+    /// A background task panicked or was cancelled; a bug, not a storage condition.
+    #[error("internal error: {detail}")]
+    Internal { detail: String },
+}
+
+impl Error {
+    /// The step this error is about, if any.
+    pub fn step(&self) -> Option<&StepName> {
+        match self {
+            Error::MissingManifest { step, .. }
+            | Error::InvalidManifest { step, .. }
+            | Error::Corrupt { step, .. }
+            | Error::UnknownObject { step, .. } => Some(step),
+            _ => None,
+        }
+    }
+
+    /// The object (file inside a step) this error is about, if any.
+    pub fn object(&self) -> Option<&str> {
+        match self {
+            Error::Corrupt { object, .. } | Error::UnknownObject { object, .. } => Some(object),
+            _ => None,
+        }
+    }
+
+    /// True for an object-store "not found".
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            Error::Store {
+                kind: StoreErrorKind::NotFound,
+                ..
+            }
+        )
+    }
+
+    pub(crate) fn store(
+        op: &'static str,
+        url: &str,
+        path: impl Into<String>,
+        err: &object_store::Error,
+    ) -> Self {
+        let kind = match err {
+            object_store::Error::NotFound { .. } => StoreErrorKind::NotFound,
+            object_store::Error::PermissionDenied { .. } => StoreErrorKind::PermissionDenied,
+            object_store::Error::Unauthenticated { .. } => StoreErrorKind::Unauthenticated,
+            _ => StoreErrorKind::Other,
+        };
+        Error::Store {
+            op,
+            url: url.to_string(),
+            path: path.into(),
+            kind,
+            detail: error_chain(err),
+        }
+    }
+}
+
+/// `err` and its sources on one line, credentials scrubbed.
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let msg = s.to_string();
+        // object_store often repeats the source inside its own message.
+        if !out.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        source = s.source();
+    }
+    redact_secrets(&out)
+}
+
+/// Replace the values of the AWS credential variables found in the environment by `***`.
+///
+/// Belt and braces: object_store does not put secrets into its messages, but S3 servers echo
+/// request details (e.g. `AWSAccessKeyId` in `SignatureDoesNotMatch`) in error bodies.
+pub fn redact_secrets(msg: &str) -> String {
+    let mut out = msg.to_string();
+    for (var, min_len) in [
+        ("AWS_SECRET_ACCESS_KEY", 1),
+        ("AWS_SESSION_TOKEN", 1),
+        // Key ids are identifiers rather than secrets; short dummy ids like "test" would mangle
+        // unrelated words, so only scrub realistic ones.
+        ("AWS_ACCESS_KEY_ID", 8),
+    ] {
+        if let Ok(value) = std::env::var(var) {
+            if value.len() >= min_len && out.contains(&value) {
+                out = out.replace(&value, "***");
+            }
+        }
+    }
+    out
+}
