@@ -658,3 +658,150 @@ impl ModelConfig {
         1.0 / (d as f64).sqrt()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> ModelConfig {
+        serde_json::from_str(json).unwrap()
+    }
+
+    fn keys(err: ConfigErrors) -> Vec<String> {
+        err.0.into_iter().map(|i| i.key).collect()
+    }
+
+    #[test]
+    fn derives_litgpt_defaults() {
+        let c =
+            parse(r#"{"n_embd": 768, "n_head": 12, "vocab_size": 50254, "padding_multiple": 128}"#)
+                .resolve()
+                .unwrap();
+        assert_eq!(c.head_size, Some(64));
+        assert_eq!(c.n_query_groups, Some(12));
+        assert_eq!(c.padded_vocab_size, Some(50304));
+        assert_eq!(c.intermediate_size, Some(3072));
+        assert_eq!(c.rope_n_elem(), 16); // 0.25 × 64
+        assert_eq!(c.attention_kind(), AttentionKind::Mha);
+    }
+
+    #[test]
+    fn latent_attention_true_is_the_seed_shorthand() {
+        let c = parse(r#"{"n_embd": 768, "n_head": 12, "latent_attention": true}"#)
+            .resolve()
+            .unwrap();
+        let m = c.mla().unwrap();
+        assert_eq!(
+            (
+                m.q_lora_rank,
+                m.kv_lora_rank,
+                m.qk_rope_head_dim,
+                m.qk_nope_head_dim,
+                m.v_head_dim
+            ),
+            (Some(384), 512, 32, 32, 64)
+        );
+        assert!(!m.up_bias && !m.down_bias && m.latent_norm.is_none());
+        assert_eq!(c.rope_n_elem(), 32);
+    }
+
+    #[test]
+    fn latent_attention_mapping_uses_litgpt_semantics_and_round_trips() {
+        let json = r#"{"n_embd": 64, "n_head": 4, "latent_attention": {"q_lora_rank": null, "kv_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16}}"#;
+        let c = parse(json).resolve().unwrap();
+        let m = c.mla().unwrap();
+        assert_eq!(m.q_lora_rank, None);
+        assert!(m.up_bias && m.latent_norm == Some(NormClass::RMSNorm));
+        let back: ModelConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn latent_attention_rejects_unknown_fields_and_wrong_types() {
+        let err = serde_json::from_str::<ModelConfig>(
+            r#"{"latent_attention": {"kv_lora_rank": 8, "qk_rope_head_dim": 2, "qk_nope_head_dim": 2, "v_head_dim": 4, "rank": 3}}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field `rank`"), "{err}");
+        let err =
+            serde_json::from_str::<ModelConfig>(r#"{"latent_attention": "yes"}"#).unwrap_err();
+        assert!(
+            err.to_string().contains("`true`, `false`, or a mapping"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_rejected() {
+        let err = serde_json::from_str::<ModelConfig>(r#"{"n_layers": 2}"#).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown field `n_layers`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn n_embd_not_divisible_by_n_head_names_n_embd() {
+        let err = parse(r#"{"n_embd": 100, "n_head": 12}"#)
+            .resolve()
+            .unwrap_err();
+        assert_eq!(keys(err.clone()), ["n_embd"]);
+        assert!(err.to_string().contains("divisible by n_head"), "{err}");
+    }
+
+    #[test]
+    fn n_head_not_divisible_by_n_query_groups_names_n_query_groups() {
+        let err = parse(r#"{"n_embd": 96, "n_head": 12, "n_query_groups": 5}"#)
+            .resolve()
+            .unwrap_err();
+        assert_eq!(keys(err), ["n_query_groups"]);
+    }
+
+    #[test]
+    fn odd_rope_dims_are_rejected() {
+        // 0.5 × 6 = 3 rotated dims
+        let err = parse(r#"{"n_embd": 24, "n_head": 4, "rotary_percentage": 0.5}"#)
+            .resolve()
+            .unwrap_err();
+        assert_eq!(keys(err), ["rotary_percentage"]);
+        let err = parse(r#"{"n_embd": 64, "n_head": 4, "latent_attention": {"q_lora_rank": 8, "kv_lora_rank": 8, "qk_rope_head_dim": 3, "qk_nope_head_dim": 8, "v_head_dim": 8}}"#)
+            .resolve()
+            .unwrap_err();
+        assert_eq!(keys(err), ["latent_attention.qk_rope_head_dim"]);
+        // latent_attention: true rotates head_size/2 = 3
+        let err = parse(r#"{"n_embd": 24, "n_head": 4, "latent_attention": true}"#)
+            .resolve()
+            .unwrap_err();
+        assert_eq!(keys(err), ["head_size"]);
+    }
+
+    #[test]
+    fn mla_rejects_grouped_queries() {
+        let err =
+            parse(r#"{"n_embd": 64, "n_head": 4, "n_query_groups": 2, "latent_attention": true}"#)
+                .resolve()
+                .unwrap_err();
+        assert_eq!(keys(err), ["n_query_groups"]);
+    }
+
+    #[test]
+    fn unimplemented_litgpt_keys_load_at_default_and_fail_otherwise() {
+        let ok = parse(
+            r#"{"n_embd": 64, "n_head": 4, "sliding_window_size": null, "n_expert": 0, "post_attention_norm": false, "rope_adjustments": null}"#,
+        );
+        assert!(ok.resolve().is_ok());
+        let err =
+            parse(r#"{"n_embd": 64, "n_head": 4, "n_expert": 8, "sliding_window_size": 128}"#)
+                .resolve()
+                .unwrap_err();
+        assert_eq!(keys(err), ["sliding_window_size", "n_expert"]);
+    }
+
+    #[test]
+    fn all_problems_are_reported_at_once() {
+        let err = parse(r#"{"n_embd": 100, "n_head": 12, "n_query_groups": 5, "n_layer": 0}"#)
+            .resolve()
+            .unwrap_err();
+        assert_eq!(keys(err), ["n_layer", "n_embd", "n_query_groups"]);
+    }
+}
