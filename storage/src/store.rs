@@ -245,6 +245,18 @@ impl CheckpointStore {
         }
     }
 
+    /// Wrap the backend, keeping root, URL and options: object_store layers (`ThrottledStore`,
+    /// `LimitStore`) or fault injection in tests.
+    pub fn map_backend(
+        self,
+        wrap: impl FnOnce(Arc<dyn ObjectStore>) -> Arc<dyn ObjectStore>,
+    ) -> Self {
+        CheckpointStore {
+            inner: wrap(self.inner),
+            ..self
+        }
+    }
+
     /// Open the `out_dir` of a step directory given as a path or URL
     /// (`out/pretrain/mla/step-00000400`, `s3://b/p/final`) and name the step.
     pub fn resolve(step_dir: &str) -> Result<(Self, StepName)> {

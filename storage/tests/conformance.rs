@@ -1,0 +1,775 @@
+//! The storage conformance suite: every behaviour of the checkpoint protocol, written once as a
+//! function over a `Fixture` and instantiated for memory, a local temp dir and S3 (the last only
+//! with the environment of `scripts/s3_server.sh start`; `MLA_REQUIRE_S3=1` makes its absence
+//! a failure).
+//!
+//! Not here: the S3-outage test (pauses the shared server: `s3_outage.rs`) and the
+//! secrets-in-errors test (mutates the process environment: `secrets.rs`).
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::*;
+use mla_storage::{
+    BackgroundSaver, BlockingCheckpointStore, CheckpointStore, Corruption, Error, SaveJob,
+    StepName, Verification, MANIFEST_NAME,
+};
+
+// ---- protocol --------------------------------------------------------------------------------
+
+async fn round_trip_preserves_bytes_and_manifest(f: &Fixture) {
+    let objs = objects(400);
+    let written = f
+        .store
+        .write_step(&step(400), &objs, meta(400))
+        .await
+        .unwrap();
+    assert_eq!(written.objects.len(), objs.len());
+    for (name, bytes) in &objs {
+        assert_eq!(&f.store.read_object(&step(400), name).await.unwrap(), bytes);
+    }
+    let m = f.store.read_manifest(&step(400)).await.unwrap();
+    assert_eq!(m, written);
+    assert_eq!((m.step, m.tokens_seen, m.world_size), (400, 400 * 4096, 2));
+    assert_eq!(m.config_digest, "sha256:cafe");
+    assert_eq!(m.extra["note"], "test");
+    assert_eq!(m.format_version, mla_storage::FORMAT_VERSION);
+    assert_eq!(
+        m.object("state.json").unwrap().sha256,
+        mla_storage::sha256_hex(b"{\"step\":400}")
+    );
+    assert_eq!(f.store.verify(&step(400)).await.unwrap(), m);
+    let loaded = f.store.load_step(&step(400)).await.unwrap();
+    assert_eq!(loaded.objects.len(), objs.len());
+    assert_eq!(loaded.object("model.safetensors"), Some(&objs[0].1));
+    // The manifest on storage is the documented JSON.
+    let raw = f.raw_get(&format!("step-00000400/{MANIFEST_NAME}")).await;
+    let json: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(json["name"], "step-00000400");
+    assert_eq!(json["objects"][0]["name"], "model.safetensors");
+    assert_eq!(json["objects"][0]["size_bytes"], 3000);
+}
+
+async fn step_without_manifest_is_invisible(f: &Fixture) {
+    f.store
+        .write_step(&step(100), &objects(100), meta(100))
+        .await
+        .unwrap();
+    // A save that uploaded its objects and died before the manifest.
+    for (name, bytes) in objects(200) {
+        f.store.put_object(&step(200), &name, bytes).await.unwrap();
+    }
+    let list = f.store.list().await.unwrap();
+    let s200 = list.iter().find(|i| i.step == step(200)).unwrap();
+    assert!(!s200.exists());
+    assert!(matches!(
+        s200.manifest_error,
+        Some(Error::MissingManifest { .. })
+    ));
+    assert!(matches!(
+        f.store.read_manifest(&step(200)).await,
+        Err(Error::MissingManifest { .. })
+    ));
+    assert!(matches!(
+        f.store.read_object(&step(200), "model.safetensors").await,
+        Err(Error::MissingManifest { .. })
+    ));
+    let latest = f.store.latest_valid().await.unwrap();
+    assert_eq!(latest.found.unwrap().step, step(100));
+}
+
+async fn latest_valid_skips_step_without_manifest(f: &Fixture) {
+    f.store
+        .write_step(&step(1), &objects(1), meta(1))
+        .await
+        .unwrap();
+    f.store
+        .put_object(&step(2), "model.safetensors", payload(10, 2))
+        .await
+        .unwrap();
+    let latest = f.store.latest_valid().await.unwrap();
+    assert_eq!(latest.found.unwrap().step, step(1));
+    assert_eq!(latest.skipped.len(), 1);
+    assert_eq!(latest.skipped[0].step, step(2));
+    assert!(matches!(
+        latest.skipped[0].reason,
+        Error::MissingManifest { .. }
+    ));
+}
+
+async fn latest_valid_is_none_for_empty_out_dir(f: &Fixture) {
+    let latest = f.store.latest_valid().await.unwrap();
+    assert!(latest.found.is_none());
+    assert!(latest.skipped.is_empty());
+    assert!(f.store.list().await.unwrap().is_empty());
+}
+
+async fn manifest_is_written_after_every_object(f: &Fixture) {
+    let (store, faults) = f.faulty();
+    store
+        .write_step(&step(3), &objects(3), meta(3))
+        .await
+        .unwrap();
+    let puts: Vec<String> = faults
+        .log()
+        .into_iter()
+        .filter(|l| l.starts_with("put"))
+        .collect();
+    assert_eq!(puts.len(), objects(3).len() + 1, "{puts:?}");
+    assert!(
+        puts.last()
+            .unwrap()
+            .ends_with("step-00000003/manifest.json"),
+        "{puts:?}"
+    );
+}
+
+async fn crash_before_manifest_leaves_step_invisible(f: &Fixture) {
+    f.store
+        .write_step(&step(10), &objects(10), meta(10))
+        .await
+        .unwrap();
+    let (store, faults) = f.faulty();
+    faults.set_fail_puts_containing(Some("step-00000020/manifest.json"));
+    let err = store
+        .write_step(&step(20), &objects(20), meta(20))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("manifest.json"), "{err}");
+    // Every object of step 20 is there, but without its manifest the step does not exist.
+    assert!(f.raw_exists("step-00000020/model.safetensors").await);
+    let latest = f.store.latest_valid().await.unwrap();
+    assert_eq!(latest.found.unwrap().step, step(10));
+    assert_eq!(latest.skipped[0].step, step(20));
+}
+
+async fn verify_names_the_corrupt_object(f: &Fixture) {
+    f.store
+        .write_step(&step(5), &objects(5), meta(5))
+        .await
+        .unwrap();
+    f.flip_byte("step-00000005/optimizer.safetensors", 1234)
+        .await;
+    let err = f.store.verify(&step(5)).await.unwrap_err();
+    match &err {
+        Error::Corrupt {
+            step: s,
+            object,
+            problem,
+            ..
+        } => {
+            assert_eq!(s, &step(5));
+            assert_eq!(object, "optimizer.safetensors");
+            assert!(matches!(problem, Corruption::Sha256Mismatch { .. }));
+        }
+        other => panic!("expected Corrupt, got {other}"),
+    }
+    assert_eq!(err.object(), Some("optimizer.safetensors"));
+    let msg = err.to_string();
+    assert!(
+        msg.contains("step-00000005") && msg.contains("optimizer.safetensors"),
+        "{msg}"
+    );
+    // Reading the bad object is refused; a good one of the same step is fine.
+    assert!(matches!(
+        f.store.read_object(&step(5), "optimizer.safetensors").await,
+        Err(Error::Corrupt { .. })
+    ));
+    assert!(f
+        .store
+        .read_object(&step(5), "model.safetensors")
+        .await
+        .is_ok());
+}
+
+async fn verify_reports_missing_and_truncated_objects(f: &Fixture) {
+    f.store
+        .write_step(&step(6), &objects(6), meta(6))
+        .await
+        .unwrap();
+    f.raw_put("step-00000006/model.safetensors", b"short").await;
+    match f.store.verify(&step(6)).await.unwrap_err() {
+        Error::Corrupt {
+            object, problem, ..
+        } => {
+            assert_eq!(object, "model.safetensors");
+            assert_eq!(
+                problem,
+                Corruption::SizeMismatch {
+                    expected_bytes: 3000,
+                    actual_bytes: 5
+                }
+            );
+        }
+        other => panic!("{other}"),
+    }
+    f.store
+        .write_step(&step(7), &objects(7), meta(7))
+        .await
+        .unwrap();
+    // Delete one object behind the store's back.
+    f.raw_delete("step-00000007/state.json").await;
+    match f.store.verify(&step(7)).await.unwrap_err() {
+        Error::Corrupt {
+            object, problem, ..
+        } => {
+            assert_eq!(
+                (object.as_str(), problem),
+                ("state.json", Corruption::Missing)
+            );
+        }
+        other => panic!("{other}"),
+    }
+}
+
+async fn invalid_manifest_makes_step_invisible(f: &Fixture) {
+    f.store
+        .write_step(&step(1), &objects(1), meta(1))
+        .await
+        .unwrap();
+    f.store
+        .write_step(&step(2), &objects(2), meta(2))
+        .await
+        .unwrap();
+    f.raw_put(
+        "step-00000002/manifest.json",
+        b"{\"format_version\": 1, trunc",
+    )
+    .await;
+    let list = f.store.list().await.unwrap();
+    let s2 = list.iter().find(|i| i.step == step(2)).unwrap();
+    assert!(!s2.exists());
+    assert!(matches!(
+        s2.manifest_error,
+        Some(Error::InvalidManifest { .. })
+    ));
+    let latest = f.store.latest_valid().await.unwrap();
+    assert_eq!(latest.found.unwrap().step, step(1));
+    assert!(matches!(
+        latest.skipped[0].reason,
+        Error::InvalidManifest { .. }
+    ));
+}
+
+async fn latest_valid_falls_back_past_corrupted_newest_step(f: &Fixture) {
+    for n in [100, 200, 300] {
+        f.store
+            .write_step(&step(n), &objects(n), meta(n))
+            .await
+            .unwrap();
+    }
+    f.flip_byte("step-00000300/model.safetensors", 0).await;
+    let latest = f.store.latest_valid().await.unwrap();
+    let found = latest.found.unwrap();
+    assert_eq!(found.step, step(200));
+    assert_eq!(found.manifest.tokens_seen, 200 * 4096);
+    assert_eq!(latest.skipped.len(), 1);
+    assert_eq!(latest.skipped[0].step, step(300));
+    assert_eq!(latest.skipped[0].reason.object(), Some("model.safetensors"));
+    // The loading variant agrees and hands over the bytes it verified.
+    let loaded = f.store.load_latest_valid().await.unwrap().found.unwrap();
+    assert_eq!(loaded.step, step(200));
+    assert_eq!(loaded.objects.len(), objects(200).len());
+}
+
+async fn latest_valid_orders_final_by_its_step(f: &Fixture) {
+    // A run that finished at step 381, then was extended past it.
+    f.store
+        .write_step(&StepName::Final, &objects(381), meta(381))
+        .await
+        .unwrap();
+    f.store
+        .write_step(&step(300), &objects(300), meta(300))
+        .await
+        .unwrap();
+    assert_eq!(
+        f.store.latest_valid().await.unwrap().found.unwrap().step,
+        StepName::Final
+    );
+    f.store
+        .write_step(&step(400), &objects(400), meta(400))
+        .await
+        .unwrap();
+    assert_eq!(
+        f.store.latest_valid().await.unwrap().found.unwrap().step,
+        step(400)
+    );
+}
+
+async fn retention_keeps_newest_valid_and_final(f: &Fixture) {
+    for n in 1..=5 {
+        f.store
+            .write_step(&step(n), &objects(n), meta(n))
+            .await
+            .unwrap();
+    }
+    f.store
+        .write_step(&StepName::Final, &objects(9), meta(9))
+        .await
+        .unwrap();
+    f.raw_put("notes.txt", b"not a checkpoint").await;
+    f.raw_put("logs/metrics.jsonl", b"{}").await;
+    let report = f.store.retain(2).await.unwrap();
+    assert_eq!(report.newest_valid, Some(step(5)));
+    assert_eq!(report.deleted, vec![step(1), step(2), step(3)]);
+    let left: Vec<StepName> = f
+        .store
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.step)
+        .collect();
+    assert_eq!(left, vec![step(4), step(5), StepName::Final]);
+    assert!(f.raw_exists("notes.txt").await && f.raw_exists("logs/metrics.jsonl").await);
+    assert!(!f.raw_exists("step-00000001/model.safetensors").await);
+}
+
+async fn retention_never_deletes_newest_valid_step(f: &Fixture) {
+    for n in [1, 2, 3] {
+        f.store
+            .write_step(&step(n), &objects(n), meta(n))
+            .await
+            .unwrap();
+    }
+    f.flip_byte("step-00000003/state.json", 0).await; // newest committed step is corrupt
+                                                      // An uncommitted directory newer than everything may be a save in flight: left alone.
+    f.store
+        .put_object(&step(4), "model.safetensors", payload(10, 4))
+        .await
+        .unwrap();
+    // An uncommitted directory older than the kept steps is crash debris: removed.
+    f.store
+        .put_object(&step(0), "model.safetensors", payload(10, 0))
+        .await
+        .unwrap();
+    let report = f.store.retain(1).await.unwrap();
+    assert_eq!(report.newest_valid, Some(step(2)));
+    assert_eq!(report.deleted, vec![step(0), step(1)]);
+    let left: Vec<StepName> = f
+        .store
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.step)
+        .collect();
+    assert_eq!(left, vec![step(2), step(3), step(4)]);
+    assert_eq!(
+        f.store.latest_valid().await.unwrap().found.unwrap().step,
+        step(2)
+    );
+}
+
+async fn delete_removes_manifest_first(f: &Fixture) {
+    f.store
+        .write_step(&step(8), &objects(8), meta(8))
+        .await
+        .unwrap();
+    let (store, faults) = f.faulty();
+    store.delete_step(&step(8)).await.unwrap();
+    let deletes: Vec<String> = faults
+        .log()
+        .into_iter()
+        .filter(|l| l.starts_with("delete"))
+        .collect();
+    assert_eq!(deletes.len(), objects(8).len() + 1, "{deletes:?}");
+    assert!(
+        deletes[0].ends_with("step-00000008/manifest.json"),
+        "{deletes:?}"
+    );
+    assert!(f.store.list().await.unwrap().is_empty());
+    // Deleting what is not there is fine.
+    f.store.delete_step(&step(8)).await.unwrap();
+}
+
+async fn overwriting_a_step_never_mixes_old_and_new_objects(f: &Fixture) {
+    f.store
+        .write_step(&step(50), &objects(50), meta(50))
+        .await
+        .unwrap();
+    // Rewrite with different contents and fewer objects; the first attempt dies half-way.
+    let new_objs = vec![("model.safetensors".to_string(), payload(777, 5050))];
+    let (store, faults) = f.faulty();
+    faults.set_fail_puts_containing(Some("step-00000050/model.safetensors"));
+    assert!(store
+        .write_step(&step(50), &new_objs, meta(50))
+        .await
+        .is_err());
+    // The old manifest went first: the step is invisible, not a mix of old and new.
+    assert!(matches!(
+        f.store.read_manifest(&step(50)).await,
+        Err(Error::MissingManifest { .. })
+    ));
+    assert!(!f.raw_exists("step-00000050/optimizer.safetensors").await);
+    faults.set_fail_puts_containing(None);
+    store
+        .write_step(&step(50), &new_objs, meta(50))
+        .await
+        .unwrap();
+    let m = f.store.verify(&step(50)).await.unwrap();
+    assert_eq!(m.objects.len(), 1);
+    assert_eq!(
+        f.store
+            .read_object(&step(50), "model.safetensors")
+            .await
+            .unwrap(),
+        new_objs[0].1
+    );
+    assert!(!f.raw_exists("step-00000050/state.json").await);
+}
+
+async fn list_shows_sizes_tokens_and_manifest_presence(f: &Fixture) {
+    f.store
+        .write_step(&step(1000), &objects(1000), meta(1000))
+        .await
+        .unwrap();
+    f.store
+        .write_step(&step(2000), &objects(2000), meta(2000))
+        .await
+        .unwrap();
+    f.store
+        .put_object(&step(3000), "model.safetensors", payload(42, 3))
+        .await
+        .unwrap();
+    f.flip_byte("step-00002000/model.safetensors", 7).await;
+    let list = f.store.list().await.unwrap();
+    assert_eq!(
+        list.iter().map(|i| i.step.clone()).collect::<Vec<_>>(),
+        vec![step(1000), step(2000), step(3000)]
+    );
+    let payload_bytes: u64 = objects(1000).iter().map(|(_, b)| b.len() as u64).sum();
+    let s1 = &list[0];
+    assert!(s1.exists());
+    assert_eq!(s1.tokens_seen(), Some(1000 * 4096));
+    assert_eq!(s1.object_count, 4);
+    assert_eq!(s1.manifest.as_ref().unwrap().total_bytes(), payload_bytes);
+    assert!(s1.total_bytes > payload_bytes, "includes the manifest");
+    assert!(matches!(s1.verification, Verification::NotChecked));
+    assert_eq!(
+        (list[2].exists(), list[2].total_bytes, list[2].tokens_seen()),
+        (false, 42, None)
+    );
+    let verified = f.store.list_verified().await.unwrap();
+    assert!(matches!(verified[0].verification, Verification::Verified));
+    match &verified[1].verification {
+        Verification::Failed(e) => assert_eq!(e.object(), Some("model.safetensors")),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(verified[2].verification, Verification::NotChecked));
+}
+
+async fn resolve_opens_step_dirs_from_paths_and_urls(f: &Fixture) {
+    f.store
+        .write_step(&step(400), &objects(400), meta(400))
+        .await
+        .unwrap();
+    for spelling in [
+        format!("{}/step-00000400", f.out_dir),
+        format!("{}/step-00000400/", f.out_dir),
+    ] {
+        let (store, s) = CheckpointStore::resolve(&spelling).unwrap();
+        assert_eq!(s, step(400), "{spelling}");
+        if f.persistent {
+            assert_eq!(store.url(), f.store.url());
+            assert_eq!(
+                store.read_object(&s, "state.json").await.unwrap(),
+                objects(400)[2].1
+            );
+        }
+    }
+    if f.kind == "local" {
+        let file_url = format!("file://{}/final", f.out_dir);
+        assert_eq!(
+            CheckpointStore::resolve(&file_url).unwrap().1,
+            StepName::Final
+        );
+    }
+    assert!(matches!(
+        CheckpointStore::resolve(&f.out_dir),
+        Err(Error::NotAStepDir { .. })
+    ));
+}
+
+async fn large_object_goes_up_as_multipart(f: &Fixture) {
+    let (store, faults) = f.faulty();
+    // 20 MiB + a bit with the default 16 MiB threshold and 8 MiB parts → 3 parts.
+    let big = payload((20 << 20) + 123, 99);
+    let small = payload(1000, 98);
+    let out = store
+        .put_object(&step(9), "model.safetensors", big.clone())
+        .await
+        .unwrap();
+    assert!(out.multipart);
+    assert_eq!(out.parts, 3);
+    if f.kind == "s3" {
+        let etag = out.e_tag.clone().unwrap_or_default();
+        assert!(
+            etag.trim_matches('"').ends_with("-3"),
+            "S3 multipart ETag: {etag}"
+        );
+    }
+    let single = store
+        .put_object(&step(9), "state.json", small.clone())
+        .await
+        .unwrap();
+    assert!(!single.multipart && single.parts == 1);
+    let log = faults.log();
+    assert!(log.contains(&format!(
+        "put-multipart {}",
+        f.raw_path("step-00000009/model.safetensors")
+    )));
+    assert!(log.contains(&format!("put {}", f.raw_path("step-00000009/state.json"))));
+    store
+        .commit_step(&step(9), meta(9), vec![out.entry, single.entry])
+        .await
+        .unwrap();
+    assert_eq!(
+        f.store
+            .read_object(&step(9), "model.safetensors")
+            .await
+            .unwrap(),
+        big
+    );
+    f.store.verify(&step(9)).await.unwrap();
+}
+
+async fn commit_refuses_missing_or_resized_objects(f: &Fixture) {
+    let out = f
+        .store
+        .put_object(&step(11), "a.bin", payload(100, 1))
+        .await
+        .unwrap();
+    let mut ghost = out.entry.clone();
+    ghost.name = "b.bin".into();
+    let e = f
+        .store
+        .commit_step(&step(11), meta(11), vec![out.entry.clone(), ghost])
+        .await;
+    assert!(matches!(
+        e,
+        Err(Error::Corrupt {
+            problem: Corruption::Missing,
+            ..
+        })
+    ));
+    let mut wrong = out.entry.clone();
+    wrong.size_bytes = 99;
+    let e = f.store.commit_step(&step(11), meta(11), vec![wrong]).await;
+    assert!(matches!(
+        e,
+        Err(Error::Corrupt {
+            problem: Corruption::SizeMismatch { .. },
+            ..
+        })
+    ));
+    assert!(matches!(
+        f.store.read_manifest(&step(11)).await,
+        Err(Error::MissingManifest { .. })
+    ));
+    assert!(matches!(
+        f.store
+            .put_object(&step(11), "manifest.json", payload(1, 1))
+            .await,
+        Err(Error::InvalidObjectName { .. })
+    ));
+}
+
+// ---- background saver (synchronous caller, like the training loop) ---------------------------
+
+fn job(n: u64, keep_last: Option<usize>) -> SaveJob {
+    SaveJob {
+        step: step(n),
+        objects: objects(n),
+        meta: meta(n),
+        keep_last,
+    }
+}
+
+fn saver_uploads_while_caller_continues(f: &Fixture) {
+    let (store, faults) = f.faulty();
+    faults.set_put_delay(Some(Duration::from_millis(200)));
+    let mut saver = BackgroundSaver::new(store).unwrap();
+    let t0 = Instant::now();
+    assert!(saver.save(job(100, None)).is_none());
+    let handed_over = t0.elapsed();
+    // The caller is not blocked by the ≥ 5 × 200 ms of uploads.
+    assert!(
+        handed_over < Duration::from_millis(150),
+        "save() blocked {handed_over:?}"
+    );
+    assert!(saver.is_busy());
+    assert_eq!(saver.in_flight(), Some(&step(100)));
+    assert!(saver.poll().is_none(), "not finished yet");
+    let report = saver.wait().unwrap();
+    assert!(report.is_ok(), "{:?}", report.result);
+    assert!(report.elapsed >= Duration::from_millis(1000));
+    assert_eq!(
+        report.total_bytes,
+        objects(100)
+            .iter()
+            .map(|(_, b)| b.len() as u64)
+            .sum::<u64>()
+    );
+    assert!(saver.wait().is_none(), "each report is delivered once");
+    let blocking = BlockingCheckpointStore::new(f.store.clone()).unwrap();
+    assert_eq!(
+        blocking.latest_valid().unwrap().found.unwrap().step,
+        step(100)
+    );
+}
+
+fn saver_never_runs_two_saves_at_once(f: &Fixture) {
+    let (store, faults) = f.faulty();
+    faults.set_put_delay(Some(Duration::from_millis(50)));
+    let mut saver = BackgroundSaver::new(store).unwrap();
+    assert!(saver.save(job(1, None)).is_none());
+    // try_save hands the job back while busy…
+    let back = saver.try_save(job(2, None)).unwrap_err();
+    assert_eq!(back.step, step(2));
+    // …save waits for the first and returns its report.
+    let first = saver.save(*back).unwrap();
+    assert_eq!(first.step, step(1));
+    assert!(first.is_ok());
+    let second = saver.wait().unwrap();
+    assert!(second.is_ok());
+    // Every write of step 1 (manifest included) precedes every write of step 2.
+    let log: Vec<String> = faults
+        .log()
+        .into_iter()
+        .filter(|l| l.starts_with("put"))
+        .collect();
+    let last1 = log
+        .iter()
+        .rposition(|l| l.contains("step-00000001/"))
+        .unwrap();
+    let first2 = log
+        .iter()
+        .position(|l| l.contains("step-00000002/"))
+        .unwrap();
+    assert!(last1 < first2, "{log:?}");
+    assert!(log[last1].ends_with("manifest.json"));
+}
+
+fn saver_reports_failure_then_next_save_succeeds(f: &Fixture) {
+    let (store, faults) = f.faulty();
+    let mut saver = BackgroundSaver::new(store).unwrap();
+    faults.fail_writes.store(true, Ordering::SeqCst);
+    assert!(saver.save(job(10, Some(1))).is_none());
+    let failed = saver.wait().unwrap();
+    assert!(!failed.is_ok());
+    assert_eq!(failed.consecutive_failures, 1);
+    assert!(failed.retention.is_none());
+    let err = failed.result.unwrap_err();
+    assert!(err.to_string().contains("injected failure"), "{err}");
+    assert!(saver.save(job(20, Some(1))).is_none());
+    assert_eq!(saver.wait().unwrap().consecutive_failures, 2);
+    // The destination recovers: the next save writes new data and succeeds.
+    faults.fail_writes.store(false, Ordering::SeqCst);
+    assert!(saver.save(job(30, Some(1))).is_none());
+    let ok = saver.wait().unwrap();
+    assert!(ok.is_ok(), "{:?}", ok.result);
+    assert_eq!(ok.consecutive_failures, 0);
+    assert_eq!(saver.consecutive_failures(), 0);
+    let blocking = BlockingCheckpointStore::new(f.store.clone()).unwrap();
+    let latest = blocking.latest_valid().unwrap();
+    assert_eq!(latest.found.unwrap().step, step(30));
+}
+
+fn saver_applies_retention_after_each_save(f: &Fixture) {
+    let mut saver = BackgroundSaver::new(f.store.clone()).unwrap();
+    for n in 1..=4 {
+        let previous = saver.save(job(n, Some(2)));
+        if let Some(r) = previous {
+            assert!(r.is_ok(), "{:?}", r.result);
+        }
+    }
+    let last = saver.wait().unwrap();
+    let retention = last.retention.unwrap().unwrap();
+    assert_eq!(retention.deleted, vec![step(2)]);
+    let blocking = BlockingCheckpointStore::new(f.store.clone()).unwrap();
+    let left: Vec<StepName> = blocking
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|i| i.step)
+        .collect();
+    assert_eq!(left, vec![step(3), step(4)]);
+}
+
+fn saver_drop_finishes_the_save_in_flight(f: &Fixture) {
+    let (store, faults) = f.faulty();
+    faults.set_put_delay(Some(Duration::from_millis(50)));
+    let mut saver = BackgroundSaver::new(store).unwrap();
+    saver.save(job(77, None));
+    drop(saver);
+    let blocking = BlockingCheckpointStore::new(f.store.clone()).unwrap();
+    blocking.verify(&step(77)).unwrap();
+}
+
+// ---- instantiation ---------------------------------------------------------------------------
+
+macro_rules! instance {
+    (async, $test:ident, $fixture:path) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $test() {
+            if let Some(f) = $fixture(stringify!($test)) {
+                super::$test(&f).await
+            }
+        }
+    };
+    (sync, $test:ident, $fixture:path) => {
+        #[test]
+        fn $test() {
+            if let Some(f) = $fixture(stringify!($test)) {
+                super::$test(&f)
+            }
+        }
+    };
+}
+
+macro_rules! for_each_backend {
+    ($($kind:ident $test:ident),* $(,)?) => {
+        mod memory {
+            use super::*;
+            $(instance!($kind, $test, Fixture::memory);)*
+        }
+        mod local {
+            use super::*;
+            $(instance!($kind, $test, Fixture::local);)*
+        }
+        mod s3 {
+            use super::*;
+            $(instance!($kind, $test, Fixture::s3);)*
+        }
+    };
+}
+
+for_each_backend!(
+    async round_trip_preserves_bytes_and_manifest,
+    async step_without_manifest_is_invisible,
+    async latest_valid_skips_step_without_manifest,
+    async latest_valid_is_none_for_empty_out_dir,
+    async manifest_is_written_after_every_object,
+    async crash_before_manifest_leaves_step_invisible,
+    async verify_names_the_corrupt_object,
+    async verify_reports_missing_and_truncated_objects,
+    async invalid_manifest_makes_step_invisible,
+    async latest_valid_falls_back_past_corrupted_newest_step,
+    async latest_valid_orders_final_by_its_step,
+    async retention_keeps_newest_valid_and_final,
+    async retention_never_deletes_newest_valid_step,
+    async delete_removes_manifest_first,
+    async overwriting_a_step_never_mixes_old_and_new_objects,
+    async list_shows_sizes_tokens_and_manifest_presence,
+    async resolve_opens_step_dirs_from_paths_and_urls,
+    async large_object_goes_up_as_multipart,
+    async commit_refuses_missing_or_resized_objects,
+    sync saver_uploads_while_caller_continues,
+    sync saver_never_runs_two_saves_at_once,
+    sync saver_reports_failure_then_next_save_succeeds,
+    sync saver_applies_retention_after_each_save,
+    sync saver_drop_finishes_the_save_in_flight,
+);
