@@ -2,4 +2,8 @@
 //! validated sections), data, optimizer, communicator, training loop, checkpoints, generation.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod cli;
+pub mod config;
 pub mod data;
+pub mod error;
+pub mod logging;

@@ -1,0 +1,50 @@
+//! The `mla` command line: subcommands and the litgpt-style `--section.key value` overrides.
+//! Each subcommand lives in its own file; this one only parses and dispatches.
+
+mod info;
+
+use crate::config::{split_overrides, Override};
+use crate::error::BadInput;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mla",
+    version,
+    about = "Pretrain, evaluate and sample GPT models with Multi-head Latent Attention",
+    after_help = "Config keys can be overridden litgpt-style after the subcommand's flags, \
+                  e.g. `mla info --config cfg.yaml --model_config.n_layer 2`."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Model figures for a config: parameters, FLOPs per token, KV-cache bytes per token, SDPA head dims.
+    Info(info::InfoArgs),
+}
+
+/// Subcommands that take a run config, and so accept `--section.key value` overrides.
+const CONFIG_COMMANDS: &[&str] = &["info", "train"];
+
+/// Parse `args` (without the program name) and run the subcommand.
+pub fn run(args: Vec<String>) -> anyhow::Result<()> {
+    let is_config_command = args
+        .iter()
+        .find(|a| !a.starts_with('-'))
+        .is_some_and(|c| CONFIG_COMMANDS.contains(&c.as_str()));
+    let (rest, overrides): (Vec<String>, Vec<Override>) = if is_config_command {
+        split_overrides(&args).map_err(BadInput)?
+    } else {
+        (args, Vec::new())
+    };
+    let cli = match Cli::try_parse_from(std::iter::once("mla".to_string()).chain(rest)) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(), // clap prints usage and exits 2 (0 for --help/--version)
+    };
+    match cli.command {
+        Command::Info(a) => info::run(&a, &overrides),
+    }
+}
