@@ -1,1 +1,73 @@
-//! Data: raw text → token shards (`mla prepare`), shard index, and the training/eval loader.
+//! Data: raw text → token shards (`mla prepare`), the shard index, and the training/eval loaders.
+//!
+//! Flow: [`Tokenizer::from_dir`] → [`prepare`] (or [`prepare_into`] for another [`ShardSink`])
+//! writes `train-*.bin`, `val-*.bin` and `index.json` (format: `FORMAT.md` in this directory) →
+//! [`Dataset::open`] validates them → [`TrainLoader`] / [`EvalLoader`] cut windows of
+//! `block_size + 1` tokens into micro-batches for one rank.
+//!
+//! Not here: tensors (loaders return `Vec<i64>`), the CLI and YAML mapping (the binary owns them),
+//! object-store backends (implement [`ShardSink`]/[`ShardSource`] over the storage crate).
+
+mod dataset;
+mod error;
+mod format;
+mod input;
+mod loader;
+mod prepare;
+mod store;
+mod tokenizer;
+mod writer;
+
+pub use dataset::{is_prepared, Dataset, OpenOptions, TokenStream};
+pub use error::DataError;
+pub use format::{
+    DatasetIndex, ShardEntry, ShardHeader, Split, SplitIndex, TokenDtype, TokenizerInfo,
+    FORMAT_VERSION, HEADER_BYTES, INDEX_FILE, SHARD_MAGIC,
+};
+pub use loader::{
+    epoch_permutation, windows_in, EvalLoader, LoaderConfig, LoaderPosition, TrainLoader,
+    POSITION_VERSION,
+};
+pub use prepare::{check_output_outside_inputs, prepare, prepare_into, PrepareArgs, PrepareReport};
+pub use store::{LocalDir, RandomAccess, ShardSink, ShardSource};
+pub use tokenizer::{Tokenizer, ENDOFTEXT};
+pub use writer::{DatasetWriter, DEFAULT_SHARD_TOKENS};
+
+/// Anything that knows how many token ids it can produce.
+pub trait VocabSource {
+    /// Largest token id + 1.
+    fn vocab_size(&self) -> u64;
+    /// What to name in an error.
+    fn vocab_source_name(&self) -> String;
+}
+
+impl VocabSource for Tokenizer {
+    fn vocab_size(&self) -> u64 {
+        Tokenizer::vocab_size(self)
+    }
+    fn vocab_source_name(&self) -> String {
+        format!("tokenizer {}", self.path().display())
+    }
+}
+
+impl VocabSource for Dataset {
+    fn vocab_size(&self) -> u64 {
+        Dataset::vocab_size(self)
+    }
+    fn vocab_source_name(&self) -> String {
+        format!("dataset {}", self.location().display())
+    }
+}
+
+/// Fail when token ids of `source` could index past the model's embedding rows.
+pub fn check_vocab(source: &dyn VocabSource, padded_vocab_size: u64) -> Result<(), DataError> {
+    let vocab_size = source.vocab_size();
+    if vocab_size > padded_vocab_size {
+        return Err(DataError::VocabTooLarge {
+            source_name: source.vocab_source_name(),
+            vocab_size,
+            padded_vocab_size,
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,183 @@
+//! `DataError`: every way preparing, opening or loading token data can fail.
+//!
+//! Each variant carries the file, key or split it is about, and displays as one line, so the
+//! binary can print it as is and exit with status 2 for bad input ([`DataError::is_bad_input`]).
+//! Not here: retries or recovery; callers decide.
+
+use std::path::PathBuf;
+
+/// Errors of the data module (tokenizer, `prepare`, dataset, loader, downloads).
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// An input path given by the user does not exist.
+    #[error("input not found: {path}")]
+    MissingInput { path: PathBuf },
+
+    /// A file or directory that should hold stories holds none (empty file, only separators,
+    /// or a directory without `.txt`/`.json`/`.jsonl`/`.tar.gz` files).
+    #[error("no stories in {path}")]
+    NoStories { path: PathBuf },
+
+    /// A text input is not valid UTF-8.
+    #[error("{path}: not valid UTF-8 at byte offset {offset}")]
+    NonUtf8 { path: PathBuf, offset: u64 },
+
+    /// A `.json`/`.jsonl` input could not be parsed or lacks the story field.
+    #[error("{path}{}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
+    BadJson {
+        path: PathBuf,
+        line: Option<u64>,
+        message: String,
+    },
+
+    /// A file named explicitly as input has an extension `prepare` does not read.
+    #[error("{path}: unsupported input (expected .txt, .json, .jsonl, .tar.gz or a directory)")]
+    UnsupportedInput { path: PathBuf },
+
+    /// An I/O error on a named file.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// `tokenizer.json` (or `tokenizer_config.json`) could not be loaded or used.
+    #[error("tokenizer {path}: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+
+    /// The tokenizer has none of the tokens the separator rule looks for.
+    #[error("tokenizer {path}: no story separator (no BOS with add_bos_token, no <|endoftext|>, no bos_token/eos_token)")]
+    NoSeparator { path: PathBuf },
+
+    /// The tokenizer (or a prepared dataset) has more token ids than the model's embedding rows.
+    #[error("{source_name}: vocabulary of {vocab_size} tokens exceeds the model's padded_vocab_size {padded_vocab_size}")]
+    VocabTooLarge {
+        source_name: String,
+        vocab_size: u64,
+        padded_vocab_size: u64,
+    },
+
+    /// A shard's header is not what the index says (magic, version, dtype, token count).
+    #[error("{path}: bad shard header: {reason}")]
+    BadShardHeader { path: PathBuf, reason: String },
+
+    /// A shard file is shorter or longer than its header and the index say.
+    #[error("{path}: truncated or oversized shard: expected {expected_bytes} bytes, found {actual_bytes}")]
+    ShardSize {
+        path: PathBuf,
+        expected_bytes: u64,
+        actual_bytes: u64,
+    },
+
+    /// A shard's sha256 differs from the one recorded in the index.
+    #[error("{path}: sha256 mismatch: index says {expected}, file has {actual}")]
+    ShardChecksum {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+
+    /// The index file is missing, unparsable, of another format version, or inconsistent.
+    #[error("{path}: bad dataset index: {message}")]
+    BadIndex { path: PathBuf, message: String },
+
+    /// A split has fewer tokens than one window of `block_size + 1` (or one eval batch).
+    #[error("{split} split of {path} has {tokens} tokens, fewer than {needed_tokens} ({what})")]
+    TooSmall {
+        path: PathBuf,
+        split: String,
+        tokens: u64,
+        needed_tokens: u64,
+        what: String,
+    },
+
+    /// A split the caller needs is empty (e.g. no validation data was prepared).
+    #[error("dataset {path} has no {split} split")]
+    EmptySplit { path: PathBuf, split: String },
+
+    /// `--out` is inside (or equal to) an input directory: inputs may be read-only and are never written.
+    #[error("output {out} is inside input {input}; choose an output directory outside the inputs")]
+    OutputInsideInput { out: PathBuf, input: PathBuf },
+
+    /// The output already holds a prepared dataset and overwriting was not asked for.
+    #[error("{path} already exists (pass --overwrite to replace it)")]
+    OutputExists { path: PathBuf },
+
+    /// An option has an invalid value (zero batch size, rank >= world size, ...).
+    #[error("invalid {key}: {message}")]
+    InvalidOption { key: String, message: String },
+
+    /// A loader position saved under other settings cannot be restored.
+    #[error("loader position does not match this loader: {field} is {found} in the checkpoint, {expected} here")]
+    PositionMismatch {
+        field: String,
+        expected: String,
+        found: String,
+    },
+
+    /// A download failed (network unreachable, HTTP error, interrupted body).
+    #[error("download {url}: {message}")]
+    Download { url: String, message: String },
+}
+
+impl DataError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        DataError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// True when the error is caused by what the user supplied (files, tokenizer, options)
+    /// rather than by the environment: the binary exits with status 2 for these.
+    pub fn is_bad_input(&self) -> bool {
+        !matches!(self, DataError::Io { .. } | DataError::Download { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_displays_on_one_line() {
+        let errors = [
+            DataError::MissingInput {
+                path: "a/b.txt".into(),
+            },
+            DataError::NonUtf8 {
+                path: "x.txt".into(),
+                offset: 17,
+            },
+            DataError::BadJson {
+                path: "x.jsonl".into(),
+                line: Some(3),
+                message: "missing field `story`".into(),
+            },
+            DataError::io(
+                "f",
+                std::io::Error::new(std::io::ErrorKind::NotFound, "gone"),
+            ),
+            DataError::VocabTooLarge {
+                source_name: "tok".into(),
+                vocab_size: 50277,
+                padded_vocab_size: 50000,
+            },
+        ];
+        for e in errors {
+            let s = e.to_string();
+            assert!(!s.contains('\n'), "{s}");
+        }
+    }
+
+    #[test]
+    fn bad_json_names_line_when_known() {
+        let e = DataError::BadJson {
+            path: "x.jsonl".into(),
+            line: Some(3),
+            message: "m".into(),
+        };
+        assert_eq!(e.to_string(), "x.jsonl:3: m");
+    }
+}

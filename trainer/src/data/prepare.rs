@@ -1,0 +1,362 @@
+//! `mla prepare`: raw text → token shards. One reader thread streams stories (decompressing
+//! archives), a rayon pool tokenizes each batch in parallel, and the main thread appends the
+//! ids in input order to the [`DatasetWriter`], so the output does not depend on thread count.
+//!
+//! Not here: the CLI entry point and the YAML `data:` mapping (the binary mounts
+//! [`PrepareArgs`]), object-store sinks (pass one to [`prepare_into`]).
+
+use std::io::IsTerminal;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+
+use super::error::DataError;
+use super::format::{DatasetIndex, Split, TokenizerInfo};
+use super::input::{self, Event};
+use super::store::{LocalDir, ShardSink};
+use super::tokenizer::Tokenizer;
+use super::writer::{DatasetWriter, DEFAULT_SHARD_TOKENS};
+
+/// Arguments of `mla prepare` (also the options of [`prepare`]).
+#[derive(clap::Args, Clone, Debug)]
+pub struct PrepareArgs {
+    /// Training inputs: .txt/.json/.jsonl files, .tar.gz archives of those, or directories.
+    /// Without --val, the first .json (else first) data file among them becomes validation data.
+    #[arg(required = true, value_name = "INPUT")]
+    pub inputs: Vec<PathBuf>,
+    /// Validation inputs (same kinds as INPUT); repeat for several.
+    #[arg(long = "val", value_name = "PATH")]
+    pub val: Vec<PathBuf>,
+    /// Directory with tokenizer.json (and optionally tokenizer_config.json).
+    #[arg(long, value_name = "DIR")]
+    pub tokenizer_dir: PathBuf,
+    /// Output directory for shards and index.json; must not be inside an input directory.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Maximum tokens per shard.
+    #[arg(long, default_value_t = DEFAULT_SHARD_TOKENS)]
+    pub shard_tokens: u64,
+    /// Tokenizer threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Replace an existing prepared dataset in --out.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// No progress bar or progress lines.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl PrepareArgs {
+    /// Options with defaults for everything but the paths.
+    pub fn new(
+        inputs: Vec<PathBuf>,
+        tokenizer_dir: impl Into<PathBuf>,
+        out: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            inputs,
+            val: Vec::new(),
+            tokenizer_dir: tokenizer_dir.into(),
+            out: out.into(),
+            shard_tokens: DEFAULT_SHARD_TOKENS,
+            threads: 0,
+            overwrite: false,
+            quiet: true,
+        }
+    }
+}
+
+/// What `prepare` did.
+#[derive(Clone, Debug)]
+pub struct PrepareReport {
+    /// The index that was written.
+    pub index: DatasetIndex,
+    /// Where it was written.
+    pub location: PathBuf,
+    /// Input bytes read from disk (compressed size for archives).
+    pub input_bytes: u64,
+    /// The data file chosen as validation data, when it was chosen automatically.
+    pub auto_val: Option<String>,
+    pub elapsed_secs: f64,
+    /// Tokenizer threads used.
+    pub threads: usize,
+}
+
+impl PrepareReport {
+    /// Tokens written to a split.
+    pub fn tokens(&self, split: Split) -> u64 {
+        self.index.split(split).tokens
+    }
+
+    /// Tokens (both splits) per second of wall time.
+    pub fn tokens_per_sec(&self) -> f64 {
+        let t = self.tokens(Split::Train) + self.tokens(Split::Val);
+        t as f64 / self.elapsed_secs.max(1e-9)
+    }
+}
+
+impl std::fmt::Display for PrepareReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tr = self.index.split(Split::Train);
+        let va = self.index.split(Split::Val);
+        write!(
+            f,
+            "prepared {}: train {} tokens ({} stories, {} shards), val {} tokens ({} stories, {} shards), {:?}, {:.1} s, {:.0} tokens/s on {} threads",
+            self.location.display(),
+            tr.tokens,
+            tr.stories,
+            tr.shards.len(),
+            va.tokens,
+            va.stories,
+            va.shards.len(),
+            self.index.dtype,
+            self.elapsed_secs,
+            self.tokens_per_sec(),
+            self.threads
+        )
+    }
+}
+
+impl Tokenizer {
+    /// The index's record of this tokenizer.
+    pub fn info(&self) -> TokenizerInfo {
+        TokenizerInfo {
+            sha256: self.sha256().to_owned(),
+            vocab_size: self.vocab_size(),
+            separator_id: self.separator_id(),
+            separator_token: self.separator_token().to_owned(),
+        }
+    }
+}
+
+/// Prepare into the local directory `args.out`, after checking that it is not inside an input.
+pub fn prepare(args: &PrepareArgs) -> Result<PrepareReport, DataError> {
+    check_output_outside_inputs(&args.out, args.inputs.iter().chain(&args.val))?;
+    let tokenizer = Tokenizer::from_dir(&args.tokenizer_dir)?;
+    let sink = LocalDir::new(&args.out);
+    prepare_into(args, &tokenizer, &sink)
+}
+
+/// Prepare into any [`ShardSink`]; `args.out` and `args.tokenizer_dir` are not used. The caller
+/// makes sure the sink is not inside an input.
+pub fn prepare_into(
+    args: &PrepareArgs,
+    tokenizer: &Tokenizer,
+    sink: &dyn ShardSink,
+) -> Result<PrepareReport, DataError> {
+    let start = Instant::now();
+    let plan = input::plan(&args.inputs, &args.val)?;
+    let mut writer = DatasetWriter::new(sink, tokenizer.info(), args.shard_tokens, args.overwrite)?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(args.threads)
+        .thread_name(|i| format!("mla-tokenize-{i}"))
+        .build()
+        .map_err(|e| DataError::InvalidOption {
+            key: "threads".into(),
+            message: e.to_string(),
+        })?;
+    let threads = pool.current_num_threads();
+    let bytes_read = Arc::new(AtomicU64::new(0));
+    let mut progress = Progress::new(!args.quiet, plan.total_bytes);
+
+    let (tx, rx) = mpsc::sync_channel::<Result<Event, DataError>>(4);
+    std::thread::scope(|scope| -> Result<(), DataError> {
+        let plan = &plan;
+        let counter = bytes_read.clone();
+        let reader = std::thread::Builder::new()
+            .name("mla-prepare-read".into())
+            .spawn_scoped(scope, move || {
+                let result = input::read_all(plan, &counter, &mut |ev| tx.send(Ok(ev)).is_ok());
+                if let Err(e) = result {
+                    let _ = tx.send(Err(e));
+                }
+            })
+            .map_err(|e| DataError::io("mla-prepare-read thread", e))?;
+        let result = (|| {
+            for ev in &rx {
+                match ev? {
+                    Event::Source { split, name } => writer.add_source(split, name),
+                    Event::Stories { split, stories } => {
+                        let ids: Vec<Vec<u32>> = pool.install(|| {
+                            stories
+                                .par_iter()
+                                .map(|s| tokenizer.encode(s))
+                                .collect::<Result<_, _>>()
+                        })?;
+                        for t in &ids {
+                            writer.push_story(split, t)?;
+                        }
+                        progress.update(
+                            bytes_read.load(Ordering::Relaxed),
+                            writer.tokens(Split::Train) + writer.tokens(Split::Val),
+                        );
+                    }
+                }
+            }
+            Ok(())
+        })();
+        // Dropping the receiver makes the reader's next send fail, so it stops early on error.
+        drop(rx);
+        let _ = reader.join();
+        result
+    })?;
+    progress.finish();
+    let index = writer.finish()?;
+    Ok(PrepareReport {
+        index,
+        location: {
+            let index = sink.location(super::format::INDEX_FILE);
+            index.parent().map(Path::to_path_buf).unwrap_or(index)
+        },
+        input_bytes: bytes_read.load(Ordering::Relaxed),
+        auto_val: plan.auto_val,
+        elapsed_secs: start.elapsed().as_secs_f64(),
+        threads,
+    })
+}
+
+/// A progress bar on a terminal, a plain `tracing` line every 10 s otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    plain: bool,
+    start: Instant,
+    last_line: Instant,
+    total_bytes: u64,
+}
+
+impl Progress {
+    fn new(enabled: bool, total_bytes: u64) -> Self {
+        let terminal = std::io::stderr().is_terminal();
+        let bar = (enabled && terminal).then(|| {
+            let bar = indicatif::ProgressBar::with_draw_target(
+                Some(total_bytes),
+                indicatif::ProgressDrawTarget::stderr(),
+            );
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "prepare [{elapsed_precise}] {wide_bar} {binary_bytes}/{binary_total_bytes} {msg}",
+            ) {
+                bar.set_style(style);
+            }
+            bar.enable_steady_tick(Duration::from_millis(250));
+            bar
+        });
+        let now = Instant::now();
+        Self {
+            bar,
+            plain: enabled && !terminal,
+            start: now,
+            last_line: now,
+            total_bytes,
+        }
+    }
+
+    fn update(&mut self, bytes: u64, tokens: u64) {
+        let rate = tokens as f64 / self.start.elapsed().as_secs_f64().max(1e-9);
+        if let Some(bar) = &self.bar {
+            bar.set_position(bytes);
+            bar.set_message(format!("{tokens} tokens, {rate:.0} tokens/s"));
+        } else if self.plain && self.last_line.elapsed() >= Duration::from_secs(10) {
+            self.last_line = Instant::now();
+            tracing::info!(
+                "prepare: {:.1}% of {} input bytes, {tokens} tokens, {rate:.0} tokens/s",
+                100.0 * bytes as f64 / self.total_bytes.max(1) as f64,
+                self.total_bytes
+            );
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
+}
+
+/// Absolute, `.`/`..`-free form of a path that may not exist yet (symlinks of its existing
+/// prefix resolved).
+fn normalize(path: &Path) -> PathBuf {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut existing = abs.clone();
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        match (existing.file_name(), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name.to_owned());
+                existing = parent.to_path_buf();
+            }
+            _ => break,
+        }
+    }
+    let mut out = existing.canonicalize().unwrap_or(existing);
+    for c in rest.iter().rev() {
+        match Path::new(c).components().next() {
+            Some(Component::ParentDir) => {
+                out.pop();
+            }
+            Some(Component::CurDir) | None => {}
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// Refuse an output equal to or inside an input directory, or equal to an input file's directory.
+pub fn check_output_outside_inputs<'a>(
+    out: &Path,
+    inputs: impl IntoIterator<Item = &'a PathBuf>,
+) -> Result<(), DataError> {
+    let out_n = normalize(out);
+    for input in inputs {
+        if !input.exists() {
+            return Err(DataError::MissingInput {
+                path: input.clone(),
+            });
+        }
+        let inp = normalize(input);
+        let clash = if inp.is_dir() {
+            out_n.starts_with(&inp)
+        } else {
+            inp.parent().is_some_and(|p| out_n == p)
+        };
+        if clash {
+            return Err(DataError::OutputInsideInput {
+                out: out.to_path_buf(),
+                input: input.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_inside_input_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::write(data.join("a.txt"), "x").unwrap();
+        let inputs = [data.clone()];
+        for bad in [data.clone(), data.join("shards"), data.join("x/../y")] {
+            let e = check_output_outside_inputs(&bad, &inputs).unwrap_err();
+            assert!(matches!(e, DataError::OutputInsideInput { .. }), "{bad:?}");
+        }
+        check_output_outside_inputs(&dir.path().join("out"), &inputs).unwrap();
+        let file = [data.join("a.txt")];
+        assert!(check_output_outside_inputs(&data, &file).is_err());
+        check_output_outside_inputs(&data.join("sub"), &file).unwrap();
+    }
+
+    #[test]
+    fn missing_input_is_named() {
+        let e = check_output_outside_inputs(Path::new("/tmp/o"), &[PathBuf::from("/no/such")])
+            .unwrap_err();
+        assert_eq!(e.to_string(), "input not found: /no/such");
+    }
+}
