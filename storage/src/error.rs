@@ -178,6 +178,8 @@ pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
         }
         source = s.source();
     }
+    // One line: S3 error bodies are multi-line XML.
+    let out = out.split_whitespace().collect::<Vec<_>>().join(" ");
     redact_secrets(&out)
 }
 

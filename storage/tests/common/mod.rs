@@ -284,6 +284,12 @@ pub struct FaultStore {
     faults: Arc<Faults>,
 }
 
+impl FaultStore {
+    pub fn new(inner: Arc<dyn ObjectStore>, faults: Arc<Faults>) -> FaultStore {
+        FaultStore { inner, faults }
+    }
+}
+
 impl std::fmt::Display for FaultStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "FaultStore({})", self.inner)
