@@ -349,6 +349,9 @@ impl CheckpointStore {
 
     /// Make `step` invisible and empty before (re)writing it: delete its manifest, then every
     /// other object in the directory. A no-op for a directory that does not exist.
+    ///
+    /// Multi-rank saves: one rank calls `begin_step`, barrier, every rank `put_object`s its
+    /// objects, the entries are gathered, barrier, one rank calls `commit_step`.
     pub async fn begin_step(&self, step: &StepName) -> Result<()> {
         self.delete_step(step).await
     }
