@@ -2,8 +2,17 @@
 //! validated sections), data, optimizer, communicator, training loop, checkpoints, generation.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod budget;
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod datasource;
+pub mod device;
+pub mod dist;
 pub mod error;
 pub mod logging;
+pub mod metrics;
+pub mod optim;
+pub mod signals;
+pub mod train;

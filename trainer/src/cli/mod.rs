@@ -2,6 +2,7 @@
 //! Each subcommand lives in its own file; this one only parses and dispatches.
 
 mod info;
+mod train;
 
 use crate::config::{split_overrides, Override};
 use crate::error::BadInput;
@@ -24,6 +25,8 @@ struct Cli {
 enum Command {
     /// Model figures for a config: parameters, FLOPs per token, KV-cache bytes per token, SDPA head dims.
     Info(info::InfoArgs),
+    /// Train one rank (what mla-launch spawns; run directly for a single rank or under srun/mpirun).
+    Train(train::TrainArgs),
 }
 
 /// Subcommands that take a run config, and so accept `--section.key value` overrides.
@@ -46,5 +49,6 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
     };
     match cli.command {
         Command::Info(a) => info::run(&a, &overrides),
+        Command::Train(a) => train::run(&a, &overrides),
     }
 }

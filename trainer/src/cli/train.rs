@@ -1,0 +1,28 @@
+//! `mla train --config F [--device cpu|cuda] [--section.key value …]`: one training rank.
+//! `mla-launch` starts one per GPU (or several CPU ranks under mpirun); run it directly for a
+//! single rank, or under srun/mpirun for clusters.
+
+use crate::config::{Override, RunConfig};
+use crate::device::DeviceKind;
+use crate::train::{self, TrainOptions};
+use std::path::PathBuf;
+
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    /// Run config (litgpt pretrain YAML).
+    #[arg(long)]
+    config: PathBuf,
+    /// Compute device (default: CUDA when available, else CPU).
+    #[arg(long, value_enum)]
+    device: Option<DeviceKind>,
+}
+
+pub fn run(args: &TrainArgs, overrides: &[Override]) -> anyhow::Result<()> {
+    let cfg = RunConfig::load(&args.config, overrides)?;
+    train::run(
+        cfg,
+        &TrainOptions {
+            device: args.device,
+        },
+    )
+}

@@ -1,0 +1,153 @@
+//! From the config's `data:` section to an opened, validated token dataset.
+//!
+//! * `TextFiles`: `train_data_path` is either a prepared dataset (index.json) or raw text,
+//!   tokenized on first use with `val_data_path` as validation data.
+//! * `TinyStories`: `data_path` holds prepared shards, or TinyStories json/txt files (or the
+//!   `.tar.gz`), tokenized on first use.
+//!
+//! Raw inputs are prepared into a cache, never next to the inputs (they may be read-only):
+//! `data.init_args.cache_dir`, else `<out_dir>/data` for a local out_dir, else `.cache/mla/data`.
+//! The cache key covers the input files (path, size, mtime) and the tokenizer, so changed
+//! inputs are re-tokenized.
+
+use crate::config::{DataModule, RunConfig};
+use crate::data::{is_prepared, prepare, Dataset, PrepareArgs, Tokenizer};
+use crate::error::BadInput;
+use anyhow::Context;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use tracing::info;
+
+const DEFAULT_TINYSTORIES: &str = "data/tinystories";
+
+/// Open the dataset the config names, preparing it first when needed.
+pub fn open(cfg: &RunConfig, tokenizer_dir: &Path) -> anyhow::Result<Dataset> {
+    let data = cfg
+        .data
+        .as_ref()
+        .ok_or_else(|| BadInput("data: not set (TinyStories or TextFiles)".into()))?;
+    let args = &data.init_args;
+    let (name, inputs, val) = match data.module() {
+        Some(DataModule::TextFiles) => {
+            let train = PathBuf::from(args.train_data_path.as_deref().unwrap_or_default());
+            (
+                "textfiles",
+                vec![train],
+                args.val_data_path
+                    .iter()
+                    .map(PathBuf::from)
+                    .collect::<Vec<_>>(),
+            )
+        }
+        Some(DataModule::TinyStories) => {
+            let path = PathBuf::from(args.data_path.as_deref().unwrap_or(DEFAULT_TINYSTORIES));
+            (
+                "tinystories",
+                vec![path],
+                args.val_data_path.iter().map(PathBuf::from).collect(),
+            )
+        }
+        None => {
+            return Err(BadInput(format!(
+                "data.class_path: unsupported `{}`",
+                data.class_path
+            ))
+            .into())
+        }
+    };
+    if val.is_empty() && is_prepared(&inputs[0]) {
+        return Ok(Dataset::open(&inputs[0])?);
+    }
+    for p in inputs.iter().chain(&val) {
+        if !p.exists() {
+            let key = match data.module() {
+                Some(DataModule::TinyStories) => "data.init_args.data_path",
+                _ if val.contains(p) => "data.init_args.val_data_path",
+                _ => "data.init_args.train_data_path",
+            };
+            return Err(BadInput(format!("{key}: {} does not exist", p.display())).into());
+        }
+    }
+    let tokenizer = Tokenizer::from_dir(tokenizer_dir)?;
+    let key = cache_key(name, &inputs, &val, tokenizer.sha256())?;
+    let dir = cache_root(cfg).join(format!("{name}-{key}"));
+    if is_prepared(&dir) {
+        info!("data: using prepared {}", dir.display());
+        return Ok(Dataset::open(&dir)?);
+    }
+    info!(
+        "data: tokenizing {} into {}",
+        inputs
+            .iter()
+            .chain(&val)
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        dir.display()
+    );
+    let mut p = PrepareArgs::new(inputs, tokenizer_dir, &dir);
+    p.val = val;
+    p.threads = args.num_workers.unwrap_or(0);
+    p.quiet = false;
+    p.overwrite = true; // a partial earlier attempt (no index) is replaced
+    let report = prepare(&p)?;
+    info!("{report}");
+    Ok(Dataset::open(&dir)?)
+}
+
+fn cache_root(cfg: &RunConfig) -> PathBuf {
+    if let Some(dir) = cfg
+        .data
+        .as_ref()
+        .and_then(|d| d.init_args.cache_dir.as_deref())
+    {
+        return PathBuf::from(dir);
+    }
+    match cfg.out_dir.split_once("://") {
+        None => PathBuf::from(&cfg.out_dir).join("data"),
+        Some(("file", p)) => PathBuf::from(p).join("data"),
+        Some(_) => PathBuf::from(".cache/mla/data"),
+    }
+}
+
+/// Hash of the inputs' files (path, size, mtime), their roles, and the tokenizer.
+fn cache_key(
+    name: &str,
+    inputs: &[PathBuf],
+    val: &[PathBuf],
+    tokenizer_sha: &str,
+) -> anyhow::Result<String> {
+    let mut h = Sha256::new();
+    h.update(name.as_bytes());
+    h.update(tokenizer_sha.as_bytes());
+    for (role, paths) in [("train", inputs), ("val", val)] {
+        for root in paths {
+            h.update(role.as_bytes());
+            let mut files = Vec::new();
+            walk(root, &mut files).with_context(|| format!("reading {}", root.display()))?;
+            files.sort();
+            for f in files {
+                let meta = std::fs::metadata(&f)?;
+                let mtime = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos());
+                let abs = std::fs::canonicalize(&f).unwrap_or(f);
+                h.update(format!("{}\0{}\0{mtime}\n", abs.display(), meta.len()).as_bytes());
+            }
+        }
+    }
+    Ok(hex::encode(&h.finalize()[..6]))
+}
+
+fn walk(p: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    if p.is_dir() {
+        for e in std::fs::read_dir(p)? {
+            walk(&e?.path(), out)?;
+        }
+    } else {
+        out.push(p.to_path_buf());
+    }
+    Ok(())
+}

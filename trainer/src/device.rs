@@ -1,0 +1,119 @@
+//! Compute device of one rank: CPU or cuda:LOCAL_RANK, CUDA availability checks, the SDPA
+//! backend torch picks, the card's peak FLOP/s (for MFU) and peak memory.
+//!
+//! Not here: the precision policy (train.rs) or the launcher's GPU count (mla-launch).
+
+use crate::error::BadInput;
+use tch::{Device, Kind, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+/// The device this rank computes on. `None`: CUDA when available, else CPU.
+pub fn select(kind: Option<DeviceKind>, local_rank: usize) -> Result<Device, BadInput> {
+    let cuda_devices = if tch::Cuda::is_available() {
+        tch::Cuda::device_count() as usize
+    } else {
+        0
+    };
+    match kind {
+        Some(DeviceKind::Cpu) => Ok(Device::Cpu),
+        Some(DeviceKind::Cuda) if cuda_devices == 0 => Err(BadInput(
+            "--device cuda: libtorch sees no CUDA device (no GPU, no driver, or a CPU-only libtorch); use --device cpu".into(),
+        )),
+        Some(DeviceKind::Cuda) if local_rank >= cuda_devices => Err(BadInput(format!(
+            "--device cuda: local rank {local_rank} needs cuda:{local_rank} but only {cuda_devices} CUDA device(s) are visible"
+        ))),
+        Some(DeviceKind::Cuda) => Ok(Device::Cuda(local_rank)),
+        None if cuda_devices > local_rank => Ok(Device::Cuda(local_rank)),
+        None => Ok(Device::Cpu),
+    }
+}
+
+pub fn describe(device: Device) -> String {
+    match device {
+        Device::Cpu => format!("cpu ({} threads)", tch::get_num_threads()),
+        Device::Cuda(i) => match gpu_name(i) {
+            Some(name) => format!("cuda:{i} ({name})"),
+            None => format!("cuda:{i}"),
+        },
+        d => format!("{d:?}"),
+    }
+}
+
+/// torch's SDPA backend choice for these shapes (0 math, 1 flash, 2 efficient, 3 cuDNN).
+pub fn sdpa_backend(
+    batch: i64,
+    heads: i64,
+    seq: i64,
+    head_dims: (i64, i64),
+    kind: Kind,
+    device: Device,
+) -> &'static str {
+    let q = Tensor::empty([batch, heads, seq, head_dims.0], (kind, device));
+    let v = Tensor::empty([batch, heads, seq, head_dims.1], (kind, device));
+    let choice =
+        Tensor::internal_fused_sdp_choice(&q, &q, &v, None::<Tensor>, 0.0, true, None, false);
+    match choice {
+        0 => "math",
+        1 => "flash",
+        2 => "memory-efficient",
+        3 => "cuDNN",
+        _ => "unknown",
+    }
+}
+
+/// Name of GPU `index` from nvidia-smi (None when unavailable).
+pub fn gpu_name(index: usize) -> Option<String> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=name",
+            "--format=csv,noheader",
+            "-i",
+            &index.to_string(),
+        ])
+        .output()
+        .ok()?;
+    let name = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success() && !name.is_empty()).then_some(name)
+}
+
+/// Dense bf16 tensor-core peak of known cards, FLOP/s (for MFU); None for CPUs and unknown
+/// cards. `MLA_PEAK_TFLOPS` overrides.
+pub fn peak_flops(device: Device) -> Option<f64> {
+    if let Some(t) = std::env::var("MLA_PEAK_TFLOPS")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+    {
+        return Some(t * 1e12);
+    }
+    let Device::Cuda(i) = device else {
+        return None;
+    };
+    let name = gpu_name(i)?.to_uppercase();
+    let tflops = [
+        ("H200", 989.0),
+        ("H100", 989.0),
+        ("A100", 312.0),
+        ("L40S", 362.0),
+        ("A10G", 70.0),
+        ("L4", 121.0),
+        ("V100", 125.0),
+        ("T4", 65.0),
+    ]
+    .iter()
+    .find(|(k, _)| name.contains(k))
+    .map(|(_, t)| *t)?;
+    Some(tflops * 1e12)
+}
+
+/// Peak resident memory of this process (CPU, VmHWM) in bytes.
+pub fn peak_host_memory_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

@@ -1,0 +1,159 @@
+//! Training metrics: a human line per log interval on stderr (rank 0), one JSON object per
+//! line in `<out_dir>/metrics.jsonl` (always), and `metrics.csv` when `logger_name: csv`.
+//!
+//! JSONL keys: train lines `step, tokens, loss, lr, grad_norm, tokens_per_sec, mfu,
+//! peak_memory_bytes, elapsed_secs`; eval lines `step, tokens, val_loss, val_ppl`.
+//! Not here: what is measured (train.rs decides) or where out_dir lives for checkpoints.
+
+use crate::config::LoggerName;
+use serde::Serialize;
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+/// One training log record.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainRecord {
+    pub step: u64,
+    pub tokens: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens_per_sec: f64,
+    pub mfu: Option<f64>,
+    pub peak_memory_bytes: Option<u64>,
+    pub elapsed_secs: f64,
+    pub skipped_steps: u64,
+}
+
+/// One validation record.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalRecord {
+    pub step: u64,
+    pub tokens: u64,
+    pub val_loss: f64,
+    pub val_ppl: f64,
+    pub eval_secs: f64,
+}
+
+const CSV_HEADER: &str =
+    "step,tokens,loss,lr,grad_norm,tokens_per_sec,mfu,peak_memory_bytes,val_loss,val_ppl\n";
+
+/// Where metrics go. Files are opened in append mode so a resumed run continues them.
+pub struct MetricsWriter {
+    jsonl: BufWriter<File>,
+    csv: Option<BufWriter<File>>,
+    dir: PathBuf,
+}
+
+fn open_append(path: &Path) -> std::io::Result<(File, bool)> {
+    let existed = path.exists() && std::fs::metadata(path)?.len() > 0;
+    let f = OpenOptions::new().create(true).append(true).open(path)?;
+    Ok((f, existed))
+}
+
+impl MetricsWriter {
+    /// Metrics files under the local directory `dir`.
+    pub fn create(dir: &Path, logger: LoggerName) -> std::io::Result<MetricsWriter> {
+        std::fs::create_dir_all(dir)?;
+        let (jsonl, _) = open_append(&dir.join("metrics.jsonl"))?;
+        let csv = match logger {
+            LoggerName::Csv => {
+                let (f, existed) = open_append(&dir.join("metrics.csv"))?;
+                let mut w = BufWriter::new(f);
+                if !existed {
+                    w.write_all(CSV_HEADER.as_bytes())?;
+                }
+                Some(w)
+            }
+            _ => None,
+        };
+        Ok(MetricsWriter {
+            jsonl: BufWriter::new(jsonl),
+            csv,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn json_line(&mut self, value: &impl Serialize) -> std::io::Result<()> {
+        serde_json::to_writer(&mut self.jsonl, value)?;
+        self.jsonl.write_all(b"\n")?;
+        self.jsonl.flush()
+    }
+
+    pub fn train(&mut self, r: &TrainRecord) -> std::io::Result<()> {
+        self.json_line(r)?;
+        if let Some(csv) = &mut self.csv {
+            let opt = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
+            writeln!(
+                csv,
+                "{},{},{},{},{},{},{},{},,",
+                r.step,
+                r.tokens,
+                r.loss,
+                r.lr,
+                r.grad_norm,
+                r.tokens_per_sec,
+                opt(r.mfu),
+                r.peak_memory_bytes
+                    .map(|b| b.to_string())
+                    .unwrap_or_default()
+            )?;
+            csv.flush()?;
+        }
+        Ok(())
+    }
+
+    pub fn eval(&mut self, r: &EvalRecord) -> std::io::Result<()> {
+        self.json_line(r)?;
+        if let Some(csv) = &mut self.csv {
+            writeln!(
+                csv,
+                "{},{},,,,,,,{},{}",
+                r.step, r.tokens, r.val_loss, r.val_ppl
+            )?;
+            csv.flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// Bytes as "1.23 GiB".
+pub fn human_bytes(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < units.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.2} {}", units[i])
+    }
+}
+
+/// The human line of a training record.
+pub fn train_line(r: &TrainRecord, total_steps: Option<u64>) -> String {
+    let step = match total_steps {
+        Some(n) => format!("step {}/{n}", r.step),
+        None => format!("step {}", r.step),
+    };
+    let mfu = r
+        .mfu
+        .map(|m| format!(" | MFU {:.1}%", m * 100.0))
+        .unwrap_or_default();
+    let mem = r
+        .peak_memory_bytes
+        .map(|b| format!(" | peak mem {}", human_bytes(b)))
+        .unwrap_or_default();
+    format!(
+        "{step} | loss {:.4} | lr {:.3e} | grad norm {:.3} | {:.0} tok/s{mfu}{mem}",
+        r.loss, r.lr, r.grad_norm, r.tokens_per_sec
+    )
+}

@@ -1,0 +1,650 @@
+//! The training loop of one rank (DESIGN §4): micro-batches with gradient accumulation,
+//! gradient all-reduce over the flat buffer, global-norm clipping, AdamW with warmup + cosine
+//! by optimizer step, a non-finite guard, metrics, periodic validation and checkpoints.
+//!
+//! Precision: `32-true` fp32; `bf16-mixed` bf16 autocast on CUDA with fp32 master weights
+//! (CPU autocast is a no-op, so CPU runs are fp32); `bf16-true` bf16 weights.
+//! Not here: where data comes from (datasource.rs), tensor ↔ bytes (checkpoint.rs).
+
+use crate::budget::Budget;
+use crate::checkpoint::{self, TrainState};
+use crate::config::{OnSaveFailure, Precision, Resume, RunConfig};
+use crate::data::{EvalLoader, LoaderConfig, Split, TrainLoader};
+use crate::device::{self, DeviceKind};
+use crate::dist::{Communicator, RankInfo, Single};
+use crate::error::BadInput;
+use crate::metrics::{self, EvalRecord, MetricsWriter, TrainRecord};
+use crate::optim::{self, AdamW, FlatParams};
+use crate::{datasource, signals};
+use anyhow::{bail, Context};
+use mla_model::{stats, Gpt};
+use mla_storage::{BackgroundSaver, BlockingCheckpointStore, StepName};
+use std::path::PathBuf;
+use std::time::Instant;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+use tracing::{info, warn};
+
+/// Flags of `mla train` that are not config keys.
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    pub device: Option<DeviceKind>,
+}
+
+/// Model, optimizer and the flat buffers they share.
+struct Trainable {
+    _vs: VarStore,
+    model: Gpt,
+    flat: FlatParams,
+    opt: AdamW,
+}
+
+fn tokens_to_batch(
+    tokens: &[i64],
+    micro: usize,
+    seq_len: usize,
+    device: Device,
+) -> (Tensor, Tensor) {
+    let t = Tensor::from_slice(tokens)
+        .view([micro as i64, seq_len as i64 + 1])
+        .to_device(device);
+    (
+        t.narrow(1, 0, seq_len as i64),
+        t.narrow(1, 1, seq_len as i64),
+    )
+}
+
+/// Mean cross-entropy of next-token prediction for inputs (B, T) and targets (B, T).
+fn loss_of(model: &Gpt, x: &Tensor, y: &Tensor, autocast: bool) -> Tensor {
+    tch::autocast(autocast, || {
+        let logits = model.forward(x); // (B, T, V)
+        let v = logits.size()[2];
+        logits
+            .view([-1, v])
+            .to_kind(Kind::Float)
+            .cross_entropy_for_logits(&y.reshape([-1]))
+    })
+}
+
+/// Resolved precision policy for a device.
+fn precision_for(cfg: &RunConfig, device: Device) -> (Precision, bool, Kind) {
+    let p = cfg.precision.unwrap_or(if device.is_cuda() {
+        Precision::Bf16Mixed
+    } else {
+        Precision::Fp32
+    });
+    match p {
+        Precision::Fp32 => (p, false, Kind::Float),
+        Precision::Bf16Mixed => (p, device.is_cuda(), Kind::Float),
+        Precision::Bf16True => (p, false, Kind::BFloat16),
+    }
+}
+
+fn validation_loss(
+    model: &Gpt,
+    loader: &EvalLoader,
+    micro: usize,
+    seq_len: usize,
+    device: Device,
+    autocast: bool,
+    comm: &dyn Communicator,
+) -> anyhow::Result<f64> {
+    let mut sums = [0.0, 0.0];
+    tch::no_grad(|| -> anyhow::Result<()> {
+        for batch in loader.iter() {
+            let (x, y) = tokens_to_batch(&batch?, micro, seq_len, device);
+            sums[0] += loss_of(model, &x, &y, autocast).double_value(&[]);
+            sums[1] += 1.0;
+        }
+        Ok(())
+    })?;
+    comm.all_reduce_host(&mut sums)?;
+    Ok(sums[0] / sums[1].max(1.0))
+}
+
+/// Run training as configured; returns when the budget is spent (or on SIGTERM, after a
+/// checkpoint of the current step).
+pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
+    let rank = RankInfo::from_env().map_err(BadInput)?;
+    if rank.world_size > 1 {
+        return Err(BadInput(format!(
+            "world size {} ({}): multi-rank training needs the mpi/nccl communicators, which this build does not have yet; run one rank",
+            rank.world_size, rank.source
+        ))
+        .into());
+    }
+    let comm: Box<dyn Communicator> = Box::new(Single);
+    let device = device::select(opts.device, rank.local_rank)?;
+    let (precision, autocast, param_kind) = precision_for(&cfg, device);
+    let main = rank.is_main();
+    signals::install();
+    tch::manual_seed(cfg.seed as i64);
+
+    // Data.
+    let tokenizer_dir = PathBuf::from(cfg.tokenizer_dir.as_deref().ok_or_else(|| {
+        BadInput("tokenizer_dir: not set (a directory with tokenizer.json, e.g. checkpoints/EleutherAI/pythia-160m)".into())
+    })?);
+    let dataset = datasource::open(&cfg, &tokenizer_dir)?;
+    crate::data::check_vocab(&dataset, cfg.model().padded_vocab_size() as u64)?;
+    let seq_len = cfg.train.max_seq_length.unwrap_or(cfg.model().block_size);
+    let micro = cfg.train.micro_batch_size;
+    let accum = cfg.grad_accum_steps(rank.world_size).map_err(BadInput)?;
+    let data_seed = cfg
+        .data
+        .as_ref()
+        .and_then(|d| d.init_args.seed)
+        .unwrap_or(cfg.seed);
+    let mut loader = TrainLoader::new(
+        dataset.split(Split::Train),
+        LoaderConfig {
+            block_size: seq_len,
+            micro_batch_size: micro,
+            grad_accum_steps: accum,
+            rank: rank.rank,
+            world_size: rank.world_size,
+            seed: data_seed,
+        },
+    )?;
+    let eval_loader = EvalLoader::new(
+        dataset.split(Split::Val),
+        seq_len,
+        micro,
+        rank.rank,
+        rank.world_size,
+        Some(cfg.eval.max_iters as u64),
+    )?;
+    let budget =
+        Budget::new(&cfg, rank.world_size, loader.windows_per_epoch()).map_err(BadInput)?;
+
+    // Model, flat buffers, optimizer.
+    let mut vs = VarStore::new(device);
+    let model = Gpt::new(&vs.root(), cfg.model())?;
+    if param_kind == Kind::BFloat16 {
+        vs.bfloat16();
+    }
+    let flat = FlatParams::new(&vs, param_kind);
+    let a = &cfg.optimizer.init_args;
+    let opt = AdamW::new(&flat, a.betas, a.eps, a.weight_decay);
+    let mut t = Trainable {
+        _vs: vs,
+        model,
+        flat,
+        opt,
+    };
+    comm.broadcast(&mut t.flat.params, 0)?;
+
+    // Checkpoint store and resume.
+    let store = BlockingCheckpointStore::open(&cfg.out_dir)
+        .with_context(|| format!("out_dir {}", cfg.out_dir))?;
+    let mut state = TrainState {
+        version: checkpoint::STATE_VERSION,
+        step: 0,
+        tokens_seen: 0,
+        loaders: Vec::new(),
+        world_size: rank.world_size,
+        seed: cfg.seed,
+        skipped_steps: 0,
+        elapsed_secs: 0.0,
+        last_val_loss: None,
+    };
+    if let Some(restored) = resume(&cfg, &store, &mut t)? {
+        let s = restored.state;
+        if s.world_size != rank.world_size {
+            info!(
+                "resuming a {}-rank checkpoint with {} rank(s)",
+                s.world_size, rank.world_size
+            );
+        }
+        let pos = s
+            .loaders
+            .first()
+            .context("checkpoint state has no loader position")?;
+        loader.restore(pos)?;
+        state = TrainState {
+            world_size: rank.world_size,
+            ..s
+        };
+    }
+
+    let flops_per_token = stats::flops_per_token(cfg.model());
+    let peak_flops = device::peak_flops(device);
+    let mut metrics = if main {
+        Some(
+            MetricsWriter::create(&local_metrics_dir(&cfg), cfg.logger_name)
+                .context("metrics files")?,
+        )
+    } else {
+        None
+    };
+    if main {
+        let m = cfg.model();
+        info!(
+            "model {}: {} attention, {} parameters, {:.3e} FLOPs/token; device {}; precision {}",
+            m.name,
+            m.attention_kind().name(),
+            stats::parameters(m),
+            flops_per_token,
+            device::describe(device),
+            precision.as_str(),
+        );
+        if precision == Precision::Bf16Mixed && !device.is_cuda() {
+            info!("bf16-mixed: autocast is CUDA-only, so this CPU run computes in fp32");
+        }
+        let (dqk, dv) = m.sdpa_head_dims();
+        let kind = if autocast { Kind::BFloat16 } else { param_kind };
+        info!(
+            "SDPA backend for (B={micro}, H={}, T={seq_len}, q/k {dqk}, v {dv}, {kind:?}): {}",
+            m.n_head,
+            device::sdpa_backend(
+                micro as i64,
+                m.n_head as i64,
+                seq_len as i64,
+                (dqk as i64, dv as i64),
+                kind,
+                device
+            )
+        );
+        let (lines, warnings) = budget.report(&cfg);
+        for l in lines {
+            info!("{l}");
+        }
+        for w in warnings {
+            warn!("{w}");
+        }
+        if state.step > 0 {
+            info!(
+                "resumed at step {} ({} tokens seen)",
+                state.step, state.tokens_seen
+            );
+        }
+    }
+
+    let mut saver = if cfg.checkpoint.async_save && main {
+        Some(BackgroundSaver::new(store.store().clone())?)
+    } else {
+        None
+    };
+    let total = budget.total_steps;
+    let run_start = Instant::now();
+    let elapsed_before = state.elapsed_secs;
+    let mut window_start = Instant::now();
+    let mut window_tokens = 0u64;
+    let mut consecutive_nonfinite = 0usize;
+    let mut stopped_by_signal = false;
+
+    if cfg.eval.initial_validation && state.step == 0 {
+        let start = Instant::now();
+        let val = validation_loss(
+            &t.model,
+            &eval_loader,
+            micro,
+            seq_len,
+            device,
+            autocast,
+            comm.as_ref(),
+        )?;
+        log_eval(&mut metrics, state.step, state.tokens_seen, val, start)?;
+        state.last_val_loss = Some(val);
+    }
+
+    loop {
+        let elapsed = elapsed_before + run_start.elapsed().as_secs_f64();
+        if total.is_some_and(|n| state.step >= n)
+            || cfg.train.max_time.is_some_and(|m| elapsed >= m)
+        {
+            break;
+        }
+        if signals::stop_requested() {
+            stopped_by_signal = true;
+            break;
+        }
+        // Forward/backward over the accumulation micro-batches.
+        let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
+        for _ in 0..accum {
+            let tokens = loader.next_micro_batch()?;
+            let (x, y) = tokens_to_batch(&tokens, micro, seq_len, device);
+            let loss = loss_of(&t.model, &x, &y, autocast);
+            (&loss / (accum * rank.world_size) as f64).backward();
+            loss_sum += loss.detach();
+        }
+        comm.all_reduce_sum(&mut t.flat.grads)?;
+        let mut host = [loss_sum.double_value(&[]) / accum as f64, 0.0];
+        comm.all_reduce_host(&mut host)?;
+        let loss = host[0] / rank.world_size as f64;
+        let norm = optim::grad_norm(&t.flat).double_value(&[]);
+        let lr = optim::lr_at(
+            state.step,
+            cfg.optimizer.init_args.lr,
+            cfg.train.min_lr,
+            budget.warmup_steps,
+            total,
+        );
+        if !loss.is_finite() || !norm.is_finite() {
+            consecutive_nonfinite += 1;
+            state.skipped_steps += 1;
+            warn!(
+                "step {}: non-finite {} — update skipped ({consecutive_nonfinite} in a row)",
+                state.step + 1,
+                if loss.is_finite() {
+                    format!("gradient norm ({norm})")
+                } else {
+                    format!("loss ({loss})")
+                }
+            );
+            if consecutive_nonfinite >= cfg.train.max_nonfinite_steps {
+                bail!(
+                    "{consecutive_nonfinite} optimizer steps in a row had a non-finite loss or gradient (train.max_nonfinite_steps); stopping — lower optimizer.init_args.lr or check the data"
+                );
+            }
+        } else {
+            consecutive_nonfinite = 0;
+            if let Some(max_norm) = cfg.train.max_norm {
+                optim::clip_grads(&t.flat, norm, max_norm);
+            }
+            t.opt.step(&t.flat, lr);
+        }
+        t.flat.zero_grad();
+        state.step += 1;
+        state.tokens_seen += budget.tokens_per_step;
+        window_tokens += budget.tokens_per_step;
+
+        if state.step % cfg.train.log_interval as u64 == 0 || total == Some(state.step) {
+            let secs = window_start.elapsed().as_secs_f64();
+            let tps = window_tokens as f64 / secs.max(1e-9);
+            let record = TrainRecord {
+                step: state.step,
+                tokens: state.tokens_seen,
+                loss,
+                lr,
+                grad_norm: norm,
+                tokens_per_sec: tps,
+                mfu: peak_flops.map(|p| flops_per_token * tps / (p * rank.world_size as f64)),
+                peak_memory_bytes: peak_memory(device),
+                elapsed_secs: elapsed_before + run_start.elapsed().as_secs_f64(),
+                skipped_steps: state.skipped_steps,
+            };
+            if let Some(m) = &mut metrics {
+                info!("{}", metrics::train_line(&record, total));
+                m.train(&record).context("writing metrics")?;
+            }
+            window_start = Instant::now();
+            window_tokens = 0;
+        }
+        let last = total == Some(state.step);
+        if state.step % cfg.eval.interval as u64 == 0 && !(last && cfg.eval.final_validation) {
+            let start = Instant::now();
+            let val = validation_loss(
+                &t.model,
+                &eval_loader,
+                micro,
+                seq_len,
+                device,
+                autocast,
+                comm.as_ref(),
+            )?;
+            log_eval(&mut metrics, state.step, state.tokens_seen, val, start)?;
+            state.last_val_loss = Some(val);
+            window_start = Instant::now(); // keep eval time out of tokens/s
+        }
+        if cfg
+            .train
+            .save_interval
+            .is_some_and(|s| state.step % s as u64 == 0)
+            && !last
+        {
+            state.loaders = vec![loader.state()];
+            state.elapsed_secs = elapsed_before + run_start.elapsed().as_secs_f64();
+            save(
+                &cfg,
+                &store,
+                &mut saver,
+                StepName::Step(state.step),
+                &t,
+                &state,
+                &tokenizer_dir,
+                main,
+            )?;
+            window_start = Instant::now();
+        }
+    }
+
+    if cfg.eval.final_validation && !stopped_by_signal {
+        let start = Instant::now();
+        let val = validation_loss(
+            &t.model,
+            &eval_loader,
+            micro,
+            seq_len,
+            device,
+            autocast,
+            comm.as_ref(),
+        )?;
+        log_eval(&mut metrics, state.step, state.tokens_seen, val, start)?;
+        state.last_val_loss = Some(val);
+    }
+    state.loaders = vec![loader.state()];
+    state.elapsed_secs = elapsed_before + run_start.elapsed().as_secs_f64();
+    let name = if stopped_by_signal {
+        info!("stop requested: saving step {} before exiting", state.step);
+        StepName::Step(state.step)
+    } else {
+        StepName::Final
+    };
+    save(
+        &cfg,
+        &store,
+        &mut saver,
+        name.clone(),
+        &t,
+        &state,
+        &tokenizer_dir,
+        main,
+    )?;
+    if let Some(s) = &mut saver {
+        if let Some(report) = s.wait() {
+            report_save(&report, &cfg)?;
+        }
+    }
+    if main {
+        info!(
+            "done: {} steps, {} tokens in {:.1} s; checkpoint {}/{}",
+            state.step,
+            state.tokens_seen,
+            run_start.elapsed().as_secs_f64(),
+            store.url().trim_end_matches('/'),
+            name
+        );
+    }
+    Ok(())
+}
+
+fn log_eval(
+    metrics: &mut Option<MetricsWriter>,
+    step: u64,
+    tokens: u64,
+    val: f64,
+    start: Instant,
+) -> anyhow::Result<()> {
+    if let Some(m) = metrics {
+        let r = EvalRecord {
+            step,
+            tokens,
+            val_loss: val,
+            val_ppl: val.exp(),
+            eval_secs: start.elapsed().as_secs_f64(),
+        };
+        info!(
+            "step {step} | val loss {val:.4} | val ppl {:.2} | {:.1} s",
+            r.val_ppl, r.eval_secs
+        );
+        m.eval(&r).context("writing metrics")?;
+    }
+    Ok(())
+}
+
+fn peak_memory(device: Device) -> Option<u64> {
+    match device {
+        Device::Cpu => device::peak_host_memory_bytes(),
+        _ => None,
+    }
+}
+
+/// Where metrics files go: out_dir itself when local, else `.cache/mla/runs/<name>`.
+fn local_metrics_dir(cfg: &RunConfig) -> PathBuf {
+    let out = &cfg.out_dir;
+    match out.split_once("://") {
+        None => PathBuf::from(out),
+        Some(("file", path)) => PathBuf::from(path),
+        Some((_, rest)) => PathBuf::from(".cache/mla/runs").join(rest.replace('/', "_")),
+    }
+}
+
+fn report_save(report: &mla_storage::SaveReport, cfg: &RunConfig) -> anyhow::Result<()> {
+    match &report.result {
+        Ok(m) => {
+            info!(
+                "checkpoint {} saved: {} in {:.1} s",
+                report.step,
+                metrics::human_bytes(m.total_bytes()),
+                report.elapsed.as_secs_f64()
+            );
+            Ok(())
+        }
+        Err(e) => {
+            warn!(
+                "checkpoint {} FAILED ({} in a row): {e}",
+                report.step, report.consecutive_failures
+            );
+            if cfg.checkpoint.on_failure == OnSaveFailure::Stop {
+                bail!(
+                    "checkpoint {} failed and checkpoint.on_failure is stop: {e}",
+                    report.step
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn save(
+    cfg: &RunConfig,
+    store: &BlockingCheckpointStore,
+    saver: &mut Option<BackgroundSaver>,
+    name: StepName,
+    t: &Trainable,
+    state: &TrainState,
+    tokenizer_dir: &std::path::Path,
+    main: bool,
+) -> anyhow::Result<()> {
+    if !main {
+        return Ok(());
+    }
+    let job = checkpoint::snapshot(
+        name,
+        &t.flat,
+        &t.opt,
+        state,
+        cfg,
+        tokenizer_dir,
+        cfg.checkpoint.keep_last,
+    )?;
+    match saver {
+        Some(s) => {
+            if let Some(previous) = s.save(job) {
+                report_save(&previous, cfg)?;
+            }
+        }
+        None => {
+            let started = Instant::now();
+            let step = job.step.clone();
+            match store.write_step(&job.step, &job.objects, job.meta) {
+                Ok(m) => {
+                    info!(
+                        "checkpoint {step} saved: {} in {:.1} s",
+                        metrics::human_bytes(m.total_bytes()),
+                        started.elapsed().as_secs_f64()
+                    );
+                    if let Some(k) = job.keep_last {
+                        store.retain(k)?;
+                    }
+                }
+                Err(e) if cfg.checkpoint.on_failure == OnSaveFailure::Continue => {
+                    warn!("checkpoint {step} FAILED: {e}");
+                }
+                Err(e) => return Err(e).context(format!("checkpoint {step}")),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Apply `resume` / `initial_checkpoint_dir`; returns the restored state when resuming.
+fn resume(
+    cfg: &RunConfig,
+    store: &BlockingCheckpointStore,
+    t: &mut Trainable,
+) -> anyhow::Result<Option<checkpoint::Restored>> {
+    let loaded = match &cfg.resume {
+        Resume::No => None,
+        Resume::Auto | Resume::Latest => {
+            let latest = store.load_latest_valid()?;
+            for s in &latest.skipped {
+                warn!("resume: skipping checkpoint {}: {}", s.step, s.reason);
+            }
+            match latest.found {
+                Some(l) => Some((store.url().to_string(), l)),
+                None if cfg.resume == Resume::Latest => {
+                    return Err(BadInput(format!(
+                        "resume: true but {} holds no valid checkpoint (use resume: auto to start fresh)",
+                        cfg.out_dir
+                    ))
+                    .into())
+                }
+                None => {
+                    info!("resume: auto — no checkpoint under {}, starting fresh", cfg.out_dir);
+                    None
+                }
+            }
+        }
+        Resume::Path(p) => {
+            let (s, step) =
+                BlockingCheckpointStore::resolve(p).with_context(|| format!("resume: {p}"))?;
+            Some((
+                p.clone(),
+                s.load_step(&step).with_context(|| format!("resume: {p}"))?,
+            ))
+        }
+    };
+    if let Some((url, l)) = loaded {
+        if l.manifest.config_digest != checkpoint::config_digest(cfg) {
+            return Err(BadInput(format!(
+                "resume: {url}/{} was trained with another model shape (config digest {} ≠ {}); point out_dir elsewhere or set resume: false",
+                l.step,
+                l.manifest.config_digest,
+                checkpoint::config_digest(cfg)
+            ))
+            .into());
+        }
+        let where_ = format!("{}/{}", url.trim_end_matches('/'), l.step);
+        let restored = checkpoint::restore(&l.objects, &where_, &t.flat, &mut t.opt)?;
+        info!("resume: loaded {where_} (step {})", restored.state.step);
+        return Ok(Some(restored));
+    }
+    if let Some(dir) = &cfg.initial_checkpoint_dir {
+        let (s, step) = BlockingCheckpointStore::resolve(dir)
+            .with_context(|| format!("initial_checkpoint_dir: {dir}"))?;
+        let l = s
+            .load_step(&step)
+            .with_context(|| format!("initial_checkpoint_dir: {dir}"))?;
+        let bytes = l.object(checkpoint::MODEL_FILE).with_context(|| {
+            format!(
+                "initial_checkpoint_dir: {dir} has no {}",
+                checkpoint::MODEL_FILE
+            )
+        })?;
+        checkpoint::load_model(&t.flat, bytes, dir)?;
+        info!("initial weights from {dir}");
+    }
+    Ok(None)
+}
