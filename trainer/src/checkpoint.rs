@@ -12,16 +12,21 @@
 //!
 //! Not here: the manifest protocol and uploads (mla-storage), when to save (train.rs).
 
-use crate::config::RunConfig;
+use crate::config::{OnSaveFailure, Resume, RunConfig};
 use crate::data::LoaderPosition;
+use crate::error::BadInput;
+use crate::metrics;
 use crate::optim::{AdamW, FlatParams};
 use anyhow::{bail, Context};
+use mla_storage::{BackgroundSaver, BlockingCheckpointStore};
 use mla_storage::{Bytes, ManifestMeta, SaveJob, StepName};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
+use std::time::Instant;
 use tch::{Device, Kind, Tensor};
+use tracing::{info, warn};
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -290,4 +295,151 @@ pub fn restore(
     }
     let config_yaml = String::from_utf8_lossy(get(CONFIG_FILE)?).into_owned();
     Ok(Restored { state, config_yaml })
+}
+
+pub fn report_save(report: &mla_storage::SaveReport, cfg: &RunConfig) -> anyhow::Result<()> {
+    match &report.result {
+        Ok(m) => {
+            info!(
+                "checkpoint {} saved: {} in {:.1} s",
+                report.step,
+                metrics::human_bytes(m.total_bytes()),
+                report.elapsed.as_secs_f64()
+            );
+            Ok(())
+        }
+        Err(e) => {
+            warn!(
+                "checkpoint {} FAILED ({} in a row): {e}",
+                report.step, report.consecutive_failures
+            );
+            if cfg.checkpoint.on_failure == OnSaveFailure::Stop {
+                bail!(
+                    "checkpoint {} failed and checkpoint.on_failure is stop: {e}",
+                    report.step
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn save(
+    cfg: &RunConfig,
+    store: &BlockingCheckpointStore,
+    saver: &mut Option<BackgroundSaver>,
+    name: StepName,
+    t: &crate::train::Trainable,
+    state: &TrainState,
+    tokenizer_dir: &std::path::Path,
+    main: bool,
+) -> anyhow::Result<()> {
+    if !main {
+        return Ok(());
+    }
+    let job = snapshot(
+        name,
+        &t.flat,
+        &t.opt,
+        state,
+        cfg,
+        tokenizer_dir,
+        cfg.checkpoint.keep_last,
+    )?;
+    match saver {
+        Some(s) => {
+            if let Some(previous) = s.save(job) {
+                report_save(&previous, cfg)?;
+            }
+        }
+        None => {
+            let started = Instant::now();
+            let step = job.step.clone();
+            match store.write_step(&job.step, &job.objects, job.meta) {
+                Ok(m) => {
+                    info!(
+                        "checkpoint {step} saved: {} in {:.1} s",
+                        metrics::human_bytes(m.total_bytes()),
+                        started.elapsed().as_secs_f64()
+                    );
+                    if let Some(k) = job.keep_last {
+                        store.retain(k)?;
+                    }
+                }
+                Err(e) if cfg.checkpoint.on_failure == OnSaveFailure::Continue => {
+                    warn!("checkpoint {step} FAILED: {e}");
+                }
+                Err(e) => return Err(e).context(format!("checkpoint {step}")),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Apply `resume` / `initial_checkpoint_dir`; returns the restored state when resuming.
+pub(crate) fn resume(
+    cfg: &RunConfig,
+    store: &BlockingCheckpointStore,
+    t: &mut crate::train::Trainable,
+) -> anyhow::Result<Option<Restored>> {
+    let loaded = match &cfg.resume {
+        Resume::No => None,
+        Resume::Auto | Resume::Latest => {
+            let latest = store.load_latest_valid()?;
+            for s in &latest.skipped {
+                warn!("resume: skipping checkpoint {}: {}", s.step, s.reason);
+            }
+            match latest.found {
+                Some(l) => Some((store.url().to_string(), l)),
+                None if cfg.resume == Resume::Latest => {
+                    return Err(BadInput(format!(
+                        "resume: true but {} holds no valid checkpoint (use resume: auto to start fresh)",
+                        cfg.out_dir
+                    ))
+                    .into())
+                }
+                None => {
+                    info!("resume: auto — no checkpoint under {}, starting fresh", cfg.out_dir);
+                    None
+                }
+            }
+        }
+        Resume::Path(p) => {
+            let (s, step) =
+                BlockingCheckpointStore::resolve(p).with_context(|| format!("resume: {p}"))?;
+            Some((
+                p.clone(),
+                s.load_step(&step).with_context(|| format!("resume: {p}"))?,
+            ))
+        }
+    };
+    if let Some((url, l)) = loaded {
+        if l.manifest.config_digest != config_digest(cfg) {
+            return Err(BadInput(format!(
+                "resume: {url}/{} was trained with another model shape (config digest {} ≠ {}); point out_dir elsewhere or set resume: false",
+                l.step,
+                l.manifest.config_digest,
+                config_digest(cfg)
+            ))
+            .into());
+        }
+        let where_ = format!("{}/{}", url.trim_end_matches('/'), l.step);
+        let restored = restore(&l.objects, &where_, &t.flat, &mut t.opt)?;
+        info!("resume: loaded {where_} (step {})", restored.state.step);
+        return Ok(Some(restored));
+    }
+    if let Some(dir) = &cfg.initial_checkpoint_dir {
+        let (s, step) = BlockingCheckpointStore::resolve(dir)
+            .with_context(|| format!("initial_checkpoint_dir: {dir}"))?;
+        let l = s
+            .load_step(&step)
+            .with_context(|| format!("initial_checkpoint_dir: {dir}"))?;
+        let bytes = l
+            .object(MODEL_FILE)
+            .with_context(|| format!("initial_checkpoint_dir: {dir} has no {}", MODEL_FILE))?;
+        load_model(&t.flat, bytes, dir)?;
+        info!("initial weights from {dir}");
+    }
+    Ok(None)
 }

@@ -8,7 +8,7 @@
 
 use crate::budget::Budget;
 use crate::checkpoint::{self, TrainState};
-use crate::config::{OnSaveFailure, Precision, Resume, RunConfig};
+use crate::config::{Precision, RunConfig};
 use crate::data::{EvalLoader, LoaderConfig, Split, TrainLoader};
 use crate::device::{self, DeviceKind};
 use crate::dist::{Communicator, RankInfo, Single};
@@ -32,11 +32,11 @@ pub struct TrainOptions {
 }
 
 /// Model, optimizer and the flat buffers they share.
-struct Trainable {
-    _vs: VarStore,
-    model: Gpt,
-    flat: FlatParams,
-    opt: AdamW,
+pub(crate) struct Trainable {
+    pub(crate) _vs: VarStore,
+    pub(crate) model: Gpt,
+    pub(crate) flat: FlatParams,
+    pub(crate) opt: AdamW,
 }
 
 fn tokens_to_batch(
@@ -187,7 +187,7 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
         elapsed_secs: 0.0,
         last_val_loss: None,
     };
-    if let Some(restored) = resume(&cfg, &store, &mut t)? {
+    if let Some(restored) = checkpoint::resume(&cfg, &store, &mut t)? {
         let s = restored.state;
         if s.world_size != rank.world_size {
             info!(
@@ -394,7 +394,7 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
         {
             state.loaders = vec![loader.state()];
             state.elapsed_secs = elapsed_before + run_start.elapsed().as_secs_f64();
-            save(
+            checkpoint::save(
                 &cfg,
                 &store,
                 &mut saver,
@@ -430,7 +430,7 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
     } else {
         StepName::Final
     };
-    save(
+    checkpoint::save(
         &cfg,
         &store,
         &mut saver,
@@ -442,7 +442,7 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
     )?;
     if let Some(s) = &mut saver {
         if let Some(report) = s.wait() {
-            report_save(&report, &cfg)?;
+            checkpoint::report_save(&report, &cfg)?;
         }
     }
     if main {
@@ -497,154 +497,4 @@ fn local_metrics_dir(cfg: &RunConfig) -> PathBuf {
         Some(("file", path)) => PathBuf::from(path),
         Some((_, rest)) => PathBuf::from(".cache/mla/runs").join(rest.replace('/', "_")),
     }
-}
-
-fn report_save(report: &mla_storage::SaveReport, cfg: &RunConfig) -> anyhow::Result<()> {
-    match &report.result {
-        Ok(m) => {
-            info!(
-                "checkpoint {} saved: {} in {:.1} s",
-                report.step,
-                metrics::human_bytes(m.total_bytes()),
-                report.elapsed.as_secs_f64()
-            );
-            Ok(())
-        }
-        Err(e) => {
-            warn!(
-                "checkpoint {} FAILED ({} in a row): {e}",
-                report.step, report.consecutive_failures
-            );
-            if cfg.checkpoint.on_failure == OnSaveFailure::Stop {
-                bail!(
-                    "checkpoint {} failed and checkpoint.on_failure is stop: {e}",
-                    report.step
-                );
-            }
-            Ok(())
-        }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn save(
-    cfg: &RunConfig,
-    store: &BlockingCheckpointStore,
-    saver: &mut Option<BackgroundSaver>,
-    name: StepName,
-    t: &Trainable,
-    state: &TrainState,
-    tokenizer_dir: &std::path::Path,
-    main: bool,
-) -> anyhow::Result<()> {
-    if !main {
-        return Ok(());
-    }
-    let job = checkpoint::snapshot(
-        name,
-        &t.flat,
-        &t.opt,
-        state,
-        cfg,
-        tokenizer_dir,
-        cfg.checkpoint.keep_last,
-    )?;
-    match saver {
-        Some(s) => {
-            if let Some(previous) = s.save(job) {
-                report_save(&previous, cfg)?;
-            }
-        }
-        None => {
-            let started = Instant::now();
-            let step = job.step.clone();
-            match store.write_step(&job.step, &job.objects, job.meta) {
-                Ok(m) => {
-                    info!(
-                        "checkpoint {step} saved: {} in {:.1} s",
-                        metrics::human_bytes(m.total_bytes()),
-                        started.elapsed().as_secs_f64()
-                    );
-                    if let Some(k) = job.keep_last {
-                        store.retain(k)?;
-                    }
-                }
-                Err(e) if cfg.checkpoint.on_failure == OnSaveFailure::Continue => {
-                    warn!("checkpoint {step} FAILED: {e}");
-                }
-                Err(e) => return Err(e).context(format!("checkpoint {step}")),
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Apply `resume` / `initial_checkpoint_dir`; returns the restored state when resuming.
-fn resume(
-    cfg: &RunConfig,
-    store: &BlockingCheckpointStore,
-    t: &mut Trainable,
-) -> anyhow::Result<Option<checkpoint::Restored>> {
-    let loaded = match &cfg.resume {
-        Resume::No => None,
-        Resume::Auto | Resume::Latest => {
-            let latest = store.load_latest_valid()?;
-            for s in &latest.skipped {
-                warn!("resume: skipping checkpoint {}: {}", s.step, s.reason);
-            }
-            match latest.found {
-                Some(l) => Some((store.url().to_string(), l)),
-                None if cfg.resume == Resume::Latest => {
-                    return Err(BadInput(format!(
-                        "resume: true but {} holds no valid checkpoint (use resume: auto to start fresh)",
-                        cfg.out_dir
-                    ))
-                    .into())
-                }
-                None => {
-                    info!("resume: auto — no checkpoint under {}, starting fresh", cfg.out_dir);
-                    None
-                }
-            }
-        }
-        Resume::Path(p) => {
-            let (s, step) =
-                BlockingCheckpointStore::resolve(p).with_context(|| format!("resume: {p}"))?;
-            Some((
-                p.clone(),
-                s.load_step(&step).with_context(|| format!("resume: {p}"))?,
-            ))
-        }
-    };
-    if let Some((url, l)) = loaded {
-        if l.manifest.config_digest != checkpoint::config_digest(cfg) {
-            return Err(BadInput(format!(
-                "resume: {url}/{} was trained with another model shape (config digest {} ≠ {}); point out_dir elsewhere or set resume: false",
-                l.step,
-                l.manifest.config_digest,
-                checkpoint::config_digest(cfg)
-            ))
-            .into());
-        }
-        let where_ = format!("{}/{}", url.trim_end_matches('/'), l.step);
-        let restored = checkpoint::restore(&l.objects, &where_, &t.flat, &mut t.opt)?;
-        info!("resume: loaded {where_} (step {})", restored.state.step);
-        return Ok(Some(restored));
-    }
-    if let Some(dir) = &cfg.initial_checkpoint_dir {
-        let (s, step) = BlockingCheckpointStore::resolve(dir)
-            .with_context(|| format!("initial_checkpoint_dir: {dir}"))?;
-        let l = s
-            .load_step(&step)
-            .with_context(|| format!("initial_checkpoint_dir: {dir}"))?;
-        let bytes = l.object(checkpoint::MODEL_FILE).with_context(|| {
-            format!(
-                "initial_checkpoint_dir: {dir} has no {}",
-                checkpoint::MODEL_FILE
-            )
-        })?;
-        checkpoint::load_model(&t.flat, bytes, dir)?;
-        info!("initial weights from {dir}");
-    }
-    Ok(None)
 }
