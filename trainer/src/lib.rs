@@ -11,6 +11,7 @@ pub mod datasource;
 pub mod device;
 pub mod dist;
 pub mod error;
+pub mod inference;
 pub mod logging;
 pub mod metrics;
 pub mod optim;

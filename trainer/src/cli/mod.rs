@@ -1,7 +1,10 @@
 //! The `mla` command line: subcommands and the litgpt-style `--section.key value` overrides.
 //! Each subcommand lives in its own file; this one only parses and dispatches.
 
+mod eval;
+mod generate;
 mod info;
+mod prepare;
 mod train;
 
 use crate::config::{split_overrides, Override};
@@ -25,6 +28,12 @@ struct Cli {
 enum Command {
     /// Model figures for a config: parameters, FLOPs per token, KV-cache bytes per token, SDPA head dims.
     Info(info::InfoArgs),
+    /// Tokenize text (.txt/.json/.jsonl, directories, .tar.gz) into token shards.
+    Prepare(crate::data::PrepareArgs),
+    /// Sample text from a checkpoint.
+    Generate(generate::GenerateArgs),
+    /// Validation loss and perplexity of a checkpoint on a dataset.
+    Eval(eval::EvalArgs),
     /// Train one rank (what mla-launch spawns; run directly for a single rank or under srun/mpirun).
     Train(train::TrainArgs),
 }
@@ -50,5 +59,8 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
     match cli.command {
         Command::Info(a) => info::run(&a, &overrides),
         Command::Train(a) => train::run(&a, &overrides),
+        Command::Prepare(a) => prepare::run(&a),
+        Command::Generate(a) => generate::run(&a),
+        Command::Eval(a) => eval::run(&a),
     }
 }

@@ -1,0 +1,125 @@
+//! `mla eval <checkpoint> --data <path>`: mean next-token loss (and perplexity) of a
+//! checkpoint on a dataset — a prepared dataset directory (its val split, or `--split train`)
+//! or raw text/json files, tokenized on the fly with the checkpoint's tokenizer.
+
+use crate::data::{is_prepared, prepare, Dataset, EvalLoader, PrepareArgs, Split};
+use crate::device::{self, DeviceKind};
+use crate::error::BadInput;
+use crate::inference;
+use std::path::PathBuf;
+use std::time::Instant;
+use tch::{Kind, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SplitArg {
+    Train,
+    Val,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    /// Checkpoint step directory or URL.
+    checkpoint: String,
+    /// Prepared dataset directory, or text/json files (or a directory of them) to evaluate on.
+    #[arg(long)]
+    data: PathBuf,
+    /// Split of a prepared dataset.
+    #[arg(long, value_enum, default_value_t = SplitArg::Val)]
+    split: SplitArg,
+    /// Micro-batches to evaluate (default: all windows).
+    #[arg(long)]
+    max_iters: Option<u64>,
+    #[arg(long, default_value_t = 8)]
+    micro_batch_size: usize,
+    /// Window length (default: the model's block size).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    #[arg(long, value_enum)]
+    device: Option<DeviceKind>,
+}
+
+pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
+    let device = device::select(args.device, 0)?;
+    let kind = if device.is_cuda() {
+        Kind::BFloat16
+    } else {
+        Kind::Float
+    };
+    let m = inference::load(&args.checkpoint, device, kind)?;
+    if !args.data.exists() {
+        return Err(BadInput(format!("--data {}: does not exist", args.data.display())).into());
+    }
+    let tmp = tempfile::tempdir()?;
+    let (dataset, split) = if is_prepared(&args.data) {
+        let split = match args.split {
+            SplitArg::Train => Split::Train,
+            SplitArg::Val => Split::Val,
+        };
+        (Dataset::open(&args.data)?, split)
+    } else {
+        let tok_dir = tmp.path().join("tokenizer");
+        std::fs::create_dir_all(&tok_dir)?;
+        std::fs::copy(m.tokenizer.path(), tok_dir.join("tokenizer.json"))?;
+        let mut p = PrepareArgs::new(vec![args.data.clone()], &tok_dir, tmp.path().join("data"));
+        p.val = vec![args.data.clone()];
+        p.quiet = true;
+        prepare(&p)?;
+        (Dataset::open(tmp.path().join("data"))?, Split::Val)
+    };
+    if dataset.index().tokenizer.sha256 != m.tokenizer.sha256() {
+        return Err(BadInput(format!(
+            "--data {}: tokenized with another tokenizer than the checkpoint's",
+            args.data.display()
+        ))
+        .into());
+    }
+    let seq_len = args.seq_len.unwrap_or(m.cfg.model().block_size);
+    let loader = EvalLoader::new(
+        dataset.split(split),
+        seq_len,
+        args.micro_batch_size,
+        0,
+        1,
+        args.max_iters,
+    )?;
+    let started = Instant::now();
+    let (mut sum, mut n) = (0.0, 0u64);
+    tch::no_grad(|| -> anyhow::Result<()> {
+        for batch in loader.iter() {
+            let t = Tensor::from_slice(&batch?)
+                .view([args.micro_batch_size as i64, seq_len as i64 + 1])
+                .to_device(device);
+            let (x, y) = (
+                t.narrow(1, 0, seq_len as i64),
+                t.narrow(1, 1, seq_len as i64),
+            );
+            let logits = m.model.forward(&x).to_kind(Kind::Float);
+            let v = logits.size()[2];
+            sum += logits
+                .view([-1, v])
+                .cross_entropy_for_logits(&y.reshape([-1]))
+                .double_value(&[]);
+            n += 1;
+        }
+        Ok(())
+    })?;
+    let loss = sum / n.max(1) as f64;
+    let tokens = n * (args.micro_batch_size * seq_len) as u64;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"checkpoint": m.source, "loss": loss, "perplexity": loss.exp(), "tokens": tokens, "batches": n})
+        );
+    } else {
+        println!(
+            "{}: loss {loss:.4}, perplexity {:.2} over {tokens} tokens ({n} batches, {:.1} s)",
+            m.source,
+            loss.exp(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}

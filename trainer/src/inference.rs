@@ -1,0 +1,86 @@
+//! Loading a checkpoint for inference (`mla generate`, `mla eval`): the step is verified
+//! through the store (local path or URL), its resolved config rebuilds the model, weights are
+//! copied in by litgpt key, and its tokenizer files are materialised in a temp dir.
+//!
+//! Not here: training resume (checkpoint.rs restores optimizer and loader state too).
+
+use crate::checkpoint::{self, CONFIG_FILE, MODEL_FILE, TOKENIZER_FILES};
+use crate::config::RunConfig;
+use crate::data::Tokenizer;
+use crate::error::BadInput;
+use anyhow::Context;
+use mla_model::Gpt;
+use mla_storage::BlockingCheckpointStore;
+use tch::nn::VarStore;
+use tch::{Device, Kind};
+
+/// A model ready for inference, with what came with it.
+pub struct LoadedModel {
+    pub cfg: RunConfig,
+    pub model: Gpt,
+    pub tokenizer: Tokenizer,
+    pub vs: VarStore,
+    /// Where it came from, for messages.
+    pub source: String,
+    _tokenizer_dir: tempfile::TempDir,
+}
+
+/// Load `step_dir` (e.g. `out/pretrain/mla/final`, `s3://bucket/run/step-00000400`) onto
+/// `device` in `kind` (fp32 or bf16).
+pub fn load(step_dir: &str, device: Device, kind: Kind) -> anyhow::Result<LoadedModel> {
+    let (store, step) = BlockingCheckpointStore::resolve(step_dir)
+        .map_err(|e| BadInput(format!("{step_dir}: not a checkpoint directory ({e})")))?;
+    let loaded = store
+        .load_step(&step)
+        .map_err(|e| BadInput(format!("{step_dir}: {e}")))?;
+    let object = |name: &str| {
+        loaded
+            .object(name)
+            .ok_or_else(|| BadInput(format!("{step_dir}: checkpoint has no {name}")))
+    };
+    let yaml = String::from_utf8_lossy(object(CONFIG_FILE)?).into_owned();
+    let cfg = RunConfig::from_yaml(&yaml, &format!("{step_dir}/{CONFIG_FILE}"), &[])?;
+    let tokenizer_dir = tempfile::tempdir().context("temp dir for the tokenizer")?;
+    for name in TOKENIZER_FILES {
+        if let Some(bytes) = loaded.object(name) {
+            std::fs::write(tokenizer_dir.path().join(name), bytes)?;
+        }
+    }
+    let tokenizer = Tokenizer::from_dir(tokenizer_dir.path())
+        .map_err(|e| BadInput(format!("{step_dir}: tokenizer: {e}")))?;
+
+    let mut vs = VarStore::new(device);
+    let model = Gpt::new(&vs.root(), cfg.model())?;
+    let (tensors, _) =
+        checkpoint::from_safetensors(object(MODEL_FILE)?, &format!("{step_dir}/{MODEL_FILE}"))?;
+    let vars = vs.variables();
+    tch::no_grad(|| -> anyhow::Result<()> {
+        for (name, var) in &vars {
+            let t = tensors.get(name).ok_or_else(|| {
+                BadInput(format!("{step_dir}/{MODEL_FILE}: missing tensor {name}"))
+            })?;
+            if t.size() != var.size() {
+                return Err(BadInput(format!(
+                    "{step_dir}/{MODEL_FILE}: {name} has shape {:?}, config says {:?}",
+                    t.size(),
+                    var.size()
+                ))
+                .into());
+            }
+            var.shallow_clone().copy_(t);
+        }
+        Ok(())
+    })?;
+    if kind == Kind::BFloat16 {
+        vs.bfloat16();
+    }
+    vs.freeze();
+    Ok(LoadedModel {
+        cfg,
+        model,
+        tokenizer,
+        vs,
+        source: format!("{}/{}", store.url().trim_end_matches('/'), step),
+        _tokenizer_dir: tokenizer_dir,
+    })
+}
