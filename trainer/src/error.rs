@@ -21,6 +21,8 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         e.is::<BadInput>()
             || e.is::<crate::config::ConfigError>()
             || e.is::<mla_model::ModelError>()
+            || e.downcast_ref::<crate::data::DataError>()
+                .is_some_and(|d| d.is_bad_input())
     });
     if input {
         2

@@ -1,0 +1,307 @@
+//! End-to-end training on CPU with the real TinyStories sample and the GPT-NeoX tokenizer
+//! (../shared/data): the debug config trains, evaluates and writes final/ with validation
+//! loss falling by ≥ 3 nats; greedy generation is identical for the naive, absorbed and
+//! uncached paths; two runs with one seed give identical losses; bad data and tokenizer
+//! inputs end in one-line errors with exit code 2.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn shared_data() -> PathBuf {
+    let p = repo().join("../shared/data");
+    assert!(
+        p.join("tinystories/train").is_dir(),
+        "{} is missing: these tests need the shared TinyStories sample",
+        p.display()
+    );
+    p
+}
+
+fn mla(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mla"))
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .expect("mla runs")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "mla failed ({:?}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The debug data tokenized once for every test of this file (prepared datasets are opened
+/// directly by `train_data_path`).
+fn prepared() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("train_e2e_data");
+        if !dir.join("index.json").exists() {
+            let d = shared_data();
+            ok(&mla(&[
+                "prepare",
+                d.join("tinystories/train").to_str().unwrap(),
+                "--val",
+                d.join("tinystories/valid").to_str().unwrap(),
+                "--tokenizer-dir",
+                d.join("tokenizers/gpt-neox-20b").to_str().unwrap(),
+                "--out",
+                dir.to_str().unwrap(),
+                "--overwrite",
+                "--quiet",
+            ]));
+        }
+        dir
+    })
+}
+
+fn metrics(out_dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out_dir.join("metrics.jsonl"))
+        .expect("metrics.jsonl")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect()
+}
+
+fn train(out_dir: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "train",
+        "--device",
+        "cpu",
+        "--config",
+        "config_hub/pretrain/debug.yaml",
+        "--out_dir",
+        out_dir.to_str().unwrap(),
+        "--data.train_data_path",
+        prepared().to_str().unwrap(),
+        "--data.val_data_path",
+        "null",
+    ];
+    args.extend_from_slice(extra);
+    mla(&args)
+}
+
+#[test]
+fn debug_config_trains_evaluates_saves_and_generates_the_same_text_on_every_path() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    ok(&train(out_dir.path(), &[]));
+    let secs = started.elapsed().as_secs_f64();
+    println!("debug run: {secs:.0} s");
+    assert!(
+        secs < 600.0,
+        "the debug run must take under 10 minutes, took {secs:.0} s"
+    );
+
+    let m = metrics(out_dir.path());
+    let val: Vec<f64> = m.iter().filter_map(|r| r["val_loss"].as_f64()).collect();
+    let train_lines: Vec<&Value> = m.iter().filter(|r| r["loss"].is_number()).collect();
+    assert!(
+        val.len() >= 3,
+        "initial, interval and final validation: {val:?}"
+    );
+    let (first, last) = (val[0], *val.last().unwrap());
+    println!("validation loss {first:.3} → {last:.3}");
+    assert!(
+        first - last >= 3.0,
+        "validation loss fell only {first:.3} → {last:.3}"
+    );
+    for key in [
+        "step",
+        "tokens",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_sec",
+    ] {
+        assert!(train_lines[0][key].is_number(), "train lines carry {key}");
+    }
+    assert!(out_dir.path().join("final/model.safetensors").exists());
+    assert!(out_dir.path().join("final/manifest.json").exists());
+    assert!(
+        out_dir.path().join("metrics.csv").exists(),
+        "logger_name: csv"
+    );
+
+    let final_dir = out_dir.path().join("final");
+    let generate = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            final_dir.to_str().unwrap(),
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "64",
+            "--device",
+            "cpu",
+        ];
+        args.extend_from_slice(extra);
+        ok(&mla(&args))
+    };
+    let absorbed = generate(&["--attention", "absorbed"]);
+    let naive = generate(&["--attention", "naive"]);
+    let uncached = generate(&["--no-cache"]);
+    println!("{absorbed}");
+    assert_eq!(absorbed, naive);
+    assert_eq!(absorbed, uncached);
+    assert!(absorbed.starts_with("Once upon a time,"));
+    let words = absorbed.split_whitespace().count();
+    assert!(words >= 20, "64 tokens of text: {absorbed}");
+}
+
+#[test]
+fn same_seed_gives_identical_loss_sequences() {
+    let run = || {
+        let dir = tempfile::tempdir().unwrap();
+        ok(&train(
+            dir.path(),
+            &[
+                "--train.max_steps",
+                "6",
+                "--train.log_interval",
+                "1",
+                "--eval.initial_validation",
+                "false",
+                "--eval.max_iters",
+                "2",
+            ],
+        ));
+        let losses: Vec<f64> = metrics(dir.path())
+            .iter()
+            .filter_map(|r| r["loss"].as_f64())
+            .collect();
+        assert_eq!(losses.len(), 6);
+        losses
+    };
+    let (a, b) = (run(), run());
+    assert_eq!(a, b, "bit-identical losses for the same seed");
+}
+
+/// Bad input: exit 2, one line on stderr naming `culprit`, no panic.
+fn assert_bad(out: &Output, culprit: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.trim_end().lines().last().unwrap_or_default();
+    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(last.starts_with("error: "), "{err}");
+    assert!(last.contains(culprit), "names {culprit}: {last}");
+}
+
+fn quick(out_dir: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "--train.max_steps",
+        "1",
+        "--eval.initial_validation",
+        "false",
+    ];
+    args.extend_from_slice(extra);
+    train(out_dir, &args)
+}
+
+#[test]
+fn missing_and_empty_data_files_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = quick(
+        dir.path(),
+        &["--data.train_data_path", "/nonexistent/stories"],
+    );
+    assert_bad(&out, "/nonexistent/stories");
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let out = quick(
+        dir.path(),
+        &[
+            "--data.train_data_path",
+            empty.to_str().unwrap(),
+            "--data.val_data_path",
+            empty.to_str().unwrap(),
+        ],
+    );
+    assert_bad(&out, "empty.txt");
+}
+
+#[test]
+fn non_utf8_text_is_reported_with_its_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("latin1.txt");
+    std::fs::write(
+        &bad,
+        b"Once upon a time there was a caf\xe9.\n<|endoftext|>\n",
+    )
+    .unwrap();
+    let out = quick(
+        dir.path(),
+        &[
+            "--data.train_data_path",
+            bad.to_str().unwrap(),
+            "--data.val_data_path",
+            bad.to_str().unwrap(),
+        ],
+    );
+    assert_bad(&out, "latin1.txt");
+}
+
+#[test]
+fn tokenizer_larger_than_the_model_vocabulary_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = quick(
+        dir.path(),
+        &[
+            "--model_config.vocab_size",
+            "1000",
+            "--model_config.padded_vocab_size",
+            "1024",
+        ],
+    );
+    assert_bad(&out, "50277");
+}
+
+#[test]
+fn shard_with_a_wrong_header_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("data");
+    std::fs::create_dir(&copy).unwrap();
+    for e in std::fs::read_dir(prepared()).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, copy.join(p.file_name().unwrap())).unwrap();
+    }
+    let shard = std::fs::read_dir(&copy)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "bin"))
+        .expect("a shard");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes[0] ^= 0xff; // break the magic
+    std::fs::write(&shard, bytes).unwrap();
+    let out = quick(
+        dir.path(),
+        &["--data.train_data_path", copy.to_str().unwrap()],
+    );
+    assert_bad(&out, shard.file_name().unwrap().to_str().unwrap());
+}
+
+#[test]
+fn global_batch_not_divisible_by_micro_batch_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = quick(
+        dir.path(),
+        &[
+            "--train.global_batch_size",
+            "12",
+            "--train.micro_batch_size",
+            "8",
+        ],
+    );
+    assert_bad(&out, "train.global_batch_size");
+}
