@@ -118,7 +118,12 @@ pub enum DataError {
 
     /// A download failed (network unreachable, HTTP error, interrupted body).
     #[error("download {url}: {message}")]
-    Download { url: String, message: String },
+    Download {
+        url: String,
+        /// HTTP status when the server answered.
+        status: Option<u16>,
+        message: String,
+    },
 }
 
 impl DataError {

@@ -9,6 +9,7 @@
 //! object-store backends (implement [`ShardSink`]/[`ShardSource`] over the storage crate).
 
 mod dataset;
+mod download;
 mod error;
 mod format;
 mod input;
@@ -19,6 +20,10 @@ mod tokenizer;
 mod writer;
 
 pub use dataset::{is_prepared, Dataset, OpenOptions, TokenStream};
+pub use download::{
+    download_file, download_tinystories, download_tokenizer, hf_endpoint, model_file_url,
+    tinystories_input, tinystories_url, DownloadOptions, DEFAULT_HF_ENDPOINT, TINYSTORIES_ARCHIVE,
+};
 pub use error::DataError;
 pub use format::{
     DatasetIndex, ShardEntry, ShardHeader, Split, SplitIndex, TokenDtype, TokenizerInfo,

@@ -1,0 +1,313 @@
+//! Downloads from the Hugging Face hub (or a mirror named by `HF_ENDPOINT`): the TinyStories
+//! archive litgpt's `TinyStories` data module uses, and a repo's `tokenizer.json` /
+//! `tokenizer_config.json`. Files land in a cache directory through a `.partial` file that is
+//! renamed into place only when complete, so a file in the cache is always whole.
+//!
+//! Not here: model weights, hub API listing, resumable ranges. An `HF_TOKEN` in the environment is
+//! sent as a bearer token (gated repos) and never printed.
+
+use std::fs::File;
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::error::DataError;
+
+/// The hub used when `HF_ENDPOINT` is unset.
+pub const DEFAULT_HF_ENDPOINT: &str = "https://huggingface.co";
+/// File name of the TinyStories archive (50 json files; litgpt keeps `data00.json` for validation).
+pub const TINYSTORIES_ARCHIVE: &str = "TinyStories_all_data.tar.gz";
+
+/// `HF_ENDPOINT` (without trailing `/`) or [`DEFAULT_HF_ENDPOINT`].
+pub fn hf_endpoint() -> String {
+    endpoint_from(std::env::var("HF_ENDPOINT").ok().as_deref())
+}
+
+fn endpoint_from(value: Option<&str>) -> String {
+    value
+        .map(|s| s.trim().trim_end_matches('/').to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| DEFAULT_HF_ENDPOINT.to_owned())
+}
+
+/// URL of the TinyStories archive on `endpoint`.
+pub fn tinystories_url(endpoint: &str) -> String {
+    format!("{endpoint}/datasets/roneneldan/TinyStories/resolve/main/{TINYSTORIES_ARCHIVE}")
+}
+
+/// URL of `file` in model repo `repo` (e.g. `EleutherAI/pythia-160m`) on `endpoint`.
+pub fn model_file_url(endpoint: &str, repo: &str, file: &str) -> String {
+    format!("{endpoint}/{repo}/resolve/main/{file}")
+}
+
+/// Where and how to download.
+#[derive(Clone, Debug)]
+pub struct DownloadOptions {
+    /// Hub base URL; default [`hf_endpoint`].
+    pub endpoint: String,
+    /// Progress bar on a terminal, a `tracing` line every 10 s otherwise.
+    pub progress: bool,
+}
+
+impl Default for DownloadOptions {
+    fn default() -> Self {
+        Self {
+            endpoint: hf_endpoint(),
+            progress: true,
+        }
+    }
+}
+
+/// The raw TinyStories input inside a litgpt `TinyStories` `data_path`, if any: the extracted
+/// `TinyStories_all_data/` directory, else the `TinyStories_all_data.tar.gz` archive. Only these
+/// are looked at, so litgpt's own prepared `train/`/`val/` chunk directories beside them are
+/// ignored. `None`: nothing there yet, so [`download_tinystories`] into `data_path` first.
+pub fn tinystories_input(data_path: &Path) -> Option<PathBuf> {
+    let extracted = data_path.join("TinyStories_all_data");
+    if extracted.is_dir() {
+        return Some(extracted);
+    }
+    let archive = data_path.join(TINYSTORIES_ARCHIVE);
+    archive.is_file().then_some(archive)
+}
+
+/// Download the TinyStories archive into `cache_dir` unless it is there; returns its path.
+pub fn download_tinystories(
+    cache_dir: &Path,
+    opts: &DownloadOptions,
+) -> Result<PathBuf, DataError> {
+    let dest = cache_dir.join(TINYSTORIES_ARCHIVE);
+    if !dest.is_file() {
+        download_file(&tinystories_url(&opts.endpoint), &dest, opts)?;
+    }
+    Ok(dest)
+}
+
+/// Download `tokenizer.json` (required) and `tokenizer_config.json` (if the repo has one) of
+/// `repo` into `cache_dir/<repo>/` unless present; returns that directory, ready for
+/// [`Tokenizer::from_dir`](super::Tokenizer::from_dir).
+pub fn download_tokenizer(
+    repo: &str,
+    cache_dir: &Path,
+    opts: &DownloadOptions,
+) -> Result<PathBuf, DataError> {
+    let valid =
+        |part: &str| !part.is_empty() && part != "." && part != ".." && !part.contains('\\');
+    let parts: Vec<&str> = repo.split('/').collect();
+    if parts.len() != 2 || !parts.iter().all(|p| valid(p)) {
+        return Err(DataError::InvalidOption {
+            key: "repo".into(),
+            message: format!("{repo:?} is not of the form owner/name"),
+        });
+    }
+    let dir = cache_dir.join(parts[0]).join(parts[1]);
+    let tokenizer = dir.join("tokenizer.json");
+    if !tokenizer.is_file() {
+        // The config first: once tokenizer.json exists the directory counts as complete.
+        let config = dir.join("tokenizer_config.json");
+        match download_file(
+            &model_file_url(&opts.endpoint, repo, "tokenizer_config.json"),
+            &config,
+            opts,
+        ) {
+            Ok(_)
+            | Err(DataError::Download {
+                status: Some(404), ..
+            }) => {}
+            Err(e) => return Err(e),
+        }
+        download_file(
+            &model_file_url(&opts.endpoint, repo, "tokenizer.json"),
+            &tokenizer,
+            opts,
+        )?;
+    }
+    Ok(dir)
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_connect(Some(Duration::from_secs(30)))
+        .timeout_recv_response(Some(Duration::from_secs(120)))
+        .timeout_per_read(Some(Duration::from_secs(120)))
+        .http_status_as_error(false)
+        .user_agent(concat!("mla/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .new_agent()
+}
+
+fn download_error(url: &str, status: Option<u16>, message: String) -> DataError {
+    DataError::Download {
+        url: url.to_owned(),
+        status,
+        message,
+    }
+}
+
+/// Download `url` to `dest` (atomically: `dest` appears only when complete). Returns the bytes.
+pub fn download_file(url: &str, dest: &Path, opts: &DownloadOptions) -> Result<u64, DataError> {
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+    let mut req = agent().get(url);
+    if let Ok(token) = std::env::var("HF_TOKEN") {
+        if !token.trim().is_empty() {
+            req = req.header("Authorization", format!("Bearer {}", token.trim()));
+        }
+    }
+    let resp = req.call().map_err(|e| {
+        let hint = match e {
+            ureq::Error::HostNotFound
+            | ureq::Error::ConnectionFailed
+            | ureq::Error::Io(_)
+            | ureq::Error::Timeout(_) => {
+                " (offline? set HF_ENDPOINT to a reachable mirror, or give a local data path)"
+            }
+            _ => "",
+        };
+        download_error(url, None, format!("{e}{hint}"))
+    })?;
+    let status = resp.status().as_u16();
+    if status != 200 {
+        let what = match status {
+            401 | 403 => " (gated or private: set HF_TOKEN)",
+            404 => " (not found)",
+            _ => "",
+        };
+        return Err(download_error(
+            url,
+            Some(status),
+            format!("HTTP {status}{what}"),
+        ));
+    }
+    let expected = resp.body().content_length();
+    let mut body = resp.into_body().into_reader();
+
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let partial = dir.join(format!(".{name}.{}.partial", std::process::id()));
+    let result = (|| -> Result<u64, DataError> {
+        let mut file = File::create(&partial).map_err(|e| DataError::io(&partial, e))?;
+        let bar = progress_bar(opts.progress, expected, &name);
+        let started = std::time::Instant::now();
+        let mut last_line = started;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            let n = body.read(&mut buf).map_err(|e| {
+                download_error(
+                    url,
+                    Some(status),
+                    format!("interrupted after {total} bytes: {e}"),
+                )
+            })?;
+            if n == 0 {
+                break;
+            }
+            file.write_all(&buf[..n])
+                .map_err(|e| DataError::io(&partial, e))?;
+            total += n as u64;
+            if let Some(b) = &bar {
+                b.set_position(total);
+            } else if opts.progress && last_line.elapsed() >= Duration::from_secs(10) {
+                last_line = std::time::Instant::now();
+                tracing::info!(
+                    "download {name}: {total} of {} bytes, {:.1} MB/s",
+                    expected.map_or("?".to_owned(), |e| e.to_string()),
+                    total as f64 / 1e6 / started.elapsed().as_secs_f64().max(1e-9)
+                );
+            }
+        }
+        if let Some(b) = &bar {
+            b.finish();
+        }
+        if let Some(e) = expected {
+            if e != total {
+                return Err(download_error(
+                    url,
+                    Some(status),
+                    format!("interrupted: received {total} of {e} bytes"),
+                ));
+            }
+        }
+        file.sync_all().map_err(|e| DataError::io(&partial, e))?;
+        drop(file);
+        std::fs::rename(&partial, dest).map_err(|e| DataError::io(dest, e))?;
+        Ok(total)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    result
+}
+
+fn progress_bar(enabled: bool, len: Option<u64>, name: &str) -> Option<indicatif::ProgressBar> {
+    if !enabled || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar =
+        indicatif::ProgressBar::with_draw_target(len, indicatif::ProgressDrawTarget::stderr());
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{prefix} [{elapsed_precise}] {wide_bar} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec}",
+    ) {
+        bar.set_style(style);
+    }
+    bar.set_prefix(format!("download {name}"));
+    Some(bar)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_follow_the_hub_layout() {
+        assert_eq!(
+            tinystories_url("https://huggingface.co"),
+            "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
+        );
+        assert_eq!(
+            model_file_url("http://m", "EleutherAI/pythia-160m", "tokenizer.json"),
+            "http://m/EleutherAI/pythia-160m/resolve/main/tokenizer.json"
+        );
+    }
+
+    #[test]
+    fn hf_endpoint_env_value_is_used_without_trailing_slash() {
+        assert_eq!(endpoint_from(None), "https://huggingface.co");
+        assert_eq!(endpoint_from(Some("")), "https://huggingface.co");
+        assert_eq!(
+            endpoint_from(Some("https://hf-mirror.com/")),
+            "https://hf-mirror.com"
+        );
+    }
+
+    #[test]
+    fn tinystories_input_prefers_the_extracted_directory_over_the_archive() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(tinystories_input(dir.path()), None);
+        std::fs::write(dir.path().join(TINYSTORIES_ARCHIVE), b"x").unwrap();
+        assert_eq!(
+            tinystories_input(dir.path()),
+            Some(dir.path().join(TINYSTORIES_ARCHIVE))
+        );
+        std::fs::create_dir(dir.path().join("TinyStories_all_data")).unwrap();
+        assert_eq!(
+            tinystories_input(dir.path()),
+            Some(dir.path().join("TinyStories_all_data"))
+        );
+    }
+
+    #[test]
+    fn repo_names_that_could_escape_the_cache_are_refused() {
+        let opts = DownloadOptions {
+            endpoint: "http://127.0.0.1:9".into(),
+            progress: false,
+        };
+        for bad in ["../x", "a/../b", "a", "a/b/c", "/etc"] {
+            let e = download_tokenizer(bad, Path::new("/nonexistent"), &opts).unwrap_err();
+            assert!(matches!(e, DataError::InvalidOption { .. }), "{bad}: {e}");
+        }
+    }
+}

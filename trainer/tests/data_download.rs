@@ -1,0 +1,329 @@
+//! Integration tests of the hub downloads against a small HTTP server on 127.0.0.1 started by each
+//! test (bounded: it stops when the test drops it, or after 60 s). The served archive is built at
+//! test time from `../shared/data` TinyStories text.
+//! Not here: the real hub (no network in tests).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mla_trainer::data::{
+    download_file, download_tinystories, download_tokenizer, prepare, DataError, Dataset,
+    DownloadOptions, PrepareArgs, Split, Tokenizer,
+};
+
+fn shared_data() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data");
+    assert!(
+        p.join("tinystories").is_dir() && p.join("tokenizers").is_dir(),
+        "test data missing: expected {} (see shared/data/README.md)",
+        p.display()
+    );
+    p
+}
+
+#[derive(Clone)]
+enum Reply {
+    Ok(Vec<u8>),
+    /// Announce `len` bytes, send `body`, close.
+    Truncated {
+        len: usize,
+        body: Vec<u8>,
+    },
+}
+
+/// Serves fixed paths; 404 for anything else. One request per connection.
+struct Server {
+    addr: String,
+    stop: Arc<AtomicBool>,
+    hits: Arc<Mutex<HashMap<String, usize>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(routes: HashMap<String, Reply>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let hits = Arc::new(Mutex::new(HashMap::new()));
+        let (s, h) = (stop.clone(), hits.clone());
+        let thread = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let served = AtomicUsize::new(0);
+            while !s.load(Ordering::Relaxed)
+                && Instant::now() < deadline
+                && served.load(Ordering::Relaxed) < 100
+            {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        served.fetch_add(1, Ordering::Relaxed);
+                        let _ = serve(stream, &routes, &h);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Self {
+            addr,
+            stop,
+            hits,
+            thread: Some(thread),
+        }
+    }
+
+    fn hits(&self, path: &str) -> usize {
+        self.hits.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(
+    stream: TcpStream,
+    routes: &HashMap<String, Reply>,
+    hits: &Mutex<HashMap<String, usize>>,
+) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" {
+            break;
+        }
+    }
+    let path = request_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("")
+        .to_owned();
+    *hits.lock().unwrap().entry(path.clone()).or_default() += 1;
+    let mut out = stream;
+    match routes.get(&path) {
+        Some(Reply::Ok(body)) => {
+            write!(
+                out,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )?;
+            out.write_all(body)?;
+        }
+        Some(Reply::Truncated { len, body }) => {
+            write!(
+                out,
+                "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+            )?;
+            out.write_all(body)?;
+        }
+        None => {
+            write!(
+                out,
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )?;
+        }
+    }
+    out.flush()
+}
+
+fn opts(endpoint: &str) -> DownloadOptions {
+    DownloadOptions {
+        endpoint: endpoint.to_owned(),
+        progress: false,
+    }
+}
+
+fn stories(path: &Path, n: usize) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .split("\n<|endoftext|>\n")
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .take(n)
+        .collect()
+}
+
+/// A TinyStories_all_data-like archive: data00.json (5 stories), data01.json (40 stories).
+fn tinystories_archive() -> Vec<u8> {
+    let ts = shared_data().join("tinystories");
+    let json = |ss: Vec<String>| {
+        let v: Vec<_> = ss
+            .iter()
+            .map(|s| serde_json::json!({"story": s, "source": "GPT-4"}))
+            .collect();
+        serde_json::to_vec(&v).unwrap()
+    };
+    let members = [
+        (
+            "data01.json",
+            json(stories(&ts.join("train/tinystories_v1_train_head.txt"), 40)),
+        ),
+        (
+            "data00.json",
+            json(stories(
+                &ts.join("fixtures/cs336_tinystories_sample.txt"),
+                5,
+            )),
+        ),
+    ];
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    for (name, bytes) in &members {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar.append_data(&mut h, name, &bytes[..]).unwrap();
+    }
+    tar.into_inner().unwrap().finish().unwrap()
+}
+
+const ARCHIVE_PATH: &str =
+    "/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz";
+
+fn dir_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn tinystories_download_lands_the_whole_archive_once_and_prepare_keeps_data00_for_val() {
+    let archive = tinystories_archive();
+    let server = Server::start(HashMap::from([(
+        ARCHIVE_PATH.to_owned(),
+        Reply::Ok(archive.clone()),
+    )]));
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let path = download_tinystories(&cache, &opts(&server.addr)).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), archive);
+    assert_eq!(dir_names(&cache), vec!["TinyStories_all_data.tar.gz"]);
+    // Cached: no second request.
+    download_tinystories(&cache, &opts(&server.addr)).unwrap();
+    assert_eq!(server.hits(ARCHIVE_PATH), 1);
+
+    let gpt2 = shared_data().join("tokenizers/gpt2");
+    let out = tmp.path().join("prepared");
+    let report = prepare(&PrepareArgs::new(vec![path], &gpt2, &out)).unwrap();
+    assert_eq!(report.index.split(Split::Val).stories, 5);
+    assert_eq!(report.index.split(Split::Train).stories, 40);
+    assert!(Dataset::open(&out).is_ok());
+}
+
+#[test]
+fn tokenizer_download_fetches_tokenizer_json_and_an_optional_config() {
+    let neox = std::fs::read(shared_data().join("tokenizers/gpt-neox-20b/tokenizer.json")).unwrap();
+    let base = "/EleutherAI/pythia-160m/resolve/main";
+    let server = Server::start(HashMap::from([(
+        format!("{base}/tokenizer.json"),
+        Reply::Ok(neox.clone()),
+    )]));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir =
+        download_tokenizer("EleutherAI/pythia-160m", tmp.path(), &opts(&server.addr)).unwrap();
+    assert_eq!(dir, tmp.path().join("EleutherAI/pythia-160m"));
+    assert_eq!(dir_names(&dir), vec!["tokenizer.json"]);
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    assert_eq!((tok.vocab_size(), tok.separator_id()), (50277, 0));
+    assert_eq!(server.hits(&format!("{base}/tokenizer_config.json")), 1);
+
+    let config = br#"{"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}"#.to_vec();
+    let server = Server::start(HashMap::from([
+        (format!("{base}/tokenizer.json"), Reply::Ok(neox)),
+        (
+            format!("{base}/tokenizer_config.json"),
+            Reply::Ok(config.clone()),
+        ),
+    ]));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir =
+        download_tokenizer("EleutherAI/pythia-160m", tmp.path(), &opts(&server.addr)).unwrap();
+    assert_eq!(
+        std::fs::read(dir.join("tokenizer_config.json")).unwrap(),
+        config
+    );
+    // Present: not downloaded again.
+    download_tokenizer("EleutherAI/pythia-160m", tmp.path(), &opts(&server.addr)).unwrap();
+    assert_eq!(server.hits(&format!("{base}/tokenizer.json")), 1);
+}
+
+#[test]
+fn missing_tokenizer_is_a_not_found_error() {
+    let server = Server::start(HashMap::new());
+    let tmp = tempfile::tempdir().unwrap();
+    let e = download_tokenizer("nobody/nothing", tmp.path(), &opts(&server.addr)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            DataError::Download {
+                status: Some(404),
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .ends_with("/nobody/nothing/resolve/main/tokenizer.json: HTTP 404 (not found)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn interrupted_download_leaves_no_file_in_the_cache() {
+    let server = Server::start(HashMap::from([(
+        "/f.bin".to_owned(),
+        Reply::Truncated {
+            len: 100_000,
+            body: vec![7; 1000],
+        },
+    )]));
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = tmp.path().join("f.bin");
+    let e = download_file(
+        &format!("{}/f.bin", server.addr),
+        &dest,
+        &opts(&server.addr),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("interrupted"), "{e}");
+    assert!(
+        dir_names(tmp.path()).is_empty(),
+        "{:?}",
+        dir_names(tmp.path())
+    );
+}
+
+#[test]
+fn unreachable_endpoint_is_a_clear_offline_error() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let tmp = tempfile::tempdir().unwrap();
+    let e =
+        download_tinystories(tmp.path(), &opts(&format!("http://127.0.0.1:{port}"))).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.starts_with("download http://127.0.0.1:"), "{msg}");
+    assert!(msg.contains("offline?"), "{msg}");
+    assert!(!msg.contains('\n'));
+    assert!(dir_names(tmp.path()).is_empty());
+}
