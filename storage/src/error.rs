@@ -104,6 +104,14 @@ pub enum Error {
     #[error("{location:?} is not a step directory (expected …/step-NNNNNNNN or …/final)")]
     NotAStepDir { location: String },
 
+    /// An `MLA_STORE_*` environment variable that does not parse (see `StoreOptions::from_env`).
+    #[error("environment variable {name}={value:?}: {reason}")]
+    InvalidEnv {
+        name: String,
+        value: String,
+        reason: String,
+    },
+
     #[error("background saver: {detail}")]
     Saver { detail: String },
 

@@ -31,5 +31,6 @@ pub use object_store;
 pub use saver::{BackgroundSaver, SaveJob, SaveReport};
 pub use store::{
     is_invalid_step, CheckpointStore, Latest, LoadedStep, PutOutcome, RetainReport, RetryOptions,
-    SkippedStep, StepInfo, StoreOptions, Verification, VerifiedStep,
+    SkippedStep, StepInfo, StoreOptions, Verification, VerifiedStep, ENV_CONNECT_TIMEOUT_SECS,
+    ENV_MAX_RETRIES, ENV_REQUEST_TIMEOUT_SECS, ENV_RETRY_TIMEOUT_SECS, ENV_TEST_PUT_DELAY_MS,
 };

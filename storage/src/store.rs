@@ -72,6 +72,9 @@ pub struct StoreOptions {
     /// S3: connect timeout (object_store default 5 s when `None`).
     pub connect_timeout: Option<Duration>,
     pub retry: RetryOptions,
+    /// Test hook: sleep this long before every PUT and every multipart part (object_store's
+    /// `ThrottledStore`), so that saves are slow enough to interrupt at a chosen moment.
+    pub put_delay: Option<Duration>,
 }
 
 impl Default for StoreOptions {
@@ -85,7 +88,66 @@ impl Default for StoreOptions {
             request_timeout: None,
             connect_timeout: None,
             retry: RetryOptions::default(),
+            put_delay: None,
         }
+    }
+}
+
+/// Environment variables read by [`StoreOptions::from_env`] (what `CheckpointStore::open` uses).
+pub const ENV_REQUEST_TIMEOUT_SECS: &str = "MLA_STORE_REQUEST_TIMEOUT_SECS";
+pub const ENV_CONNECT_TIMEOUT_SECS: &str = "MLA_STORE_CONNECT_TIMEOUT_SECS";
+pub const ENV_MAX_RETRIES: &str = "MLA_STORE_MAX_RETRIES";
+pub const ENV_RETRY_TIMEOUT_SECS: &str = "MLA_STORE_RETRY_TIMEOUT_SECS";
+/// Test hook: milliseconds of sleep before every PUT / multipart part.
+pub const ENV_TEST_PUT_DELAY_MS: &str = "MLA_STORE_TEST_PUT_DELAY_MS";
+
+impl StoreOptions {
+    /// The defaults with the `MLA_STORE_*` environment variables applied: request/connect
+    /// timeouts, retries and retry budget (S3), and the `MLA_STORE_TEST_PUT_DELAY_MS` test hook.
+    /// Unset or empty variables keep the default; a value that does not parse is an error.
+    pub fn from_env() -> Result<StoreOptions> {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<StoreOptions> {
+        let get = |name: &str| var(name).filter(|v| !v.trim().is_empty());
+        let invalid = |name: &str, value: &str, reason: &str| Error::InvalidEnv {
+            name: name.to_string(),
+            value: value.to_string(),
+            reason: reason.to_string(),
+        };
+        let secs = |name: &str| -> Result<Option<Duration>> {
+            get(name)
+                .map(|v| match v.trim().parse::<f64>() {
+                    Ok(s) if s.is_finite() && s >= 0.0 => Ok(Duration::from_secs_f64(s)),
+                    _ => Err(invalid(name, &v, "expected a number of seconds ≥ 0")),
+                })
+                .transpose()
+        };
+        let mut o = StoreOptions::default();
+        if let Some(t) = secs(ENV_REQUEST_TIMEOUT_SECS)? {
+            o.request_timeout = Some(t);
+        }
+        if let Some(t) = secs(ENV_CONNECT_TIMEOUT_SECS)? {
+            o.connect_timeout = Some(t);
+        }
+        if let Some(t) = secs(ENV_RETRY_TIMEOUT_SECS)? {
+            o.retry.retry_timeout = t;
+        }
+        if let Some(v) = get(ENV_MAX_RETRIES) {
+            o.retry.max_retries = v
+                .trim()
+                .parse()
+                .map_err(|_| invalid(ENV_MAX_RETRIES, &v, "expected a whole number ≥ 0"))?;
+        }
+        if let Some(v) = get(ENV_TEST_PUT_DELAY_MS) {
+            let ms: u64 = v
+                .trim()
+                .parse()
+                .map_err(|_| invalid(ENV_TEST_PUT_DELAY_MS, &v, "expected whole milliseconds"))?;
+            o.put_delay = (ms > 0).then(|| Duration::from_millis(ms));
+        }
+        Ok(o)
     }
 }
 
@@ -219,14 +281,21 @@ impl std::fmt::Debug for CheckpointStore {
 impl CheckpointStore {
     /// Open `out_dir`: a path (relative or absolute; created if missing), `file://path`,
     /// `s3://bucket/prefix` (settings from the AWS environment) or `memory://` (a new, empty
-    /// in-process store). No network I/O happens here.
+    /// in-process store). No network I/O happens here. Options: [`StoreOptions::from_env`].
     pub fn open(out_dir: &str) -> Result<Self> {
-        Self::open_with(out_dir, StoreOptions::default())
+        Self::open_with(out_dir, StoreOptions::from_env()?)
     }
 
     pub fn open_with(out_dir: &str, opts: StoreOptions) -> Result<Self> {
         let loc: Location = location::parse(out_dir)?;
-        let inner = location::open_backend(&loc, &opts)?;
+        let mut inner = location::open_backend(&loc, &opts)?;
+        if let Some(delay) = opts.put_delay {
+            let config = object_store::throttle::ThrottleConfig {
+                wait_put_per_call: delay,
+                ..Default::default()
+            };
+            inner = Arc::new(object_store::throttle::ThrottledStore::new(inner, config));
+        }
         Ok(CheckpointStore {
             inner,
             root: loc.root,
@@ -259,8 +328,10 @@ impl CheckpointStore {
 
     /// Open the `out_dir` of a step directory given as a path or URL
     /// (`out/pretrain/mla/step-00000400`, `s3://b/p/final`) and name the step.
+    /// Options: [`StoreOptions::from_env`].
     pub fn resolve(step_dir: &str) -> Result<(Self, StepName)> {
-        Self::resolve_with(step_dir, StoreOptions::default())
+        let (out_dir, step) = location::split_step_dir(step_dir)?;
+        Ok((Self::open(&out_dir)?, step))
     }
 
     pub fn resolve_with(step_dir: &str, opts: StoreOptions) -> Result<(Self, StepName)> {
@@ -895,4 +966,86 @@ pub fn is_invalid_step(e: &Error) -> bool {
         e,
         Error::MissingManifest { .. } | Error::InvalidManifest { .. } | Error::Corrupt { .. }
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn opts_from(vars: &[(&str, &str)]) -> Result<StoreOptions> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        StoreOptions::from_vars(|name| vars.get(name).cloned())
+    }
+
+    #[test]
+    fn options_from_env_apply_timeouts_retries_and_put_delay() {
+        assert_eq!(opts_from(&[]).unwrap(), StoreOptions::default());
+        let o = opts_from(&[
+            (ENV_REQUEST_TIMEOUT_SECS, "1.5"),
+            (ENV_CONNECT_TIMEOUT_SECS, "2"),
+            (ENV_MAX_RETRIES, "1"),
+            (ENV_RETRY_TIMEOUT_SECS, "3"),
+            (ENV_TEST_PUT_DELAY_MS, "250"),
+        ])
+        .unwrap();
+        assert_eq!(o.request_timeout, Some(Duration::from_millis(1500)));
+        assert_eq!(o.connect_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(o.retry.max_retries, 1);
+        assert_eq!(o.retry.retry_timeout, Duration::from_secs(3));
+        assert_eq!(o.put_delay, Some(Duration::from_millis(250)));
+        assert_eq!(
+            opts_from(&[(ENV_TEST_PUT_DELAY_MS, "0"), (ENV_MAX_RETRIES, " ")])
+                .unwrap()
+                .put_delay,
+            None
+        );
+    }
+
+    #[test]
+    fn unparsable_option_env_names_the_variable() {
+        for (name, value) in [
+            (ENV_REQUEST_TIMEOUT_SECS, "soon"),
+            (ENV_RETRY_TIMEOUT_SECS, "-1"),
+            (ENV_MAX_RETRIES, "1.5"),
+            (ENV_TEST_PUT_DELAY_MS, "1s"),
+        ] {
+            let e = opts_from(&[(name, value)]).unwrap_err().to_string();
+            assert!(e.contains(name) && e.contains(value), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn put_delay_slows_every_put_of_a_save() {
+        let objects: Vec<(String, Bytes)> = (0..3)
+            .map(|i| (format!("o{i}.bin"), Bytes::from(vec![i as u8; 10])))
+            .collect();
+        let opts = StoreOptions {
+            put_delay: Some(Duration::from_millis(40)),
+            ..StoreOptions::default()
+        };
+        let store = CheckpointStore::open_with("memory://", opts).unwrap();
+        let t0 = std::time::Instant::now();
+        store
+            .write_step(
+                &StepName::Step(1),
+                &objects,
+                ManifestMeta {
+                    step: 1,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        // 3 objects + the manifest.
+        assert!(
+            t0.elapsed() >= Duration::from_millis(160),
+            "{:?}",
+            t0.elapsed()
+        );
+        store.verify(&StepName::Step(1)).await.unwrap();
+    }
 }
