@@ -1,39 +1,57 @@
-//! What a checkpoint holds and how tensors become bytes (the storage crate moves the bytes).
+//! What a checkpoint holds, how tensors become bytes, and the save/resume policy of a run
+//! (DESIGN §6). The storage crate moves the bytes and owns the manifest-last protocol.
 //!
 //! A step directory (`step-00000400/` or `final/`) holds:
 //! * `model.safetensors` — weights under litgpt state-dict keys (`safetensors.torch.load_file`
 //!   reads it; litgpt loads it without a rename table);
 //! * `optimizer.safetensors` — AdamW moments per parameter (`exp_avg.<key>`,
-//!   `exp_avg_sq.<key>`) and the step count in the metadata;
-//! * `state.json` — [`TrainState`]: step, tokens, every rank's loader position, RNG seed, …;
+//!   `exp_avg_sq.<key>`) and the optimizer step count in the metadata;
+//! * `state.json` — [`TrainState`]: step, tokens, every rank's loader position, seed, …;
 //! * `config.yaml` — the resolved run config; `tokenizer.json` (+ `tokenizer_config.json`).
 //!
-//! `manifest.json` is written last by the store and makes the step exist.
+//! That is everything a bit-exact resume needs: the LR schedule is a function of the step and
+//! the config, AdamW's bias correction of its step count, the data order of (seed, epoch,
+//! position), and nothing draws random numbers after initialisation (no dropout).
+//!
+//! Saving ([`Saver`]): the training loop blocks only for the copy to host memory (and, when the
+//! previous upload is still running, for that upload: never two saves at once); the upload runs
+//! on the storage crate's `BackgroundSaver`. Each outcome is reported; a failed save either
+//! lets training go on (`checkpoint.on_failure: continue`, the next save writes a new step) or
+//! stops the run (`stop`). The last save is awaited before exit, and its failure is an error.
+//!
+//! Resuming ([`resume`]): `auto` takes the newest step whose manifest and checksums verify,
+//! warning about each newer one passed over (naming the bad object); `true` requires one;
+//! a path or URL names a step (or an out_dir, whose newest valid step is taken). A checkpoint
+//! of another model shape, tokenizer or world size is refused with one line and a hint (exit 2).
 //!
 //! Not here: the manifest protocol and uploads (mla-storage), when to save (train.rs).
 
 use crate::config::{OnSaveFailure, Resume, RunConfig};
 use crate::data::LoaderPosition;
 use crate::error::BadInput;
-use crate::metrics;
-use crate::optim::{AdamW, FlatParams};
+use crate::metrics::human_bytes;
+use crate::optim::{AdamW, FlatEntry, FlatParams};
 use anyhow::{bail, Context};
-use mla_storage::{BackgroundSaver, BlockingCheckpointStore};
+use mla_storage::{BackgroundSaver, BlockingCheckpointStore, LoadedStep, SaveReport};
 use mla_storage::{Bytes, ManifestMeta, SaveJob, StepName};
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::time::Instant;
-use tch::{Device, Kind, Tensor};
-use tracing::{info, warn};
+use std::time::{Duration, Instant};
+use tch::{Kind, Tensor};
+use tracing::{debug, info, warn};
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "state.json";
 pub const CONFIG_FILE: &str = "config.yaml";
-pub const TOKENIZER_FILES: &[&str] = &["tokenizer.json", "tokenizer_config.json"];
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub const TOKENIZER_FILES: &[&str] = &[TOKENIZER_FILE, "tokenizer_config.json"];
 pub const STATE_VERSION: u32 = 1;
+/// Test hook: behave as if SIGTERM arrived during optimizer step N (save step N, exit 0), so a
+/// test can interrupt a run at an exact step while keeping the run's LR schedule.
+pub const STOP_AT_STEP_ENV: &str = "MLA_TEST_STOP_AT_STEP";
 
 /// Training progress, enough to continue bit-exactly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,6 +70,8 @@ pub struct TrainState {
     /// Validation loss at the last evaluation, if any.
     pub last_val_loss: Option<f64>,
 }
+
+// ---- tensors ↔ safetensors bytes ----------------------------------------------------------
 
 fn kind_to_dtype(kind: Kind) -> anyhow::Result<Dtype> {
     Ok(match kind {
@@ -75,37 +95,74 @@ fn dtype_to_kind(dtype: Dtype) -> anyhow::Result<Kind> {
     })
 }
 
-/// A tensor's bytes on the host, contiguous, little-endian.
-pub fn host_bytes(t: &Tensor) -> Vec<u8> {
-    let t = t.to_device(Device::Cpu).contiguous();
-    let numel = t.numel();
-    let mut buf = vec![0u8; numel * t.kind().elt_size_in_bytes()];
-    t.copy_data_u8(&mut buf, numel);
-    buf
+/// Safetensors bytes of flat buffers laid out back to back: for each `(prefix, buffer)` one
+/// tensor `<prefix><entry name>` per entry, at the entry's offset. Because the entries tile
+/// each buffer, the data section is the buffers themselves: one bulk copy per buffer straight
+/// into the output, which is the whole blocking cost of a save.
+fn flat_safetensors(
+    buffers: &[(&str, &Tensor)],
+    entries: &[FlatEntry],
+    metadata: &HashMap<String, String>,
+) -> anyhow::Result<Vec<u8>> {
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".into(), serde_json::to_value(metadata)?);
+    }
+    let mut data_bytes = 0usize;
+    for (prefix, buf) in buffers {
+        let elt = buf.kind().elt_size_in_bytes();
+        let dtype = format!("{:?}", kind_to_dtype(buf.kind())?);
+        let mut covered = 0i64;
+        for e in entries {
+            if e.offset != covered {
+                bail!("flat buffer entries do not tile the buffer at {}", e.name);
+            }
+            covered += e.numel();
+            let begin = data_bytes + e.offset as usize * elt;
+            let end = begin + e.numel() as usize * elt;
+            header.insert(
+                format!("{prefix}{}", e.name),
+                serde_json::json!({ "dtype": dtype, "shape": e.shape, "data_offsets": [begin, end] }),
+            );
+        }
+        if covered as usize != buf.numel() {
+            bail!(
+                "flat buffer {prefix}: entries cover {covered} of {} elements",
+                buf.numel()
+            );
+        }
+        data_bytes += buf.numel() * elt;
+    }
+    let mut header = serde_json::to_vec(&header)?;
+    // Pad with spaces to 8 bytes, as the safetensors writer does, so data stays aligned.
+    header.resize(header.len().div_ceil(8) * 8, b' ');
+    let start = 8 + header.len();
+    // Zeroed allocation: fresh pages, no memset; the copies below touch each byte once.
+    let mut out = vec![0u8; start + data_bytes];
+    out[..8].copy_from_slice(&(header.len() as u64).to_le_bytes());
+    out[8..start].copy_from_slice(&header);
+    let mut at = start;
+    for (_, buf) in buffers {
+        let n = buf.numel() * buf.kind().elt_size_in_bytes();
+        buf.copy_data_u8(&mut out[at..at + n], buf.numel());
+        at += n;
+    }
+    Ok(out)
 }
 
-/// Serialize named tensors (copied to the host) as safetensors.
-pub fn to_safetensors(
-    named: &[(String, Tensor)],
-    metadata: Option<HashMap<String, String>>,
-) -> anyhow::Result<Vec<u8>> {
-    let host: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = named
-        .iter()
-        .map(|(name, t)| {
-            let shape = t.size().iter().map(|&d| d as usize).collect();
-            Ok((name.clone(), kind_to_dtype(t.kind())?, shape, host_bytes(t)))
-        })
-        .collect::<anyhow::Result<_>>()?;
-    let views: Vec<(String, TensorView)> = host
-        .iter()
-        .map(|(name, dtype, shape, data)| {
-            TensorView::new(*dtype, shape.clone(), data)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| anyhow::anyhow!("tensor {name}: {e:?}"))
-        })
-        .collect::<anyhow::Result<_>>()?;
-    safetensors::tensor::serialize(views, &metadata)
-        .map_err(|e| anyhow::anyhow!("safetensors: {e:?}"))
+/// Model weights by litgpt key, from the flat buffer.
+pub fn model_bytes(flat: &FlatParams) -> anyhow::Result<Vec<u8>> {
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    flat_safetensors(&[("", &flat.params)], &flat.entries, &meta)
+}
+
+fn optimizer_bytes(flat: &FlatParams, opt: &AdamW) -> anyhow::Result<Vec<u8>> {
+    let meta = HashMap::from([("step".to_string(), opt.step.to_string())]);
+    flat_safetensors(
+        &[("exp_avg.", &opt.exp_avg), ("exp_avg_sq.", &opt.exp_avg_sq)],
+        &flat.entries,
+        &meta,
+    )
 }
 
 /// Parse safetensors bytes into CPU tensors by name, plus the metadata.
@@ -127,42 +184,52 @@ pub fn from_safetensors(
     Ok((out, metadata))
 }
 
-/// Model weights by litgpt key, from the flat buffer.
-pub fn model_bytes(flat: &FlatParams) -> anyhow::Result<Vec<u8>> {
-    let named: Vec<(String, Tensor)> = flat
-        .entries
-        .iter()
-        .map(|e| (e.name.clone(), flat.param_view(e)))
-        .collect();
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    to_safetensors(&named, Some(meta))
+/// One tensor of a safetensors file, from its header.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
 }
 
-fn optimizer_bytes(flat: &FlatParams, opt: &AdamW) -> anyhow::Result<Vec<u8>> {
-    let mut named = Vec::with_capacity(2 * flat.entries.len());
-    for e in &flat.entries {
-        let view = |t: &Tensor| t.narrow(0, e.offset, e.numel()).view(e.shape.as_slice());
-        named.push((format!("exp_avg.{}", e.name), view(&opt.exp_avg)));
-        named.push((format!("exp_avg_sq.{}", e.name), view(&opt.exp_avg_sq)));
-    }
-    let meta = HashMap::from([("step".to_string(), opt.step.to_string())]);
-    to_safetensors(&named, Some(meta))
+/// Tensor names, dtypes and shapes (sorted by name) and the metadata of a safetensors file.
+pub fn safetensors_index(
+    bytes: &[u8],
+    what: &str,
+) -> anyhow::Result<(Vec<TensorInfo>, HashMap<String, String>)> {
+    let (_, meta) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| anyhow::anyhow!("{what}: not a valid safetensors file ({e:?})"))?;
+    let mut tensors: Vec<TensorInfo> = meta
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| TensorInfo {
+            name,
+            dtype: format!("{:?}", info.dtype),
+            shape: info.shape.clone(),
+        })
+        .collect();
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok((tensors, meta.metadata().clone().unwrap_or_default()))
 }
 
 /// Copy weights by name into the flat buffer; every parameter must be present with its shape.
 pub fn load_model(flat: &FlatParams, bytes: &[u8], what: &str) -> anyhow::Result<()> {
     let (tensors, _) = from_safetensors(bytes, what)?;
     for e in &flat.entries {
-        let t = tensors
-            .get(&e.name)
-            .with_context(|| format!("{what}: missing tensor {}", e.name))?;
+        let t = tensors.get(&e.name).ok_or_else(|| {
+            BadInput(format!(
+                "{what}: missing tensor {} (a checkpoint of another model?)",
+                e.name
+            ))
+        })?;
         if t.size() != e.shape {
-            bail!(
+            return Err(BadInput(format!(
                 "{what}: tensor {} has shape {:?}, the model needs {:?} (a checkpoint of another model shape?)",
                 e.name,
                 t.size(),
                 e.shape
-            );
+            ))
+            .into());
         }
         tch::no_grad(|| flat.param_view(e).copy_(t));
     }
@@ -170,7 +237,10 @@ pub fn load_model(flat: &FlatParams, bytes: &[u8], what: &str) -> anyhow::Result
         .keys()
         .find(|k| !flat.entries.iter().any(|e| &e.name == *k))
     {
-        bail!("{what}: tensor {extra} is not a parameter of this model");
+        return Err(BadInput(format!(
+            "{what}: tensor {extra} is not a parameter of this model"
+        ))
+        .into());
     }
     Ok(())
 }
@@ -187,13 +257,14 @@ fn load_optimizer(
             let key = format!("{prefix}.{}", e.name);
             let t = tensors
                 .get(&key)
-                .with_context(|| format!("{what}: missing {key}"))?;
+                .ok_or_else(|| BadInput(format!("{what}: missing {key}")))?;
             if t.size() != e.shape {
-                bail!(
+                return Err(BadInput(format!(
                     "{what}: {key} has shape {:?}, expected {:?}",
                     t.size(),
                     e.shape
-                );
+                ))
+                .into());
             }
             tch::no_grad(|| {
                 buf.narrow(0, e.offset, e.numel())
@@ -205,7 +276,7 @@ fn load_optimizer(
     opt.step = meta
         .get("step")
         .and_then(|s| s.parse().ok())
-        .with_context(|| format!("{what}: metadata has no step"))?;
+        .ok_or_else(|| BadInput(format!("{what}: metadata has no step")))?;
     Ok(())
 }
 
@@ -215,15 +286,53 @@ pub fn config_digest(cfg: &RunConfig) -> String {
     mla_storage::sha256_hex(&json)[..16].to_string()
 }
 
-/// Snapshot everything of a step into host memory (the only part of a save that blocks
-/// training) as a job for the store.
+/// The `model_config` fields that differ between a checkpoint's config and this run's, as
+/// `key: <checkpoint> → <run>` (first few).
+fn model_differences(saved_yaml: &str, cfg: &RunConfig) -> Option<Vec<String>> {
+    let saved = RunConfig::from_yaml(saved_yaml, CONFIG_FILE, &[]).ok()?;
+    let (a, b) = (
+        serde_json::to_value(saved.model()).ok()?,
+        serde_json::to_value(cfg.model()).ok()?,
+    );
+    let (a, b) = (a.as_object()?, b.as_object()?);
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let null = serde_json::Value::Null;
+    Some(
+        keys.into_iter()
+            .filter(|k| a.get(*k).unwrap_or(&null) != b.get(*k).unwrap_or(&null))
+            .map(|k| {
+                format!(
+                    "model_config.{k} is {} there, {} here",
+                    a.get(k).unwrap_or(&null),
+                    b.get(k).unwrap_or(&null)
+                )
+            })
+            .collect(),
+    )
+}
+
+/// sha256 of the run's `tokenizer.json`, if there is one.
+pub fn tokenizer_sha256(tokenizer_dir: &Path) -> anyhow::Result<Option<String>> {
+    let path = tokenizer_dir.join(TOKENIZER_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(mla_storage::sha256_hex(&bytes)))
+}
+
+// ---- saving -------------------------------------------------------------------------------
+
+/// Snapshot everything of a step into host memory as a job for the store.
 pub fn snapshot(
     step: StepName,
     flat: &FlatParams,
     opt: &AdamW,
     state: &TrainState,
     cfg: &RunConfig,
-    tokenizer_dir: &Path,
+    tokenizer: &[(String, Bytes)],
     keep_last: Option<usize>,
 ) -> anyhow::Result<SaveJob> {
     let mut objects = vec![
@@ -238,14 +347,7 @@ pub fn snapshot(
         ),
         (CONFIG_FILE.to_string(), Bytes::from(cfg.to_yaml())),
     ];
-    for name in TOKENIZER_FILES {
-        let path = tokenizer_dir.join(name);
-        if path.exists() {
-            let bytes =
-                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            objects.push((name.to_string(), Bytes::from(bytes)));
-        }
-    }
+    objects.extend(tokenizer.iter().cloned());
     Ok(SaveJob {
         step,
         objects,
@@ -260,6 +362,246 @@ pub fn snapshot(
     })
 }
 
+/// The tokenizer files of `tokenizer_dir` that a checkpoint carries.
+fn read_tokenizer_files(tokenizer_dir: &Path) -> anyhow::Result<Vec<(String, Bytes)>> {
+    let mut out = Vec::new();
+    for name in TOKENIZER_FILES {
+        let path = tokenizer_dir.join(name);
+        if path.exists() {
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            out.push((name.to_string(), Bytes::from(bytes)));
+        }
+    }
+    Ok(out)
+}
+
+/// The checkpoint saves of one run (rank 0 writes; other ranks' calls are no-ops).
+pub struct Saver {
+    cfg: RunConfig,
+    store: BlockingCheckpointStore,
+    background: Option<BackgroundSaver>,
+    main: bool,
+    tokenizer: Vec<(String, Bytes)>,
+    /// The step of the last save started, and whether it has been reported as failed.
+    last: Option<(StepName, Option<String>)>,
+    saves: u32,
+    failures: u32,
+    blocked: Vec<Duration>,
+    uploaded_bytes: u64,
+    upload_secs: f64,
+}
+
+impl Saver {
+    pub fn new(
+        cfg: &RunConfig,
+        store: &BlockingCheckpointStore,
+        tokenizer_dir: &Path,
+        main: bool,
+    ) -> anyhow::Result<Saver> {
+        let background = if cfg.checkpoint.async_save && main {
+            Some(BackgroundSaver::new(store.store().clone())?)
+        } else {
+            None
+        };
+        Ok(Saver {
+            cfg: cfg.clone(),
+            store: store.clone(),
+            background,
+            main,
+            tokenizer: if main {
+                read_tokenizer_files(tokenizer_dir)?
+            } else {
+                Vec::new()
+            },
+            last: None,
+            saves: 0,
+            failures: 0,
+            blocked: Vec::new(),
+            uploaded_bytes: 0,
+            upload_secs: 0.0,
+        })
+    }
+
+    /// Save `name`: wait for the previous upload if it still runs (never two at once), copy
+    /// everything to host memory, and hand it to the background upload (or write it now when
+    /// `checkpoint.async_save` is false). A second save of the same step is skipped (a stop
+    /// request right after a periodic save).
+    pub fn save(
+        &mut self,
+        name: StepName,
+        flat: &FlatParams,
+        opt: &AdamW,
+        state: &TrainState,
+    ) -> anyhow::Result<()> {
+        if !self.main {
+            return Ok(());
+        }
+        if self.last.as_ref().is_some_and(|(s, _)| *s == name) {
+            debug!("checkpoint {name}: already saved at this step");
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        if let Some(report) = self.background.as_mut().and_then(BackgroundSaver::wait) {
+            self.report(&report)?;
+        }
+        let waited = t0.elapsed();
+        let t1 = Instant::now();
+        let job = snapshot(
+            name.clone(),
+            flat,
+            opt,
+            state,
+            &self.cfg,
+            &self.tokenizer,
+            self.cfg.checkpoint.keep_last,
+        )?;
+        let copy = t1.elapsed();
+        let bytes = job.total_bytes();
+        self.saves += 1;
+        self.last = Some((name.clone(), None));
+        match &mut self.background {
+            Some(bg) => {
+                bg.save(job); // nothing in flight: the report was collected above
+                let blocked = t0.elapsed();
+                self.blocked.push(blocked);
+                debug!(
+                    "checkpoint {name}: training blocked {:.1} ms ({:.1} ms host copy of {}, {:.1} ms waiting for the previous upload); uploading in the background",
+                    blocked.as_secs_f64() * 1e3,
+                    copy.as_secs_f64() * 1e3,
+                    human_bytes(bytes),
+                    waited.as_secs_f64() * 1e3,
+                );
+            }
+            None => {
+                let started = Instant::now();
+                let result = self.store.write_step(&job.step, &job.objects, job.meta);
+                let retention = match (&result, job.keep_last) {
+                    (Ok(_), Some(k)) => Some(self.store.retain(k)),
+                    _ => None,
+                };
+                let report = SaveReport {
+                    step: name.clone(),
+                    result,
+                    retention,
+                    total_bytes: bytes,
+                    elapsed: started.elapsed(),
+                    consecutive_failures: 0,
+                };
+                let blocked = t0.elapsed();
+                self.blocked.push(blocked);
+                debug!(
+                    "checkpoint {name}: training blocked {:.1} ms (synchronous save, checkpoint.async_save: false)",
+                    blocked.as_secs_f64() * 1e3
+                );
+                self.report(&report)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Report a background save that has finished (call once per step; never blocks).
+    pub fn poll(&mut self) -> anyhow::Result<()> {
+        if let Some(report) = self.background.as_mut().and_then(BackgroundSaver::poll) {
+            self.report(&report)?;
+        }
+        Ok(())
+    }
+
+    /// Wait for the last save; an error if it failed (the run's last checkpoint would be lost).
+    pub fn finish(&mut self) -> anyhow::Result<()> {
+        if let Some(report) = self.background.as_mut().and_then(BackgroundSaver::wait) {
+            self.report(&report)?;
+        }
+        if let Some((step, Some(e))) = &self.last {
+            bail!("the last checkpoint ({step}) was not saved: {e}");
+        }
+        if self.main && self.saves > 0 {
+            let n = self.blocked.len().max(1) as f64;
+            let mean = self.blocked.iter().map(Duration::as_secs_f64).sum::<f64>() / n;
+            let max = self
+                .blocked
+                .iter()
+                .map(Duration::as_secs_f64)
+                .fold(0.0, f64::max);
+            let throughput = if self.upload_secs > 0.0 {
+                format!(
+                    ", uploads {}/s",
+                    human_bytes((self.uploaded_bytes as f64 / self.upload_secs) as u64)
+                )
+            } else {
+                String::new()
+            };
+            info!(
+                "checkpoints: {} saved, {} failed; training blocked {:.1} ms per save on average, {:.1} ms at most{throughput}",
+                self.saves - self.failures,
+                self.failures,
+                mean * 1e3,
+                max * 1e3
+            );
+        }
+        Ok(())
+    }
+
+    fn report(&mut self, report: &SaveReport) -> anyhow::Result<()> {
+        match &report.result {
+            Ok(m) => {
+                self.uploaded_bytes += m.total_bytes();
+                self.upload_secs += report.elapsed.as_secs_f64();
+                info!(
+                    "checkpoint {} saved: {} in {:.1} s",
+                    report.step,
+                    human_bytes(m.total_bytes()),
+                    report.elapsed.as_secs_f64()
+                );
+                match &report.retention {
+                    Some(Ok(r)) if !r.deleted.is_empty() => {
+                        let deleted: Vec<String> =
+                            r.deleted.iter().map(|s| s.to_string()).collect();
+                        info!("retention (keep_last): deleted {}", deleted.join(", "));
+                    }
+                    Some(Err(e)) => warn!("retention after checkpoint {}: {e}", report.step),
+                    _ => {}
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.failures += 1;
+                if let Some((step, failed)) = &mut self.last {
+                    if *step == report.step {
+                        *failed = Some(e.to_string());
+                    }
+                }
+                warn!(
+                    "checkpoint {} FAILED ({} in a row): {e}",
+                    report.step,
+                    report.consecutive_failures.max(1)
+                );
+                if self.cfg.checkpoint.on_failure == OnSaveFailure::Stop {
+                    bail!(
+                        "checkpoint {} failed and checkpoint.on_failure is stop: {e}",
+                        report.step
+                    );
+                }
+                info!("training continues (checkpoint.on_failure: continue); the next save writes a new checkpoint");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// [`STOP_AT_STEP_ENV`], when set.
+pub fn stop_at_step_from_env() -> anyhow::Result<Option<u64>> {
+    match std::env::var(STOP_AT_STEP_ENV) {
+        Ok(v) if !v.trim().is_empty() => v.trim().parse().map(Some).map_err(|_| {
+            BadInput(format!("{STOP_AT_STEP_ENV}={v:?}: expected a step number")).into()
+        }),
+        _ => Ok(None),
+    }
+}
+
+// ---- resuming -----------------------------------------------------------------------------
+
 /// A loaded step's parts, parsed.
 pub struct Restored {
     pub state: TrainState,
@@ -268,7 +610,7 @@ pub struct Restored {
 
 /// Restore model, optimizer and state from a verified step's objects.
 pub fn restore(
-    objects: &std::collections::BTreeMap<String, Bytes>,
+    objects: &BTreeMap<String, Bytes>,
     where_: &str,
     flat: &FlatParams,
     opt: &mut AdamW,
@@ -276,7 +618,7 @@ pub fn restore(
     let get = |name: &str| {
         objects
             .get(name)
-            .with_context(|| format!("{where_}: checkpoint has no {name}"))
+            .ok_or_else(|| BadInput(format!("{where_}: checkpoint has no {name}")))
     };
     load_model(flat, get(MODEL_FILE)?, &format!("{where_}/{MODEL_FILE}"))?;
     load_optimizer(
@@ -286,93 +628,114 @@ pub fn restore(
         &format!("{where_}/{OPTIMIZER_FILE}"),
     )?;
     let state: TrainState = serde_json::from_slice(get(STATE_FILE)?)
-        .with_context(|| format!("{where_}/{STATE_FILE}: invalid"))?;
+        .map_err(|e| BadInput(format!("{where_}/{STATE_FILE}: invalid: {e}")))?;
     if state.version != STATE_VERSION {
-        bail!(
+        return Err(BadInput(format!(
             "{where_}/{STATE_FILE}: state version {} (this mla reads {STATE_VERSION})",
             state.version
-        );
+        ))
+        .into());
     }
     let config_yaml = String::from_utf8_lossy(get(CONFIG_FILE)?).into_owned();
     Ok(Restored { state, config_yaml })
 }
 
-pub fn report_save(report: &mla_storage::SaveReport, cfg: &RunConfig) -> anyhow::Result<()> {
-    match &report.result {
-        Ok(m) => {
-            info!(
-                "checkpoint {} saved: {} in {:.1} s",
-                report.step,
-                metrics::human_bytes(m.total_bytes()),
-                report.elapsed.as_secs_f64()
-            );
-            Ok(())
-        }
-        Err(e) => {
-            warn!(
-                "checkpoint {} FAILED ({} in a row): {e}",
-                report.step, report.consecutive_failures
-            );
-            if cfg.checkpoint.on_failure == OnSaveFailure::Stop {
-                bail!(
-                    "checkpoint {} failed and checkpoint.on_failure is stop: {e}",
-                    report.step
-                );
-            }
-            Ok(())
-        }
+/// A storage error as exit-2 input when it is about the checkpoint itself (missing, corrupt).
+fn step_error(what: &str, e: mla_storage::Error) -> anyhow::Error {
+    if mla_storage::is_invalid_step(&e) || matches!(e, mla_storage::Error::NotAStepDir { .. }) {
+        BadInput(format!("{what}: {e}")).into()
+    } else {
+        anyhow::Error::new(e).context(what.to_string())
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn save(
-    cfg: &RunConfig,
-    store: &BlockingCheckpointStore,
-    saver: &mut Option<BackgroundSaver>,
-    name: StepName,
-    t: &crate::train::Trainable,
-    state: &TrainState,
-    tokenizer_dir: &std::path::Path,
-    main: bool,
-) -> anyhow::Result<()> {
-    if !main {
-        return Ok(());
+/// Load the step `location` names: a step directory (`…/step-00000400`, `…/final`) or an
+/// out_dir, whose newest valid step is taken. Returns (step URL, step).
+fn load_location(location: &str, what: &str) -> anyhow::Result<(String, LoadedStep)> {
+    match BlockingCheckpointStore::resolve(location) {
+        Ok((store, step)) => {
+            let loaded = store
+                .load_step(&step)
+                .map_err(|e| step_error(&format!("{what}: {location}"), e))?;
+            Ok((store.store().step_url(&step), loaded))
+        }
+        Err(mla_storage::Error::NotAStepDir { .. }) => {
+            let store = BlockingCheckpointStore::open(location)
+                .map_err(|e| step_error(&format!("{what}: {location}"), e))?;
+            let latest = store
+                .load_latest_valid()
+                .with_context(|| format!("{what}: {location}"))?;
+            warn_skipped(what, &latest.skipped);
+            let loaded = latest.found.ok_or_else(|| {
+                BadInput(format!(
+                    "{what}: {location} is neither a step directory (…/step-NNNNNNNN, …/final) nor an out_dir with a valid checkpoint"
+                ))
+            })?;
+            Ok((store.store().step_url(&loaded.step), loaded))
+        }
+        Err(e) => Err(step_error(&format!("{what}: {location}"), e)),
     }
-    let job = snapshot(
-        name,
-        &t.flat,
-        &t.opt,
-        state,
-        cfg,
-        tokenizer_dir,
-        cfg.checkpoint.keep_last,
-    )?;
-    match saver {
-        Some(s) => {
-            if let Some(previous) = s.save(job) {
-                report_save(&previous, cfg)?;
+}
+
+fn warn_skipped(what: &str, skipped: &[mla_storage::SkippedStep]) {
+    for s in skipped {
+        warn!("{what}: skipping checkpoint {}: {}", s.step, s.reason);
+    }
+}
+
+/// Refuse a checkpoint this run cannot continue: another world size, model or tokenizer.
+fn check_compatible(
+    cfg: &RunConfig,
+    loaded: &LoadedStep,
+    url: &str,
+    world_size: usize,
+    tokenizer_dir: &Path,
+) -> anyhow::Result<()> {
+    let saved_world = loaded.manifest.world_size as usize;
+    if saved_world != world_size {
+        return Err(BadInput(format!(
+            "resume: {url} was saved by {saved_world} rank(s) but this run has {world_size}; resume with {saved_world} rank(s), or start a new run from its weights with initial_checkpoint_dir: {url}"
+        ))
+        .into());
+    }
+    if loaded.manifest.config_digest != config_digest(cfg) {
+        let yaml = loaded
+            .object(CONFIG_FILE)
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .unwrap_or_default();
+        let diff = match model_differences(&yaml, cfg) {
+            Some(d) if !d.is_empty() => {
+                let more = if d.len() > 2 {
+                    format!(" (and {} more)", d.len() - 2)
+                } else {
+                    String::new()
+                };
+                format!("{}{more}", d[..d.len().min(2)].join("; "))
             }
+            _ => format!(
+                "config digest {} there, {} here",
+                loaded.manifest.config_digest,
+                config_digest(cfg)
+            ),
+        };
+        return Err(BadInput(format!(
+            "resume: {url} holds another model ({diff}); use the checkpoint's model_config (its config.yaml), or set resume: false / another out_dir to start a new run"
+        ))
+        .into());
+    }
+    let saved_tok = loaded.manifest.object(TOKENIZER_FILE).map(|o| &o.sha256);
+    match (saved_tok, tokenizer_sha256(tokenizer_dir)?) {
+        (Some(saved), Some(ours)) if !saved.eq_ignore_ascii_case(&ours) => {
+            return Err(BadInput(format!(
+                "resume: {url} was trained with another tokenizer ({TOKENIZER_FILE} sha256 {}… there, {}… in tokenizer_dir {}); point tokenizer_dir at the tokenizer the run started with (a copy is in {url}/{TOKENIZER_FILE})",
+                &saved[..12.min(saved.len())],
+                &ours[..12],
+                tokenizer_dir.display()
+            ))
+            .into());
         }
-        None => {
-            let started = Instant::now();
-            let step = job.step.clone();
-            match store.write_step(&job.step, &job.objects, job.meta) {
-                Ok(m) => {
-                    info!(
-                        "checkpoint {step} saved: {} in {:.1} s",
-                        metrics::human_bytes(m.total_bytes()),
-                        started.elapsed().as_secs_f64()
-                    );
-                    if let Some(k) = job.keep_last {
-                        store.retain(k)?;
-                    }
-                }
-                Err(e) if cfg.checkpoint.on_failure == OnSaveFailure::Continue => {
-                    warn!("checkpoint {step} FAILED: {e}");
-                }
-                Err(e) => return Err(e).context(format!("checkpoint {step}")),
-            }
-        }
+        (None, _) => warn!("resume: {url} carries no {TOKENIZER_FILE}; cannot check the tokenizer"),
+        _ => {}
     }
     Ok(())
 }
@@ -381,65 +744,141 @@ pub(crate) fn save(
 pub(crate) fn resume(
     cfg: &RunConfig,
     store: &BlockingCheckpointStore,
-    t: &mut crate::train::Trainable,
+    flat: &FlatParams,
+    opt: &mut AdamW,
+    world_size: usize,
+    tokenizer_dir: &Path,
 ) -> anyhow::Result<Option<Restored>> {
     let loaded = match &cfg.resume {
         Resume::No => None,
         Resume::Auto | Resume::Latest => {
-            let latest = store.load_latest_valid()?;
-            for s in &latest.skipped {
-                warn!("resume: skipping checkpoint {}: {}", s.step, s.reason);
-            }
+            let latest = store
+                .load_latest_valid()
+                .with_context(|| format!("resume: reading {}", store.url()))?;
+            warn_skipped("resume", &latest.skipped);
             match latest.found {
-                Some(l) => Some((store.url().to_string(), l)),
+                Some(l) => Some((store.store().step_url(&l.step), l)),
                 None if cfg.resume == Resume::Latest => {
                     return Err(BadInput(format!(
-                        "resume: true but {} holds no valid checkpoint (use resume: auto to start fresh)",
-                        cfg.out_dir
+                        "resume: true but {} holds no valid checkpoint (use resume: auto to start fresh when there is none)",
+                        store.url()
                     ))
                     .into())
                 }
                 None => {
-                    info!("resume: auto — no checkpoint under {}, starting fresh", cfg.out_dir);
+                    if latest.skipped.is_empty() {
+                        info!(
+                            "resume: auto — no checkpoint under {}, starting fresh",
+                            store.url()
+                        );
+                    } else {
+                        warn!(
+                            "resume: auto — none of the {} step directories under {} is a valid checkpoint, starting fresh",
+                            latest.skipped.len(),
+                            store.url()
+                        );
+                    }
                     None
                 }
             }
         }
-        Resume::Path(p) => {
-            let (s, step) =
-                BlockingCheckpointStore::resolve(p).with_context(|| format!("resume: {p}"))?;
-            Some((
-                p.clone(),
-                s.load_step(&step).with_context(|| format!("resume: {p}"))?,
-            ))
-        }
+        Resume::Path(p) => Some(load_location(p, "resume")?),
     };
     if let Some((url, l)) = loaded {
-        if l.manifest.config_digest != config_digest(cfg) {
-            return Err(BadInput(format!(
-                "resume: {url}/{} was trained with another model shape (config digest {} ≠ {}); point out_dir elsewhere or set resume: false",
-                l.step,
-                l.manifest.config_digest,
-                config_digest(cfg)
-            ))
-            .into());
+        check_compatible(cfg, &l, &url, world_size, tokenizer_dir)?;
+        let restored = restore(&l.objects, &url, flat, opt)?;
+        info!(
+            "resume: loaded {url} (step {}, {} tokens)",
+            restored.state.step, restored.state.tokens_seen
+        );
+        if let Some(dir) = &cfg.initial_checkpoint_dir {
+            info!("initial_checkpoint_dir {dir} ignored: resuming from {url}");
         }
-        let where_ = format!("{}/{}", url.trim_end_matches('/'), l.step);
-        let restored = restore(&l.objects, &where_, &t.flat, &mut t.opt)?;
-        info!("resume: loaded {where_} (step {})", restored.state.step);
         return Ok(Some(restored));
     }
     if let Some(dir) = &cfg.initial_checkpoint_dir {
-        let (s, step) = BlockingCheckpointStore::resolve(dir)
-            .with_context(|| format!("initial_checkpoint_dir: {dir}"))?;
-        let l = s
-            .load_step(&step)
-            .with_context(|| format!("initial_checkpoint_dir: {dir}"))?;
-        let bytes = l
-            .object(MODEL_FILE)
-            .with_context(|| format!("initial_checkpoint_dir: {dir} has no {}", MODEL_FILE))?;
-        load_model(&t.flat, bytes, dir)?;
-        info!("initial weights from {dir}");
+        let (url, l) = load_location(dir, "initial_checkpoint_dir")?;
+        let bytes = l.object(MODEL_FILE).ok_or_else(|| {
+            BadInput(format!("initial_checkpoint_dir: {url} has no {MODEL_FILE}"))
+        })?;
+        load_model(flat, bytes, &format!("{url}/{MODEL_FILE}"))?;
+        let saved_tok = l.manifest.object(TOKENIZER_FILE).map(|o| o.sha256.clone());
+        if let (Some(saved), Some(ours)) = (saved_tok, tokenizer_sha256(tokenizer_dir)?) {
+            if !saved.eq_ignore_ascii_case(&ours) {
+                warn!("initial_checkpoint_dir: {url} was trained with another tokenizer than tokenizer_dir {}", tokenizer_dir.display());
+            }
+        }
+        info!("initial weights from {url} (weights only: optimizer, step and data position start fresh)");
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flat_of(shapes: &[(&str, &[i64])], kind: Kind) -> FlatParams {
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        for (name, shape) in shapes {
+            let _ = vs.root().randn(name, shape, 0.0, 1.0);
+        }
+        FlatParams::new(&vs, kind)
+    }
+
+    #[test]
+    fn flat_safetensors_round_trip_through_the_safetensors_reader() {
+        let flat = flat_of(&[("w", &[3, 4]), ("b", &[4]), ("e", &[5, 2])], Kind::Float);
+        let bytes = model_bytes(&flat).unwrap();
+        let (tensors, meta) = from_safetensors(&bytes, "model").unwrap();
+        assert_eq!(meta.get("format").map(String::as_str), Some("pt"));
+        assert_eq!(tensors.len(), 3);
+        for e in &flat.entries {
+            let t = &tensors[&e.name];
+            assert_eq!(t.size(), e.shape);
+            assert!(t.equal(&flat.param_view(e)), "{}", e.name);
+        }
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        assert_eq!(header_len % 8, 0);
+        let (index, _) = safetensors_index(&bytes, "model").unwrap();
+        let names: Vec<&str> = index.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["b", "e", "w"]);
+        assert_eq!(index[2].shape, [3, 4]);
+        assert_eq!(index[2].dtype, "F32");
+    }
+
+    #[test]
+    fn optimizer_state_round_trips_with_its_step() {
+        let flat = flat_of(&[("w", &[3, 4]), ("b", &[4])], Kind::Float);
+        let mut opt = AdamW::new(&flat, (0.9, 0.95), 1e-8, 0.1);
+        let _ = flat.grads.shallow_clone().fill_(0.5);
+        opt.step(&flat, 1e-3);
+        opt.step(&flat, 1e-3);
+        let bytes = optimizer_bytes(&flat, &opt).unwrap();
+        let mut other = AdamW::new(&flat, (0.9, 0.95), 1e-8, 0.1);
+        load_optimizer(&flat, &mut other, &bytes, "opt").unwrap();
+        assert_eq!(other.step, 2);
+        assert!(other.exp_avg.equal(&opt.exp_avg));
+        assert!(other.exp_avg_sq.equal(&opt.exp_avg_sq));
+    }
+
+    #[test]
+    fn bf16_weights_keep_their_dtype() {
+        let flat = flat_of(&[("w", &[2, 8])], Kind::BFloat16);
+        let bytes = model_bytes(&flat).unwrap();
+        let (index, _) = safetensors_index(&bytes, "model").unwrap();
+        assert_eq!(index[0].dtype, "BF16");
+        let other = flat_of(&[("w", &[2, 8])], Kind::BFloat16);
+        load_model(&other, &bytes, "model").unwrap();
+        assert!(other.params.equal(&flat.params));
+    }
+
+    #[test]
+    fn loading_weights_of_another_shape_is_bad_input_naming_the_tensor() {
+        let flat = flat_of(&[("w", &[3, 4])], Kind::Float);
+        let bytes = model_bytes(&flat).unwrap();
+        let other = flat_of(&[("w", &[4, 4])], Kind::Float);
+        let e = load_model(&other, &bytes, "ckpt/model.safetensors").unwrap_err();
+        assert!(e.is::<BadInput>());
+        assert!(e.to_string().contains("tensor w has shape [3, 4]"), "{e}");
+    }
 }
