@@ -18,7 +18,7 @@ use crate::optim::{self, AdamW, FlatParams};
 use crate::{datasource, signals};
 use anyhow::{bail, Context};
 use mla_model::{stats, Gpt};
-use mla_storage::{BackgroundSaver, BlockingCheckpointStore, StepName};
+use mla_storage::{BlockingCheckpointStore, StepName};
 use std::path::PathBuf;
 use std::time::Instant;
 use tch::nn::VarStore;
@@ -187,14 +187,15 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
         elapsed_secs: 0.0,
         last_val_loss: None,
     };
-    if let Some(restored) = checkpoint::resume(&cfg, &store, &mut t)? {
+    if let Some(restored) = checkpoint::resume(
+        &cfg,
+        &store,
+        &t.flat,
+        &mut t.opt,
+        rank.world_size,
+        &tokenizer_dir,
+    )? {
         let s = restored.state;
-        if s.world_size != rank.world_size {
-            info!(
-                "resuming a {}-rank checkpoint with {} rank(s)",
-                s.world_size, rank.world_size
-            );
-        }
         let pos = s
             .loaders
             .first()
@@ -259,11 +260,8 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
         }
     }
 
-    let mut saver = if cfg.checkpoint.async_save && main {
-        Some(BackgroundSaver::new(store.store().clone())?)
-    } else {
-        None
-    };
+    let mut saver = checkpoint::Saver::new(&cfg, &store, &tokenizer_dir, main)?;
+    let stop_at_step = checkpoint::stop_at_step_from_env()?;
     let total = budget.total_steps;
     let run_start = Instant::now();
     let elapsed_before = state.elapsed_secs;
@@ -294,7 +292,7 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
         {
             break;
         }
-        if signals::stop_requested() {
+        if signals::stop_requested() || stop_at_step == Some(state.step) {
             stopped_by_signal = true;
             break;
         }
@@ -344,6 +342,7 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
             t.opt.step(&t.flat, lr);
         }
         t.flat.zero_grad();
+        saver.poll()?; // report a background save that finished
         state.step += 1;
         state.tokens_seen += budget.tokens_per_step;
         window_tokens += budget.tokens_per_step;
@@ -394,16 +393,7 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
         {
             state.loaders = vec![loader.state()];
             state.elapsed_secs = elapsed_before + run_start.elapsed().as_secs_f64();
-            checkpoint::save(
-                &cfg,
-                &store,
-                &mut saver,
-                StepName::Step(state.step),
-                &t,
-                &state,
-                &tokenizer_dir,
-                main,
-            )?;
+            saver.save(StepName::Step(state.step), &t.flat, &t.opt, &state)?;
             window_start = Instant::now();
         }
     }
@@ -430,21 +420,8 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
     } else {
         StepName::Final
     };
-    checkpoint::save(
-        &cfg,
-        &store,
-        &mut saver,
-        name.clone(),
-        &t,
-        &state,
-        &tokenizer_dir,
-        main,
-    )?;
-    if let Some(s) = &mut saver {
-        if let Some(report) = s.wait() {
-            checkpoint::report_save(&report, &cfg)?;
-        }
-    }
+    saver.save(name.clone(), &t.flat, &t.opt, &state)?;
+    saver.finish()?;
     if main {
         info!(
             "done: {} steps, {} tokens in {:.1} s; checkpoint {}/{}",
