@@ -220,7 +220,7 @@ pub fn download_file(url: &str, dest: &Path, opts: &DownloadOptions) -> Result<u
             }
         }
         if let Some(b) = &bar {
-            b.finish();
+            b.finish_and_clear();
         }
         if let Some(e) = expected {
             if e != total {

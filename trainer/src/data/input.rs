@@ -261,8 +261,13 @@ impl<R: Read> Read for Counting<R> {
 pub(crate) enum Event {
     /// A data file starts; its stories follow.
     Source { split: Split, name: String },
-    /// Stories of the current source.
-    Stories { split: Split, stories: Vec<String> },
+    /// Stories of the current source; `bytes_read`: input bytes read from disk when the batch
+    /// was cut (so progress follows tokenization, not read-ahead).
+    Stories {
+        split: Split,
+        stories: Vec<String>,
+        bytes_read: u64,
+    },
 }
 
 /// Read every job in order and pass its events to `emit`; `emit` returning false stops reading.
@@ -293,7 +298,7 @@ pub(crate) fn read_all(
                 }) {
                     return Ok(());
                 }
-                if !read_stories(reader, *format, path, *split, emit)? {
+                if !read_stories(reader, *format, path, *split, bytes_read, emit)? {
                     return Ok(());
                 }
             }
@@ -322,7 +327,14 @@ pub(crate) fn read_all(
                     }) {
                         return Ok(());
                     }
-                    if !read_stories(BufReader::new(entry), format, &display, split, emit)? {
+                    if !read_stories(
+                        BufReader::new(entry),
+                        format,
+                        &display,
+                        split,
+                        bytes_read,
+                        emit,
+                    )? {
                         return Ok(());
                     }
                 }
@@ -338,6 +350,7 @@ pub(crate) fn read_all(
 /// Batches stories and emits them; remembers whether the consumer still listens.
 struct Batcher<'a> {
     split: Split,
+    bytes_read: &'a AtomicU64,
     stories: Vec<String>,
     bytes: usize,
     total: u64,
@@ -368,6 +381,7 @@ impl Batcher<'_> {
         self.open = (self.emit)(Event::Stories {
             split: self.split,
             stories,
+            bytes_read: self.bytes_read.load(Ordering::Relaxed),
         });
     }
 }
@@ -399,10 +413,12 @@ pub(crate) fn read_stories<R: BufRead>(
     format: Format,
     path: &Path,
     split: Split,
+    bytes_read: &AtomicU64,
     emit: &mut dyn FnMut(Event) -> bool,
 ) -> Result<bool, DataError> {
     let mut batch = Batcher {
         split,
+        bytes_read,
         stories: Vec::new(),
         bytes: 0,
         total: 0,
@@ -507,12 +523,20 @@ mod tests {
 
     fn stories(text: &[u8], format: Format) -> Result<Vec<String>, DataError> {
         let mut out = Vec::new();
-        read_stories(text, format, Path::new("t"), Split::Train, &mut |e| {
-            if let Event::Stories { stories, .. } = e {
-                out.extend(stories);
-            }
-            true
-        })?;
+        let counter = AtomicU64::new(0);
+        read_stories(
+            text,
+            format,
+            Path::new("t"),
+            Split::Train,
+            &counter,
+            &mut |e| {
+                if let Event::Stories { stories, .. } = e {
+                    out.extend(stories);
+                }
+                true
+            },
+        )?;
         Ok(out)
     }
 

@@ -180,7 +180,11 @@ pub fn prepare_into(
             for ev in &rx {
                 match ev? {
                     Event::Source { split, name } => writer.add_source(split, name),
-                    Event::Stories { split, stories } => {
+                    Event::Stories {
+                        split,
+                        stories,
+                        bytes_read,
+                    } => {
                         let ids: Vec<Vec<u32>> = pool.install(|| {
                             stories
                                 .par_iter()
@@ -191,7 +195,7 @@ pub fn prepare_into(
                             writer.push_story(split, t)?;
                         }
                         progress.update(
-                            bytes_read.load(Ordering::Relaxed),
+                            bytes_read,
                             writer.tokens(Split::Train) + writer.tokens(Split::Val),
                         );
                     }
@@ -271,7 +275,7 @@ impl Progress {
 
     fn finish(&self) {
         if let Some(bar) = &self.bar {
-            bar.finish();
+            bar.finish_and_clear();
         }
     }
 }
