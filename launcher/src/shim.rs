@@ -54,7 +54,10 @@ fn run(cmd: &[OsString]) -> u8 {
     let mut command = Command::new(program);
     command.args(args);
     crate::supervise::set_parent_death_signal(&mut command);
-    let exit = match command.spawn().and_then(|mut c| c.wait()) {
+    let exit = match command.spawn().and_then(|mut c| {
+        watch_parent(c.id());
+        c.wait()
+    }) {
         Ok(status) => RankExit::from_status(status),
         Err(e) => {
             eprintln!(
@@ -70,6 +73,23 @@ fn run(cmd: &[OsString]) -> u8 {
         let _ = std::io::stderr().write_all(format!("{}\n", report_line(exit)).as_bytes());
     }
     u8::try_from(exit.code()).unwrap_or(1)
+}
+
+/// If mpirun dies (killed along with the launcher, say), the shim is re-parented: kill the rank
+/// rather than leave it computing alone. mpirun starts the shim, so it cannot set the shim's
+/// parent-death signal; polling the parent pid is the portable way.
+fn watch_parent(child: u32) {
+    let parent = nix::unistd::getppid();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        if nix::unistd::getppid() != parent {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            return;
+        }
+    });
 }
 
 pub fn report_line(exit: RankExit) -> String {

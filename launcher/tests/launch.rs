@@ -365,6 +365,24 @@ fn second_signal_kills_at_once() {
     f.assert_nothing_left();
 }
 
+#[test]
+fn ranks_die_with_a_killed_launcher() {
+    let f = Fixture::new();
+    let mla = f.script(
+        "mla",
+        r#"touch "$T/up-$RANK"; while :; do sleep 0.05; done"#,
+    );
+    let mut cmd = f.launch(&mla, &["--gpus", "2"]);
+    cmd.env("MLA_GPU_COUNT", "2");
+    let run = f.start(cmd);
+    f.wait_for_file("up-0", Duration::from_secs(10));
+    f.wait_for_file("up-1", Duration::from_secs(10));
+    run.signal(Signal::SIGKILL);
+    let r = run.finish(Duration::from_secs(10));
+    assert_eq!(r.code, None, "killed");
+    f.wait_nothing_left(Duration::from_secs(5));
+}
+
 /// Rank 1 logs its arguments and fails unless resumed (when `$FAIL_ALWAYS` is unset).
 const FLAKY_RANK: &str = r#"
 trap 'exit 0' TERM

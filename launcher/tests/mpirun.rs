@@ -139,3 +139,22 @@ while :; do sleep 0.05; done"#,
     assert!(f.path().join("ckpt-0").exists() && f.path().join("ckpt-1").exists());
     f.assert_nothing_left();
 }
+
+#[test]
+fn mpi_ranks_die_with_a_killed_launcher() {
+    if !have_mpirun() {
+        return;
+    }
+    let f = Fixture::new();
+    let mla = f.script(
+        "mla",
+        r#"touch "$T/up-$OMPI_COMM_WORLD_RANK"; while :; do sleep 0.05; done"#,
+    );
+    let run = f.start(f.launch(&mla, &["--device", "cpu", "--nproc", "2"]));
+    f.wait_for_file("up-0", Duration::from_secs(20));
+    f.wait_for_file("up-1", Duration::from_secs(20));
+    run.signal(Signal::SIGKILL);
+    let r = run.finish(Duration::from_secs(10));
+    assert_eq!(r.code, None, "killed");
+    f.wait_nothing_left(Duration::from_secs(5));
+}

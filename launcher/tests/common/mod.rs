@@ -122,6 +122,15 @@ impl Fixture {
         found
     }
 
+    /// Wait (bounded) until no process of this test is left.
+    pub fn wait_nothing_left(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.leftovers().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.assert_nothing_left();
+    }
+
     pub fn assert_nothing_left(&self) {
         let left = self.leftovers();
         assert!(left.is_empty(), "processes left behind: {left:#?}");
