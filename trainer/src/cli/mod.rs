@@ -1,6 +1,7 @@
 //! The `mla` command line: subcommands and the litgpt-style `--section.key value` overrides.
 //! Each subcommand lives in its own file; this one only parses and dispatches.
 
+mod ckpt;
 mod eval;
 mod generate;
 mod info;
@@ -36,6 +37,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Train one rank (what mla-launch spawns; run directly for a single rank or under srun/mpirun).
     Train(train::TrainArgs),
+    /// List, verify and inspect checkpoints (an out_dir or step directory: path or s3:// URL).
+    Ckpt(ckpt::CkptArgs),
 }
 
 /// Subcommands that take a run config, and so accept `--section.key value` overrides.
@@ -59,6 +62,7 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
     match cli.command {
         Command::Info(a) => info::run(&a, &overrides),
         Command::Train(a) => train::run(&a, &overrides),
+        Command::Ckpt(a) => ckpt::run(&a),
         Command::Prepare(a) => prepare::run(&a),
         Command::Generate(a) => generate::run(&a),
         Command::Eval(a) => eval::run(&a),

@@ -1,0 +1,72 @@
+"""Python side of the checkpoint parity check: load an mla checkpoint's model.safetensors with
+`safetensors.torch.load_file` into the plain-PyTorch reference GPT (scripts/ref/gpt_ref.py,
+built from the step's config.yaml `model_config`), run it on fixed token ids and print the
+logits as JSON. `mla ckpt logits <step_dir> --tokens …` is the Rust side;
+trainer/tests/ckpt_local.rs compares the two (max |Δ| < 1e-4).
+
+What it is not: a general checkpoint loader (local step directories only, fp32 on CPU, the
+model_config fields gpt_ref implements).
+
+    .venv/bin/python scripts/ref/check_safetensors_logits.py out/pretrain/debug/final --tokens 1,2,3
+    .venv/bin/python scripts/ref/check_safetensors_logits.py STEP --tokens 1,2,3 --compare mla.json
+
+With --compare (the JSON printed by `mla ckpt logits`) it prints the max |Δ| instead and exits 1
+when it exceeds --tol.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gpt_ref  # noqa: E402
+
+# model_config fields gpt_ref does not implement, with the value that makes them no-ops.
+NEUTRAL = {"attention_scores_scalar": None, "rope_condense_ratio": 1, "scale_embeddings": False, "lm_head_bias": False}
+
+
+def reference_model(step_dir: str) -> gpt_ref.GPT:
+    with open(os.path.join(step_dir, "config.yaml")) as f:
+        model_config = yaml.safe_load(f)["model_config"]
+    known = {f.name for f in dataclasses.fields(gpt_ref.Cfg)}
+    for key, value in model_config.items():
+        if key not in known and NEUTRAL.get(key, object()) != value:
+            sys.exit(f"{step_dir}/config.yaml: model_config.{key} = {value!r} is not implemented by gpt_ref")
+    cfg = gpt_ref.Cfg(**{k: v for k, v in model_config.items() if k in known})
+    model = gpt_ref.GPT(cfg)
+    state = load_file(os.path.join(step_dir, "model.safetensors"))
+    model.load_state_dict(state, strict=True)  # every key, every shape: a litgpt state dict
+    return model.eval()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("step_dir")
+    p.add_argument("--tokens", required=True, help="comma-separated token ids")
+    p.add_argument("--compare", help="JSON of `mla ckpt logits` to compare with")
+    p.add_argument("--tol", type=float, default=1e-4)
+    a = p.parse_args()
+    tokens = [int(t) for t in a.tokens.split(",")]
+    model = reference_model(a.step_dir)
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens]))[0].float()  # (T, V)
+    if a.compare is None:
+        print(json.dumps({"tokens": tokens, "logits": logits.tolist()}))
+        return
+    with open(a.compare) as f:
+        theirs = torch.tensor(json.load(f)["logits"], dtype=torch.float32)
+    if theirs.shape != logits.shape:
+        sys.exit(f"shape {tuple(theirs.shape)} in {a.compare}, reference {tuple(logits.shape)}")
+    diff = (theirs - logits).abs().max().item()
+    print(f"max |mla - gpt_ref| = {diff:.3e} over {logits.numel()} logits (tol {a.tol:.0e})")
+    sys.exit(0 if diff <= a.tol else 1)
+
+
+if __name__ == "__main__":
+    main()
