@@ -145,7 +145,11 @@ pub fn run(argv: Vec<OsString>) -> anyhow::Result<()> {
                 }
                 .into())
             }
-            Outcome::Failed { who, exit } => {
+            Outcome::Failed {
+                who,
+                exit,
+                signalled: during_stop,
+            } => {
                 let fail =
                     |note: String| -> anyhow::Error { GroupFailed { who, exit, note }.into() };
                 if exit.code() == BAD_INPUT_CODE {
@@ -164,7 +168,7 @@ pub fn run(argv: Vec<OsString>) -> anyhow::Result<()> {
                     };
                     return Err(fail(note));
                 }
-                if signalled(&rx) {
+                if during_stop || signalled(&rx) {
                     return Err(fail("launcher signalled: not restarting".into()));
                 }
                 attempt += 1;

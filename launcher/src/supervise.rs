@@ -34,8 +34,13 @@ pub enum Event {
 pub enum Outcome {
     /// Every rank exited 0 on its own.
     Succeeded,
-    /// `who` failed first; the rest were stopped.
-    Failed { who: Who, exit: RankExit },
+    /// `who` failed first; the rest were stopped. `signalled`: the launcher was also signalled
+    /// while stopping them (so no restart).
+    Failed {
+        who: Who,
+        exit: RankExit,
+        signalled: bool,
+    },
     /// The launcher was signalled and stopped the ranks; `bad` is the first that did not exit 0.
     Interrupted { bad: Option<(Who, RankExit)> },
 }
@@ -170,6 +175,8 @@ impl Supervisor<'_> {
         let mut remaining = members.len();
         let mut first_bad: Option<(Who, RankExit)> = None;
         let mut interrupted = false;
+        // A failure came before any signal: the outcome is that failure.
+        let mut failed_first = false;
         let mut deadline: Option<Instant> = None;
         let mut killed = false;
         while remaining > 0 {
@@ -206,6 +213,7 @@ impl Supervisor<'_> {
                         continue;
                     }
                     first_bad = Some((who, exit));
+                    failed_first = true;
                     tracing::error!(
                         "{who} {exit}; stopping the other ranks (SIGTERM, SIGKILL after {:.0?})",
                         plan.grace
@@ -266,10 +274,19 @@ impl Supervisor<'_> {
                 Err(RecvTimeoutError::Disconnected) => break, // cannot happen: we hold a sender
             }
         }
-        match (interrupted, first_bad) {
-            (true, bad) => Outcome::Interrupted { bad },
-            (false, Some((who, exit))) => Outcome::Failed { who, exit },
-            (false, None) => Outcome::Succeeded,
+        match (first_bad, failed_first) {
+            (Some((who, exit)), true) => Outcome::Failed {
+                who,
+                exit,
+                signalled: interrupted,
+            },
+            (bad, _) if interrupted => Outcome::Interrupted { bad },
+            (Some((who, exit)), _) => Outcome::Failed {
+                who,
+                exit,
+                signalled: false,
+            },
+            (None, _) => Outcome::Succeeded,
         }
     }
 

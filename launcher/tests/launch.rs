@@ -325,6 +325,38 @@ while :; do sleep 0.05; done"#
 }
 
 #[test]
+fn signal_while_stopping_after_a_failure_prevents_the_restart() {
+    let f = Fixture::new();
+    let mla = f.script(
+        "mla",
+        &format!(
+            r#"{STUBBORN_RANK0}
+if [ "$RANK" = 1 ]; then
+  while [ ! -e "$T/up-0" ]; do sleep 0.02; done
+  exit 1
+fi
+while :; do sleep 0.05; done"#
+        ),
+    );
+    let mut cmd = f.launch(
+        &mla,
+        &["--gpus", "2", "--grace-secs", "30", "--max-restarts", "3"],
+    );
+    cmd.env("MLA_GPU_COUNT", "2");
+    let run = f.start(cmd);
+    run.wait_for_stderr("stopping the other ranks", Duration::from_secs(10));
+    run.signal(Signal::SIGTERM); // rank 0 ignores it; a second one kills
+    std::thread::sleep(Duration::from_millis(200));
+    run.signal(Signal::SIGTERM);
+    let r = run.finish(Duration::from_secs(10));
+    r.expect_code(1)
+        .stderr_has("will not restart")
+        .stderr_has("rank 1 exited with code 1 (launcher signalled: not restarting)");
+    assert!(!r.stderr.contains("restart 1/3"), "{}", r.stderr);
+    f.assert_nothing_left();
+}
+
+#[test]
 fn rank_ignoring_sigterm_on_stop_is_killed_after_the_stop_timeout() {
     let f = Fixture::new();
     let mla = f.script(

@@ -154,6 +154,18 @@ pub struct Finished {
 }
 
 impl Running {
+    /// Wait until the launcher's stderr contains `needle`.
+    pub fn wait_for_stderr(&self, needle: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !std::fs::read_to_string(&self.err)
+            .unwrap_or_default()
+            .contains(needle)
+        {
+            assert!(Instant::now() < deadline, "stderr never said {needle:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
     }
