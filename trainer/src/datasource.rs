@@ -2,8 +2,12 @@
 //!
 //! * `TextFiles`: `train_data_path` is either a prepared dataset (index.json) or raw text,
 //!   tokenized on first use with `val_data_path` as validation data.
-//! * `TinyStories`: `data_path` holds prepared shards, or TinyStories json/txt files (or the
-//!   `.tar.gz`), tokenized on first use.
+//! * `TinyStories`: `data_path` holds prepared shards, or litgpt's layout (the extracted
+//!   `TinyStories_all_data/` or `TinyStories_all_data.tar.gz`), tokenized on first use; when it
+//!   holds neither, the archive is downloaded from the Hugging Face hub (`HF_ENDPOINT` honoured)
+//!   into `data_path`, as litgpt does. The first json shard (`data00.json`) is validation data.
+//! * The tokenizer: `tokenizer_dir` as given; when it does not exist and ends in `<owner>/<name>`
+//!   (litgpt's `checkpoints/EleutherAI/pythia-160m`), its tokenizer files are downloaded there.
 //!
 //! Raw inputs are prepared into a cache, never next to the inputs (they may be read-only):
 //! `data.init_args.cache_dir`, else `<out_dir>/data` for a local out_dir, else `.cache/mla/data`.
@@ -11,7 +15,10 @@
 //! inputs are re-tokenized.
 
 use crate::config::{DataModule, RunConfig};
-use crate::data::{is_prepared, prepare, Dataset, PrepareArgs, Tokenizer};
+use crate::data::{
+    download_tinystories, download_tokenizer, is_prepared, prepare, tinystories_input, Dataset,
+    DownloadOptions, PrepareArgs, Tokenizer,
+};
 use crate::error::BadInput;
 use anyhow::Context;
 use sha2::{Digest, Sha256};
@@ -40,12 +47,22 @@ pub fn open(cfg: &RunConfig, tokenizer_dir: &Path) -> anyhow::Result<Dataset> {
             )
         }
         Some(DataModule::TinyStories) => {
-            let path = PathBuf::from(args.data_path.as_deref().unwrap_or(DEFAULT_TINYSTORIES));
-            (
-                "tinystories",
-                vec![path],
-                args.val_data_path.iter().map(PathBuf::from).collect(),
-            )
+            let path = PathBuf::from(match args.data_path.as_deref() {
+                None | Some("") => DEFAULT_TINYSTORIES,
+                Some(p) => p,
+            });
+            if is_prepared(&path) {
+                return Ok(Dataset::open(&path)?);
+            }
+            let input = match tinystories_input(&path) {
+                Some(input) => input,
+                None if path.is_dir() && has_story_files(&path) => path.clone(),
+                None => {
+                    info!("data: no TinyStories in {}, downloading it", path.display());
+                    download_tinystories(&path, &DownloadOptions::default())?
+                }
+            };
+            ("tinystories", vec![input], Vec::new())
         }
         None => {
             return Err(BadInput(format!(
@@ -93,6 +110,49 @@ pub fn open(cfg: &RunConfig, tokenizer_dir: &Path) -> anyhow::Result<Dataset> {
     let report = prepare(&p)?;
     info!("{report}");
     Ok(Dataset::open(&dir)?)
+}
+
+/// Whether `dir` directly holds text/json story files (a TinyStories data_path of raw files).
+fn has_story_files(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.filter_map(Result::ok).any(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            [".txt", ".json", ".jsonl", ".tar.gz"]
+                .iter()
+                .any(|ext| name.ends_with(ext))
+        })
+    })
+}
+
+/// The tokenizer directory of a run, downloading litgpt-style `<dir>/<owner>/<name>` when absent.
+pub fn tokenizer_dir(cfg: &RunConfig) -> anyhow::Result<PathBuf> {
+    let dir = PathBuf::from(cfg.tokenizer_dir.as_deref().ok_or_else(|| {
+        BadInput("tokenizer_dir: not set (a directory with tokenizer.json, e.g. checkpoints/EleutherAI/pythia-160m)".into())
+    })?);
+    if dir.join("tokenizer.json").is_file() {
+        return Ok(dir);
+    }
+    let parts: Vec<String> = dir
+        .iter()
+        .map(|c| c.to_string_lossy().to_string())
+        .collect();
+    match parts.as_slice() {
+        [root @ .., owner, name] if !dir.exists() => {
+            let repo = format!("{owner}/{name}");
+            let cache: PathBuf = root.iter().collect();
+            info!("tokenizer: {} missing, downloading {repo}", dir.display());
+            Ok(download_tokenizer(
+                &repo,
+                &cache,
+                &DownloadOptions::default(),
+            )?)
+        }
+        _ => Err(BadInput(format!(
+            "tokenizer_dir: {} has no tokenizer.json",
+            dir.display()
+        ))
+        .into()),
+    }
 }
 
 fn cache_root(cfg: &RunConfig) -> PathBuf {

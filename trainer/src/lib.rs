@@ -16,4 +16,5 @@ pub mod logging;
 pub mod metrics;
 pub mod optim;
 pub mod signals;
+pub mod tensorboard;
 pub mod train;

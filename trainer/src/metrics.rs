@@ -1,11 +1,13 @@
 //! Training metrics: a human line per log interval on stderr (rank 0), one JSON object per
-//! line in `<out_dir>/metrics.jsonl` (always), and `metrics.csv` when `logger_name: csv`.
+//! line in `<out_dir>/metrics.jsonl` (always), `metrics.csv` when `logger_name: csv`, and
+//! TensorBoard event files under `<out_dir>/tensorboard/` when `logger_name: tensorboard`.
 //!
 //! JSONL keys: train lines `step, tokens, loss, lr, grad_norm, tokens_per_sec, mfu,
 //! peak_memory_bytes, elapsed_secs`; eval lines `step, tokens, val_loss, val_ppl`.
 //! Not here: what is measured (train.rs decides) or where out_dir lives for checkpoints.
 
 use crate::config::LoggerName;
+use crate::tensorboard::EventWriter;
 use serde::Serialize;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -43,6 +45,7 @@ const CSV_HEADER: &str =
 pub struct MetricsWriter {
     jsonl: BufWriter<File>,
     csv: Option<BufWriter<File>>,
+    tensorboard: Option<EventWriter>,
     dir: PathBuf,
 }
 
@@ -68,9 +71,14 @@ impl MetricsWriter {
             }
             _ => None,
         };
+        let tensorboard = match logger {
+            LoggerName::Tensorboard => Some(EventWriter::create(&dir.join("tensorboard"))?),
+            _ => None,
+        };
         Ok(MetricsWriter {
             jsonl: BufWriter::new(jsonl),
             csv,
+            tensorboard,
             dir: dir.to_path_buf(),
         })
     }
@@ -105,6 +113,19 @@ impl MetricsWriter {
             )?;
             csv.flush()?;
         }
+        if let Some(tb) = &mut self.tensorboard {
+            let mut values = vec![
+                ("train/loss", r.loss),
+                ("train/lr", r.lr),
+                ("train/grad_norm", r.grad_norm),
+                ("train/tokens_per_sec", r.tokens_per_sec),
+                ("train/tokens", r.tokens as f64),
+            ];
+            if let Some(m) = r.mfu {
+                values.push(("train/mfu", m));
+            }
+            tb.scalars(r.step, &values)?;
+        }
         Ok(())
     }
 
@@ -117,6 +138,9 @@ impl MetricsWriter {
                 r.step, r.tokens, r.val_loss, r.val_ppl
             )?;
             csv.flush()?;
+        }
+        if let Some(tb) = &mut self.tensorboard {
+            tb.scalars(r.step, &[("val/loss", r.val_loss), ("val/ppl", r.val_ppl)])?;
         }
         Ok(())
     }

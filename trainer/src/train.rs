@@ -121,9 +121,7 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
     tch::manual_seed(cfg.seed as i64);
 
     // Data.
-    let tokenizer_dir = PathBuf::from(cfg.tokenizer_dir.as_deref().ok_or_else(|| {
-        BadInput("tokenizer_dir: not set (a directory with tokenizer.json, e.g. checkpoints/EleutherAI/pythia-160m)".into())
-    })?);
+    let tokenizer_dir = datasource::tokenizer_dir(&cfg)?;
     let dataset = datasource::open(&cfg, &tokenizer_dir)?;
     crate::data::check_vocab(&dataset, cfg.model().padded_vocab_size() as u64)?;
     let seq_len = cfg.train.max_seq_length.unwrap_or(cfg.model().block_size);

@@ -305,3 +305,54 @@ fn global_batch_not_divisible_by_micro_batch_is_reported() {
     );
     assert_bad(&out, "train.global_batch_size");
 }
+
+#[test]
+fn tensorboard_event_files_are_read_by_tensorboard() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(&train(
+        dir.path(),
+        &[
+            "--logger_name",
+            "tensorboard",
+            "--train.max_steps",
+            "3",
+            "--train.log_interval",
+            "1",
+            "--eval.initial_validation",
+            "false",
+            "--eval.max_iters",
+            "1",
+        ],
+    ));
+    let script = r#"
+import json, sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+acc = EventAccumulator(sys.argv[1]); acc.Reload()
+tags = acc.Tags()["scalars"]
+print(json.dumps({t: [[e.step, e.value] for e in acc.Scalars(t)] for t in tags}))
+"#;
+    let out = Command::new(repo().join(".venv/bin/python"))
+        .args([
+            "-c",
+            script,
+            dir.path().join("tensorboard").to_str().unwrap(),
+        ])
+        .output()
+        .expect("python from .venv");
+    let scalars: Value = serde_json::from_slice(&ok(&out).into_bytes()).expect("JSON");
+    let jsonl: Vec<f64> = metrics(dir.path())
+        .iter()
+        .filter_map(|r| r["loss"].as_f64())
+        .collect();
+    let tb: Vec<f64> = scalars["train/loss"]
+        .as_array()
+        .expect("train/loss scalars")
+        .iter()
+        .map(|p| p[1].as_f64().unwrap())
+        .collect();
+    assert_eq!(tb.len(), 3);
+    for (a, b) in tb.iter().zip(&jsonl) {
+        assert!((a - b).abs() < 1e-5 * b.abs(), "{a} vs {b}");
+    }
+    assert_eq!(scalars["val/loss"].as_array().map(Vec::len), Some(1));
+}
