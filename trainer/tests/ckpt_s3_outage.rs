@@ -1,0 +1,163 @@
+//! Failed checkpoint saves during training, end to end through the `mla` binary: the S3 test
+//! server is paused (SIGSTOP) while a save uploads — the run reports the failed save, keeps
+//! training (`checkpoint.on_failure: continue`, the default) and the next save succeeds once
+//! the server answers again; with an unreachable store, `on_failure: stop` ends the run at the
+//! first failure, and `continue` trains to the end but fails the run when the last save is lost.
+//!
+//! Its own test binary because pausing the shared server would stall concurrent S3 tests.
+//! The outage case needs `scripts/s3_server.sh start` (MLA_TEST_S3_PID); the unreachable-store
+//! cases need no server.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// SIGSTOP on creation, SIGCONT on drop (also when the test panics).
+struct Paused(String);
+
+impl Paused {
+    fn new(pid: &str) -> Paused {
+        let ok = Command::new("kill").args(["-STOP", pid]).status().unwrap();
+        assert!(ok.success(), "kill -STOP {pid}");
+        Paused(pid.to_string())
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-CONT", &self.0]).status();
+    }
+}
+
+/// Short S3 timeouts and retries, so a paused server fails a save within ~3 s.
+const IMPATIENT: &[(&str, &str)] = &[
+    ("MLA_STORE_REQUEST_TIMEOUT_SECS", "1"),
+    ("MLA_STORE_CONNECT_TIMEOUT_SECS", "1"),
+    ("MLA_STORE_MAX_RETRIES", "1"),
+    ("MLA_STORE_RETRY_TIMEOUT_SECS", "2"),
+];
+
+#[test]
+fn s3_outage_during_a_save_is_reported_training_continues_and_the_next_save_succeeds() {
+    let Some(out) = s3_out_dir("outage") else {
+        return;
+    };
+    let pid = std::env::var("MLA_TEST_S3_PID").expect("MLA_TEST_S3_PID (scripts/s3_server.sh)");
+    let cwd = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mla"))
+        .args(train_args(&out, &[]))
+        .envs(IMPATIENT.iter().copied())
+        .env("MLA_STORE_TEST_PUT_DELAY_MS", "300")
+        .env("RUST_LOG", "info,mla_trainer=debug")
+        .current_dir(cwd.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        for line in BufReader::new(stderr).lines() {
+            let line = line.unwrap();
+            let _ = tx.send(line.clone());
+            all.push(line);
+        }
+        all
+    });
+    let wait_for = |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no line with {needle:?}"));
+            if line.contains(needle) {
+                break;
+            }
+        }
+    };
+    // The save of step 2 has been handed to the background upload: pause the server until the
+    // run reports that save as failed (short timeouts: a few seconds).
+    wait_for("checkpoint step-00000002: training blocked");
+    {
+        let _paused = Paused::new(&pid);
+        wait_for("checkpoint step-00000002 FAILED");
+    }
+    let status = child.wait().unwrap();
+    let log = reader.join().unwrap().join("\n");
+    assert!(status.success(), "{status:?}\n{log}");
+    let failed = log
+        .find("checkpoint step-00000002 FAILED")
+        .unwrap_or_else(|| panic!("the failed save is reported:\n{log}"));
+    assert!(log[failed..].contains("training continues"), "{log}");
+    assert!(
+        log[failed..].contains(&format!("step {STEPS}/{STEPS}")),
+        "{log}"
+    );
+    assert!(
+        log[failed..].contains("checkpoint final saved"),
+        "a later save succeeds:\n{log}"
+    );
+
+    let rows = list(&out, true);
+    if let Some(s2) = row(&rows, "step-00000002") {
+        assert_ne!(s2["status"], "verified", "the failed save stays invisible");
+    }
+    assert_eq!(row(&rows, "final").unwrap()["status"], "verified");
+}
+
+/// An s3:// out_dir whose endpoint refuses connections, failing fast.
+fn unreachable_store(extra: &[&str]) -> (std::process::Output, String) {
+    let cwd = tempfile::tempdir().unwrap();
+    let env = [
+        ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_ACCESS_KEY_ID", "mla-test-key"),
+        ("AWS_SECRET_ACCESS_KEY", "mla-test-secret"),
+        ("AWS_REGION", "us-east-1"),
+        ("MLA_STORE_MAX_RETRIES", "0"),
+        ("MLA_STORE_CONNECT_TIMEOUT_SECS", "1"),
+    ];
+    let out = train(cwd.path(), "s3://mla-unreachable/run", extra, &env);
+    let log = stderr(&out);
+    (out, log)
+}
+
+#[test]
+fn failed_save_with_on_failure_stop_ends_the_run() {
+    let (out, log) = unreachable_store(&["--checkpoint.on_failure", "stop"]);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    let last = log.trim_end().lines().last().unwrap();
+    assert!(
+        last.contains("checkpoint step-00000002 failed and checkpoint.on_failure is stop"),
+        "{log}"
+    );
+    assert!(!log.contains(&format!("step {STEPS}/{STEPS}")), "{log}");
+    assert!(!log.contains("mla-test-secret"), "no credentials in logs");
+}
+
+#[test]
+fn failed_saves_with_on_failure_continue_keep_training_but_a_lost_last_save_fails_the_run() {
+    let (out, log) = unreachable_store(&[]);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("checkpoint step-00000002 FAILED (1 in a row)"),
+        "{log}"
+    );
+    assert!(
+        log.contains("checkpoint step-00000004 FAILED (2 in a row)"),
+        "{log}"
+    );
+    assert!(log.contains(&format!("step {STEPS}/{STEPS}")), "{log}");
+    let last = log.trim_end().lines().last().unwrap();
+    assert!(
+        last.contains("the last checkpoint (final) was not saved"),
+        "{log}"
+    );
+    assert!(!log.contains("mla-test-secret"), "no credentials in logs");
+}
