@@ -66,11 +66,11 @@ fn kill_9_during_an_s3_upload_leaves_the_step_invisible_and_resume_auto_continue
     };
     let reference = reference();
     let cwd = tempfile::tempdir().unwrap();
-    // Every PUT waits 400 ms, so one save (5 objects, then the manifest) takes > 2 s.
+    // Every PUT waits 250 ms, so one save (5 objects, then the manifest) takes > 1.5 s.
     let args = train_args(&out, &[]);
     let mut child = Command::new(env!("CARGO_BIN_EXE_mla"))
         .args(&args)
-        .env("MLA_STORE_TEST_PUT_DELAY_MS", "400")
+        .env("MLA_STORE_TEST_PUT_DELAY_MS", "250")
         .current_dir(cwd.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

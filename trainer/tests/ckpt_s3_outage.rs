@@ -51,7 +51,8 @@ fn s3_outage_during_a_save_is_reported_training_continues_and_the_next_save_succ
     let mut child = Command::new(env!("CARGO_BIN_EXE_mla"))
         .args(train_args(&out, &[]))
         .envs(IMPATIENT.iter().copied())
-        .env("MLA_STORE_TEST_PUT_DELAY_MS", "300")
+        // Each PUT waits 100 ms: the pause below lands while the save is still uploading.
+        .env("MLA_STORE_TEST_PUT_DELAY_MS", "100")
         .env("RUST_LOG", "info,mla_trainer=debug")
         .current_dir(cwd.path())
         .stdout(Stdio::null())
