@@ -131,6 +131,8 @@ pub fn lr_at(step: u64, lr: f64, min_lr: f64, warmup_steps: u64, total_steps: Op
 }
 
 /// AdamW (decoupled weight decay, torch's formulation) over the flat buffers. Moments are fp32.
+/// The update runs in place with one scratch buffer: no per-step allocation of model-sized
+/// temporaries (each pass is one large elementwise kernel).
 #[derive(Debug)]
 pub struct AdamW {
     pub exp_avg: Tensor,
@@ -139,6 +141,7 @@ pub struct AdamW {
     pub betas: (f64, f64),
     pub eps: f64,
     pub weight_decay: f64,
+    scratch: Tensor,
 }
 
 impl AdamW {
@@ -151,15 +154,18 @@ impl AdamW {
             betas,
             eps,
             weight_decay,
+            scratch: Tensor::zeros([flat.numel()], opts),
         }
     }
 
-    /// One update with learning rate `lr` from the gradients in `flat.grads`.
+    /// One update with learning rate `lr` from the gradients in `flat.grads`:
+    /// m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²;
+    /// p ← p·(1 − lr·wd) (≥2-D weights) − lr/(1−β1ᵗ) · m / (√v/√(1−β2ᵗ) + ε).
     pub fn step(&mut self, flat: &FlatParams, lr: f64) {
         tch::no_grad(|| {
             self.step += 1;
             let (b1, b2) = self.betas;
-            let g = flat.grads.to_kind(Kind::Float);
+            let g = flat.grads.to_kind(Kind::Float); // no copy for fp32 grads
             let mut p32 = if flat.params.kind() == Kind::Float {
                 flat.params.shallow_clone()
             } else {
@@ -171,13 +177,19 @@ impl AdamW {
                     .g_mul_scalar_(1.0 - lr * self.weight_decay);
             }
             let _ = self.exp_avg.lerp_(&g, 1.0 - b1);
-            let _ = self.exp_avg_sq.g_mul_scalar_(b2);
-            let _ = self.exp_avg_sq.g_add_(&(g.square() * (1.0 - b2)));
+            let s = &mut self.scratch;
+            s.copy_(&g);
+            let _ = s.g_mul_(&g); // g²
+            let _ = self.exp_avg_sq.lerp_(s, 1.0 - b2);
             let bias1 = 1.0 - b1.powi(self.step as i32);
             let bias2 = 1.0 - b2.powi(self.step as i32);
-            let denom = (self.exp_avg_sq.sqrt() / bias2.sqrt()) + self.eps;
-            let update = (&self.exp_avg / denom) * (lr / bias1);
-            let _ = p32.g_sub_(&update);
+            let _ = self.exp_avg_sq.sqrt_out(s);
+            let _ = s.g_mul_scalar_(1.0 / bias2.sqrt());
+            let _ = s.g_add_scalar_(self.eps); // denominator
+            let _ = s.reciprocal_();
+            let _ = s.g_mul_(&self.exp_avg);
+            let _ = s.g_mul_scalar_(lr / bias1); // the step
+            let _ = p32.g_sub_(s);
             if flat.params.kind() != Kind::Float {
                 flat.params.shallow_clone().copy_(&p32);
             }
