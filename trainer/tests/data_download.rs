@@ -327,3 +327,93 @@ fn unreachable_endpoint_is_a_clear_offline_error() {
     assert!(!msg.contains('\n'));
     assert!(dir_names(tmp.path()).is_empty());
 }
+
+/// The seed's workflow from nothing: `data: TinyStories` with an empty data path and a
+/// missing `checkpoints/<owner>/<name>` tokenizer dir — `mla train` downloads both from
+/// `HF_ENDPOINT` (here a local server), tokenizes, and trains; `mla download` does the same
+/// for the tokenizer alone.
+#[test]
+fn train_downloads_tinystories_and_the_tokenizer_from_hf_endpoint() {
+    let neox = shared_data().join("tokenizers/gpt-neox-20b/tokenizer.json");
+    let tokenizer_path = "/EleutherAI/pythia-160m/resolve/main/tokenizer.json";
+    let server = Server::start(HashMap::from([
+        (ARCHIVE_PATH.to_owned(), Reply::Ok(tinystories_archive())),
+        (
+            tokenizer_path.to_owned(),
+            Reply::Ok(std::fs::read(&neox).unwrap()),
+        ),
+    ]));
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mla = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_mla"))
+            .args(args)
+            .current_dir(tmp.path())
+            .env("HF_ENDPOINT", &server.addr)
+            .output()
+            .unwrap()
+    };
+    let out = mla(&[
+        "train",
+        "--device",
+        "cpu",
+        "--config",
+        repo.join("config_hub/pretrain/debug.yaml")
+            .to_str()
+            .unwrap(),
+        "--data",
+        "TinyStories",
+        "--data.data_path",
+        "",
+        "--tokenizer_dir",
+        "checkpoints/EleutherAI/pythia-160m",
+        "--out_dir",
+        "out",
+        "--model_config.block_size",
+        "32",
+        "--train.max_steps",
+        "2",
+        "--train.global_batch_size",
+        "2",
+        "--train.micro_batch_size",
+        "2",
+        "--eval.max_iters",
+        "1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(tmp
+        .path()
+        .join("data/tinystories/TinyStories_all_data.tar.gz")
+        .is_file());
+    assert_eq!(
+        std::fs::read(
+            tmp.path()
+                .join("checkpoints/EleutherAI/pythia-160m/tokenizer.json")
+        )
+        .unwrap(),
+        std::fs::read(&neox).unwrap()
+    );
+    assert!(tmp.path().join("out/final/manifest.json").is_file());
+    assert_eq!(server.hits(ARCHIVE_PATH), 1);
+
+    let out = mla(&[
+        "download",
+        "EleutherAI/pythia-160m",
+        "--tokenizer-only",
+        "--checkpoint-dir",
+        "ckpts",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(tmp
+        .path()
+        .join("ckpts/EleutherAI/pythia-160m/tokenizer.json")
+        .is_file());
+}

@@ -2,6 +2,7 @@
 //! Each subcommand lives in its own file; this one only parses and dispatches.
 
 mod ckpt;
+mod download;
 mod eval;
 mod generate;
 mod info;
@@ -31,6 +32,8 @@ enum Command {
     Info(info::InfoArgs),
     /// Tokenize text (.txt/.json/.jsonl, directories, .tar.gz) into token shards.
     Prepare(crate::data::PrepareArgs),
+    /// Download a model's tokenizer from the Hugging Face hub (litgpt layout).
+    Download(download::DownloadArgs),
     /// Sample text from a checkpoint.
     Generate(generate::GenerateArgs),
     /// Validation loss and perplexity of a checkpoint on a dataset.
@@ -64,6 +67,7 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
         Command::Train(a) => train::run(&a, &overrides),
         Command::Ckpt(a) => ckpt::run(&a),
         Command::Prepare(a) => prepare::run(&a),
+        Command::Download(a) => download::run(&a),
         Command::Generate(a) => generate::run(&a),
         Command::Eval(a) => eval::run(&a),
     }
