@@ -1,9 +1,21 @@
 //! Distributed plumbing: who am I (rank, world size, local rank — from the torchrun, OpenMPI,
-//! PMI or Slurm environment) and the `Communicator` the training loop all-reduces through.
+//! PMI or Slurm environment), the `Communicator` the training loop all-reduces through, and
+//! the choice of backend (DESIGN §5).
 //!
-//! Backends: `single` (here), `mpi` and `nccl` (issue #5). Tensors passed to collectives are
-//! contiguous and live on the communicator's device.
+//! Backends: `single` (here), `mpi` (mpi.rs, CPU ranks under mpirun/srun) and `nccl` (nccl.rs,
+//! one GPU per rank; its unique id travels by MPI or by the TCP rendezvous of rendezvous.rs).
+//! Tensors passed to collectives are contiguous; large ones are reduced in buckets of
+//! `dist.bucket_mb` ([`buckets`]). A collective that outlives `dist.timeout_secs` ends the
+//! process with one line naming the rank and the collective ([`watchdog`]).
+//! Not here: what is reduced when (train.rs), starting the ranks (mla-launch).
 
+pub mod mpi;
+pub mod nccl;
+pub mod rendezvous;
+pub mod watchdog;
+
+use crate::config::{Backend, DistConfig};
+use tch::Device;
 use tch::Tensor;
 
 /// This process's place in the job.
@@ -115,6 +127,72 @@ pub trait Communicator {
     fn barrier(&self) -> Result<(), DistError>;
     /// Sum small host values over ranks (loss sums, flags, token counts).
     fn all_reduce_host(&self, values: &mut [f64]) -> Result<(), DistError>;
+    /// Clean shutdown after a successful run (MPI_Finalize, NCCL communicator destroy). A
+    /// communicator dropped without it (an error path) skips the collective shutdown, so a
+    /// failing rank exits at once and mpirun/the launcher stop the others.
+    fn finish(&mut self) -> Result<(), DistError> {
+        Ok(())
+    }
+}
+
+/// Which backend a run uses: `dist.backend` resolved against world size and device.
+/// auto = nccl on CUDA with several ranks, mpi for several CPU ranks, single otherwise.
+pub fn choose_backend(
+    requested: Backend,
+    world_size: usize,
+    cuda: bool,
+) -> Result<Backend, String> {
+    match requested {
+        Backend::Auto if world_size == 1 => Ok(Backend::Single),
+        Backend::Auto if cuda => Ok(Backend::Nccl),
+        Backend::Auto => Ok(Backend::Mpi),
+        Backend::Single if world_size > 1 => Err(format!(
+            "dist.backend single cannot run {world_size} ranks; use auto, mpi (CPU) or nccl (CUDA)"
+        )),
+        Backend::Nccl if !cuda => Err(
+            "dist.backend nccl needs CUDA tensors (--device cuda); CPU ranks use dist.backend mpi or auto".into(),
+        ),
+        b => Ok(b),
+    }
+}
+
+/// The communicator of this rank for `device`. Errors that are the user's (an impossible
+/// backend/device combination, ranks not started by mpirun) are `DistError::Setup`.
+pub fn connect(
+    cfg: &DistConfig,
+    rank: &RankInfo,
+    device: Device,
+) -> Result<Box<dyn Communicator>, DistError> {
+    let backend =
+        choose_backend(cfg.backend, rank.world_size, device.is_cuda()).map_err(DistError::Setup)?;
+    Ok(match backend {
+        Backend::Single | Backend::Auto => Box::new(Single),
+        Backend::Mpi => Box::new(mpi::MpiComm::init(cfg, rank)?),
+        Backend::Nccl => Box::new(nccl::NcclComm::init(cfg, rank, device)?),
+    })
+}
+
+/// Element ranges `(offset, len)` covering `numel` elements in buckets of at most
+/// `bucket_mb` MiB of `elt_bytes`-sized elements.
+pub fn buckets(numel: usize, elt_bytes: usize, bucket_mb: usize) -> Vec<(usize, usize)> {
+    let per = ((bucket_mb.max(1) << 20) / elt_bytes.max(1)).max(1);
+    (0..numel)
+        .step_by(per)
+        .map(|off| (off, per.min(numel - off)))
+        .collect()
+}
+
+/// Every rank's `values` (all the same length), by rank: each rank writes its slot of a
+/// zeroed vector and the sum is the gather. Exact for integers below 2^53.
+pub fn all_gather_host(
+    comm: &dyn Communicator,
+    values: &[f64],
+) -> Result<Vec<Vec<f64>>, DistError> {
+    let n = values.len();
+    let mut all = vec![0.0; n * comm.world_size()];
+    all[comm.rank() * n..(comm.rank() + 1) * n].copy_from_slice(values);
+    comm.all_reduce_host(&mut all)?;
+    Ok(all.chunks(n.max(1)).map(<[f64]>::to_vec).collect())
 }
 
 /// One process, nothing to communicate.
@@ -197,6 +275,39 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(t.source, "torchrun");
+    }
+
+    #[test]
+    fn auto_picks_nccl_on_cuda_mpi_on_cpu_and_single_for_one_rank() {
+        assert_eq!(choose_backend(Backend::Auto, 1, true), Ok(Backend::Single));
+        assert_eq!(choose_backend(Backend::Auto, 1, false), Ok(Backend::Single));
+        assert_eq!(choose_backend(Backend::Auto, 8, true), Ok(Backend::Nccl));
+        assert_eq!(choose_backend(Backend::Auto, 2, false), Ok(Backend::Mpi));
+        assert_eq!(choose_backend(Backend::Nccl, 1, true), Ok(Backend::Nccl));
+        assert_eq!(choose_backend(Backend::Mpi, 2, true), Ok(Backend::Mpi));
+    }
+
+    #[test]
+    fn impossible_backend_choices_are_one_line_errors() {
+        let e = choose_backend(Backend::Single, 2, false).unwrap_err();
+        assert!(e.contains("single cannot run 2 ranks"), "{e}");
+        let e = choose_backend(Backend::Nccl, 2, false).unwrap_err();
+        assert!(e.contains("--device cuda"), "{e}");
+        assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn buckets_tile_the_buffer_in_bucket_sized_pieces() {
+        let b = buckets(10 << 20, 4, 16); // 40 MiB of f32 in 16 MiB buckets
+        assert_eq!(b, [(0, 4 << 20), (4 << 20, 4 << 20), (8 << 20, 2 << 20)]);
+        assert_eq!(buckets(5, 4, 25), [(0, 5)]);
+        assert!(buckets(0, 4, 25).is_empty());
+    }
+
+    #[test]
+    fn gathering_on_one_rank_returns_its_values() {
+        let g = all_gather_host(&Single, &[1.0, 2.0]).unwrap();
+        assert_eq!(g, [vec![1.0, 2.0]]);
     }
 
     #[test]

@@ -1,0 +1,219 @@
+//! The `mpi` backend: collectives over MPI_COMM_WORLD with the `mpi` crate (rsmpi) on
+//! OpenMPI, for CPU ranks started by mpirun or srun (`mla-launch --device cpu --nproc N`).
+//!
+//! * all-reduce (sum) in buckets of `dist.bucket_mb`: fp32/fp64 CPU tensors are reduced in
+//!   place (the bucket is copied out as the send buffer: MPI_IN_PLACE is not portable through
+//!   rsmpi); bf16/fp16 and CUDA tensors are staged per bucket through a host fp32 buffer;
+//! * broadcast of raw bytes (any dtype), barrier, and a host all-reduce for small values;
+//! * every collective runs under the [`Watchdog`]: past `dist.timeout_secs` the process ends
+//!   with one line naming the rank and the collective;
+//! * `finish` calls MPI_Finalize (OpenMPI 4 treats an exit without it as an abort); a
+//!   communicator dropped without `finish` (an error path) skips it on purpose, so mpirun
+//!   stops the job instead of a finalize waiting for a peer that will never come.
+//!
+//! Test hook: `MLA_TEST_DIST_STALL_RANK=R` makes rank R hang in its first gradient all-reduce
+//! (to test the timeout). Not here: which backend runs (mod.rs), the NCCL id broadcast uses
+//! [`init_world`] from nccl.rs.
+
+use super::watchdog::Watchdog;
+use super::{buckets, Communicator, DistError, RankInfo};
+use crate::config::DistConfig;
+use mpi::collective::SystemOperation;
+use mpi::datatype::Equivalence;
+use mpi::environment::Universe;
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::{Communicator as _, CommunicatorCollectives, Root};
+use mpi::Threading;
+use std::time::Duration;
+use tch::{Device, Kind, Tensor};
+
+pub const STALL_RANK_ENV: &str = "MLA_TEST_DIST_STALL_RANK";
+
+/// Initialise MPI (MPI_THREAD_FUNNELED: only the main thread calls MPI) and check that it
+/// sees the same rank and world size as the environment did.
+pub fn init_world(rank: &RankInfo) -> Result<(Universe, SimpleCommunicator), DistError> {
+    let (universe, _) = mpi::initialize_with_threading(Threading::Funneled)
+        .ok_or_else(|| DistError::Setup("MPI was already initialised in this process".into()))?;
+    let world = universe.world();
+    let (r, n) = (world.rank() as usize, world.size() as usize);
+    if (r, n) != (rank.rank, rank.world_size) {
+        let msg = format!(
+            "MPI sees rank {r} of {n} but the {} environment says rank {} of {}: start CPU ranks with mpirun or srun (mla-launch --device cpu --nproc N does)",
+            rank.source, rank.rank, rank.world_size
+        );
+        // Leave without MPI_Finalize: the other ranks are not in this world.
+        std::mem::forget(universe);
+        return Err(DistError::Setup(msg));
+    }
+    Ok((universe, world))
+}
+
+/// One rank of an MPI job.
+pub struct MpiComm {
+    world: SimpleCommunicator,
+    /// Taken by `finish` (MPI_Finalize); forgotten on drop otherwise.
+    universe: Option<Universe>,
+    rank: usize,
+    size: usize,
+    bucket_mb: usize,
+    watchdog: Watchdog,
+    stall: bool,
+}
+
+impl MpiComm {
+    pub fn init(cfg: &DistConfig, rank: &RankInfo) -> Result<MpiComm, DistError> {
+        let (universe, world) = init_world(rank)?;
+        let stall = std::env::var(STALL_RANK_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            == Some(rank.rank);
+        Ok(MpiComm {
+            world,
+            universe: Some(universe),
+            rank: rank.rank,
+            size: rank.world_size,
+            bucket_mb: cfg.bucket_mb,
+            watchdog: Watchdog::start(rank.rank, "mpi", Duration::from_secs(cfg.timeout_secs))?,
+            stall,
+        })
+    }
+
+    fn error(&self, op: &'static str, message: String) -> DistError {
+        DistError::Collective {
+            rank: self.rank,
+            op,
+            message,
+        }
+    }
+
+    /// The tensor as a flat view (it must be contiguous: a view of the caller's storage).
+    fn flat(&self, t: &Tensor, op: &'static str) -> Result<Tensor, DistError> {
+        if !t.is_contiguous() {
+            return Err(self.error(
+                op,
+                format!("tensor of shape {:?} is not contiguous", t.size()),
+            ));
+        }
+        Ok(t.view(-1))
+    }
+
+    /// Sum `len` elements of type `T` at `ptr` over all ranks, in place.
+    ///
+    /// SAFETY: `ptr` must point to `len` initialised, exclusively borrowed elements of `T`.
+    unsafe fn reduce_raw<T: Equivalence + Copy>(&self, ptr: *mut T, len: usize) {
+        // SAFETY: guaranteed by the caller.
+        let recv = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+        let send = recv.to_vec();
+        self.world
+            .all_reduce_into(&send[..], recv, SystemOperation::sum());
+    }
+
+    /// Sum a flat host tensor of `kind` (Float or Double) in place, bucket by bucket.
+    fn reduce_host(&self, flat: &Tensor, kind: Kind) {
+        let n = flat.numel();
+        for (off, len) in buckets(n, kind.elt_size_in_bytes(), self.bucket_mb) {
+            let chunk = flat.narrow(0, off as i64, len as i64);
+            let ptr = chunk.data_ptr();
+            // SAFETY: `chunk` is a contiguous CPU view of `len` elements of `kind` into the
+            // caller's tensor, which the collective borrows mutably for its duration.
+            unsafe {
+                match kind {
+                    Kind::Double => self.reduce_raw(ptr as *mut f64, len),
+                    _ => self.reduce_raw(ptr as *mut f32, len),
+                }
+            }
+        }
+    }
+}
+
+impl Communicator for MpiComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.size
+    }
+    fn backend(&self) -> &'static str {
+        "mpi"
+    }
+
+    fn all_reduce_sum(&self, t: &mut Tensor) -> Result<(), DistError> {
+        let _armed = self.watchdog.arm("all_reduce");
+        if self.stall {
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+        let flat = self.flat(t, "all_reduce")?;
+        let kind = flat.kind();
+        let wire = match kind {
+            Kind::Double => Kind::Double,
+            Kind::Float | Kind::BFloat16 | Kind::Half => Kind::Float,
+            k => return Err(self.error("all_reduce", format!("unsupported dtype {k:?}"))),
+        };
+        if flat.device() == Device::Cpu && kind == wire {
+            self.reduce_host(&flat, kind);
+            return Ok(());
+        }
+        // Staged: each bucket goes to host memory as fp32/fp64, is reduced there, comes back.
+        for (off, len) in buckets(flat.numel(), wire.elt_size_in_bytes(), self.bucket_mb) {
+            let mut chunk = flat.narrow(0, off as i64, len as i64);
+            let staged = chunk.to_device(Device::Cpu).to_kind(wire);
+            self.reduce_host(&staged, wire);
+            tch::no_grad(|| chunk.copy_(&staged));
+        }
+        Ok(())
+    }
+
+    fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<(), DistError> {
+        let _armed = self.watchdog.arm("broadcast");
+        let flat = self.flat(t, "broadcast")?;
+        let elt = flat.kind().elt_size_in_bytes();
+        let root = self.world.process_at_rank(root as i32);
+        for (off, len) in buckets(flat.numel(), elt, self.bucket_mb) {
+            let mut chunk = flat.narrow(0, off as i64, len as i64);
+            let host = if chunk.device() == Device::Cpu {
+                chunk.shallow_clone()
+            } else {
+                chunk.to_device(Device::Cpu)
+            };
+            // SAFETY: `host` is a contiguous CPU tensor of `len × elt` bytes, not otherwise
+            // accessed while the broadcast writes it.
+            let bytes =
+                unsafe { std::slice::from_raw_parts_mut(host.data_ptr() as *mut u8, len * elt) };
+            root.broadcast_into(bytes);
+            if chunk.device() != Device::Cpu {
+                tch::no_grad(|| chunk.copy_(&host));
+            }
+        }
+        Ok(())
+    }
+
+    fn barrier(&self) -> Result<(), DistError> {
+        let _armed = self.watchdog.arm("barrier");
+        self.world.barrier();
+        Ok(())
+    }
+
+    fn all_reduce_host(&self, values: &mut [f64]) -> Result<(), DistError> {
+        let _armed = self.watchdog.arm("all_reduce (host)");
+        let send = values.to_vec();
+        self.world
+            .all_reduce_into(&send[..], values, SystemOperation::sum());
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), DistError> {
+        let _armed = self.watchdog.arm("finalize");
+        drop(self.universe.take()); // MPI_Finalize
+        Ok(())
+    }
+}
+
+impl Drop for MpiComm {
+    fn drop(&mut self) {
+        if let Some(u) = self.universe.take() {
+            std::mem::forget(u);
+        }
+    }
+}
