@@ -20,7 +20,7 @@ mod saver;
 mod store;
 
 pub use blocking::BlockingCheckpointStore;
-pub use bytes::Bytes;
+pub use bytes::{Bytes, BytesMut};
 pub use error::{redact_secrets, Corruption, Error, Result, StoreErrorKind};
 pub use manifest::{
     check_object_name, sha256_hex, Manifest, ManifestMeta, ObjectEntry, StepName, FINAL_DIR,
