@@ -1,9 +1,11 @@
 //! Compute device of one rank: CPU or cuda:LOCAL_RANK, CUDA availability checks, the SDPA
-//! backend torch picks, the card's peak FLOP/s (for MFU) and peak memory.
+//! backend torch picks, the card's peak FLOP/s (for MFU), peak memory (host VmHWM; on CUDA the
+//! device memory in use, sampled), and libtorch's intra-op threads from OMP_NUM_THREADS.
 //!
 //! Not here: the precision policy (train.rs) or the launcher's GPU count (mla-launch).
 
 use crate::error::BadInput;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tch::{Device, Kind, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -116,4 +118,41 @@ pub fn peak_host_memory_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Set libtorch's intra-op threads from `OMP_NUM_THREADS` when it is set (mla-launch sets
+/// cores/nproc for CPU ranks, so two ranks do not each start one thread per core). Returns the
+/// count applied.
+pub fn apply_omp_num_threads() -> Option<i32> {
+    let n = std::env::var("OMP_NUM_THREADS")
+        .ok()?
+        .trim()
+        .parse::<i32>()
+        .ok()
+        .filter(|&n| n > 0)?;
+    tch::set_num_threads(n);
+    Some(n)
+}
+
+/// Peak device memory in use on `cuda:index` so far, in bytes: `cuMemGetInfo` (total − free)
+/// sampled at each call (the training loop calls it at every log step), the maximum kept.
+/// It counts the whole device — the CUDA context, libtorch's caching allocator's reserved
+/// pool (≥ torch.cuda.max_memory_reserved at the sample), NCCL buffers and any other process
+/// on the card — so it is an upper bound of this run's own peak. None without a CUDA driver.
+pub fn peak_gpu_memory_bytes(index: usize) -> Option<u64> {
+    static PEAK: AtomicU64 = AtomicU64::new(0);
+    static CTX: std::sync::OnceLock<Option<std::sync::Arc<cudarc::driver::CudaContext>>> =
+        std::sync::OnceLock::new();
+    let ctx = CTX
+        .get_or_init(|| {
+            // SAFETY: only probes whether the driver library loads.
+            if !unsafe { cudarc::driver::sys::is_culib_present() } {
+                return None;
+            }
+            cudarc::driver::CudaContext::new(index).ok()
+        })
+        .as_ref()?;
+    let (free, total) = ctx.mem_get_info().ok()?;
+    let used = total.saturating_sub(free) as u64;
+    Some(PEAK.fetch_max(used, Ordering::Relaxed).max(used))
 }
