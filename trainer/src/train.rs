@@ -4,14 +4,19 @@
 //!
 //! Precision: `32-true` fp32; `bf16-mixed` bf16 autocast on CUDA with fp32 master weights
 //! (CPU autocast is a no-op, so CPU runs are fp32); `bf16-true` bf16 weights.
+//! Several ranks (DDP, DESIGN §5): rank 0's initial weights are broadcast, gradients summed
+//! over the one flat buffer after the last micro-batch (the loss is scaled by 1/(accum·world),
+//! so the sum is the mean), the logged loss is the global mean, only rank 0 logs and writes;
+//! ranks agree on stopping (signal, max_time) through the per-step host all-reduce, so all of
+//! them checkpoint the same step.
 //! Not here: where data comes from (datasource.rs), tensor ↔ bytes (checkpoint.rs).
 
 use crate::budget::Budget;
 use crate::checkpoint::{self, TrainState};
 use crate::config::{Precision, RunConfig};
-use crate::data::{EvalLoader, LoaderConfig, Split, TrainLoader};
+use crate::data::{EvalLoader, LoaderConfig, LoaderPosition, Split, TrainLoader};
 use crate::device::{self, DeviceKind};
-use crate::dist::{Communicator, RankInfo, Single};
+use crate::dist::{self, Communicator, RankInfo};
 use crate::error::BadInput;
 use crate::metrics::{self, EvalRecord, MetricsWriter, TrainRecord};
 use crate::optim::{self, AdamW, FlatParams};
@@ -23,7 +28,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// Flags of `mla train` that are not config keys.
 #[derive(Debug, Clone, Default)]
@@ -106,15 +111,10 @@ fn validation_loss(
 /// checkpoint of the current step).
 pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
     let rank = RankInfo::from_env().map_err(BadInput)?;
-    if rank.world_size > 1 {
-        return Err(BadInput(format!(
-            "world size {} ({}): multi-rank training needs the mpi/nccl communicators, which this build does not have yet; run one rank",
-            rank.world_size, rank.source
-        ))
-        .into());
-    }
-    let comm: Box<dyn Communicator> = Box::new(Single);
+    device::apply_omp_num_threads();
     let device = device::select(opts.device, rank.local_rank)?;
+    dist::choose_backend(cfg.dist.backend, rank.world_size, device.is_cuda()).map_err(BadInput)?;
+    let mut comm = dist::connect(&cfg.dist, &rank, device)?;
     let (precision, autocast, param_kind) = precision_for(&cfg, device);
     let main = rank.is_main();
     signals::install();
@@ -194,15 +194,22 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
         &tokenizer_dir,
     )? {
         let s = restored.state;
-        let pos = s
-            .loaders
-            .first()
-            .context("checkpoint state has no loader position")?;
-        loader.restore(pos)?;
+        loader.restore(rank_position(&s.loaders, rank.rank)?)?;
         state = TrainState {
             world_size: rank.world_size,
             ..s
         };
+    }
+
+    if rank.world_size > 1 {
+        // Every rank must continue from the same step (out_dir is storage all ranks see).
+        let steps = dist::all_gather_host(comm.as_ref(), &[state.step as f64])?;
+        if let Some((r, s)) = steps.iter().enumerate().find(|(_, s)| s[0] != steps[0][0]) {
+            bail!(
+                "rank {r} resumed at step {} but rank 0 at step {}: every rank must see the same out_dir ({})",
+                s[0], steps[0][0], cfg.out_dir
+            );
+        }
     }
 
     let flops_per_token = stats::flops_per_token(cfg.model());
@@ -226,6 +233,16 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
             device::describe(device),
             precision.as_str(),
         );
+        if rank.world_size > 1 || comm.backend() != "single" {
+            info!(
+                "dist: {} rank(s) ({}), backend {}, gradient buckets of {} MiB, collective timeout {} s",
+                rank.world_size,
+                rank.source,
+                comm.backend(),
+                cfg.dist.bucket_mb,
+                cfg.dist.timeout_secs
+            );
+        }
         if precision == Precision::Bf16Mixed && !device.is_cuda() {
             info!("bf16-mixed: autocast is CUDA-only, so this CPU run computes in fp32");
         }
@@ -267,6 +284,17 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
     let mut window_tokens = 0u64;
     let mut consecutive_nonfinite = 0usize;
     let mut stopped_by_signal = false;
+    // Stop consensus: any rank's stop request or max_time ends the run for all, at one step.
+    let mut stop_agreed = false;
+    let mut time_agreed = false;
+    let mut window_reduce_secs = 0.0;
+    if rank.world_size > 1 {
+        let mut flag = [f64::from(u8::from(
+            signals::stop_requested() || stop_at_step == Some(state.step),
+        ))];
+        comm.all_reduce_host(&mut flag)?;
+        stop_agreed = flag[0] > 0.0;
+    }
 
     if cfg.eval.initial_validation && state.step == 0 {
         let start = Instant::now();
@@ -285,12 +313,15 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
 
     loop {
         let elapsed = elapsed_before + run_start.elapsed().as_secs_f64();
+        let alone = rank.world_size == 1;
         if total.is_some_and(|n| state.step >= n)
-            || cfg.train.max_time.is_some_and(|m| elapsed >= m)
+            || time_agreed
+            || (alone && cfg.train.max_time.is_some_and(|m| elapsed >= m))
         {
             break;
         }
-        if signals::stop_requested() || stop_at_step == Some(state.step) {
+        if stop_agreed || (alone && (signals::stop_requested() || stop_at_step == Some(state.step)))
+        {
             stopped_by_signal = true;
             break;
         }
@@ -303,10 +334,23 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
             (&loss / (accum * rank.world_size) as f64).backward();
             loss_sum += loss.detach();
         }
+        let reduce_start = Instant::now();
         comm.all_reduce_sum(&mut t.flat.grads)?;
-        let mut host = [loss_sum.double_value(&[]) / accum as f64, 0.0];
+        window_reduce_secs += reduce_start.elapsed().as_secs_f64();
+        let time_up = cfg
+            .train
+            .max_time
+            .is_some_and(|m| elapsed_before + run_start.elapsed().as_secs_f64() >= m);
+        let stop = signals::stop_requested() || stop_at_step == Some(state.step + 1);
+        let mut host = [
+            loss_sum.double_value(&[]) / accum as f64,
+            f64::from(u8::from(stop)),
+            f64::from(u8::from(time_up)),
+        ];
         comm.all_reduce_host(&mut host)?;
         let loss = host[0] / rank.world_size as f64;
+        stop_agreed = host[1] > 0.0;
+        time_agreed = host[2] > 0.0;
         let norm = optim::grad_norm(&t.flat).double_value(&[]);
         let lr = optim::lr_at(
             state.step,
@@ -363,7 +407,17 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
             if let Some(m) = &mut metrics {
                 info!("{}", metrics::train_line(&record, total));
                 m.train(&record).context("writing metrics")?;
+                if rank.world_size > 1 {
+                    debug!(
+                        "step {}: gradient all-reduce {:.1} ms per step, {:.1}% of step time",
+                        state.step,
+                        window_reduce_secs * 1e3 * budget.tokens_per_step as f64
+                            / window_tokens as f64,
+                        100.0 * window_reduce_secs / secs.max(1e-9)
+                    );
+                }
             }
+            window_reduce_secs = 0.0;
             window_start = Instant::now();
             window_tokens = 0;
         }
@@ -389,7 +443,7 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
             .is_some_and(|s| state.step % s as u64 == 0)
             && !last
         {
-            state.loaders = vec![loader.state()];
+            state.loaders = loader_positions(comm.as_ref(), &loader)?;
             state.elapsed_secs = elapsed_before + run_start.elapsed().as_secs_f64();
             saver.save(StepName::Step(state.step), &t.flat, &t.opt, &state)?;
             window_start = Instant::now();
@@ -410,7 +464,7 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
         log_eval(&mut metrics, state.step, state.tokens_seen, val, start)?;
         state.last_val_loss = Some(val);
     }
-    state.loaders = vec![loader.state()];
+    state.loaders = loader_positions(comm.as_ref(), &loader)?;
     state.elapsed_secs = elapsed_before + run_start.elapsed().as_secs_f64();
     let name = if stopped_by_signal {
         info!("stop requested: saving step {} before exiting", state.step);
@@ -420,6 +474,7 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
     };
     saver.save(name.clone(), &t.flat, &t.opt, &state)?;
     saver.finish()?;
+    comm.finish()?;
     if main {
         info!(
             "done: {} steps, {} tokens in {:.1} s; checkpoint {}/{}",
@@ -460,8 +515,48 @@ fn log_eval(
 fn peak_memory(device: Device) -> Option<u64> {
     match device {
         Device::Cpu => device::peak_host_memory_bytes(),
+        Device::Cuda(i) => device::peak_gpu_memory_bytes(i),
         _ => None,
     }
+}
+
+/// Every rank's loader position, by rank. At optimizer-step boundaries they are equal by
+/// construction; they are gathered so the checkpoint records what each rank had.
+fn loader_positions(
+    comm: &dyn Communicator,
+    loader: &TrainLoader,
+) -> anyhow::Result<Vec<LoaderPosition>> {
+    let mine = loader.state();
+    if comm.world_size() == 1 {
+        return Ok(vec![mine]);
+    }
+    let at = [mine.epoch, mine.cursor, mine.micro_step].map(|v| v as f64);
+    Ok(dist::all_gather_host(comm, &at)?
+        .iter()
+        .map(|v| LoaderPosition {
+            epoch: v[0] as u64,
+            cursor: v[1] as u64,
+            micro_step: v[2] as u64,
+            ..mine.clone()
+        })
+        .collect())
+}
+
+/// This rank's position from a checkpoint's `loaders`, which must hold one per rank, all equal.
+fn rank_position(loaders: &[LoaderPosition], rank: usize) -> Result<&LoaderPosition, BadInput> {
+    let mine = loaders.get(rank).ok_or_else(|| {
+        BadInput(format!(
+            "checkpoint state has {} loader position(s), rank {rank} needs its own",
+            loaders.len()
+        ))
+    })?;
+    if let Some((r, other)) = loaders.iter().enumerate().find(|(_, p)| *p != mine) {
+        return Err(BadInput(format!(
+            "checkpoint state: loader position of rank {r} (epoch {}, cursor {}, micro-step {}) differs from rank {rank}'s (epoch {}, cursor {}, micro-step {}); the checkpoint was not taken at a step boundary",
+            other.epoch, other.cursor, other.micro_step, mine.epoch, mine.cursor, mine.micro_step
+        )));
+    }
+    Ok(mine)
 }
 
 /// Where metrics files go: out_dir itself when local, else `.cache/mla/runs/<name>`.
