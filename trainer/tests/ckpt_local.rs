@@ -216,6 +216,32 @@ fn resume_from_an_explicit_step_dir_continues_from_that_step() {
 }
 
 #[test]
+fn initial_checkpoint_dir_given_as_an_out_dir_loads_its_newest_weights_only() {
+    let ckpt = small_checkpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("finetune");
+    let out_s = out.to_str().unwrap();
+    let args = [
+        "--initial_checkpoint_dir",
+        ckpt.parent().unwrap().to_str().unwrap(),
+        "--train.max_steps",
+        "1",
+    ];
+    let log = stderr(&train(dir.path(), out_s, &args, &[]));
+    let loaded = log
+        .lines()
+        .find(|l| l.contains("initial weights from"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(loaded.contains("/small/final"), "{loaded}");
+    // Weights only: step, optimizer and data position start fresh, so step 1 sees the first
+    // batch again, now with trained weights.
+    let first = losses(&out.join("metrics.jsonl"));
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].0, 1);
+    assert_ne!(first[0].1, reference().losses[0].1);
+}
+
+#[test]
 fn inspect_shows_config_state_and_tensor_names_shapes_and_dtypes() {
     let ckpt = small_checkpoint();
     let text = ok(&mla(&["ckpt", "inspect", ckpt.to_str().unwrap()]));
