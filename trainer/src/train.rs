@@ -120,9 +120,16 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
     signals::install();
     tch::manual_seed(cfg.seed as i64);
 
-    // Data.
+    // Data. Rank 0 first: a first run downloads/tokenizes into a cache all ranks share, which
+    // the others then open (their wait is bounded by dist.timeout_secs).
+    if !main {
+        comm.barrier()?;
+    }
     let tokenizer_dir = datasource::tokenizer_dir(&cfg)?;
     let dataset = datasource::open(&cfg, &tokenizer_dir)?;
+    if main && rank.world_size > 1 {
+        comm.barrier()?;
+    }
     crate::data::check_vocab(&dataset, cfg.model().padded_vocab_size() as u64)?;
     let seq_len = cfg.train.max_seq_length.unwrap_or(cfg.model().block_size);
     let micro = cfg.train.micro_batch_size;
