@@ -120,4 +120,35 @@ impl BlockingCheckpointStore {
     pub fn retain(&self, keep_last: usize) -> Result<RetainReport> {
         self.rt.block_on(self.store.retain(keep_last))
     }
+
+    /// See [`CheckpointStore::retain_after_save`].
+    pub fn retain_after_save(&self, keep_last: usize, saved: &StepName) -> Result<RetainReport> {
+        self.rt
+            .block_on(self.store.retain_after_save(keep_last, saved))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retain_after_save_keeps_the_step_just_written() {
+        let store = BlockingCheckpointStore::open("memory://").unwrap();
+        for n in 1..=3 {
+            let meta = ManifestMeta {
+                step: n,
+                ..Default::default()
+            };
+            let objects = [("a.bin".to_string(), Bytes::from(vec![n as u8; 8]))];
+            store
+                .write_step(&StepName::Step(n), &objects, meta)
+                .unwrap();
+        }
+        let report = store.retain_after_save(1, &StepName::Step(3)).unwrap();
+        assert_eq!(report.newest_valid, Some(StepName::Step(3)));
+        assert_eq!(report.deleted, [StepName::Step(1), StepName::Step(2)]);
+        let left: Vec<StepName> = store.list().unwrap().into_iter().map(|i| i.step).collect();
+        assert_eq!(left, [StepName::Step(3)]);
+    }
 }

@@ -546,7 +546,7 @@ impl Saver {
                 let started = Instant::now();
                 let result = self.store.write_step(&job.step, &job.objects, job.meta);
                 let retention = match (&result, job.keep_last) {
-                    (Ok(_), Some(k)) => Some(self.store.retain(k)),
+                    (Ok(_), Some(k)) => Some(self.store.retain_after_save(k, &name)),
                     _ => None,
                 };
                 let report = SaveReport {
