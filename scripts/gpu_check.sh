@@ -1,0 +1,196 @@
+#!/usr/bin/env bash
+# scripts/gpu_check.sh — the GPU acceptance check of issue #5, for a machine with one NVIDIA GPU,
+# torch 2.11 (CUDA 13 wheels) in a venv, and no cargo. Under 8 minutes.
+#
+# 1. Here (a build machine with cargo; no GPU needed), put everything the check needs in .device/
+#    (git-ignored; ~60 MiB):
+#        scripts/gpu_check.sh --prepare
+#    = release build of mla and mla-launch, stripped into .device/bin/; the shared libraries they
+#    need beyond glibc/libstdc++/libtorch (OpenMPI's libmpi and its dependencies: mla links MPI
+#    even when it never initialises it) into .device/lib/; the TinyStories sample of
+#    ../shared/data tokenized (GPT-NeoX tokenizer) into .device/data/tinystories and the
+#    tokenizer into .device/data/tokenizer.
+# 2. On the GPU machine, in the repository root with .device/ copied along:
+#        scripts/gpu_check.sh [--torch-lib DIR] [--steps N]
+#    DIR (or $TORCH_LIB) is torch's lib directory; default: the first of
+#    /opt/torch/.venv/lib/python3.*/site-packages/torch/lib and .venv/…/torch/lib.
+#    LD_LIBRARY_PATH gets DIR, every <site-packages>/nvidia/*/lib (CUDA 13 runtime, cuDNN, NCCL
+#    from nvidia-nccl-cu13) and .device/lib.
+#
+# Checks, each printed PASS/FAIL (exit 1 if any failed):
+#   a. CUDA + NCCL smoke: the debug model (fp32) trained 20 steps on cuda:0 with backend single
+#      and with backend nccl (world size 1: the NCCL all-reduce is a copy on stream 0) gives the
+#      same losses (ordering on torch's stream is right, the NCCL calls work).
+#   b. Decode parity on the GPU: greedy `mla generate --device cuda` of that model gives the same
+#      text with the absorbed MLA cache, the naive cache and no cache.
+#   c. pythia-160m MLA (config_hub/pretrain/cfg.yaml): bf16-mixed, micro batch 4 × 2048, global
+#      batch 128, --dist.backend nccl, N steps (default 24). Prints the SDPA backend torch picks
+#      for these shapes (from the train log), tokens/s and MFU (median of the logged steps after
+#      the first), and peak GPU memory two ways: the trainer's `peak_memory_bytes` (cuMemGetInfo
+#      total − free, max of per-log-step samples: whole device, an upper bound) and nvidia-smi's
+#      per-process used_memory sampled every 0.5 s. PASS needs the peak under 16 GiB.
+# The last lines are a summary to paste into BENCHMARKS.md with the card's name.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+D=.device
+
+say() { printf '\033[1m[gpu_check]\033[0m %s\n' "$*" >&2; }
+
+prepare() {
+  # shellcheck source=scripts/env.sh
+  source scripts/env.sh
+  say "release build"
+  cargo build --release -p mla-trainer -p mla-launcher --bins --quiet
+  rm -rf "$D/bin" "$D/lib"
+  mkdir -p "$D/bin" "$D/lib" "$D/data/tokenizer"
+  strip -o "$D/bin/mla" target/release/mla
+  strip -o "$D/bin/mla-launch" target/release/mla-launch
+  # Libraries mla needs that a torch venv does not bring (libtorch, CUDA and glibc excluded).
+  ldd target/release/mla | awk '$3 ~ /^\// {print $3}' | while read -r lib; do
+    case "$(basename "$lib")" in
+      libc.so* | libm.so* | libdl.so* | librt.so* | libpthread.so* | libutil.so* | ld-linux*) ;;
+      libstdc++.so* | libgcc_s.so*) ;;
+      *) case "$lib" in */torch/lib/* | */nvidia/*) ;; *) cp -L "$lib" "$D/lib/" ;; esac ;;
+    esac
+  done
+  local data=../shared/data
+  if [ ! -f "$D/data/tinystories/index.json" ]; then
+    say "tokenizing the TinyStories sample into $D/data/tinystories"
+    target/release/mla prepare "$data/tinystories/train" --val "$data/tinystories/valid" \
+      --tokenizer-dir "$data/tokenizers/gpt-neox-20b" --out "$D/data/tinystories" --overwrite --quiet
+  fi
+  cp "$data/tokenizers/gpt-neox-20b/tokenizer.json" "$D/data/tokenizer/"
+  say "ready: $(du -sh "$D" | cut -f1) in $D (bin: $(ls "$D/bin" | tr '\n' ' '); lib: $(ls "$D/lib" | tr '\n' ' '))"
+}
+
+torch_lib=${TORCH_LIB:-}
+steps=24
+while (($#)); do
+  case "$1" in
+    --prepare) prepare; exit 0 ;;
+    --torch-lib) torch_lib=$2; shift 2 ;;
+    --steps) steps=$2; shift 2 ;;
+    -h | --help) sed -n '2,35p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+if [ -z "$torch_lib" ]; then
+  for cand in /opt/torch/.venv/lib/python3.*/site-packages/torch/lib .venv/lib/python3.*/site-packages/torch/lib; do
+    [ -f "$cand/libtorch_cuda.so" ] && { torch_lib=$cand; break; }
+  done
+fi
+[ -n "$torch_lib" ] && [ -f "$torch_lib/libtorch_cuda.so" ] \
+  || { echo "gpu_check.sh: no CUDA libtorch found; pass --torch-lib <venv>/lib/python3.*/site-packages/torch/lib" >&2; exit 2; }
+site=$(cd "$torch_lib/../.." && pwd)
+libs=$(cd "$torch_lib" && pwd)
+for l in "$site"/nvidia/*/lib; do [ -d "$l" ] && libs="$libs:$l"; done
+export LD_LIBRARY_PATH="$libs:$ROOT/$D/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+MLA=${MLA:-$D/bin/mla}
+[ -x "$MLA" ] && [ -f "$D/data/tinystories/index.json" ] \
+  || { echo "gpu_check.sh: $D/bin/mla or $D/data missing: run scripts/gpu_check.sh --prepare on a build machine first" >&2; exit 2; }
+command -v nvidia-smi >/dev/null || { echo "gpu_check.sh: nvidia-smi not found (no NVIDIA driver?)" >&2; exit 2; }
+
+out=$D/out
+rm -rf "$out"
+mkdir -p "$out"
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader -i 0)
+say "card: $card ($(nvidia-smi --query-gpu=memory.total,driver_version --format=csv,noheader -i 0)); torch lib $torch_lib"
+"$MLA" --version
+failed=0
+pass() { printf 'PASS %s\n' "$*"; }
+fail() { printf 'FAIL %s\n' "$*"; failed=1; }
+
+data=(--data.train_data_path "$D/data/tinystories" --data.val_data_path null --tokenizer_dir "$D/data/tokenizer")
+losses() { python3 -c "
+import json,sys
+print(' '.join(repr(json.loads(l)['loss']) for l in open(sys.argv[1]) if '\"loss\"' in l))" "$1/metrics.jsonl"; }
+
+# a. single vs nccl on the debug model ------------------------------------------------------
+debug=(--config config_hub/pretrain/debug.yaml "${data[@]}" --precision 32-true --train.max_steps 20
+  --train.log_interval 1 --train.save_interval 1000 --eval.initial_validation false --eval.final_validation false)
+for b in single nccl; do
+  if ! timeout 300 "$MLA" train --device cuda "${debug[@]}" --dist.backend "$b" --out_dir "$out/debug-$b" >"$out/debug-$b.log" 2>&1; then
+    tail -5 "$out/debug-$b.log"
+  fi
+done
+if [ -f "$out/debug-single/final/manifest.json" ] && [ -f "$out/debug-nccl/final/manifest.json" ]; then
+  grep -h "dist:" "$out/debug-nccl.log" | sed 's/^/  /' || true
+  if [ "$(losses "$out/debug-single")" = "$(losses "$out/debug-nccl")" ]; then
+    pass "a. debug model on cuda: backend nccl (world 1) = backend single over 20 steps (losses $(losses "$out/debug-nccl" | awk '{print $1" … "$NF}'))"
+  else
+    fail "a. losses differ: single [$(losses "$out/debug-single")] nccl [$(losses "$out/debug-nccl")]"
+  fi
+else
+  fail "a. debug training on cuda failed (logs: $out/debug-*.log)"
+fi
+
+# b. decode parity on the GPU -----------------------------------------------------------------
+if [ -f "$out/debug-nccl/final/manifest.json" ]; then
+  gen() { timeout 120 "$MLA" generate "$out/debug-nccl/final" --device cuda --temperature 0 --max-new-tokens 48 "$@" 2>>"$out/generate.log"; }
+  absorbed=$(gen --attention absorbed || echo "(failed)")
+  naive=$(gen --attention naive || echo "(failed)")
+  nocache=$(gen --no-cache || echo "(failed)")
+  if [ "$absorbed" = "$naive" ] && [ "$naive" = "$nocache" ] && [ "$absorbed" != "(failed)" ]; then
+    pass "b. greedy decode on cuda: absorbed = naive = no cache (${#absorbed} chars)"
+  else
+    fail "b. decode paths differ on cuda:"$'\n'"  absorbed: $absorbed"$'\n'"  naive:    $naive"$'\n'"  no cache: $nocache"
+  fi
+else
+  fail "b. skipped: no debug checkpoint"
+fi
+
+# c. pythia-160m MLA, bf16-mixed, micro 4 × 2048, NCCL ----------------------------------------
+run=$out/cfg
+smi=$out/nvidia-smi.csv
+nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits -lms 500 >"$smi" 2>/dev/null &
+smi_pid=$!
+t0=$(date +%s)
+set +e
+timeout 330 "$MLA" train --device cuda --config config_hub/pretrain/cfg.yaml --out_dir "$run" \
+  --data.data_path "$D/data/tinystories" --tokenizer_dir "$D/data/tokenizer" --dist.backend nccl \
+  --precision bf16-mixed --train.micro_batch_size 4 --train.max_seq_length 2048 --train.global_batch_size 128 \
+  --train.max_steps "$steps" --train.log_interval 2 --train.save_interval 100000 \
+  --eval.max_iters 5 --eval.interval 100000 >"$out/cfg.log" 2>&1
+rc=$?
+set -e
+kill "$smi_pid" 2>/dev/null || true
+grep -h -E "model |SDPA backend|dist:|batch:|step [0-9]+/|done:|error" "$out/cfg.log" | sed 's/\x1b\[[0-9;]*m//g; s/^/  /'
+if [ "$rc" -ne 0 ] || [ ! -f "$run/metrics.jsonl" ]; then
+  fail "c. pythia-160m run failed (exit $rc; log $out/cfg.log)"
+else
+  summary=$(python3 - "$run/metrics.jsonl" "$smi" "$card" "$(($(date +%s) - t0))" <<'EOF'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"loss"' in l]
+timed = rows[1:] or rows
+tps = statistics.median(r["tokens_per_sec"] for r in timed)
+mfu = [r["mfu"] for r in timed if r.get("mfu") is not None]
+peak = max((r.get("peak_memory_bytes") or 0) for r in rows)
+smi = 0
+for line in open(sys.argv[2]):
+    parts = [p.strip() for p in line.split(",")]
+    if len(parts) == 2 and parts[1].isdigit():
+        smi = max(smi, int(parts[1]))
+gib = 1024 ** 3
+mfu_s = f"{100 * statistics.median(mfu):.1f}%" if mfu else "n/a (unknown card: set MLA_PEAK_TFLOPS)"
+print(f"{sys.argv[3]} | pythia-160m MLA, bf16-mixed, micro 4 x 2048, global 128, nccl world 1 | "
+      f"{tps:,.0f} tok/s | MFU {mfu_s} | peak GPU memory {peak / gib:.2f} GiB (device, cuMemGetInfo), "
+      f"{smi / 1024:.2f} GiB (process, nvidia-smi) | loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f} "
+      f"in {rows[-1]['step']} steps | {sys.argv[4]} s wall")
+print("OK" if max(peak, smi * 1024 * 1024) < 16 * gib else "OVER")
+EOF
+)
+  line=$(head -1 <<<"$summary")
+  if [ "$(tail -1 <<<"$summary")" = OK ]; then
+    pass "c. $line"
+  else
+    fail "c. peak GPU memory over 16 GiB: $line"
+  fi
+fi
+
+echo
+echo "summary for BENCHMARKS.md ($(date -u +%F), $card):"
+grep -h "SDPA backend" "$out/cfg.log" | sed 's/\x1b\[[0-9;]*m//g; s/.*SDPA/  SDPA/' | head -1
+[ -n "${line:-}" ] && echo "  $line"
+exit "$failed"
