@@ -18,9 +18,10 @@
 #    from nvidia-nccl-cu13) and .device/lib.
 #
 # Checks, each printed PASS/FAIL (exit 1 if any failed):
-#   a. CUDA + NCCL smoke: the debug model (fp32) trained 20 steps on cuda:0 with backend single
+#   a. CUDA + NCCL smoke: the debug model (fp32) trained 40 steps on cuda:0 with backend single
 #      and with backend nccl (world size 1: the NCCL all-reduce is a copy on stream 0) gives the
-#      same losses (ordering on torch's stream is right, the NCCL calls work).
+#      same losses within 1e-3 relative (not bit-exact: CUDA backward kernels with atomics differ
+#      run to run); a stream-ordering bug would show as garbage or NaN, not as rounding.
 #   b. Decode parity on the GPU: greedy `mla generate --device cuda` of that model gives the same
 #      text with the absorbed MLA cache, the naive cache and no cache.
 #   c. pythia-160m MLA (config_hub/pretrain/cfg.yaml): bf16-mixed, micro batch 4 × 2048, global
@@ -108,7 +109,7 @@ import json,sys
 print(' '.join(repr(json.loads(l)['loss']) for l in open(sys.argv[1]) if '\"loss\"' in l))" "$1/metrics.jsonl"; }
 
 # a. single vs nccl on the debug model ------------------------------------------------------
-debug=(--config config_hub/pretrain/debug.yaml "${data[@]}" --precision 32-true --train.max_steps 20
+debug=(--config config_hub/pretrain/debug.yaml "${data[@]}" --precision 32-true --train.max_steps 40
   --train.log_interval 1 --train.save_interval 1000 --eval.initial_validation false --eval.final_validation false)
 for b in single nccl; do
   if ! timeout 300 "$MLA" train --device cuda "${debug[@]}" --dist.backend "$b" --out_dir "$out/debug-$b" >"$out/debug-$b.log" 2>&1; then
@@ -116,11 +117,16 @@ for b in single nccl; do
   fi
 done
 if [ -f "$out/debug-single/final/manifest.json" ] && [ -f "$out/debug-nccl/final/manifest.json" ]; then
-  grep -h "dist:" "$out/debug-nccl.log" | sed 's/^/  /' || true
-  if [ "$(losses "$out/debug-single")" = "$(losses "$out/debug-nccl")" ]; then
-    pass "a. debug model on cuda: backend nccl (world 1) = backend single over 20 steps (losses $(losses "$out/debug-nccl" | awk '{print $1" … "$NF}'))"
+  grep -h "dist:" "$out/debug-nccl.log" | sed 's/\x1b\[[0-9;]*m//g; s/^/  /' || true
+  worst=$(python3 -c "
+import math,sys
+a=[float(x) for x in sys.argv[1].split()]; b=[float(x) for x in sys.argv[2].split()]
+ok=len(a)==len(b)==40 and all(math.isfinite(x) for x in a+b)
+print(max(abs(x-y)/abs(x) for x,y in zip(a,b)) if ok else 'inf')" "$(losses "$out/debug-single")" "$(losses "$out/debug-nccl")")
+  if python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) <= 1e-3 else 1)" "$worst"; then
+    pass "a. debug model on cuda: backend nccl (world 1) = backend single over 40 steps (largest relative loss difference $worst; losses $(losses "$out/debug-nccl" | awk '{print $1" … "$NF}'))"
   else
-    fail "a. losses differ: single [$(losses "$out/debug-single")] nccl [$(losses "$out/debug-nccl")]"
+    fail "a. losses differ (largest relative difference $worst): single [$(losses "$out/debug-single")] nccl [$(losses "$out/debug-nccl")]"
   fi
 else
   fail "a. debug training on cuda failed (logs: $out/debug-*.log)"
@@ -168,7 +174,11 @@ tps = statistics.median(r["tokens_per_sec"] for r in timed)
 mfu = [r["mfu"] for r in timed if r.get("mfu") is not None]
 peak = max((r.get("peak_memory_bytes") or 0) for r in rows)
 smi = 0
-for line in open(sys.argv[2]):
+try:
+    lines = open(sys.argv[2]).readlines()
+except OSError:
+    lines = []
+for line in lines:
     parts = [p.strip() for p in line.split(",")]
     if len(parts) == 2 and parts[1].isdigit():
         smi = max(smi, int(parts[1]))
