@@ -7,9 +7,9 @@
 //!   `libnccl.so.13` (cudarc 0.19 `get_lib_name_candidates`), which a pip install does not
 //!   have, so the handful of functions used here are resolved with libloading and cudarc's
 //!   `nccl::sys` types. A missing library is one line saying where to point LD_LIBRARY_PATH.
-//! * Unique id: rank 0 creates it; under mpirun/srun (OpenMPI/PMI/Slurm environment) it goes
-//!   to the others by MPI broadcast, otherwise by the TCP rendezvous at MASTER_ADDR:MASTER_PORT
-//!   (rendezvous.rs); a single rank needs neither.
+//! * Unique id: rank 0 creates it; under mpirun, or srun with a PMI service (`--mpi=pmix`:
+//!   PMIX_RANK/PMI_RANK set), it goes to the others by MPI broadcast, otherwise by the TCP
+//!   rendezvous at MASTER_ADDR:MASTER_PORT (rendezvous.rs); a single rank needs neither.
 //! * Streams: collectives are enqueued on the legacy default stream (stream 0), which is
 //!   libtorch's current stream unless something sets another, so they are ordered after the
 //!   backward kernels that wrote the gradients and before the optimizer's kernels with no extra
@@ -190,9 +190,15 @@ pub fn id_from_bytes(bytes: &[u8]) -> Result<ncclUniqueId, DistError> {
     Ok(id)
 }
 
-/// Whether rank/world came from mpirun or srun, so MPI can carry the unique id.
-pub fn started_by_mpi_or_slurm(rank: &RankInfo) -> bool {
-    matches!(rank.source, "OpenMPI" | "PMI" | "Slurm")
+/// Whether MPI can carry the unique id: ranks started by mpirun, or by srun with a PMI service
+/// (`srun --mpi=pmix` sets PMIX_RANK, pmi2 PMI_RANK); plain srun ranks would each be an MPI
+/// world of one, so they use the TCP rendezvous.
+pub fn id_by_mpi(rank: &RankInfo, env: impl Fn(&str) -> Option<String>) -> bool {
+    match rank.source {
+        "OpenMPI" | "PMI" => true,
+        "Slurm" => env("PMIX_RANK").is_some() || env("PMI_RANK").is_some(),
+        _ => false,
+    }
 }
 
 fn nccl_kind(kind: Kind) -> Option<c_int> {
@@ -220,7 +226,7 @@ fn share_unique_id(
     if rank.world_size == 1 {
         return create();
     }
-    if started_by_mpi_or_slurm(rank) {
+    if id_by_mpi(rank, |k| std::env::var(k).ok()) {
         use mpi::traits::{Communicator as _, Root};
         let (universe, world) = super::mpi::init_world(rank)?;
         let mut bytes = if rank.rank == 0 {
@@ -571,16 +577,19 @@ mod tests {
     }
 
     #[test]
-    fn mpi_carries_the_id_only_under_mpirun_or_srun() {
+    fn mpi_carries_the_id_under_mpirun_and_srun_with_pmi_only() {
         let mut r = RankInfo::single();
-        for (source, by_mpi) in [
-            ("OpenMPI", true),
-            ("Slurm", true),
-            ("PMI", true),
-            ("torchrun", false),
+        let none = |_: &str| None;
+        let pmix = |k: &str| (k == "PMIX_RANK").then(|| "3".to_string());
+        for (source, plain, with_pmix) in [
+            ("OpenMPI", true, true),
+            ("PMI", true, true),
+            ("Slurm", false, true),
+            ("torchrun", false, false),
         ] {
             r.source = source;
-            assert_eq!(started_by_mpi_or_slurm(&r), by_mpi, "{source}");
+            assert_eq!(id_by_mpi(&r, none), plain, "{source}");
+            assert_eq!(id_by_mpi(&r, pmix), with_pmix, "{source} with PMIx");
         }
     }
 
