@@ -85,26 +85,44 @@ fn precision_for(cfg: &RunConfig, device: Device) -> (Precision, bool, Kind) {
     }
 }
 
-fn validation_loss(
-    model: &Gpt,
-    loader: &EvalLoader,
+/// Validation over the eval loader: mean loss of every rank's micro-batches.
+struct Validation {
+    loader: EvalLoader,
     micro: usize,
     seq_len: usize,
     device: Device,
     autocast: bool,
-    comm: &dyn Communicator,
-) -> anyhow::Result<f64> {
-    let mut sums = [0.0, 0.0];
-    tch::no_grad(|| -> anyhow::Result<()> {
-        for batch in loader.iter() {
-            let (x, y) = tokens_to_batch(&batch?, micro, seq_len, device);
-            sums[0] += loss_of(model, &x, &y, autocast).double_value(&[]);
-            sums[1] += 1.0;
-        }
+}
+
+impl Validation {
+    fn loss(&self, model: &Gpt, comm: &dyn Communicator) -> anyhow::Result<f64> {
+        let mut sums = [0.0, 0.0];
+        tch::no_grad(|| -> anyhow::Result<()> {
+            for batch in self.loader.iter() {
+                let (x, y) = tokens_to_batch(&batch?, self.micro, self.seq_len, self.device);
+                sums[0] += loss_of(model, &x, &y, self.autocast).double_value(&[]);
+                sums[1] += 1.0;
+            }
+            Ok(())
+        })?;
+        comm.all_reduce_host(&mut sums)?;
+        Ok(sums[0] / sums[1].max(1.0))
+    }
+
+    /// Evaluate, log (rank 0) and record the loss in `state`.
+    fn run(
+        &self,
+        model: &Gpt,
+        comm: &dyn Communicator,
+        metrics: &mut Option<MetricsWriter>,
+        state: &mut TrainState,
+    ) -> anyhow::Result<()> {
+        let start = Instant::now();
+        let val = self.loss(model, comm)?;
+        log_eval(metrics, state.step, state.tokens_seen, val, start)?;
+        state.last_val_loss = Some(val);
         Ok(())
-    })?;
-    comm.all_reduce_host(&mut sums)?;
-    Ok(sums[0] / sums[1].max(1.0))
+    }
 }
 
 /// Run training as configured; returns when the budget is spent (or on SIGTERM, after a
@@ -150,14 +168,20 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
             seed: data_seed,
         },
     )?;
-    let eval_loader = EvalLoader::new(
-        dataset.split(Split::Val),
-        seq_len,
+    let validation = Validation {
+        loader: EvalLoader::new(
+            dataset.split(Split::Val),
+            seq_len,
+            micro,
+            rank.rank,
+            rank.world_size,
+            Some(cfg.eval.max_iters as u64),
+        )?,
         micro,
-        rank.rank,
-        rank.world_size,
-        Some(cfg.eval.max_iters as u64),
-    )?;
+        seq_len,
+        device,
+        autocast,
+    };
     let budget =
         Budget::new(&cfg, rank.world_size, loader.windows_per_epoch()).map_err(BadInput)?;
 
@@ -304,18 +328,7 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
     }
 
     if cfg.eval.initial_validation && state.step == 0 {
-        let start = Instant::now();
-        let val = validation_loss(
-            &t.model,
-            &eval_loader,
-            micro,
-            seq_len,
-            device,
-            autocast,
-            comm.as_ref(),
-        )?;
-        log_eval(&mut metrics, state.step, state.tokens_seen, val, start)?;
-        state.last_val_loss = Some(val);
+        validation.run(&t.model, comm.as_ref(), &mut metrics, &mut state)?;
     }
 
     loop {
@@ -430,18 +443,7 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
         }
         let last = total == Some(state.step);
         if state.step % cfg.eval.interval as u64 == 0 && !(last && cfg.eval.final_validation) {
-            let start = Instant::now();
-            let val = validation_loss(
-                &t.model,
-                &eval_loader,
-                micro,
-                seq_len,
-                device,
-                autocast,
-                comm.as_ref(),
-            )?;
-            log_eval(&mut metrics, state.step, state.tokens_seen, val, start)?;
-            state.last_val_loss = Some(val);
+            validation.run(&t.model, comm.as_ref(), &mut metrics, &mut state)?;
             window_start = Instant::now(); // keep eval time out of tokens/s
         }
         if cfg
@@ -458,18 +460,7 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
     }
 
     if cfg.eval.final_validation && !stopped_by_signal {
-        let start = Instant::now();
-        let val = validation_loss(
-            &t.model,
-            &eval_loader,
-            micro,
-            seq_len,
-            device,
-            autocast,
-            comm.as_ref(),
-        )?;
-        log_eval(&mut metrics, state.step, state.tokens_seen, val, start)?;
-        state.last_val_loss = Some(val);
+        validation.run(&t.model, comm.as_ref(), &mut metrics, &mut state)?;
     }
     state.loaders = loader_positions(comm.as_ref(), &loader)?;
     state.elapsed_secs = elapsed_before + run_start.elapsed().as_secs_f64();
