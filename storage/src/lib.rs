@@ -8,6 +8,7 @@
 //! * [`CheckpointStore`] — async API (write, verify, list, latest valid, retention, resolve).
 //! * [`BlockingCheckpointStore`] — the same for synchronous callers.
 //! * [`BackgroundSaver`] — uploads while training continues, one save at a time.
+//! * [`open_location`] — the same URL parsing and backends for other objects (token datasets).
 //!
 //! Not here: tensor (de)serialisation, resume policy, config checks (trainer).
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
@@ -22,6 +23,7 @@ mod store;
 pub use blocking::BlockingCheckpointStore;
 pub use bytes::{Bytes, BytesMut};
 pub use error::{redact_secrets, Corruption, Error, Result, StoreErrorKind};
+pub use location::{open_location, ObjectLocation};
 pub use manifest::{
     check_object_name, sha256_hex, Manifest, ManifestMeta, ObjectEntry, StepName, FINAL_DIR,
     FORMAT_VERSION, MANIFEST_NAME,

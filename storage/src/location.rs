@@ -116,6 +116,39 @@ fn local(out_dir: &str, path: &str) -> Result<Location> {
     })
 }
 
+/// An object-store location opened for something other than checkpoints (the trainer's token
+/// datasets): the backend, the key prefix inside it, and the canonical URL for messages.
+/// `Debug` prints the URL only (backends' `Debug` may show credentials).
+#[derive(Clone)]
+pub struct ObjectLocation {
+    pub store: Arc<dyn ObjectStore>,
+    /// Key prefix of the location inside `store` (empty for a bucket root or a local directory).
+    pub root: Path,
+    /// `file:///abs/dir`, `s3://bucket/prefix` or `memory://prefix`.
+    pub url: String,
+}
+
+impl std::fmt::Debug for ObjectLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectLocation")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Open `location` (a path, `file://path`, `s3://bucket/prefix` or `memory://prefix`) with the
+/// same parsing, AWS environment and retry/timeout settings as [`crate::CheckpointStore`]; local
+/// directories are created when missing, `memory://` is a new, empty store. No network I/O.
+pub fn open_location(location: &str, opts: &StoreOptions) -> Result<ObjectLocation> {
+    let loc = parse(location)?;
+    let store = open_backend(&loc, opts)?;
+    Ok(ObjectLocation {
+        store,
+        root: loc.root,
+        url: loc.url,
+    })
+}
+
 /// Split `…/step-00000400` (path or URL) into its `out_dir` and step name.
 pub(crate) fn split_step_dir(step_dir: &str) -> Result<(String, StepName)> {
     let not_step = || Error::NotAStepDir {
@@ -218,6 +251,32 @@ mod tests {
         assert!(parse("s3:///p").is_err());
         assert!(parse("s3://b/a//b").is_err());
         assert!(parse("").is_err());
+    }
+
+    #[test]
+    fn open_location_gives_backend_root_and_url() {
+        let opts = StoreOptions::default();
+        let mem = open_location("memory://data/tiny/", &opts).unwrap();
+        assert_eq!(mem.root.as_ref(), "data/tiny");
+        assert_eq!(mem.url, "memory://data/tiny");
+        assert_eq!(
+            format!("{mem:?}"),
+            "ObjectLocation { url: \"memory://data/tiny\", .. }"
+        );
+        let s3 = open_location("s3://bucket/a/b", &opts).unwrap();
+        assert_eq!(
+            (s3.root.as_ref(), s3.url.as_str()),
+            ("a/b", "s3://bucket/a/b")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("new");
+        let local = open_location(sub.to_str().unwrap(), &opts).unwrap();
+        assert!(sub.is_dir(), "local directories are created");
+        assert_eq!(local.url, format!("file://{}", sub.display()));
+        assert!(matches!(
+            open_location("gs://b/p", &opts),
+            Err(Error::InvalidLocation { .. })
+        ));
     }
 
     #[test]
