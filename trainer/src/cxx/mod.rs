@@ -1,0 +1,150 @@
+//! Safe Rust wrappers over shim.cpp, the C ABI to the libtorch ops tch 0.24 lacks: torch's
+//! fused AdamW kernel, the foreach global norm and in-place scale, and setting or clearing a
+//! parameter's `.grad`. Each wrapper passes tch handles (`at::Tensor*`) and turns the shim's
+//! error string into an [`OptimError`]; no C++ exception and no panic crosses the boundary.
+//! Not here: which tensors or hyper-parameters (optim.rs).
+
+use super::OptimError;
+use std::ffi::{c_char, CStr};
+use tch::Tensor;
+use torch_sys::C_tensor;
+
+extern "C" {
+    fn mla_free_error(message: *mut c_char);
+    fn mla_set_grad(var: *const C_tensor, grad: *const C_tensor) -> *mut c_char;
+    #[allow(clippy::too_many_arguments)]
+    fn mla_fused_adamw(
+        params: *const *const C_tensor,
+        grads: *const *const C_tensor,
+        exp_avgs: *const *const C_tensor,
+        exp_avg_sqs: *const *const C_tensor,
+        n: usize,
+        step: *const C_tensor,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+    ) -> *mut c_char;
+    fn mla_grad_norm(
+        grads: *const *const C_tensor,
+        n: usize,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
+    fn mla_foreach_mul_(tensors: *const *const C_tensor, n: usize, scale: f64) -> *mut c_char;
+}
+
+/// Ok on a null return, else the shim's message (which is released here).
+fn check(op: &'static str, message: *mut c_char) -> Result<(), OptimError> {
+    if message.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null return is a NUL-terminated string from the shim, valid until
+    // mla_free_error, which is called exactly once, after the copy.
+    let text = unsafe { CStr::from_ptr(message) }
+        .to_string_lossy()
+        .into_owned();
+    // SAFETY: see above.
+    unsafe { mla_free_error(message) };
+    Err(OptimError::Torch { op, message: text })
+}
+
+fn handles(ts: &[Tensor]) -> Vec<*const C_tensor> {
+    ts.iter().map(Tensor::as_ptr).collect()
+}
+
+/// `var.grad = grad`, or `var.grad = None` for `None` (the next backward then takes over its
+/// fresh gradient instead of adding into a buffer). Shape, dtype and device must match.
+pub fn set_grad(var: &Tensor, grad: Option<&Tensor>) -> Result<(), OptimError> {
+    let g = grad.map_or(std::ptr::null(), Tensor::as_ptr);
+    // SAFETY: both handles are live tch tensors borrowed for the call; the shim only reads the
+    // handles and updates the autograd metadata shared by every handle of `var`.
+    check("set_grad", unsafe { mla_set_grad(var.as_ptr(), g) })
+}
+
+/// Hyper-parameters of one fused AdamW call.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWArgs {
+    pub lr: f64,
+    pub betas: (f64, f64),
+    pub weight_decay: f64,
+    pub eps: f64,
+}
+
+/// One fused AdamW step (`torch._fused_adamw_`) over matching lists: parameters, gradients
+/// and fp32-or-same-dtype moments, all of one dtype and device; `step` is the 0-dim fp32 step
+/// count of this update (already incremented) on that device.
+pub fn fused_adamw(
+    params: &[Tensor],
+    grads: &[Tensor],
+    exp_avgs: &[Tensor],
+    exp_avg_sqs: &[Tensor],
+    step: &Tensor,
+    args: AdamWArgs,
+) -> Result<(), OptimError> {
+    let n = params.len();
+    if [grads.len(), exp_avgs.len(), exp_avg_sqs.len()] != [n; 3] {
+        return Err(OptimError::Torch {
+            op: "fused_adamw",
+            message: format!(
+                "list lengths differ: {n} params, {} grads, {} exp_avg, {} exp_avg_sq",
+                grads.len(),
+                exp_avgs.len(),
+                exp_avg_sqs.len()
+            ),
+        });
+    }
+    let (p, g, m, v) = (
+        handles(params),
+        handles(grads),
+        handles(exp_avgs),
+        handles(exp_avg_sqs),
+    );
+    // SAFETY: four arrays of n live tensor handles and one step handle, all borrowed for the
+    // call; the kernel writes only the tensors' data.
+    let message = unsafe {
+        mla_fused_adamw(
+            p.as_ptr(),
+            g.as_ptr(),
+            m.as_ptr(),
+            v.as_ptr(),
+            n,
+            step.as_ptr(),
+            args.lr,
+            args.betas.0,
+            args.betas.1,
+            args.weight_decay,
+            args.eps,
+        )
+    };
+    check("fused_adamw", message)
+}
+
+/// Global L2 norm of `grads` (norm of the per-tensor norms, as `clip_grad_norm_`), a 0-dim
+/// fp32 tensor on their device, not synchronised to the host.
+pub fn grad_norm(grads: &[Tensor]) -> Result<Tensor, OptimError> {
+    let g = handles(grads);
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: an array of live handles borrowed for the call; on success `out` is a new
+    // heap `at::Tensor` that the returned tch Tensor owns (freed by its Drop).
+    check("grad_norm", unsafe {
+        mla_grad_norm(g.as_ptr(), g.len(), &mut out)
+    })?;
+    if out.is_null() {
+        return Err(OptimError::Torch {
+            op: "grad_norm",
+            message: "no result".into(),
+        });
+    }
+    // SAFETY: see above; ownership moves to the Tensor.
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// Multiply every tensor of `tensors` in place by `scale`.
+pub fn foreach_mul_(tensors: &[Tensor], scale: f64) -> Result<(), OptimError> {
+    let t = handles(tensors);
+    // SAFETY: an array of live handles borrowed for the call; only their data is written.
+    check("foreach_mul_", unsafe {
+        mla_foreach_mul_(t.as_ptr(), t.len(), scale)
+    })
+}

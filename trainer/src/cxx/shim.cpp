@@ -1,0 +1,148 @@
+// trainer/src/cxx/shim.cpp — the few libtorch ops that tch 0.24 does not expose, behind a C ABI
+// for trainer/src/optim.rs (bindings in mod.rs): torch's fused AdamW kernel
+// (`at::_fused_adamw_`, the one `torch.optim.AdamW(fused=True)` runs), the foreach norm and
+// scale that `torch.nn.utils.clip_grad_norm_` uses, and setting or clearing a parameter's
+// `.grad` (Python's `p.grad = g` / `p.grad = None`).
+//
+// Not here: any policy (which tensors, which hyper-parameters); that is optim.rs.
+//
+// Tensors arrive as tch handles, which are `at::Tensor*`. No C++ exception crosses the C ABI:
+// every entry point returns nullptr on success or a malloc'd message that the caller releases
+// with mla_free_error. Built by trainer/build.rs with the cc crate against the libtorch that
+// torch-sys links (same -std and _GLIBCXX_USE_CXX11_ABI).
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/_foreach_mul.h>
+#include <ATen/ops/_foreach_norm.h>
+#include <ATen/ops/_fused_adamw.h>
+#include <ATen/ops/linalg_vector_norm.h>
+#include <ATen/ops/stack.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <vector>
+
+namespace {
+
+char* copy_message(const char* what) {
+  const size_t n = std::strlen(what);
+  char* out = static_cast<char*>(std::malloc(n + 1));
+  if (out != nullptr) {
+    std::memcpy(out, what, n + 1);
+  }
+  return out;
+}
+
+// Returned when even the error message cannot be allocated; mla_free_error leaves it alone.
+char kOutOfMemory[] = "out of memory while reporting a libtorch error";
+
+// Runs `f`, turning any exception into an error message (never nullptr on failure).
+
+template <typename F>
+char* guarded(F&& f) noexcept {
+  try {
+    f();
+    return nullptr;
+  } catch (const c10::Error& e) {
+    char* m = copy_message(e.what_without_backtrace());
+    return m != nullptr ? m : kOutOfMemory;
+  } catch (const std::exception& e) {
+    char* m = copy_message(e.what());
+    return m != nullptr ? m : kOutOfMemory;
+  } catch (...) {
+    char* m = copy_message("unknown C++ exception");
+    return m != nullptr ? m : kOutOfMemory;
+  }
+}
+
+std::vector<at::Tensor> to_list(const at::Tensor* const* ts, size_t n) {
+  std::vector<at::Tensor> out;
+  out.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK(ts[i] != nullptr, "tensor ", i, " of the list is null");
+    TORCH_CHECK(ts[i]->defined(), "tensor ", i, " of the list is undefined");
+    out.push_back(*ts[i]);
+  }
+  return out;
+}
+
+}  // namespace
+
+extern "C" {
+
+void mla_free_error(char* message) {
+  if (message != kOutOfMemory) {
+    std::free(message);
+  }
+}
+
+// var.grad = grad (shapes, dtype and device must match), or var.grad = None when grad is
+// null or undefined: the next backward then hands its fresh gradient over without a copy.
+char* mla_set_grad(const at::Tensor* var, const at::Tensor* grad) {
+  return guarded([&] {
+    TORCH_CHECK(var != nullptr && var->defined(), "set_grad: undefined parameter");
+    if (grad == nullptr || !grad->defined()) {
+      var->mutable_grad() = at::Tensor();
+      return;
+    }
+    TORCH_CHECK(grad->sizes() == var->sizes(), "set_grad: gradient of shape ", grad->sizes(),
+                " for a parameter of shape ", var->sizes());
+    TORCH_CHECK(grad->scalar_type() == var->scalar_type(), "set_grad: gradient dtype ",
+                grad->scalar_type(), " for a parameter of dtype ", var->scalar_type());
+    TORCH_CHECK(grad->device() == var->device(), "set_grad: gradient on ", grad->device(),
+                " for a parameter on ", var->device());
+    var->mutable_grad() = *grad;
+  });
+}
+
+// One AdamW step (decoupled decay, torch.optim.AdamW's formula) over n parameters in one
+// fused kernel per tensor on CPU, one multi-tensor launch on CUDA. `step` is the 0-dim fp32
+// step count already incremented for this step, on the parameters' device.
+char* mla_fused_adamw(const at::Tensor* const* params, const at::Tensor* const* grads,
+                      const at::Tensor* const* exp_avgs, const at::Tensor* const* exp_avg_sqs,
+                      size_t n, const at::Tensor* step, double lr, double beta1, double beta2,
+                      double weight_decay, double eps) {
+  return guarded([&] {
+    if (n == 0) {
+      return;
+    }
+    TORCH_CHECK(step != nullptr && step->defined(), "fused_adamw: undefined step tensor");
+    at::NoGradGuard no_grad;
+    const std::vector<at::Tensor> steps(n, *step);
+    at::_fused_adamw_(to_list(params, n), to_list(grads, n), to_list(exp_avgs, n),
+                      to_list(exp_avg_sqs, n), /*max_exp_avg_sqs=*/{}, steps, lr, beta1, beta2,
+                      weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false);
+  });
+}
+
+// *out = the global L2 norm of n tensors, a new fp32 0-dim tensor on their device (not
+// synchronised to the host): as clip_grad_norm_, the norm of the per-tensor norms.
+char* mla_grad_norm(const at::Tensor* const* grads, size_t n, at::Tensor** out) {
+  return guarded([&] {
+    TORCH_CHECK(out != nullptr, "grad_norm: null output");
+    TORCH_CHECK(n > 0, "grad_norm: no gradients");
+    at::NoGradGuard no_grad;
+    const std::vector<at::Tensor> list = to_list(grads, n);
+    std::vector<at::Tensor> norms =
+        list[0].scalar_type() == at::kFloat
+            ? at::_foreach_norm(list, 2)
+            : at::_foreach_norm(list, 2, at::kFloat);
+    at::Tensor total = at::linalg_vector_norm(at::stack(norms), 2);
+    *out = new at::Tensor(std::move(total));
+  });
+}
+
+// Scale n tensors in place by `scale` (gradient clipping).
+char* mla_foreach_mul_(const at::Tensor* const* tensors, size_t n, double scale) {
+  return guarded([&] {
+    if (n == 0) {
+      return;
+    }
+    at::NoGradGuard no_grad;
+    at::_foreach_mul_(to_list(tensors, n), scale);
+  });
+}
+
+}  // extern "C"
