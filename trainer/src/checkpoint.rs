@@ -892,7 +892,7 @@ mod tests {
         for (name, shape) in shapes {
             let _ = vs.root().randn(name, shape, 0.0, 1.0);
         }
-        FlatParams::new(&vs, kind)
+        FlatParams::new(&vs, kind).unwrap()
     }
 
     #[test]
@@ -921,8 +921,8 @@ mod tests {
         let flat = flat_of(&[("w", &[3, 4]), ("b", &[4])], Kind::Float);
         let mut opt = AdamW::new(&flat, (0.9, 0.95), 1e-8, 0.1);
         let _ = flat.grads.shallow_clone().fill_(0.5);
-        opt.step(&flat, 1e-3);
-        opt.step(&flat, 1e-3);
+        opt.step(&flat, 1e-3).unwrap();
+        opt.step(&flat, 1e-3).unwrap();
         let bytes = optimizer_bytes(&flat, &opt, None).unwrap();
         let mut other = AdamW::new(&flat, (0.9, 0.95), 1e-8, 0.1);
         load_optimizer(&flat, &mut other, &bytes, "opt").unwrap();
@@ -941,7 +941,7 @@ mod tests {
             // A longer step number in the metadata changes the header length.
             while opt.step < steps {
                 let _ = flat.grads.shallow_clone().fill_(0.5);
-                opt.step(&flat, 1e-3);
+                opt.step(&flat, 1e-3).unwrap();
             }
             let fresh = optimizer_bytes(&flat, &opt, None).unwrap();
             let mut dirty = BytesMut::from(&vec![0xAB; fresh.len() + 64][..]);

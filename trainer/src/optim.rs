@@ -1,16 +1,34 @@
 //! Optimisation over ONE flat buffer: every parameter of the model is re-pointed
-//! (`set_data`) at a slice of a flat parameter tensor, and every gradient at a slice of a flat
-//! gradient tensor (FSDP's flat_param idea). Zeroing, clipping, all-reduce and AdamW are then a
-//! handful of large kernels instead of several per parameter.
+//! (`set_data`) at a slice of a flat parameter tensor (FSDP's flat_param idea), and the AdamW
+//! moments are two flat fp32 tensors with the same layout, so checkpoints and the weight
+//! broadcast are one bulk copy each.
+//!
+//! Gradients are NOT kept in a flat buffer during backward: before the first micro-batch of a
+//! step they are cleared (`p.grad = None`, [`FlatParams::clear_grads`]), so autograd hands
+//! over each fresh gradient instead of adding it into a zeroed buffer (what PyTorch does with
+//! `zero_grad(set_to_none=True)`). For DDP, [`FlatParams::gather_grads`] copies them into the
+//! flat gradient buffer (one copy, no zero fill) and re-points each `.grad` at its slice, so
+//! the bucketed all-reduce sees one contiguous buffer. Norm, clipping and AdamW then run as
+//! torch's own foreach/fused kernels over the per-parameter lists (`cxx`, a C++ shim).
 //!
 //! Layout: parameters with ≥ 2 dims (weights, embeddings) first, then 1-D ones (biases, norms),
 //! each group in name order, so decoupled weight decay applies to one contiguous prefix.
 //! Also here: the LR schedule (linear warmup, cosine to min_lr, by optimizer step) and
 //! global-norm clipping. Not here: the loop that calls them (train.rs).
 
+#[path = "cxx/mod.rs"]
+mod cxx;
+
 use std::collections::HashMap;
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
+
+/// A libtorch op of the optimizer failed (reported by the C++ shim, never a panic).
+#[derive(Debug, thiserror::Error)]
+pub enum OptimError {
+    #[error("libtorch {op}: {message}")]
+    Torch { op: &'static str, message: String },
+}
 
 /// Where one parameter lives in the flat buffers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,22 +42,31 @@ impl FlatEntry {
     pub fn numel(&self) -> i64 {
         self.shape.iter().product()
     }
+
+    fn of(&self, flat: &Tensor) -> Tensor {
+        flat.narrow(0, self.offset, self.numel())
+            .view(self.shape.as_slice())
+    }
 }
 
-/// The model's parameters and gradients as two flat tensors.
+/// The model's parameters as one flat tensor, and a flat gradient buffer of the same layout.
 #[derive(Debug)]
 pub struct FlatParams {
     pub params: Tensor,
+    /// Gradients gathered for the all-reduce ([`FlatParams::gather_grads`]); its slices are
+    /// also the `.grad` of a parameter that got none. Stale while gradients are per-parameter.
     pub grads: Tensor,
     pub entries: Vec<FlatEntry>,
     /// Elements [0, n_decay) are ≥2-D weights (weight decay applies).
     pub n_decay: i64,
+    /// The model's variables in `entries` order (their data are views of `params`).
+    vars: Vec<Tensor>,
 }
 
 impl FlatParams {
-    /// Move every trainable variable of `vs` into one flat buffer of `kind` (values kept),
-    /// and give each a gradient that is a view into one flat gradient buffer.
-    pub fn new(vs: &VarStore, kind: Kind) -> FlatParams {
+    /// Move every trainable variable of `vs` into one flat buffer of `kind` (values kept).
+    /// Each `.grad` starts as its (zeroed) slice of the flat gradient buffer.
+    pub fn new(vs: &VarStore, kind: Kind) -> Result<FlatParams, OptimError> {
         let vars: HashMap<String, Tensor> = vs.variables();
         let mut names: Vec<&String> = vars.keys().collect();
         names.sort_by_key(|n| (vars[*n].dim() < 2, n.to_string()));
@@ -62,53 +89,112 @@ impl FlatParams {
         }
         let params = Tensor::zeros([offset], (kind, device));
         let grads = Tensor::zeros([offset], (kind, device));
+        let ordered: Vec<Tensor> = entries
+            .iter()
+            .map(|e| vars[&e.name].shallow_clone())
+            .collect();
         tch::no_grad(|| {
-            for e in &entries {
-                let mut view = params
-                    .narrow(0, e.offset, e.numel())
-                    .view(e.shape.as_slice());
-                view.copy_(&vars[&e.name]);
-                let mut var = vars[&e.name].shallow_clone();
-                var.set_data(&view);
+            for (e, var) in entries.iter().zip(&ordered) {
+                let mut view = e.of(&params);
+                view.copy_(var);
+                var.shallow_clone().set_data(&view);
             }
         });
-        // Materialise every .grad with a zero backward, then re-point it at the flat buffer;
-        // autograd accumulates in place into an existing grad, so it stays a view.
-        let zero: Tensor = entries
-            .iter()
-            .map(|e| vars[&e.name].sum(Kind::Float) * 0.0)
-            .fold(Tensor::zeros([], (Kind::Float, device)), |a, b| a + b);
-        zero.backward();
-        for e in &entries {
-            let mut g = vars[&e.name].grad();
-            g.set_data(
-                &grads
-                    .narrow(0, e.offset, e.numel())
-                    .view(e.shape.as_slice()),
-            );
-        }
-        let _ = grads.shallow_clone().zero_();
-        FlatParams {
+        let flat = FlatParams {
             params,
             grads,
             entries,
             n_decay,
-        }
+            vars: ordered,
+        };
+        flat.point_grads_at_flat()?;
+        Ok(flat)
     }
 
     pub fn numel(&self) -> i64 {
         self.params.numel() as i64
     }
 
-    pub fn zero_grad(&self) {
-        let _ = self.grads.shallow_clone().zero_();
-    }
-
     /// The flat slice of one parameter, shaped.
     pub fn param_view(&self, e: &FlatEntry) -> Tensor {
-        self.params
-            .narrow(0, e.offset, e.numel())
-            .view(e.shape.as_slice())
+        e.of(&self.params)
+    }
+
+    /// The flat gradient slice of one parameter, shaped.
+    pub fn grad_view(&self, e: &FlatEntry) -> Tensor {
+        e.of(&self.grads)
+    }
+
+    /// Number of leading entries that are ≥2-D (decayed).
+    fn n_decay_entries(&self) -> usize {
+        self.entries
+            .iter()
+            .take_while(|e| e.shape.len() >= 2)
+            .count()
+    }
+
+    /// `p.grad = None` for every parameter: the next backward hands its fresh gradients over
+    /// (no zero fill, no add); later micro-batches accumulate into them as usual.
+    pub fn clear_grads(&self) -> Result<(), OptimError> {
+        self.vars.iter().try_for_each(|v| cxx::set_grad(v, None))
+    }
+
+    /// Zero the flat gradient buffer and make every `.grad` its slice again, so the next
+    /// backward adds into the buffer (gradients end up there without a gather).
+    pub fn zero_grad(&self) -> Result<(), OptimError> {
+        let _ = self.grads.shallow_clone().zero_();
+        self.point_grads_at_flat()
+    }
+
+    fn point_grads_at_flat(&self) -> Result<(), OptimError> {
+        for (e, var) in self.entries.iter().zip(&self.vars) {
+            let slice = self.grad_view(e);
+            let g = var.grad();
+            if !(g.defined() && g.data_ptr() == slice.data_ptr()) {
+                cxx::set_grad(var, Some(&slice))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copy every gradient into its slice of `grads` (zeros for a parameter without one) and
+    /// re-point the `.grad` at that slice, so an in-place all-reduce of `grads` is what the
+    /// norm, clipping and AdamW read. Gradients already in the buffer are not copied.
+    pub fn gather_grads(&self) -> Result<(), OptimError> {
+        tch::no_grad(|| {
+            for (e, var) in self.entries.iter().zip(&self.vars) {
+                let mut slice = self.grad_view(e);
+                let g = var.grad();
+                if g.defined() && g.data_ptr() == slice.data_ptr() {
+                    continue;
+                }
+                if g.defined() {
+                    slice.copy_(&g);
+                } else {
+                    let _ = slice.zero_();
+                }
+                cxx::set_grad(var, Some(&slice))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Every parameter's gradient, in `entries` order. A parameter that got no gradient gets
+    /// its zeroed flat slice (AdamW still decays its moments, as with a zero gradient).
+    pub fn grads_list(&self) -> Result<Vec<Tensor>, OptimError> {
+        let mut out = Vec::with_capacity(self.vars.len());
+        for (e, var) in self.entries.iter().zip(&self.vars) {
+            let g = var.grad();
+            if g.defined() {
+                out.push(g);
+            } else {
+                let slice = self.grad_view(e);
+                let _ = tch::no_grad(|| slice.shallow_clone().zero_());
+                cxx::set_grad(var, Some(&slice))?;
+                out.push(slice);
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -130,9 +216,10 @@ pub fn lr_at(step: u64, lr: f64, min_lr: f64, warmup_steps: u64, total_steps: Op
     min_lr + coeff * (lr - min_lr)
 }
 
-/// AdamW (decoupled weight decay, torch's formulation) over the flat buffers. Moments are fp32.
-/// The update runs in place with one scratch buffer: no per-step allocation of model-sized
-/// temporaries (each pass is one large elementwise kernel).
+/// AdamW (decoupled weight decay, torch's formulation) with fp32 moments in two flat buffers
+/// laid out as the parameters. Each step is torch's fused kernel (`_fused_adamw_`, what
+/// `torch.optim.AdamW(fused=True)` runs): one pass reading parameter, gradient and moments,
+/// called once for the decayed ≥2-D prefix and once for the rest.
 #[derive(Debug)]
 pub struct AdamW {
     pub exp_avg: Tensor,
@@ -141,7 +228,8 @@ pub struct AdamW {
     pub betas: (f64, f64),
     pub eps: f64,
     pub weight_decay: f64,
-    scratch: Tensor,
+    /// The step count as the fused kernel reads it: 0-dim fp32 on the parameters' device.
+    step_count: Tensor,
 }
 
 impl AdamW {
@@ -154,61 +242,76 @@ impl AdamW {
             betas,
             eps,
             weight_decay,
-            scratch: Tensor::zeros([flat.numel()], opts),
+            step_count: Tensor::zeros([], opts),
         }
     }
 
-    /// One update with learning rate `lr` from the gradients in `flat.grads`:
+    /// One update with learning rate `lr` from the parameters' gradients:
     /// m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²;
     /// p ← p·(1 − lr·wd) (≥2-D weights) − lr/(1−β1ᵗ) · m / (√v/√(1−β2ᵗ) + ε).
-    pub fn step(&mut self, flat: &FlatParams, lr: f64) {
-        tch::no_grad(|| {
-            self.step += 1;
-            let (b1, b2) = self.betas;
-            let g = flat.grads.to_kind(Kind::Float); // no copy for fp32 grads
-            let mut p32 = if flat.params.kind() == Kind::Float {
-                flat.params.shallow_clone()
-            } else {
-                flat.params.to_kind(Kind::Float)
-            };
-            if self.weight_decay != 0.0 && flat.n_decay > 0 {
-                let _ = p32
-                    .narrow(0, 0, flat.n_decay)
-                    .g_mul_scalar_(1.0 - lr * self.weight_decay);
+    /// Non-fp32 parameters (bf16-true) are updated through an fp32 copy, so the moments stay
+    /// fp32 (the fused kernel wants one dtype for all four).
+    pub fn step(&mut self, flat: &FlatParams, lr: f64) -> Result<(), OptimError> {
+        let grads = flat.grads_list()?;
+        let step = self.step + 1;
+        let views =
+            |buf: &Tensor| -> Vec<Tensor> { flat.entries.iter().map(|e| e.of(buf)).collect() };
+        let (m, v) = (views(&self.exp_avg), views(&self.exp_avg_sq));
+        let p32 = (flat.params.kind() != Kind::Float).then(|| flat.params.to_kind(Kind::Float));
+        let (params, grads) = match &p32 {
+            None => (flat.vars.iter().map(Tensor::shallow_clone).collect(), grads),
+            Some(p) => (
+                views(p),
+                grads.iter().map(|g| g.to_kind(Kind::Float)).collect(),
+            ),
+        };
+        let k = flat.n_decay_entries();
+        let n = flat.entries.len();
+        tch::no_grad(|| -> Result<(), OptimError> {
+            let _ = self.step_count.fill_(step as f64);
+            for (range, weight_decay) in [(0..k, self.weight_decay), (k..n, 0.0)] {
+                let args = cxx::AdamWArgs {
+                    lr,
+                    betas: self.betas,
+                    weight_decay,
+                    eps: self.eps,
+                };
+                cxx::fused_adamw(
+                    &params[range.clone()],
+                    &grads[range.clone()],
+                    &m[range.clone()],
+                    &v[range],
+                    &self.step_count,
+                    args,
+                )?;
             }
-            let _ = self.exp_avg.lerp_(&g, 1.0 - b1);
-            let s = &mut self.scratch;
-            s.copy_(&g);
-            let _ = s.g_mul_(&g); // g²
-            let _ = self.exp_avg_sq.lerp_(s, 1.0 - b2);
-            let bias1 = 1.0 - b1.powi(self.step as i32);
-            let bias2 = 1.0 - b2.powi(self.step as i32);
-            let _ = self.exp_avg_sq.sqrt_out(s);
-            let _ = s.g_mul_scalar_(1.0 / bias2.sqrt());
-            let _ = s.g_add_scalar_(self.eps); // denominator
-            let _ = s.reciprocal_();
-            let _ = s.g_mul_(&self.exp_avg);
-            let _ = s.g_mul_scalar_(lr / bias1); // the step
-            let _ = p32.g_sub_(s);
-            if flat.params.kind() != Kind::Float {
-                flat.params.shallow_clone().copy_(&p32);
+            if let Some(p) = &p32 {
+                flat.params.shallow_clone().copy_(p);
             }
-        });
+            Ok(())
+        })?;
+        self.step = step;
+        Ok(())
     }
 }
 
-/// Global L2 norm of the gradients (fp32 scalar tensor, not synchronised to the host).
-pub fn grad_norm(flat: &FlatParams) -> Tensor {
-    flat.grads.to_kind(Kind::Float).norm()
+/// Global L2 norm of the gradients (fp32 scalar tensor, not synchronised to the host), as
+/// torch's clip_grad_norm_: the norm of the per-parameter norms.
+pub fn grad_norm(flat: &FlatParams) -> Result<Tensor, OptimError> {
+    if flat.entries.is_empty() {
+        return Ok(Tensor::zeros([], (Kind::Float, flat.params.device())));
+    }
+    cxx::grad_norm(&flat.grads_list()?)
 }
 
 /// Scale gradients so their global norm is at most `max_norm` (norm given, as torch's
 /// clip_grad_norm_: coefficient max_norm / (norm + 1e-6), applied only when < 1).
-pub fn clip_grads(flat: &FlatParams, norm: f64, max_norm: f64) {
+pub fn clip_grads(flat: &FlatParams, norm: f64, max_norm: f64) -> Result<(), OptimError> {
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
-        let _ = flat.grads.shallow_clone().g_mul_scalar_(coef);
+        cxx::foreach_mul_(&flat.grads_list()?, coef)?;
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -243,54 +346,202 @@ mod tests {
     }
 
     #[test]
-    fn parameters_and_gradients_are_views_of_the_flat_buffers() {
+    fn parameters_are_views_of_the_flat_buffer_and_gradients_gather_into_its_twin() {
         let (vs, a, b) = toy();
         let before: Vec<f32> = Vec::try_from(a.ws.flatten(0, -1)).unwrap();
-        let flat = FlatParams::new(&vs, Kind::Float);
+        let flat = FlatParams::new(&vs, Kind::Float).unwrap();
         assert_eq!(flat.numel(), 3 * 4 + 4 + 4 * 2 + 2);
         assert_eq!(flat.n_decay, 12 + 8, "weights first");
         let after: Vec<f32> = Vec::try_from(a.ws.flatten(0, -1)).unwrap();
         assert_eq!(before, after, "values survive the move");
         let x = Tensor::ones([5, 3], (Kind::Float, Device::Cpu));
+        flat.clear_grads().unwrap();
         loss(&a, &b, &x).backward();
-        loss(&a, &b, &x).backward(); // accumulates in place
+        let entry = flat.entries.iter().find(|e| e.name == "b.bias").unwrap();
+        let once = b.bs.as_ref().unwrap().grad().copy();
+        assert_ne!(
+            b.bs.as_ref().unwrap().grad().data_ptr(),
+            flat.grad_view(entry).data_ptr(),
+            "after clear_grads the backward's own gradient is kept, not added into the buffer"
+        );
+        loss(&a, &b, &x).backward(); // accumulates into it
+        let twice = b.bs.as_ref().unwrap().grad();
+        assert!(twice.allclose(&(&once * 2.0), 1e-6, 1e-7, false));
+        flat.gather_grads().unwrap();
+        assert!(flat.grad_view(entry).equal(&twice));
         let g_flat = flat.grads.abs().sum(Kind::Float).double_value(&[]);
         assert!(g_flat > 0.0, "gradients landed in the flat buffer");
-        let entry = flat.entries.iter().find(|e| e.name == "b.bias").unwrap();
-        let via_flat = flat.grads.narrow(0, entry.offset, entry.numel());
-        assert!(via_flat.allclose(&b.bs.as_ref().unwrap().grad(), 0.0, 0.0, false));
-        flat.zero_grad();
+        assert_eq!(
+            b.bs.as_ref().unwrap().grad().data_ptr(),
+            flat.grad_view(entry).data_ptr(),
+            "after the gather .grad is the flat slice (what the all-reduce writes)"
+        );
+        flat.zero_grad().unwrap();
         assert_eq!(b.ws.grad().abs().sum(Kind::Float).double_value(&[]), 0.0);
+        loss(&a, &b, &x).backward(); // adds into the buffer
+        assert!(flat.grad_view(entry).allclose(&once, 1e-6, 1e-7, false));
         // Writing the flat buffer moves the parameters.
         let _ = flat.params.shallow_clone().fill_(0.5);
         assert_eq!(a.ws.mean(Kind::Float).double_value(&[]), 0.5);
     }
 
+    /// torch.optim.AdamW's single-tensor update, op by op (the formula of the fused kernel).
+    fn reference_adamw(
+        p: &Tensor,
+        g: &Tensor,
+        m: &Tensor,
+        v: &Tensor,
+        decay: &Tensor,
+        t: i32,
+        lr: f64,
+    ) -> (Tensor, Tensor, Tensor) {
+        let (b1, b2, eps) = (0.9, 0.95, 1e-8);
+        let p = p * (1.0 - lr * decay);
+        let m = m * b1 + g * (1.0 - b1);
+        let v = v * b2 + g * g * (1.0 - b2);
+        let denom = v.sqrt() / (1.0 - f64::powi(b2, t)).sqrt() + eps;
+        let p = p - &m / denom * (lr / (1.0 - f64::powi(b1, t)));
+        (p, m, v)
+    }
+
     #[test]
-    fn adamw_matches_the_reference_formula_and_decays_only_weights() {
+    fn fused_adamw_matches_the_reference_formula_and_decays_only_weights() {
         let (vs, a, b) = toy();
-        let flat = FlatParams::new(&vs, Kind::Float);
+        let flat = FlatParams::new(&vs, Kind::Float).unwrap();
         let x = Tensor::ones([5, 3], (Kind::Float, Device::Cpu));
-        let p0 = flat.params.copy();
-        loss(&a, &b, &x).backward();
-        let g = flat.grads.copy();
         let mut opt = AdamW::new(&flat, (0.9, 0.95), 1e-8, 0.1);
-        opt.step(&flat, 0.01);
-        // Step 1: m̂ = g, v̂ = g², update = lr·g/(|g| + eps); decay on the weight prefix only.
-        let decay = Tensor::ones([flat.numel()], (Kind::Float, Device::Cpu));
-        let _ = decay.narrow(0, 0, flat.n_decay).fill_(1.0 - 0.01 * 0.1);
-        let expected = &p0 * &decay - (&g / (g.abs() + 1e-8)) * 0.01;
+        let decay = Tensor::zeros([flat.numel()], (Kind::Float, Device::Cpu));
+        let _ = decay.narrow(0, 0, flat.n_decay).fill_(0.1);
+        let mut p = flat.params.copy();
+        let mut m = Tensor::zeros_like(&p);
+        let mut v = Tensor::zeros_like(&p);
+        for t in 1..=5 {
+            flat.clear_grads().unwrap();
+            loss(&a, &b, &(&x * t as f64)).backward();
+            flat.gather_grads().unwrap();
+            let g = flat.grads.copy();
+            let lr = 0.01 / t as f64;
+            opt.step(&flat, lr).unwrap();
+            (p, m, v) = reference_adamw(&p, &g, &m, &v, &decay, t, lr);
+            assert!(flat.params.allclose(&p, 1e-5, 1e-7, false), "step {t}");
+            assert!(opt.exp_avg.allclose(&m, 1e-5, 1e-9, false), "step {t}");
+            assert!(opt.exp_avg_sq.allclose(&v, 1e-5, 1e-12, false), "step {t}");
+        }
+        assert_eq!(opt.step, 5);
+        // Step 1 in closed form: m̂ = g, v̂ = g², update = lr·g/(|g| + eps).
+        let (vs, a, b) = toy();
+        let flat = FlatParams::new(&vs, Kind::Float).unwrap();
+        let p0 = flat.params.copy();
+        flat.clear_grads().unwrap();
+        loss(&a, &b, &x).backward();
+        let g = Tensor::cat(
+            &flat
+                .grads_list()
+                .unwrap()
+                .iter()
+                .map(|g| g.flatten(0, -1))
+                .collect::<Vec<_>>(),
+            0,
+        );
+        let mut opt = AdamW::new(&flat, (0.9, 0.95), 1e-8, 0.1);
+        opt.step(&flat, 0.01).unwrap();
+        let keep = Tensor::ones([flat.numel()], (Kind::Float, Device::Cpu));
+        let _ = keep.narrow(0, 0, flat.n_decay).fill_(1.0 - 0.01 * 0.1);
+        let expected = &p0 * &keep - (&g / (g.abs() + 1e-8)) * 0.01;
         assert!(flat.params.allclose(&expected, 1e-6, 1e-7, false));
+    }
+
+    #[test]
+    fn bf16_weights_step_through_fp32_and_keep_fp32_moments() {
+        let (vs, a, b) = toy();
+        let flat32 = FlatParams::new(&vs, Kind::Float).unwrap();
+        let x = Tensor::ones([5, 3], (Kind::Float, Device::Cpu));
+        loss(&a, &b, &x).backward();
+        let g = flat32.grads.copy();
+        let (mut vs16, _, _) = toy();
+        vs16.bfloat16();
+        let flat = FlatParams::new(&vs16, Kind::BFloat16).unwrap();
+        let p0 = flat.params.to_kind(Kind::Float);
+        flat.grads.shallow_clone().copy_(&g); // .grad are the flat slices after new()
+        let mut opt = AdamW::new(&flat, (0.9, 0.95), 1e-8, 0.1);
+        opt.step(&flat, 0.01).unwrap();
+        assert_eq!(flat.params.kind(), Kind::BFloat16);
+        assert_eq!(opt.exp_avg.kind(), Kind::Float);
+        let g16 = g.to_kind(Kind::BFloat16).to_kind(Kind::Float);
+        let decay = Tensor::zeros([flat.numel()], (Kind::Float, Device::Cpu));
+        let _ = decay.narrow(0, 0, flat.n_decay).fill_(0.1);
+        let zeros = Tensor::zeros_like(&p0);
+        let (p, m, _) = reference_adamw(&p0, &g16, &zeros, &zeros, &decay, 1, 0.01);
+        assert!(opt.exp_avg.allclose(&m, 1e-6, 1e-9, false));
+        // The fp32 result rounded once to bf16 (up to the last bf16 bit: the fused kernel's
+        // fp32 rounding may differ from the op-by-op reference).
+        let got = flat.params.to_kind(Kind::Float);
+        assert!(got.allclose(&p, 4e-3, 0.0, false));
+        assert!(!got.equal(&p0), "the update is not lost to bf16 rounding");
     }
 
     #[test]
     fn clipping_scales_to_max_norm() {
         let (vs, a, b) = toy();
-        let flat = FlatParams::new(&vs, Kind::Float);
+        let flat = FlatParams::new(&vs, Kind::Float).unwrap();
+        flat.clear_grads().unwrap();
         loss(&a, &b, &Tensor::ones([5, 3], (Kind::Float, Device::Cpu))).backward();
-        let n = grad_norm(&flat).double_value(&[]);
-        clip_grads(&flat, n, n / 4.0);
-        let after = grad_norm(&flat).double_value(&[]);
+        let n = grad_norm(&flat).unwrap().double_value(&[]);
+        flat.gather_grads().unwrap();
+        let flat_norm = flat.grads.norm().double_value(&[]);
+        assert!((n - flat_norm).abs() < 1e-6 * n, "{n} vs {flat_norm}");
+        flat.clear_grads().unwrap();
+        loss(&a, &b, &Tensor::ones([5, 3], (Kind::Float, Device::Cpu))).backward();
+        clip_grads(&flat, n, n / 4.0).unwrap();
+        let after = grad_norm(&flat).unwrap().double_value(&[]);
         assert!((after - n / 4.0).abs() < 1e-4 * n, "{after} vs {}", n / 4.0);
+    }
+
+    #[test]
+    fn a_parameter_without_gradient_gets_a_zero_one() {
+        let (vs, a, _b) = toy();
+        let flat = FlatParams::new(&vs, Kind::Float).unwrap();
+        flat.clear_grads().unwrap();
+        use tch::nn::Module;
+        a.forward(&Tensor::ones([2, 3], (Kind::Float, Device::Cpu)))
+            .sum(Kind::Float)
+            .backward();
+        let grads = flat.grads_list().unwrap();
+        let i = flat
+            .entries
+            .iter()
+            .position(|e| e.name == "b.weight")
+            .unwrap();
+        assert_eq!(grads[i].abs().sum(Kind::Float).double_value(&[]), 0.0);
+        assert!(grad_norm(&flat).unwrap().double_value(&[]) > 0.0);
+    }
+
+    #[test]
+    fn libtorch_errors_come_back_as_errors_not_panics() {
+        let (vs, a, _b) = toy();
+        let _flat = FlatParams::new(&vs, Kind::Float).unwrap();
+        let wrong = Tensor::zeros([7], (Kind::Float, Device::Cpu));
+        let e = cxx::set_grad(&a.ws, Some(&wrong)).unwrap_err();
+        assert!(
+            e.to_string().contains("set_grad: gradient of shape [7]"),
+            "{e}"
+        );
+        let p = [Tensor::zeros([4], (Kind::Float, Device::Cpu))];
+        let g = [Tensor::zeros([4], (Kind::Double, Device::Cpu))];
+        let mv = [Tensor::zeros([4], (Kind::Float, Device::Cpu))];
+        let mv2 = [Tensor::zeros([4], (Kind::Float, Device::Cpu))];
+        let step = Tensor::ones([], (Kind::Float, Device::Cpu));
+        let args = cxx::AdamWArgs {
+            lr: 0.1,
+            betas: (0.9, 0.95),
+            weight_decay: 0.0,
+            eps: 1e-8,
+        };
+        let e = cxx::fused_adamw(&p, &g, &mv, &mv2, &step, args).unwrap_err();
+        assert!(e.to_string().starts_with("libtorch fused_adamw: "), "{e}");
+        let e = cxx::fused_adamw(&p, &[], &mv, &mv2, &step, args).unwrap_err();
+        assert!(e.to_string().contains("list lengths differ"), "{e}");
+        let e = cxx::grad_norm(&[]).unwrap_err();
+        assert!(e.to_string().contains("no gradients"), "{e}");
     }
 }
