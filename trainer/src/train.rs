@@ -191,7 +191,9 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
     if param_kind == Kind::BFloat16 {
         vs.bfloat16();
     }
-    let flat = FlatParams::new(&vs, param_kind);
+    let flat = FlatParams::new(&vs, param_kind)?;
+    // p.grad = None: the first backward of each step hands its gradients over (optim.rs).
+    flat.clear_grads()?;
     let a = &cfg.optimizer.init_args;
     let opt = AdamW::new(&flat, a.betas, a.eps, a.weight_decay);
     let mut t = Trainable {
@@ -354,9 +356,13 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
             (&loss / (accum * rank.world_size) as f64).backward();
             loss_sum += loss.detach();
         }
-        let reduce_start = Instant::now();
-        comm.all_reduce_sum(&mut t.flat.grads)?;
-        window_reduce_secs += reduce_start.elapsed().as_secs_f64();
+        if rank.world_size > 1 {
+            // One flat buffer for the bucketed all-reduce: gather (copy) the gradients into it.
+            let reduce_start = Instant::now();
+            t.flat.gather_grads()?;
+            comm.all_reduce_sum(&mut t.flat.grads)?;
+            window_reduce_secs += reduce_start.elapsed().as_secs_f64();
+        }
         let time_up = cfg
             .train
             .max_time
@@ -371,7 +377,7 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
         let loss = host[0] / rank.world_size as f64;
         stop_agreed = host[1] > 0.0;
         time_agreed = host[2] > 0.0;
-        let norm = optim::grad_norm(&t.flat).double_value(&[]);
+        let norm = optim::grad_norm(&t.flat)?.double_value(&[]);
         let lr = optim::lr_at(
             state.step,
             cfg.optimizer.init_args.lr,
@@ -399,11 +405,11 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
         } else {
             consecutive_nonfinite = 0;
             if let Some(max_norm) = cfg.train.max_norm {
-                optim::clip_grads(&t.flat, norm, max_norm);
+                optim::clip_grads(&t.flat, norm, max_norm)?;
             }
-            t.opt.step(&t.flat, lr);
+            t.opt.step(&t.flat, lr)?;
         }
-        t.flat.zero_grad();
+        t.flat.clear_grads()?;
         saver.poll()?; // report a background save that finished
         state.step += 1;
         state.tokens_seen += budget.tokens_per_step;
