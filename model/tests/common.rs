@@ -10,6 +10,14 @@ use tch::{Device, Kind, Tensor};
 /// O(1) as in a real model, so fp32 tolerances are meaningful.
 pub const NOISE_STD: f64 = 0.15;
 
+/// libtorch's generator is process-wide and the test harness runs tests on several threads:
+/// seeding and drawing happen under this lock, so a seed always gives the same tensors.
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 pub fn tiny(n_query_groups: usize) -> ModelConfig {
     ModelConfig {
         name: "tiny".into(),
@@ -52,6 +60,7 @@ pub fn tiny_mla_dims(q_lora_rank: Option<usize>) -> ModelConfig {
 
 /// A model on CPU with every parameter drawn from N(0, NOISE_STD²) (norm weights around 1).
 pub fn random_model(cfg: &ModelConfig, seed: i64) -> (VarStore, Gpt) {
+    let _rng = rng_lock();
     tch::manual_seed(seed);
     let vs = VarStore::new(Device::Cpu);
     let gpt = Gpt::new(&vs.root(), cfg).expect("valid config");
@@ -76,6 +85,7 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 pub fn tokens(batch: i64, len: i64, vocab: i64, seed: i64) -> Tensor {
+    let _rng = rng_lock();
     tch::manual_seed(seed);
     Tensor::randint(vocab, [batch, len], (Kind::Int64, Device::Cpu))
 }
