@@ -9,6 +9,9 @@
 //! * The tokenizer: `tokenizer_dir` as given; when it does not exist and ends in `<owner>/<name>`
 //!   (litgpt's `checkpoints/EleutherAI/pythia-160m`), its tokenizer files are downloaded there.
 //!
+//! * A `data_path`/`train_data_path` URL (`s3://bucket/prefix`) names a dataset prepared there
+//!   (`mla prepare … --out s3://…`), read remotely; raw text on object storage is refused.
+//!
 //! Raw inputs are prepared into a cache, never next to the inputs (they may be read-only):
 //! `data.init_args.cache_dir`, else `<out_dir>/data` for a local out_dir, else `.cache/mla/data`.
 //! The cache key covers the input files (path, size, mtime) and the tokenizer, so changed
@@ -16,8 +19,8 @@
 
 use crate::config::{DataModule, RunConfig};
 use crate::data::{
-    download_tinystories, download_tokenizer, is_prepared, prepare, tinystories_input, Dataset,
-    DownloadOptions, PrepareArgs, Tokenizer,
+    download_tinystories, download_tokenizer, is_prepared, open_remote, prepare, remote_url,
+    tinystories_input, Dataset, DownloadOptions, PrepareArgs, Tokenizer,
 };
 use crate::error::BadInput;
 use anyhow::Context;
@@ -36,6 +39,16 @@ pub fn open(cfg: &RunConfig, tokenizer_dir: &Path) -> anyhow::Result<Dataset> {
     let args = &data.init_args;
     let (name, inputs, val) = match data.module() {
         Some(DataModule::TextFiles) => {
+            if let Some(url) = args.train_data_path.as_deref().and_then(remote_url) {
+                if args.val_data_path.is_some() {
+                    return Err(BadInput(format!(
+                        "data.init_args.val_data_path: must be unset when train_data_path is a \
+                         prepared dataset on object storage ({url}: its val split is used)"
+                    ))
+                    .into());
+                }
+                return open_remote_data(cfg, url);
+            }
             let train = PathBuf::from(args.train_data_path.as_deref().unwrap_or_default());
             (
                 "textfiles",
@@ -47,10 +60,14 @@ pub fn open(cfg: &RunConfig, tokenizer_dir: &Path) -> anyhow::Result<Dataset> {
             )
         }
         Some(DataModule::TinyStories) => {
-            let path = PathBuf::from(match args.data_path.as_deref() {
+            let data_path = match args.data_path.as_deref() {
                 None | Some("") => DEFAULT_TINYSTORIES,
                 Some(p) => p,
-            });
+            };
+            if let Some(url) = remote_url(data_path) {
+                return open_remote_data(cfg, url);
+            }
+            let path = PathBuf::from(data_path);
             if is_prepared(&path) {
                 return Ok(Dataset::open(&path)?);
             }
@@ -110,6 +127,16 @@ pub fn open(cfg: &RunConfig, tokenizer_dir: &Path) -> anyhow::Result<Dataset> {
     let report = prepare(&p)?;
     info!("{report}");
     Ok(Dataset::open(&dir)?)
+}
+
+/// A prepared dataset on object storage, validated like a local one; shard checksums are
+/// remembered in the data cache so reopening an unchanged dataset does not re-read it.
+fn open_remote_data(cfg: &RunConfig, url: &str) -> anyhow::Result<Dataset> {
+    info!("data: reading {url}");
+    Ok(open_remote(
+        url,
+        Some(cache_root(cfg).join("remote-sha256")),
+    )?)
 }
 
 /// Whether `dir` directly holds text/json story files (a TinyStories data_path of raw files).

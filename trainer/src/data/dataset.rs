@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rayon::prelude::*;
-use sha2::{Digest, Sha256};
 
 use super::error::DataError;
 use super::format::{DatasetIndex, ShardHeader, Split, TokenDtype, HEADER_BYTES, INDEX_FILE};
@@ -119,6 +118,8 @@ pub struct TokenStream {
     dtype: TokenDtype,
     shards: Vec<Shard>,
     tokens: u64,
+    /// Reads are network round trips: read a batch's rows concurrently.
+    concurrent: bool,
 }
 
 impl TokenStream {
@@ -164,7 +165,7 @@ impl TokenStream {
                     )));
                 }
                 if opts.verify_checksums {
-                    let actual = sha256_of(&*file)?;
+                    let actual = file.sha256()?;
                     if !actual.eq_ignore_ascii_case(&e.sha256) {
                         return Err(DataError::ShardChecksum {
                             path,
@@ -176,6 +177,7 @@ impl TokenStream {
                 Ok(file)
             })
             .collect::<Result<_, _>>()?;
+        let concurrent = opened.iter().any(|f| f.latency_bound());
         let mut first_token = 0;
         let shards = entries
             .iter()
@@ -196,6 +198,7 @@ impl TokenStream {
             dtype: index.dtype,
             shards,
             tokens: first_token,
+            concurrent,
         })
     }
 
@@ -216,6 +219,37 @@ impl TokenStream {
 
     pub fn is_empty(&self) -> bool {
         self.tokens == 0
+    }
+
+    /// Read `starts.len()` rows of equal length: row i of `out` (flat, row-major) gets tokens
+    /// `[starts[i], starts[i] + row)`, `row = out.len() / starts.len()`. Rows of a remote
+    /// dataset are fetched concurrently (one round trip per batch instead of one per row).
+    pub fn read_rows(&self, starts: &[u64], out: &mut [i64]) -> Result<(), DataError> {
+        if starts.is_empty() || out.len() % starts.len() != 0 {
+            return Err(DataError::InvalidOption {
+                key: "token rows".into(),
+                message: format!(
+                    "{} tokens do not split into {} equal rows",
+                    out.len(),
+                    starts.len()
+                ),
+            });
+        }
+        let row = out.len() / starts.len();
+        let mut rows = out.chunks_exact_mut(row).zip(starts);
+        if !self.concurrent || starts.len() == 1 {
+            return rows.try_for_each(|(dst, &s)| self.read(s, dst));
+        }
+        // Threads, not the rayon pool: the work is waiting on the network, not the CPU.
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = rows
+                .map(|(dst, &s)| scope.spawn(move || self.read(s, dst)))
+                .collect();
+            // (The scope joins every thread, also those after a failed one.)
+            handles
+                .into_iter()
+                .try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        })
     }
 
     /// Read tokens `[start, start + out.len())` of the concatenated stream into `out`.
@@ -264,19 +298,6 @@ impl TokenStream {
         }
         Ok(())
     }
-}
-
-fn sha256_of(file: &dyn RandomAccess) -> Result<String, DataError> {
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut offset = 0;
-    while offset < file.len() {
-        let n = ((file.len() - offset) as usize).min(buf.len());
-        file.read_exact_at(&mut buf[..n], offset)?;
-        hasher.update(&buf[..n]);
-        offset += n as u64;
-    }
-    Ok(hex::encode(hasher.finalize()))
 }
 
 /// The dataset's own location: the parent of its index (no trailing separator).

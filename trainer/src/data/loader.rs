@@ -198,11 +198,11 @@ impl TrainLoader {
         let b1 = c.block_size + 1;
         let j = (c.rank * c.grad_accum_steps) as u64 + self.micro_step;
         let first = self.global + j * c.micro_batch_size as u64;
+        let starts: Vec<u64> = (0..c.micro_batch_size as u64)
+            .map(|i| self.window_at(first + i) * b1 as u64)
+            .collect();
         let mut out = vec![0i64; c.micro_batch_size * b1];
-        for (i, row) in out.chunks_exact_mut(b1).enumerate() {
-            let w = self.window_at(first + i as u64);
-            self.stream.read(w * b1 as u64, row)?;
-        }
+        self.stream.read_rows(&starts, &mut out)?;
         self.micro_step += 1;
         if self.micro_step == c.grad_accum_steps as u64 {
             self.micro_step = 0;

@@ -5,8 +5,10 @@
 //! [`Dataset::open`] validates them → [`TrainLoader`] / [`EvalLoader`] cut windows of
 //! `block_size + 1` tokens into micro-batches for one rank.
 //!
-//! Not here: tensors (loaders return `Vec<i64>`), the CLI and YAML mapping (the binary owns them),
-//! object-store backends (implement [`ShardSink`]/[`ShardSource`] over the storage crate).
+//! Datasets live in a local directory ([`LocalDir`]) or under an object-store prefix
+//! ([`RemoteDir`]: `s3://bucket/prefix`, streamed by ranged reads, see `remote.rs`).
+//!
+//! Not here: tensors (loaders return `Vec<i64>`), the CLI and YAML mapping (the binary owns them).
 
 mod dataset;
 mod download;
@@ -15,6 +17,7 @@ mod format;
 mod input;
 mod loader;
 mod prepare;
+mod remote;
 mod store;
 mod tokenizer;
 mod writer;
@@ -34,6 +37,7 @@ pub use loader::{
     POSITION_VERSION,
 };
 pub use prepare::{check_output_outside_inputs, prepare, prepare_into, PrepareArgs, PrepareReport};
+pub use remote::{open_remote, remote_url, RemoteDir};
 pub use store::{LocalDir, RandomAccess, ShardSink, ShardSource};
 pub use tokenizer::{Tokenizer, ENDOFTEXT};
 pub use writer::{DatasetWriter, DEFAULT_SHARD_TOKENS};

@@ -2,8 +2,11 @@
 //! archives), a rayon pool tokenizes each batch in parallel, and the main thread appends the
 //! ids in input order to the [`DatasetWriter`], so the output does not depend on thread count.
 //!
+//! Output: a local directory, or an object-store prefix (`--out s3://bucket/prefix`, written
+//! through [`RemoteDir`]).
+//!
 //! Not here: the CLI entry point and the YAML `data:` mapping (the binary mounts
-//! [`PrepareArgs`]), object-store sinks (pass one to [`prepare_into`]).
+//! [`PrepareArgs`]).
 
 use std::io::IsTerminal;
 use std::path::{Component, Path, PathBuf};
@@ -16,6 +19,7 @@ use rayon::prelude::*;
 use super::error::DataError;
 use super::format::{DatasetIndex, Split, TokenizerInfo};
 use super::input::{self, Event};
+use super::remote::{remote_url, RemoteDir};
 use super::store::{LocalDir, ShardSink};
 use super::tokenizer::Tokenizer;
 use super::writer::{DatasetWriter, DEFAULT_SHARD_TOKENS};
@@ -33,8 +37,9 @@ pub struct PrepareArgs {
     /// Directory with tokenizer.json (and optionally tokenizer_config.json).
     #[arg(long, value_name = "DIR")]
     pub tokenizer_dir: PathBuf,
-    /// Output directory for shards and index.json; must not be inside an input directory.
-    #[arg(long, value_name = "DIR")]
+    /// Output directory for shards and index.json (not inside an input directory), or an
+    /// object-store prefix: s3://bucket/prefix (credentials from the AWS environment).
+    #[arg(long, value_name = "DIR|URL")]
     pub out: PathBuf,
     /// Maximum tokens per shard.
     #[arg(long, default_value_t = DEFAULT_SHARD_TOKENS)]
@@ -133,8 +138,24 @@ impl Tokenizer {
     }
 }
 
-/// Prepare into the local directory `args.out`, after checking that it is not inside an input.
+/// Prepare into `args.out`: a local directory (after checking that it is not inside an input)
+/// or an object-store URL (`s3://bucket/prefix`).
 pub fn prepare(args: &PrepareArgs) -> Result<PrepareReport, DataError> {
+    let out = args.out.to_string_lossy();
+    if let Some(url) = remote_url(&out) {
+        if url.starts_with("memory://") {
+            return Err(DataError::InvalidOption {
+                key: "--out".into(),
+                message: format!(
+                    "{url}: a memory:// store lives only inside one process (library users: \
+                     prepare_into a RemoteDir)"
+                ),
+            });
+        }
+        let sink = RemoteDir::open(url)?;
+        let tokenizer = Tokenizer::from_dir(&args.tokenizer_dir)?;
+        return prepare_into(args, &tokenizer, &sink);
+    }
     check_output_outside_inputs(&args.out, args.inputs.iter().chain(&args.val))?;
     let tokenizer = Tokenizer::from_dir(&args.tokenizer_dir)?;
     let sink = LocalDir::new(&args.out);

@@ -2,12 +2,14 @@
 //! [`ShardSource`] (read them, with random access for the loader), and [`LocalDir`], the
 //! local-directory implementation of both.
 //!
-//! Not here: object stores. An adapter over the storage crate implements these two traits;
-//! their contract is written on each method so that adapter can be checked against it.
+//! Not here: object stores (`remote.rs` implements both traits over the storage crate, against
+//! the contract written on each method).
 
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
 
 use super::error::DataError;
 
@@ -34,6 +36,25 @@ pub trait RandomAccess: Send + Sync {
     }
     /// Fill `buf` from `offset`; reading past the end is an error.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DataError>;
+    /// sha256 of the whole object, lowercase hex. The default reads it in 1 MiB pieces; remote
+    /// objects stream it in one request (and may remember it per object version).
+    fn sha256(&self) -> Result<String, DataError> {
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut offset = 0;
+        while offset < self.len() {
+            let n = ((self.len() - offset) as usize).min(buf.len());
+            self.read_exact_at(&mut buf[..n], offset)?;
+            hasher.update(&buf[..n]);
+            offset += n as u64;
+        }
+        Ok(hex::encode(hasher.finalize()))
+    }
+    /// True when every read is a network round trip: callers with several independent reads
+    /// (the windows of a micro-batch) should issue them concurrently.
+    fn latency_bound(&self) -> bool {
+        false
+    }
 }
 
 /// Source of a prepared dataset.
