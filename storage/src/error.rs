@@ -173,8 +173,9 @@ impl Error {
     }
 }
 
-/// `err` and its sources on one line, credentials scrubbed.
-pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
+/// `err` and its sources on one line, credentials scrubbed (for other users of object_store,
+/// such as token datasets, whose errors must read the same).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();
     let mut source = err.source();
     while let Some(s) = source {

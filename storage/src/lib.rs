@@ -22,7 +22,7 @@ mod store;
 
 pub use blocking::BlockingCheckpointStore;
 pub use bytes::{Bytes, BytesMut};
-pub use error::{redact_secrets, Corruption, Error, Result, StoreErrorKind};
+pub use error::{error_chain, redact_secrets, Corruption, Error, Result, StoreErrorKind};
 pub use location::{open_location, ObjectLocation};
 pub use manifest::{
     check_object_name, sha256_hex, Manifest, ManifestMeta, ObjectEntry, StepName, FINAL_DIR,

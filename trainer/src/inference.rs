@@ -25,6 +25,16 @@ pub struct LoadedModel {
     _tokenizer_dir: tempfile::TempDir,
 }
 
+/// The inference precision on `device`: bf16 on CUDA (what training used under bf16-mixed),
+/// fp32 on CPU.
+pub fn default_kind(device: Device) -> Kind {
+    if device.is_cuda() {
+        Kind::BFloat16
+    } else {
+        Kind::Float
+    }
+}
+
 /// Load `step_dir` (e.g. `out/pretrain/mla/final`, `s3://bucket/run/step-00000400`) onto
 /// `device` in `kind` (fp32 or bf16).
 pub fn load(step_dir: &str, device: Device, kind: Kind) -> anyhow::Result<LoadedModel> {

@@ -43,12 +43,7 @@ pub struct EvalArgs {
 
 pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     let device = device::select(args.device, 0)?;
-    let kind = if device.is_cuda() {
-        Kind::BFloat16
-    } else {
-        Kind::Float
-    };
-    let m = inference::load(&args.checkpoint, device, kind)?;
+    let m = inference::load(&args.checkpoint, device, inference::default_kind(device))?;
     if !args.data.exists() {
         return Err(BadInput(format!("--data {}: does not exist", args.data.display())).into());
     }

@@ -66,12 +66,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         return Err(BadInput("--num-samples must be at least 1".into()).into());
     }
     let device = device::select(args.device, 0)?;
-    // bf16 on CUDA (what training used under bf16-mixed), fp32 on CPU.
-    let kind = if device.is_cuda() {
-        Kind::BFloat16
-    } else {
-        Kind::Float
-    };
+    let kind = inference::default_kind(device);
     let m = inference::load(&args.checkpoint, device, kind)?;
     let mut prompt = vec![m.tokenizer.separator_id()];
     prompt.extend(m.tokenizer.encode(&args.prompt)?);

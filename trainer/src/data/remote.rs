@@ -27,7 +27,7 @@ use mla_storage::object_store::path::Path;
 use mla_storage::object_store::{
     self, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart,
 };
-use mla_storage::{open_location, redact_secrets, Bytes, StoreOptions};
+use mla_storage::{error_chain, open_location, Bytes, StoreOptions};
 use sha2::{Digest, Sha256};
 
 use super::dataset::{Dataset, OpenOptions};
@@ -217,22 +217,6 @@ impl Inner {
             .map_err(|e| self.err(name, "complete multipart upload", &e))?;
         Ok(())
     }
-}
-
-/// `err` and its sources on one line, credentials scrubbed (S3 error bodies are multi-line XML
-/// and may echo request details).
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        let msg = s.to_string();
-        if !out.contains(&msg) {
-            out.push_str(": ");
-            out.push_str(&msg);
-        }
-        source = s.source();
-    }
-    redact_secrets(&out.split_whitespace().collect::<Vec<_>>().join(" "))
 }
 
 fn storage_error(url: &str, e: mla_storage::Error) -> DataError {

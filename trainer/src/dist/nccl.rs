@@ -408,6 +408,26 @@ impl NcclComm {
     fn enqueue(&self, op: &'static str, r: NcclResult) -> Result<(), DistError> {
         self.lib.check(r).map_err(|e| self.error(op, e))
     }
+
+    /// Enqueue `call(ptr, elements, nccl dtype)` for every bucket of `t` (in place), then wait
+    /// for the stream under the watchdog.
+    fn in_place_buckets(
+        &self,
+        t: &Tensor,
+        op: &'static str,
+        call: impl Fn(*mut c_void, usize, c_int) -> NcclResult,
+    ) -> Result<(), DistError> {
+        let (flat, kind) = self.flat(t, op)?;
+        let elt = flat.kind().elt_size_in_bytes();
+        let base = flat.data_ptr() as *mut u8;
+        for (off, len) in buckets(flat.numel(), elt, self.bucket_mb) {
+            // SAFETY: [off, off + len) lies inside the contiguous device buffer of `flat`,
+            // which stays alive (borrowed from the caller) until `wait` returns.
+            let p = unsafe { base.add(off * elt) } as *mut c_void;
+            self.enqueue(op, call(p, len, kind))?;
+        }
+        self.wait(op)
+    }
 }
 
 impl Communicator for NcclComm {
@@ -422,15 +442,9 @@ impl Communicator for NcclComm {
     }
 
     fn all_reduce_sum(&self, t: &mut Tensor) -> Result<(), DistError> {
-        let (flat, kind) = self.flat(t, "all_reduce")?;
-        let elt = flat.kind().elt_size_in_bytes();
-        let base = flat.data_ptr() as *mut u8;
-        for (off, len) in buckets(flat.numel(), elt, self.bucket_mb) {
-            // SAFETY: [off, off + len) lies inside the contiguous device buffer of `flat`,
-            // which stays alive (borrowed from the caller) until `wait` returns.
-            let p = unsafe { base.add(off * elt) } as *mut c_void;
-            // SAFETY: in-place all-reduce on that buffer, stream 0 (see the module docs).
-            let r = unsafe {
+        self.in_place_buckets(t, "all_reduce", |p, len, kind| {
+            // SAFETY: in-place all-reduce on one bucket of the buffer, stream 0 (module docs).
+            unsafe {
                 (self.lib.all_reduce)(
                     p,
                     p,
@@ -440,21 +454,14 @@ impl Communicator for NcclComm {
                     self.comm,
                     std::ptr::null_mut(),
                 )
-            };
-            self.enqueue("all_reduce", r)?;
-        }
-        self.wait("all_reduce")
+            }
+        })
     }
 
     fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<(), DistError> {
-        let (flat, kind) = self.flat(t, "broadcast")?;
-        let elt = flat.kind().elt_size_in_bytes();
-        let base = flat.data_ptr() as *mut u8;
-        for (off, len) in buckets(flat.numel(), elt, self.bucket_mb) {
-            // SAFETY: as in all_reduce_sum.
-            let p = unsafe { base.add(off * elt) } as *mut c_void;
-            // SAFETY: in-place broadcast on that buffer, stream 0.
-            let r = unsafe {
+        self.in_place_buckets(t, "broadcast", |p, len, kind| {
+            // SAFETY: in-place broadcast on one bucket of the buffer, stream 0.
+            unsafe {
                 (self.lib.broadcast)(
                     p,
                     p,
@@ -464,10 +471,8 @@ impl Communicator for NcclComm {
                     self.comm,
                     std::ptr::null_mut(),
                 )
-            };
-            self.enqueue("broadcast", r)?;
-        }
-        self.wait("broadcast")
+            }
+        })
     }
 
     fn barrier(&self) -> Result<(), DistError> {
