@@ -13,8 +13,8 @@ use common::*;
 use mla_storage::object_store::memory::InMemory;
 use mla_storage::StoreOptions;
 use mla_trainer::data::{
-    prepare, prepare_into, Dataset, DatasetIndex, OpenOptions, PrepareArgs, RemoteDir, ShardSink,
-    ShardSource, Split, Tokenizer, INDEX_FILE,
+    prepare, prepare_into, Dataset, DatasetIndex, LoaderConfig, OpenOptions, PrepareArgs,
+    RemoteDir, ShardSink, ShardSource, Split, Tokenizer, TrainLoader, INDEX_FILE,
 };
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -78,6 +78,63 @@ fn prepare_into_memory_reads_back_the_tokens_of_a_local_prepare() {
     a.split(Split::Train).read_rows(&starts, &mut ra).unwrap();
     b.split(Split::Train).read_rows(&starts, &mut rb).unwrap();
     assert_eq!(ra, rb);
+}
+
+#[test]
+fn remote_train_loader_reads_ahead_and_gives_the_batches_of_a_local_one() {
+    let local = tempfile::tempdir().unwrap();
+    let args = head_args(local.path().to_str().unwrap(), 40_000);
+    prepare(&args).unwrap();
+    let remote = RemoteDir::from_object_store(
+        Arc::new(InMemory::new()),
+        "ds",
+        "memory://ds",
+        StoreOptions::default(),
+    )
+    .unwrap();
+    let tokenizer = Tokenizer::from_dir(tokenizer_dir()).unwrap();
+    prepare_into(&args, &tokenizer, &remote).unwrap();
+    let a = Dataset::open(local.path()).unwrap().split(Split::Train);
+    let b = Dataset::open_with(Arc::new(remote), OpenOptions::default())
+        .unwrap()
+        .split(Split::Train);
+    assert!(!a.latency_bound() && b.latency_bound());
+    // Rank 1 of 2, accumulation 3: micro-batches 3..6 of every global batch; enough steps to
+    // wrap into the next epoch (3_574 windows of 33 tokens).
+    let cfg = LoaderConfig {
+        block_size: 32,
+        micro_batch_size: 16,
+        grad_accum_steps: 3,
+        rank: 1,
+        world_size: 2,
+        seed: 5,
+    };
+    let mut plain = TrainLoader::new(a, cfg).unwrap();
+    let mut ahead = TrainLoader::new(b, cfg).unwrap();
+    let mut saved = None;
+    for i in 0..120 {
+        if i == 40 {
+            saved = Some(plain.state()); // mid-step: micro_step 1
+            assert_eq!(saved.as_ref().unwrap().micro_step, 1);
+        }
+        assert_eq!(
+            plain.next_micro_batch().unwrap(),
+            ahead.next_micro_batch().unwrap(),
+            "micro-batch {i}"
+        );
+    }
+    assert!(plain.epoch() >= 1, "wrapped into epoch {}", plain.epoch());
+    // Restoring elsewhere discards the batch read ahead for the old position.
+    let saved = saved.unwrap();
+    plain.restore(&saved).unwrap();
+    ahead.restore(&saved).unwrap();
+    for i in 0..7 {
+        assert_eq!(
+            plain.next_micro_batch().unwrap(),
+            ahead.next_micro_batch().unwrap(),
+            "micro-batch {i} after restore"
+        );
+    }
 }
 
 #[test]

@@ -221,6 +221,12 @@ impl TokenStream {
         self.tokens == 0
     }
 
+    /// True when reads are network round trips (a dataset on object storage): the train loader
+    /// then reads the next micro-batch in the background.
+    pub fn latency_bound(&self) -> bool {
+        self.concurrent
+    }
+
     /// Read `starts.len()` rows of equal length: row i of `out` (flat, row-major) gets tokens
     /// `[starts[i], starts[i] + row)`, `row = out.len() / starts.len()`. Rows of a remote
     /// dataset are fetched concurrently (one round trip per batch instead of one per row).

@@ -11,9 +11,15 @@
 //! `j = r·accum + a` for `a` in `0..accum`. So N ranks together consume exactly the windows that
 //! one rank with N× accumulation consumes, in the same grouping.
 //!
-//! Not here: tensors and devices (the caller turns the `Vec<i64>` into a tensor), prefetching.
+//! Prefetch: over a latency-bound stream (object storage) the loader reads the next micro-batch
+//! on a background thread while the caller trains on the current one. The prefetched batch is
+//! keyed by its position and used only if the loader is still there (not after `restore`), so
+//! the batches are the same with and without it.
+//!
+//! Not here: tensors and devices (the caller turns the `Vec<i64>` into a tensor).
 
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -134,6 +140,33 @@ pub struct TrainLoader {
     global: u64,
     micro_step: u64,
     perms: Vec<(u64, Vec<u32>)>,
+    /// Whether to read ahead (the stream is latency-bound).
+    prefetch: bool,
+    ahead: Option<Ahead>,
+}
+
+/// A micro-batch being read in the background, for position (`global`, `micro_step`).
+struct Ahead {
+    global: u64,
+    micro_step: u64,
+    read: JoinHandle<Result<Vec<i64>, DataError>>,
+}
+
+impl Ahead {
+    fn join(self) -> Result<Vec<i64>, DataError> {
+        self.read
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+}
+
+impl Drop for TrainLoader {
+    fn drop(&mut self) {
+        // Do not leave a reader running against a dataset the caller considers closed.
+        if let Some(ahead) = self.ahead.take() {
+            let _ = ahead.read.join();
+        }
+    }
 }
 
 impl TrainLoader {
@@ -158,13 +191,21 @@ impl TrainLoader {
             });
         }
         Ok(Self {
+            prefetch: stream.latency_bound(),
             stream,
             cfg,
             windows,
             global: 0,
             micro_step: 0,
             perms: Vec::new(),
+            ahead: None,
         })
+    }
+
+    /// Read the next micro-batch in the background (default: only for latency-bound streams).
+    pub fn with_prefetch(mut self, prefetch: bool) -> Self {
+        self.prefetch = prefetch;
+        self
     }
 
     pub fn config(&self) -> &LoaderConfig {
@@ -194,21 +235,49 @@ impl TrainLoader {
     /// The next micro-batch of this rank: `micro_batch_size` windows of `block_size + 1` token
     /// ids, flat and row-major (row i is `[i·(T+1), (i+1)·(T+1))`).
     pub fn next_micro_batch(&mut self) -> Result<Vec<i64>, DataError> {
+        let (global, micro_step) = (self.global, self.micro_step);
+        let batch = match self.ahead.take() {
+            Some(a) if (a.global, a.micro_step) == (global, micro_step) => a.join()?,
+            stale => {
+                if let Some(a) = stale {
+                    let _ = a.join(); // read for a position the loader left (restore)
+                }
+                let starts = self.row_starts(global, micro_step);
+                read_rows(&self.stream, &starts, self.cfg.block_size + 1)?
+            }
+        };
         let c = self.cfg;
-        let b1 = c.block_size + 1;
-        let j = (c.rank * c.grad_accum_steps) as u64 + self.micro_step;
-        let first = self.global + j * c.micro_batch_size as u64;
-        let starts: Vec<u64> = (0..c.micro_batch_size as u64)
-            .map(|i| self.window_at(first + i) * b1 as u64)
-            .collect();
-        let mut out = vec![0i64; c.micro_batch_size * b1];
-        self.stream.read_rows(&starts, &mut out)?;
         self.micro_step += 1;
         if self.micro_step == c.grad_accum_steps as u64 {
             self.micro_step = 0;
             self.global += c.global_batch_windows();
         }
-        Ok(out)
+        if self.prefetch {
+            let (global, micro_step) = (self.global, self.micro_step);
+            let starts = self.row_starts(global, micro_step);
+            let stream = self.stream.clone();
+            let b1 = c.block_size + 1;
+            self.ahead = Some(Ahead {
+                global,
+                micro_step,
+                read: std::thread::Builder::new()
+                    .name("mla-data-prefetch".into())
+                    .spawn(move || read_rows(&stream, &starts, b1))
+                    .map_err(|e| DataError::io(self.stream.location(), e))?,
+            });
+        }
+        Ok(batch)
+    }
+
+    /// Token offsets of the rows of this rank's micro-batch at (`global`, `micro_step`).
+    fn row_starts(&mut self, global: u64, micro_step: u64) -> Vec<u64> {
+        let c = self.cfg;
+        let b1 = (c.block_size + 1) as u64;
+        let j = (c.rank * c.grad_accum_steps) as u64 + micro_step;
+        let first = global + j * c.micro_batch_size as u64;
+        (0..c.micro_batch_size as u64)
+            .map(|i| self.window_at(first + i) * b1)
+            .collect()
     }
 
     /// The window visited at absolute position `k`.
@@ -297,6 +366,13 @@ impl TrainLoader {
         self.micro_step = pos.micro_step;
         Ok(())
     }
+}
+
+/// Rows of `b1` tokens at `starts`, flat and row-major.
+fn read_rows(stream: &TokenStream, starts: &[u64], b1: usize) -> Result<Vec<i64>, DataError> {
+    let mut out = vec![0i64; starts.len() * b1];
+    stream.read_rows(starts, &mut out)?;
+    Ok(out)
 }
 
 fn too_small(stream: &TokenStream, needed_tokens: u64, what: &str) -> DataError {

@@ -16,7 +16,8 @@
 //!   `memory://`, whose ETags are per-process counters.
 //!
 //! Not here: raw text on object storage (prepare it locally, write the shards here), a local
-//! block cache or prefetch (ranged reads are issued on demand), credentials (AWS environment).
+//! block cache (ranged reads are issued on demand), read-ahead (the train loader prefetches the
+//! next micro-batch), credentials (AWS environment).
 
 use std::io::ErrorKind;
 use std::path::{Path as FsPath, PathBuf};
