@@ -412,6 +412,10 @@ pub struct DataArgs {
     /// mla extension: where automatic preparation writes shards (default `<out_dir>/data`
     /// for local out_dirs, else `.cache/mla/data`).
     pub cache_dir: Option<String>,
+    /// mla extension: compare every shard's sha256 with the index when the run opens the
+    /// dataset (default true). Sizes and headers are always checked; turning this off saves
+    /// reading a large remote dataset once per start.
+    pub verify_checksums: Option<bool>,
 }
 
 /// Which data module a `DataConfig` names.

@@ -20,7 +20,7 @@
 use crate::config::{DataModule, RunConfig};
 use crate::data::{
     download_tinystories, download_tokenizer, is_prepared, open_remote, prepare, remote_url,
-    tinystories_input, Dataset, DownloadOptions, PrepareArgs, Tokenizer,
+    tinystories_input, Dataset, DownloadOptions, OpenOptions, PrepareArgs, Tokenizer,
 };
 use crate::error::BadInput;
 use anyhow::Context;
@@ -37,6 +37,12 @@ pub fn open(cfg: &RunConfig, tokenizer_dir: &Path) -> anyhow::Result<Dataset> {
         .as_ref()
         .ok_or_else(|| BadInput("data: not set (TinyStories or TextFiles)".into()))?;
     let args = &data.init_args;
+    let opts = OpenOptions {
+        verify_checksums: args.verify_checksums.unwrap_or(true),
+    };
+    if !opts.verify_checksums {
+        info!("data: shard sha256 not checked (data.init_args.verify_checksums: false); sizes and headers are");
+    }
     let (name, inputs, val) = match data.module() {
         Some(DataModule::TextFiles) => {
             if let Some(url) = args.train_data_path.as_deref().and_then(remote_url) {
@@ -47,7 +53,7 @@ pub fn open(cfg: &RunConfig, tokenizer_dir: &Path) -> anyhow::Result<Dataset> {
                     ))
                     .into());
                 }
-                return open_remote_data(cfg, url);
+                return open_remote_data(cfg, url, opts);
             }
             let train = PathBuf::from(args.train_data_path.as_deref().unwrap_or_default());
             (
@@ -65,11 +71,11 @@ pub fn open(cfg: &RunConfig, tokenizer_dir: &Path) -> anyhow::Result<Dataset> {
                 Some(p) => p,
             };
             if let Some(url) = remote_url(data_path) {
-                return open_remote_data(cfg, url);
+                return open_remote_data(cfg, url, opts);
             }
             let path = PathBuf::from(data_path);
             if is_prepared(&path) {
-                return Ok(Dataset::open(&path)?);
+                return Ok(Dataset::open_dir(&path, opts)?);
             }
             let input = match tinystories_input(&path) {
                 Some(input) => input,
@@ -90,7 +96,7 @@ pub fn open(cfg: &RunConfig, tokenizer_dir: &Path) -> anyhow::Result<Dataset> {
         }
     };
     if val.is_empty() && is_prepared(&inputs[0]) {
-        return Ok(Dataset::open(&inputs[0])?);
+        return Ok(Dataset::open_dir(&inputs[0], opts)?);
     }
     for p in inputs.iter().chain(&val) {
         if !p.exists() {
@@ -107,7 +113,7 @@ pub fn open(cfg: &RunConfig, tokenizer_dir: &Path) -> anyhow::Result<Dataset> {
     let dir = cache_root(cfg).join(format!("{name}-{key}"));
     if is_prepared(&dir) {
         info!("data: using prepared {}", dir.display());
-        return Ok(Dataset::open(&dir)?);
+        return Ok(Dataset::open_dir(&dir, opts)?);
     }
     info!(
         "data: tokenizing {} into {}",
@@ -126,16 +132,17 @@ pub fn open(cfg: &RunConfig, tokenizer_dir: &Path) -> anyhow::Result<Dataset> {
     p.overwrite = true; // a partial earlier attempt (no index) is replaced
     let report = prepare(&p)?;
     info!("{report}");
-    Ok(Dataset::open(&dir)?)
+    Ok(Dataset::open_dir(&dir, opts)?)
 }
 
 /// A prepared dataset on object storage, validated like a local one; shard checksums are
 /// remembered in the data cache so reopening an unchanged dataset does not re-read it.
-fn open_remote_data(cfg: &RunConfig, url: &str) -> anyhow::Result<Dataset> {
+fn open_remote_data(cfg: &RunConfig, url: &str, opts: OpenOptions) -> anyhow::Result<Dataset> {
     info!("data: reading {url}");
     Ok(open_remote(
         url,
         Some(cache_root(cfg).join("remote-sha256")),
+        opts,
     )?)
 }
 

@@ -213,6 +213,22 @@ fn s3_dataset_prepared_by_mla_trains_with_the_losses_of_the_local_dataset() {
         reference.losses,
         "losses from s3:// vs local disk"
     );
+    // `mla eval` reads the same dataset from s3:// as from local disk.
+    let final_dir = Path::new(out_dir).join("final");
+    let eval = |data: &str| {
+        ok(&mla(&[
+            "eval",
+            final_dir.to_str().unwrap(),
+            "--data",
+            data,
+            "--max-iters",
+            "3",
+            "--json",
+        ]))
+    };
+    let (from_s3, from_disk) = (eval(&url), eval(local_dir.to_str().unwrap()));
+    assert!(from_s3.contains("\"loss\""), "{from_s3}");
+    assert_eq!(from_s3, from_disk);
     // Verified checksums are remembered: one per shard of both splits.
     let memo = Path::new(out_dir).join("data/remote-sha256");
     assert_eq!(
@@ -231,7 +247,8 @@ fn corrupted_s3_shards_and_a_missing_index_are_one_line_errors_naming_the_object
     let remote = RemoteDir::open(&url).unwrap();
     let tokenizer = Tokenizer::from_dir(tokenizer_dir()).unwrap();
     let fixture = shared_data().join("tinystories/fixtures/cs336_tinystories_sample.txt");
-    let args = PrepareArgs::new(vec![fixture], tokenizer_dir(), "unused");
+    let mut args = PrepareArgs::new(vec![fixture.clone()], tokenizer_dir(), "unused");
+    args.val = vec![fixture]; // a val split, so that the unverified run below can evaluate
     prepare_into(&args, &tokenizer, &remote).unwrap();
     let shard = "train-00000.bin";
     let good = ShardSource::read(&remote, shard).unwrap();
@@ -253,6 +270,25 @@ fn corrupted_s3_shards_and_a_missing_index_are_one_line_errors_naming_the_object
     remote.put(shard, &bad).unwrap();
     let out = run(&["--data.train_data_path", &url]);
     assert_bad(&out, &[&object, "sha256 mismatch"]);
+    // Opting out of the checksum (sizes and headers still checked) opens it.
+    let out_dir = cwd.path().join("run-unverified");
+    let out = train(
+        cwd.path(),
+        out_dir.to_str().unwrap(),
+        &[
+            "--data.train_data_path",
+            &url,
+            "--data.verify_checksums",
+            "false",
+        ],
+        &[],
+    );
+    ok(&out);
+    assert!(
+        stderr(&out).contains("sha256 not checked"),
+        "{}",
+        stderr(&out)
+    );
 
     // Raw text (or nothing) under the prefix: TinyStories and TextFiles both say what to do.
     let empty = format!("{url}/nothing-here");

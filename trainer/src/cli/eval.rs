@@ -1,8 +1,12 @@
 //! `mla eval <checkpoint> --data <path>`: mean next-token loss (and perplexity) of a
 //! checkpoint on a dataset — a prepared dataset directory (its val split, or `--split train`)
-//! or raw text/json files, tokenized on the fly with the checkpoint's tokenizer.
+//! or raw text/json files, tokenized on the fly with the checkpoint's tokenizer, or a prepared
+//! dataset on object storage (`--data s3://bucket/prefix`).
 
-use crate::data::{is_prepared, prepare, Dataset, EvalLoader, PrepareArgs, Split};
+use crate::data::{
+    is_prepared, open_remote, prepare, remote_url, Dataset, EvalLoader, OpenOptions, PrepareArgs,
+    Split,
+};
 use crate::device::{self, DeviceKind};
 use crate::error::BadInput;
 use crate::inference;
@@ -20,8 +24,9 @@ pub enum SplitArg {
 pub struct EvalArgs {
     /// Checkpoint step directory or URL.
     checkpoint: String,
-    /// Prepared dataset directory, or text/json files (or a directory of them) to evaluate on.
-    #[arg(long)]
+    /// Prepared dataset directory or object-store URL (s3://…), or text/json files (or a
+    /// directory of them) to evaluate on.
+    #[arg(long, value_name = "PATH|URL")]
     data: PathBuf,
     /// Split of a prepared dataset.
     #[arg(long, value_enum, default_value_t = SplitArg::Val)]
@@ -44,15 +49,19 @@ pub struct EvalArgs {
 pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     let device = device::select(args.device, 0)?;
     let m = inference::load(&args.checkpoint, device, inference::default_kind(device))?;
-    if !args.data.exists() {
+    let split = match args.split {
+        SplitArg::Train => Split::Train,
+        SplitArg::Val => Split::Val,
+    };
+    let data = args.data.to_string_lossy();
+    let remote = remote_url(&data);
+    if remote.is_none() && !args.data.exists() {
         return Err(BadInput(format!("--data {}: does not exist", args.data.display())).into());
     }
     let tmp = tempfile::tempdir()?;
-    let (dataset, split) = if is_prepared(&args.data) {
-        let split = match args.split {
-            SplitArg::Train => Split::Train,
-            SplitArg::Val => Split::Val,
-        };
+    let (dataset, split) = if let Some(url) = remote {
+        (open_remote(url, None, OpenOptions::default())?, split)
+    } else if is_prepared(&args.data) {
         (Dataset::open(&args.data)?, split)
     } else {
         let tok_dir = tmp.path().join("tokenizer");

@@ -53,10 +53,12 @@ pub fn is_prepared(dir: impl AsRef<Path>) -> bool {
 impl Dataset {
     /// Open a local directory, verifying checksums.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, DataError> {
-        Self::open_with(
-            Arc::new(LocalDir::new(dir.as_ref())),
-            OpenOptions::default(),
-        )
+        Self::open_dir(dir, OpenOptions::default())
+    }
+
+    /// Open the dataset in a local directory with `opts`.
+    pub fn open_dir(dir: impl AsRef<Path>, opts: OpenOptions) -> Result<Self, DataError> {
+        Self::open_with(Arc::new(LocalDir::new(dir.as_ref())), opts)
     }
 
     /// Open from any source.

@@ -45,7 +45,11 @@ pub fn remote_url(location: &str) -> Option<&str> {
 /// Open a prepared dataset on object storage, validating it as [`Dataset::open`] does (index,
 /// every shard's size and header, sha256). `checksum_cache`: see [`RemoteDir::with_checksum_cache`].
 /// Without `index.json` the error says that only prepared datasets are read remotely.
-pub fn open_remote(url: &str, checksum_cache: Option<PathBuf>) -> Result<Dataset, DataError> {
+pub fn open_remote(
+    url: &str,
+    checksum_cache: Option<PathBuf>,
+    opts: OpenOptions,
+) -> Result<Dataset, DataError> {
     let mut dir = RemoteDir::open(url)?;
     if let Some(cache) = checksum_cache {
         dir = dir.with_checksum_cache(cache);
@@ -60,7 +64,7 @@ pub fn open_remote(url: &str, checksum_cache: Option<PathBuf>) -> Result<Dataset
             ),
         });
     }
-    Dataset::open_with(Arc::new(dir), OpenOptions::default())
+    Dataset::open_with(Arc::new(dir), opts)
 }
 
 struct Inner {
