@@ -26,7 +26,13 @@ pub struct TrainRecord {
     pub peak_memory_bytes: Option<u64>,
     pub elapsed_secs: f64,
     pub skipped_steps: u64,
+    /// Share of the logging window's wall time the host spent waiting for the data loader
+    /// (reads from disk or object storage); near 0 unless the run is data-bound.
+    pub data_wait_frac: f64,
 }
+
+/// Data wait shown in the human line from this share on.
+const SHOW_DATA_WAIT: f64 = 0.01;
 
 /// One validation record.
 #[derive(Debug, Clone, Serialize)]
@@ -120,6 +126,7 @@ impl MetricsWriter {
                 ("train/grad_norm", r.grad_norm),
                 ("train/tokens_per_sec", r.tokens_per_sec),
                 ("train/tokens", r.tokens as f64),
+                ("train/data_wait_frac", r.data_wait_frac),
             ];
             if let Some(m) = r.mfu {
                 values.push(("train/mfu", m));
@@ -176,8 +183,13 @@ pub fn train_line(r: &TrainRecord, total_steps: Option<u64>) -> String {
         .peak_memory_bytes
         .map(|b| format!(" | peak mem {}", human_bytes(b)))
         .unwrap_or_default();
+    let data = if r.data_wait_frac >= SHOW_DATA_WAIT {
+        format!(" | data wait {:.0}%", r.data_wait_frac * 100.0)
+    } else {
+        String::new()
+    };
     format!(
-        "{step} | loss {:.4} | lr {:.3e} | grad norm {:.3} | {:.0} tok/s{mfu}{mem}",
+        "{step} | loss {:.4} | lr {:.3e} | grad norm {:.3} | {:.0} tok/s{mfu}{mem}{data}",
         r.loss, r.lr, r.grad_norm, r.tokens_per_sec
     )
 }

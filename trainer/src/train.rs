@@ -321,6 +321,7 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
     let mut stop_agreed = false;
     let mut time_agreed = false;
     let mut window_reduce_secs = 0.0;
+    let mut window_data_secs = 0.0;
     if rank.world_size > 1 {
         let mut flag = [f64::from(u8::from(
             signals::stop_requested() || stop_at_step == Some(state.step),
@@ -350,7 +351,9 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
         // Forward/backward over the accumulation micro-batches.
         let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
         for _ in 0..accum {
+            let data_start = Instant::now();
             let tokens = loader.next_micro_batch()?;
+            window_data_secs += data_start.elapsed().as_secs_f64();
             let (x, y) = tokens_to_batch(&tokens, micro, seq_len, device);
             let loss = loss_of(&t.model, &x, &y, autocast);
             (&loss / (accum * rank.world_size) as f64).backward();
@@ -429,6 +432,7 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
                 peak_memory_bytes: peak_memory(device),
                 elapsed_secs: elapsed_before + run_start.elapsed().as_secs_f64(),
                 skipped_steps: state.skipped_steps,
+                data_wait_frac: (window_data_secs / secs.max(1e-9)).min(1.0),
             };
             if let Some(m) = &mut metrics {
                 info!("{}", metrics::train_line(&record, total));
@@ -444,6 +448,7 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
                 }
             }
             window_reduce_secs = 0.0;
+            window_data_secs = 0.0;
             window_start = Instant::now();
             window_tokens = 0;
         }

@@ -124,8 +124,14 @@ fn debug_config_trains_evaluates_saves_and_generates_the_same_text_on_every_path
         "lr",
         "grad_norm",
         "tokens_per_sec",
+        "data_wait_frac",
     ] {
         assert!(train_lines[0][key].is_number(), "train lines carry {key}");
+    }
+    // Local shards: reading a micro-batch is microseconds against a step of ~0.1 s or more.
+    for r in &train_lines {
+        let wait = r["data_wait_frac"].as_f64().unwrap();
+        assert!((0.0..0.2).contains(&wait), "data_wait_frac {wait}");
     }
     assert!(out_dir.path().join("final/model.safetensors").exists());
     assert!(out_dir.path().join("final/manifest.json").exists());
