@@ -295,3 +295,19 @@ fn checkpoint_weights_give_the_same_logits_in_python_safetensors_as_in_mla() {
     assert!(out.status.success(), "logits differ: {report}");
     assert!(report.contains("over 402432 logits"), "8 × 50304: {report}");
 }
+
+#[test]
+fn ckpt_list_of_a_missing_local_out_dir_is_an_error_not_an_empty_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("typo");
+    let missing = missing.to_str().unwrap();
+    assert_bad(
+        &mla(&["ckpt", "list", missing]),
+        &[missing, "no such directory"],
+    );
+    let url = format!("file://{missing}");
+    assert_bad(&mla(&["ckpt", "list", &url]), &[&url]);
+    // An existing directory without checkpoints is an empty run.
+    let empty = ok(&mla(&["ckpt", "list", dir.path().to_str().unwrap()]));
+    assert!(empty.contains("no step directories"), "{empty}");
+}
