@@ -216,7 +216,7 @@ fn s3_dataset_prepared_by_mla_trains_with_the_losses_of_the_local_dataset() {
     // `mla eval` reads the same dataset from s3:// as from local disk.
     let final_dir = Path::new(out_dir).join("final");
     let eval = |data: &str| {
-        ok(&mla(&[
+        let args = [
             "eval",
             final_dir.to_str().unwrap(),
             "--data",
@@ -224,11 +224,19 @@ fn s3_dataset_prepared_by_mla_trains_with_the_losses_of_the_local_dataset() {
             "--max-iters",
             "3",
             "--json",
-        ]))
+        ];
+        ok(&mla_in(cwd.path(), &args, &[])) // its checksum memo goes under cwd/.cache
     };
     let (from_s3, from_disk) = (eval(&url), eval(local_dir.to_str().unwrap()));
     assert!(from_s3.contains("\"loss\""), "{from_s3}");
     assert_eq!(from_s3, from_disk);
+    let memo = cwd.path().join(".cache/mla/data/remote-sha256");
+    assert_eq!(
+        std::fs::read_dir(&memo).unwrap().count(),
+        2,
+        "{}",
+        memo.display()
+    );
     // Verified checksums are remembered: one per shard of both splits.
     let memo = Path::new(out_dir).join("data/remote-sha256");
     assert_eq!(

@@ -60,7 +60,9 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     }
     let tmp = tempfile::tempdir()?;
     let (dataset, split) = if let Some(url) = remote {
-        (open_remote(url, None, OpenOptions::default())?, split)
+        // Shard checksums remembered as for runs whose out_dir is on object storage.
+        let memo = PathBuf::from(".cache/mla/data/remote-sha256");
+        (open_remote(url, Some(memo), OpenOptions::default())?, split)
     } else if is_prepared(&args.data) {
         (Dataset::open(&args.data)?, split)
     } else {

@@ -140,7 +140,7 @@ pub struct TrainLoader {
     global: u64,
     micro_step: u64,
     perms: Vec<(u64, Vec<u32>)>,
-    /// Whether to read ahead (the stream is latency-bound).
+    /// Read ahead: only for latency-bound streams (local reads are page-cache copies).
     prefetch: bool,
     ahead: Option<Ahead>,
 }
@@ -200,12 +200,6 @@ impl TrainLoader {
             perms: Vec::new(),
             ahead: None,
         })
-    }
-
-    /// Read the next micro-batch in the background (default: only for latency-bound streams).
-    pub fn with_prefetch(mut self, prefetch: bool) -> Self {
-        self.prefetch = prefetch;
-        self
     }
 
     pub fn config(&self) -> &LoaderConfig {
