@@ -122,14 +122,17 @@ impl Budget {
                 }
             }
             if cfg.eval.interval as u64 > n {
-                warnings.push(format!(
-                    "eval.interval = {} but the run has only {n} steps: validation runs only {}",
-                    cfg.eval.interval,
-                    if cfg.eval.final_validation {
-                        "at the end"
-                    } else {
-                        "never (final_validation: false)"
+                let when = match (cfg.eval.initial_validation, cfg.eval.final_validation) {
+                    (true, true) => "validation runs only at the start and at the end",
+                    (false, true) => "validation runs only at the end",
+                    (true, false) => "validation runs only at the start",
+                    (false, false) => {
+                        "validation never runs (eval.initial_validation and eval.final_validation are false)"
                     }
+                };
+                warnings.push(format!(
+                    "eval.interval = {} but the run has only {n} steps: {when}",
+                    cfg.eval.interval
                 ));
             }
             if self.warmup_steps >= n && n > 1 {
@@ -174,6 +177,25 @@ mod tests {
             warnings[0].contains("save_interval = 1000")
                 && warnings[1].contains("eval.interval = 1000")
         );
+    }
+
+    #[test]
+    fn the_eval_warning_says_when_validation_still_runs() {
+        let when = |initial: bool, fin: bool| {
+            let yaml = format!(
+                "model_name: pythia-14m\ntrain:\n  global_batch_size: 4\n  micro_batch_size: 4\n  max_steps: 10\neval:\n  interval: 100\n  initial_validation: {initial}\n  final_validation: {fin}\n"
+            );
+            let c = RunConfig::from_yaml(&yaml, "t.yaml", &[]).unwrap();
+            let (_, warnings) = Budget::new(&c, 1, 1_000_000).unwrap().report(&c);
+            warnings
+                .into_iter()
+                .find(|w| w.starts_with("eval.interval = 100 "))
+                .unwrap()
+        };
+        assert!(when(true, true).ends_with("only at the start and at the end"));
+        assert!(when(false, true).ends_with("only at the end"));
+        assert!(when(true, false).ends_with("only at the start"));
+        assert!(when(false, false).contains("validation never runs"));
     }
 
     #[test]
