@@ -86,6 +86,7 @@ fn loss_and_backward(model: &Gpt, x: &Tensor, y: &Tensor, autocast: bool, scale:
     chunked_loss_and_backward(model, x, y, autocast, scale, LOGITS_CHUNK_BYTES)
 }
 
+/// [`loss_and_backward`] with the chunk size as a parameter (tests force several chunks).
 fn chunked_loss_and_backward(
     model: &Gpt,
     x: &Tensor,
