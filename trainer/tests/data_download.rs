@@ -3,10 +3,13 @@
 //! test time from `../shared/data` TinyStories text.
 //! Not here: the real hub (no network in tests).
 
+mod common;
+
+use common::{mla_in, ok, repo, shared_data};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,16 +18,6 @@ use mla_trainer::data::{
     download_file, download_tinystories, download_tokenizer, prepare, DataError, Dataset,
     DownloadOptions, PrepareArgs, Split, Tokenizer,
 };
-
-fn shared_data() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data");
-    assert!(
-        p.join("tinystories").is_dir() && p.join("tokenizers").is_dir(),
-        "test data missing: expected {} (see shared/data/README.md)",
-        p.display()
-    );
-    p
-}
 
 #[derive(Clone)]
 enum Reply {
@@ -344,15 +337,8 @@ fn train_downloads_tinystories_and_the_tokenizer_from_hf_endpoint() {
         ),
     ]));
     let tmp = tempfile::tempdir().unwrap();
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mla = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_mla"))
-            .args(args)
-            .current_dir(tmp.path())
-            .env("HF_ENDPOINT", &server.addr)
-            .output()
-            .unwrap()
-    };
+    let repo = repo();
+    let mla = |args: &[&str]| mla_in(tmp.path(), args, &[("HF_ENDPOINT", &server.addr)]);
     let out = mla(&[
         "train",
         "--device",
@@ -380,11 +366,7 @@ fn train_downloads_tinystories_and_the_tokenizer_from_hf_endpoint() {
         "--eval.max_iters",
         "1",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     assert!(tmp
         .path()
         .join("data/tinystories/TinyStories_all_data.tar.gz")
@@ -407,11 +389,7 @@ fn train_downloads_tinystories_and_the_tokenizer_from_hf_endpoint() {
         "--checkpoint-dir",
         "ckpts",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     assert!(tmp
         .path()
         .join("ckpts/EleutherAI/pythia-160m/tokenizer.json")

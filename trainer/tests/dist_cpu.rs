@@ -10,6 +10,9 @@
 //! Needs mpirun (OpenMPI) and `mla-launch` next to `mla` (`cargo test --workspace` builds it);
 //! without them the tests are skipped with a note, except under CI=true, where that fails.
 
+mod common;
+
+use common::{prepared_data, repo, tokenizer_dir};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -17,13 +20,6 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 const STEPS: u64 = 20;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()
-        .unwrap()
-}
 
 fn mla() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_mla"))
@@ -63,44 +59,6 @@ fn have_mpirun() -> bool {
     found || !skip("mpirun not on PATH (apt-get install openmpi-bin)")
 }
 
-fn shared_data() -> PathBuf {
-    repo().join("../shared/data")
-}
-
-/// A small TinyStories subset, tokenized once per target dir.
-fn prepared() -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dist_tests_data");
-        if dir.join("index.json").exists() {
-            return dir;
-        }
-        let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
-        let d = shared_data();
-        let out = Command::new(mla())
-            .args(["prepare"])
-            .arg(d.join("tinystories/train/tinystories_v1_train_head.txt"))
-            .arg("--val")
-            .arg(d.join("tinystories/valid/tinystories_v1_valid_head.txt"))
-            .arg("--tokenizer-dir")
-            .arg(d.join("tokenizers/gpt-neox-20b"))
-            .arg("--out")
-            .arg(&tmp)
-            .args(["--overwrite", "--quiet"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        if std::fs::rename(&tmp, &dir).is_err() {
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
-        dir
-    })
-}
-
 fn config() -> String {
     repo()
         .join("config_hub/pretrain/debug.yaml")
@@ -115,14 +73,11 @@ fn run_args(out_dir: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
         "--out_dir",
         out_dir.to_str().unwrap(),
         "--data.train_data_path",
-        prepared().to_str().unwrap(),
+        prepared_data().to_str().unwrap(),
         "--data.val_data_path",
         "null",
         "--tokenizer_dir",
-        shared_data()
-            .join("tokenizers/gpt-neox-20b")
-            .to_str()
-            .unwrap(),
+        tokenizer_dir().to_str().unwrap(),
         "--model_config.block_size",
         "32",
         "--model_config.n_embd",
