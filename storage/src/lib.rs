@@ -32,7 +32,8 @@ pub use manifest::{
 pub use object_store;
 pub use saver::{BackgroundSaver, SaveJob, SaveReport};
 pub use store::{
-    is_invalid_step, CheckpointStore, Latest, LoadedStep, PutOutcome, RetainReport, RetryOptions,
-    SkippedStep, StepInfo, StoreOptions, Verification, VerifiedStep, ENV_CONNECT_TIMEOUT_SECS,
-    ENV_MAX_RETRIES, ENV_REQUEST_TIMEOUT_SECS, ENV_RETRY_TIMEOUT_SECS, ENV_TEST_PUT_DELAY_MS,
+    is_invalid_step, upload_bytes, CheckpointStore, Latest, LoadedStep, PutOutcome, RetainReport,
+    RetryOptions, SkippedStep, StepInfo, StoreOptions, Uploaded, Verification, VerifiedStep,
+    ENV_CONNECT_TIMEOUT_SECS, ENV_MAX_RETRIES, ENV_REQUEST_TIMEOUT_SECS, ENV_RETRY_TIMEOUT_SECS,
+    ENV_TEST_PUT_DELAY_MS,
 };

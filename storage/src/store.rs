@@ -464,42 +464,10 @@ impl CheckpointStore {
         path: &Path,
         bytes: Bytes,
     ) -> Result<(usize, bool, Option<String>)> {
-        if bytes.len() <= self.opts.multipart_threshold_bytes {
-            let r = self
-                .inner
-                .put(path, PutPayload::from(bytes))
-                .await
-                .map_err(|e| self.store_err("put", rel, &e))?;
-            return Ok((1, false, r.e_tag));
-        }
-        let part = self.opts.part_size_bytes.max(1);
-        let upload = self
-            .inner
-            .put_multipart(path)
+        let up = upload_bytes(&*self.inner, path, bytes, &self.opts)
             .await
-            .map_err(|e| self.store_err("start multipart upload", rel, &e))?;
-        let mut writer = WriteMultipart::new_with_chunk_size(upload, part);
-        let mut parts = 0;
-        let mut offset = 0;
-        while offset < bytes.len() {
-            if let Err(e) = writer
-                .wait_for_capacity(self.opts.max_concurrency.max(1))
-                .await
-            {
-                // Best effort: the store garbage-collects what abort cannot.
-                let _ = writer.abort().await;
-                return Err(self.store_err("multipart upload", rel, &e));
-            }
-            let end = (offset + part).min(bytes.len());
-            writer.put(bytes.slice(offset..end));
-            offset = end;
-            parts += 1;
-        }
-        let r = writer
-            .finish()
-            .await
-            .map_err(|e| self.store_err("complete multipart upload", rel, &e))?;
-        Ok((parts, true, r.e_tag))
+            .map_err(|(op, e)| self.store_err(op, rel, &e))?;
+        Ok((up.parts, up.multipart, up.e_tag))
     }
 
     /// Commit `step`: check every listed object is present with the listed size, then write
@@ -966,6 +934,66 @@ pub fn is_invalid_step(e: &Error) -> bool {
         e,
         Error::MissingManifest { .. } | Error::InvalidManifest { .. } | Error::Corrupt { .. }
     )
+}
+
+/// How [`upload_bytes`] sent an object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uploaded {
+    pub parts: usize,
+    pub multipart: bool,
+    pub e_tag: Option<String>,
+}
+
+/// Upload `bytes` to `path`: one PUT up to `opts.multipart_threshold_bytes`, else a multipart
+/// upload in `opts.part_size_bytes` parts with at most `opts.max_concurrency` in flight
+/// (aborted on failure). Either way the object appears whole or not at all. An error comes
+/// with the operation that failed ("put", "start multipart upload", …) for the caller's
+/// message. Shared by checkpoints and token datasets.
+pub async fn upload_bytes(
+    store: &dyn ObjectStore,
+    path: &Path,
+    bytes: Bytes,
+    opts: &StoreOptions,
+) -> std::result::Result<Uploaded, (&'static str, object_store::Error)> {
+    if bytes.len() <= opts.multipart_threshold_bytes {
+        let r = store
+            .put(path, PutPayload::from(bytes))
+            .await
+            .map_err(|e| ("put", e))?;
+        return Ok(Uploaded {
+            parts: 1,
+            multipart: false,
+            e_tag: r.e_tag,
+        });
+    }
+    let part = opts.part_size_bytes.max(1);
+    let upload = store
+        .put_multipart(path)
+        .await
+        .map_err(|e| ("start multipart upload", e))?;
+    let mut writer = WriteMultipart::new_with_chunk_size(upload, part);
+    let mut parts = 0;
+    let mut offset = 0;
+    while offset < bytes.len() {
+        if let Err(e) = writer.wait_for_capacity(opts.max_concurrency.max(1)).await {
+            // Best effort: the store garbage-collects what abort cannot.
+            let _ = writer.abort().await;
+            return Err(("multipart upload", e));
+        }
+        let end = (offset + part).min(bytes.len());
+        writer.put(bytes.slice(offset..end));
+        offset = end;
+        parts += 1;
+    }
+    let r = writer
+        .finish()
+        .await
+        .map_err(|e| ("complete multipart upload", e))?;
+    Ok(Uploaded {
+        parts,
+        multipart: true,
+        e_tag: r.e_tag,
+    })
 }
 
 #[cfg(test)]

@@ -128,8 +128,7 @@ fn list(out_dir: &str, verify: bool, as_json: bool) -> anyhow::Result<()> {
     // A local out_dir that does not exist is a typo, not an empty run (object stores have no
     // directories: an empty prefix there is simply empty).
     let local = out_dir.strip_prefix("file://").unwrap_or(out_dir);
-    let is_local = !out_dir.contains("://") || out_dir.starts_with("file://");
-    if is_local && !std::path::Path::new(local).exists() {
+    if crate::data::remote_url(out_dir).is_none() && !std::path::Path::new(local).exists() {
         return Err(BadInput(format!("{out_dir}: no such directory")).into());
     }
     let store = BlockingCheckpointStore::open(out_dir).map_err(|e| store_error(out_dir, e))?;

@@ -25,10 +25,8 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use mla_storage::object_store::path::Path;
-use mla_storage::object_store::{
-    self, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart,
-};
-use mla_storage::{error_chain, open_location, Bytes, StoreOptions};
+use mla_storage::object_store::{self, GetOptions, GetRange, ObjectStore, ObjectStoreExt};
+use mla_storage::{error_chain, open_location, upload_bytes, Bytes, StoreOptions};
 use sha2::{Digest, Sha256};
 
 use super::dataset::{Dataset, OpenOptions};
@@ -191,36 +189,10 @@ impl Inner {
     }
 
     async fn put(&self, name: &str, path: &Path, bytes: Bytes) -> Result<(), DataError> {
-        if bytes.len() <= self.opts.multipart_threshold_bytes {
-            self.store
-                .put(path, PutPayload::from(bytes))
-                .await
-                .map_err(|e| self.err(name, "put", &e))?;
-            return Ok(());
-        }
-        // Multipart: the object becomes visible only when the upload completes.
-        let part = self.opts.part_size_bytes.max(1);
-        let upload = self
-            .store
-            .put_multipart(path)
+        upload_bytes(&*self.store, path, bytes, &self.opts)
             .await
-            .map_err(|e| self.err(name, "start multipart upload", &e))?;
-        let mut writer = WriteMultipart::new_with_chunk_size(upload, part);
-        for chunk in bytes.chunks(part) {
-            if let Err(e) = writer
-                .wait_for_capacity(self.opts.max_concurrency.max(1))
-                .await
-            {
-                let _ = writer.abort().await; // best effort; lifecycle rules collect the rest
-                return Err(self.err(name, "multipart upload", &e));
-            }
-            writer.put(bytes.slice_ref(chunk));
-        }
-        writer
-            .finish()
-            .await
-            .map_err(|e| self.err(name, "complete multipart upload", &e))?;
-        Ok(())
+            .map(drop)
+            .map_err(|(op, e)| self.err(name, op, &e))
     }
 }
 
