@@ -31,6 +31,10 @@ pub fn maybe_run(argv: &[OsString]) -> Option<u8> {
 /// `<program> -- <args>`: the `--` keeps the shim's command line from reading as
 /// `mla train` (so `pgrep -f "mla train"` finds the ranks themselves, not their shims).
 fn run(cmd: &[OsString]) -> u8 {
+    // Taken first: read after the rank is spawned, a parent that died in between (the launcher
+    // and mpirun killed while this shim waited for a core) would already be the reaper, and the
+    // watch would never see it change.
+    let parent = nix::unistd::getppid();
     let Some((program, args)) = cmd.split_first() else {
         eprintln!("mla-launch: error: {FLAG} needs a program to run");
         return 2;
@@ -55,7 +59,7 @@ fn run(cmd: &[OsString]) -> u8 {
     command.args(args);
     crate::supervise::set_parent_death_signal(&mut command);
     let exit = match command.spawn().and_then(|mut c| {
-        watch_parent(c.id());
+        watch_parent(parent, c.id());
         c.wait()
     }) {
         Ok(status) => RankExit::from_status(status),
@@ -77,9 +81,9 @@ fn run(cmd: &[OsString]) -> u8 {
 
 /// If mpirun dies (killed along with the launcher, say), the shim is re-parented: kill the rank
 /// rather than leave it computing alone. mpirun starts the shim, so it cannot set the shim's
-/// parent-death signal; polling the parent pid is the portable way.
-fn watch_parent(child: u32) {
-    let parent = nix::unistd::getppid();
+/// parent-death signal; polling the parent pid is the portable way. `parent` is the pid the shim
+/// started under.
+fn watch_parent(parent: nix::unistd::Pid, child: u32) {
     std::thread::spawn(move || loop {
         std::thread::sleep(std::time::Duration::from_millis(250));
         if nix::unistd::getppid() != parent {
