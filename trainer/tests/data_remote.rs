@@ -2,7 +2,8 @@
 //! (the `mla` binary, S3 test server) reads back token for token what the same inputs give on
 //! local disk; the tiny debug run trained from the `s3://` dataset has bit-identical losses to
 //! the same run from local disk; a corrupted shard (header, sha256) is a one-line error naming
-//! the object, exit 2; a prefix without `index.json` says only prepared datasets are read there.
+//! the object, exit 2; a prefix without `index.json` says only prepared datasets are read there;
+//! the train and eval loaders read ahead on object storage and give the batches of local ones.
 //!
 //! S3 cases skip without the S3 environment (`scripts/s3_server.sh start`); a failure when
 //! `MLA_REQUIRE_S3=1` (scripts/test.sh).
@@ -13,8 +14,8 @@ use common::*;
 use mla_storage::object_store::memory::InMemory;
 use mla_storage::StoreOptions;
 use mla_trainer::data::{
-    prepare, prepare_into, Dataset, DatasetIndex, LoaderConfig, OpenOptions, PrepareArgs,
-    RemoteDir, ShardSink, ShardSource, Split, Tokenizer, TrainLoader, INDEX_FILE,
+    prepare, prepare_into, Dataset, DatasetIndex, EvalLoader, LoaderConfig, OpenOptions,
+    PrepareArgs, RemoteDir, ShardSink, ShardSource, Split, Tokenizer, TrainLoader, INDEX_FILE,
 };
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -81,7 +82,7 @@ fn prepare_into_memory_reads_back_the_tokens_of_a_local_prepare() {
 }
 
 #[test]
-fn remote_train_loader_reads_ahead_and_gives_the_batches_of_a_local_one() {
+fn remote_train_and_eval_loaders_read_ahead_and_give_the_batches_of_local_ones() {
     let local = tempfile::tempdir().unwrap();
     let args = head_args(local.path().to_str().unwrap(), 40_000);
     prepare(&args).unwrap();
@@ -109,8 +110,8 @@ fn remote_train_loader_reads_ahead_and_gives_the_batches_of_a_local_one() {
         world_size: 2,
         seed: 5,
     };
-    let mut plain = TrainLoader::new(a, cfg).unwrap();
-    let mut ahead = TrainLoader::new(b, cfg).unwrap();
+    let mut plain = TrainLoader::new(a.clone(), cfg).unwrap();
+    let mut ahead = TrainLoader::new(b.clone(), cfg).unwrap();
     let mut saved = None;
     for i in 0..120 {
         if i == 40 {
@@ -135,6 +136,16 @@ fn remote_train_loader_reads_ahead_and_gives_the_batches_of_a_local_one() {
             "micro-batch {i} after restore"
         );
     }
+    // The eval loader reads ahead as well: the same micro-batches in order, also when the
+    // caller stops early (the batch being read is joined, not leaked).
+    let eval = |s| EvalLoader::new(s, 32, 16, 1, 2, Some(20)).unwrap();
+    let (plain, ahead) = (eval(a), eval(b));
+    assert_eq!(plain.len(), 20);
+    let want: Vec<Vec<i64>> = plain.iter().map(Result::unwrap).collect();
+    let got: Vec<Vec<i64>> = ahead.iter().map(Result::unwrap).collect();
+    assert_eq!(want, got);
+    let first: Vec<Vec<i64>> = ahead.iter().take(3).map(Result::unwrap).collect();
+    assert_eq!(first, want[..3]);
 }
 
 #[test]

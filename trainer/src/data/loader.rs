@@ -154,9 +154,7 @@ struct Ahead {
 
 impl Ahead {
     fn join(self) -> Result<Vec<i64>, DataError> {
-        self.read
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        join_read(self.read)
     }
 }
 
@@ -383,6 +381,7 @@ fn too_small(stream: &TokenStream, needed_tokens: u64, what: &str) -> DataError 
 /// Eval step i covers windows `[i·micro·world, (i+1)·micro·world)`; rank r takes the `micro`
 /// windows starting at `i·micro·world + r·micro`. Steps stop at `max_iters` or when the next
 /// step would not be complete, so every rank runs the same number of micro-batches.
+#[derive(Clone)]
 pub struct EvalLoader {
     stream: Arc<TokenStream>,
     block_size: usize,
@@ -455,10 +454,65 @@ impl EvalLoader {
         Ok(out)
     }
 
-    /// All micro-batches of this rank, in order.
-    pub fn iter(&self) -> impl Iterator<Item = Result<Vec<i64>, DataError>> + '_ {
-        (0..self.batches).map(|i| self.micro_batch(i))
+    /// All micro-batches of this rank, in order. On a latency-bound stream (object storage)
+    /// micro-batch i + 1 is read in the background while the caller evaluates i.
+    pub fn iter(&self) -> EvalBatches<'_> {
+        EvalBatches {
+            loader: self,
+            next: 0,
+            ahead: None,
+        }
     }
+}
+
+/// The iterator of [`EvalLoader::iter`].
+pub struct EvalBatches<'a> {
+    loader: &'a EvalLoader,
+    next: u64,
+    /// Micro-batch `next`, being read.
+    ahead: Option<JoinHandle<Result<Vec<i64>, DataError>>>,
+}
+
+impl Iterator for EvalBatches<'_> {
+    type Item = Result<Vec<i64>, DataError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let l = self.loader;
+        if self.next >= l.batches {
+            return None;
+        }
+        let i = self.next;
+        self.next += 1;
+        let batch = match self.ahead.take() {
+            Some(read) => join_read(read),
+            None => l.micro_batch(i),
+        };
+        if batch.is_ok() && self.next < l.batches && l.stream.latency_bound() {
+            let (ahead, j) = (l.clone(), self.next);
+            match std::thread::Builder::new()
+                .name("mla-eval-prefetch".into())
+                .spawn(move || ahead.micro_batch(j))
+            {
+                Ok(read) => self.ahead = Some(read),
+                Err(e) => return Some(Err(DataError::io(l.stream.location(), e))),
+            }
+        }
+        Some(batch)
+    }
+}
+
+impl Drop for EvalBatches<'_> {
+    fn drop(&mut self) {
+        // An eval left early (an error) does not leave a reader running.
+        if let Some(read) = self.ahead.take() {
+            let _ = read.join();
+        }
+    }
+}
+
+fn join_read(read: JoinHandle<Result<Vec<i64>, DataError>>) -> Result<Vec<i64>, DataError> {
+    read.join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 #[cfg(test)]

@@ -33,8 +33,8 @@ pub use format::{
     FORMAT_VERSION, HEADER_BYTES, INDEX_FILE, SHARD_MAGIC,
 };
 pub use loader::{
-    epoch_permutation, windows_in, EvalLoader, LoaderConfig, LoaderPosition, TrainLoader,
-    POSITION_VERSION,
+    epoch_permutation, windows_in, EvalBatches, EvalLoader, LoaderConfig, LoaderPosition,
+    TrainLoader, POSITION_VERSION,
 };
 pub use prepare::{check_output_outside_inputs, prepare, prepare_into, PrepareArgs, PrepareReport};
 pub use remote::{open_remote, remote_url, RemoteDir};
