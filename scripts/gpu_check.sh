@@ -3,9 +3,10 @@
 # torch 2.11 (CUDA 13 wheels) in a venv, and no cargo. Under 8 minutes.
 #
 # 1. Here (a build machine with cargo; no GPU needed), put everything the check needs in .device/
-#    (git-ignored; ~60 MiB):
+#    (git-ignored; ~36 MiB):
 #        scripts/gpu_check.sh --prepare
-#    = release build of mla and mla-launch, stripped into .device/bin/; the shared libraries they
+#    = release build of mla and mla-launch, stripped into .device/bin/, and of the model's
+#    parity and cache tests into .device/tests/; the shared libraries they
 #    need beyond glibc/libstdc++/libtorch (OpenMPI's libmpi and its dependencies: mla links MPI
 #    even when it never initialises it) into .device/lib/; the TinyStories sample of
 #    ../shared/data tokenized (GPT-NeoX tokenizer) into .device/data/tinystories and the
@@ -18,6 +19,10 @@
 #    from nvidia-nccl-cu13) and .device/lib.
 #
 # Checks, each printed PASS/FAIL (exit 1 if any failed):
+#   t. The model's own tests on cuda:0 (MLA_TEST_DEVICE=cuda): parity with the litgpt/PyTorch
+#      goldens (fp32 logits and loss within 1e-5, gradients within 1e-4) for MHA, GQA, MQA and
+#      both MLA variants, and cached decode (standard cache, compressed MLA cache naive and
+#      absorbed) equal to the uncached forward within 1e-5.
 #   a. CUDA + NCCL smoke: the debug model (fp32) trained 40 steps on cuda:0 with backend single
 #      and with backend nccl (world size 1: the NCCL all-reduce is a copy on stream 0) gives the
 #      same losses within 1e-3 relative (not bit-exact: CUDA backward kernels with atomics differ
@@ -47,6 +52,18 @@ prepare() {
   mkdir -p "$D/bin" "$D/lib" "$D/data/tokenizer"
   strip -o "$D/bin/mla" target/release/mla
   strip -o "$D/bin/mla-launch" target/release/mla-launch
+  # The model's parity and cache tests, run on the GPU with MLA_TEST_DEVICE=cuda (check t).
+  rm -rf "$D/tests"
+  mkdir -p "$D/tests"
+  cargo test --release -p mla-model --test parity --test cache --no-run --message-format=json 2>/dev/null \
+    | python3 -c "
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get('reason') == 'compiler-artifact' and m.get('executable') and m['target']['kind'] == ['test']:
+        print(m['target']['name'], m['executable'])" \
+    | while read -r name exe; do strip -o "$D/tests/$name" "$exe"; done
+  [ -x "$D/tests/parity" ] && [ -x "$D/tests/cache" ] || { echo "gpu_check.sh: building the model tests failed" >&2; exit 1; }
   # Libraries mla needs that a torch venv does not bring (libtorch, CUDA and glibc excluded).
   ldd target/release/mla | awk '$3 ~ /^\// {print $3}' | while read -r lib; do
     case "$(basename "$lib")" in
@@ -62,7 +79,7 @@ prepare() {
       --tokenizer-dir "$data/tokenizers/gpt-neox-20b" --out "$D/data/tinystories" --overwrite --quiet
   fi
   cp "$data/tokenizers/gpt-neox-20b/tokenizer.json" "$D/data/tokenizer/"
-  say "ready: $(du -sh "$D" | cut -f1) in $D (bin: $(ls "$D/bin" | tr '\n' ' '); lib: $(ls "$D/lib" | tr '\n' ' '))"
+  say "ready: $(du -sh "$D" | cut -f1) in $D (bin: $(ls "$D/bin" | tr '\n' ' '); tests: $(ls "$D/tests" | tr '\n' ' '); lib: $(ls "$D/lib" | tr '\n' ' '))"
 }
 
 torch_lib=${TORCH_LIB:-}
@@ -107,6 +124,22 @@ data=(--data.train_data_path "$D/data/tinystories" --data.val_data_path null --t
 losses() { python3 -c "
 import json,sys
 print(' '.join(repr(json.loads(l)['loss']) for l in open(sys.argv[1]) if '\"loss\"' in l))" "$1/metrics.jsonl"; }
+
+# t. the model tests on the GPU ---------------------------------------------------------------
+for t in parity cache; do
+  if [ ! -x "$D/tests/$t" ]; then
+    fail "t. $D/tests/$t missing: rerun scripts/gpu_check.sh --prepare"
+    continue
+  fi
+  if MLA_TEST_DEVICE=cuda MLA_MODEL_GOLDENS="$ROOT/model/tests/goldens" timeout 120 \
+    "$D/tests/$t" --test-threads 1 --nocapture >"$out/test-$t.log" 2>&1; then
+    pass "t. model tests '$t' on cuda: $(grep -h -o 'test result: ok. [0-9]* passed' "$out/test-$t.log" | grep -o '[0-9]* passed')"
+  else
+    fail "t. model tests '$t' on cuda (log $out/test-$t.log):"
+    grep -E -A1 "panicked" "$out/test-$t.log" | grep -v '^--$' | head -6 | sed 's/^/  /'
+  fi
+  grep -h -E "on Cuda" "$out/test-$t.log" | sed 's/^/  /' | head -12 || true
+done
 
 # a. single vs nccl on the debug model ------------------------------------------------------
 debug=(--config config_hub/pretrain/debug.yaml "${data[@]}" --precision 32-true --train.max_steps 40

@@ -1,6 +1,7 @@
 //! Cached inference equals the uncached forward (fp32, ≤ 1e-5) for every attention kind:
 //! prefill + 16 single-token decode steps, and a chunked prefill that needs the offset mask.
 //! For MLA both the naive and the absorbed path over the compressed cache, and absorbed == naive.
+//! On the device of `MLA_TEST_DEVICE` (cpu by default; cuda in scripts/gpu_check.sh).
 
 mod common;
 use common::*;
@@ -45,8 +46,9 @@ fn check(cfg: &ModelConfig, decode: MlaDecode) -> Tensor {
             let cached = cached_logits(&gpt, &idx, &chunks, decode);
             let diff = max_abs_diff(&full, &cached);
             println!(
-                "{} {:?} chunks {:?}: max |Δ| = {diff:.2e} (max |logit| {:.1})",
+                "{} {:?} on {:?} chunks {:?}: max |Δ| = {diff:.2e} (max |logit| {:.1})",
                 cfg.attention_kind().name(),
+                test_device(),
                 decode,
                 chunks,
                 full.abs().max().double_value(&[])

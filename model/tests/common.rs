@@ -1,5 +1,7 @@
-//! Helpers shared by the model integration tests: tiny configs for every attention kind
-//! and models whose every parameter (biases and norm weights too) is randomised.
+//! Helpers shared by the model integration tests: tiny configs for every attention kind,
+//! models whose every parameter (biases and norm weights too) is randomised, and the device
+//! the tests run on (`MLA_TEST_DEVICE`: `cpu`, the default, or `cuda`; scripts/gpu_check.sh
+//! runs the parity and cache tests on the GPU that way).
 #![allow(dead_code)]
 
 use mla_model::{Gpt, LatentAttention, MlaDims, ModelConfig};
@@ -16,6 +18,31 @@ static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
     RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The device of `MLA_TEST_DEVICE` (default cpu). Asking for cuda where there is none fails the
+/// test: a GPU check that silently ran on the CPU would pass for the wrong reason.
+pub fn test_device() -> Device {
+    match std::env::var("MLA_TEST_DEVICE").as_deref() {
+        Err(_) | Ok("" | "cpu") => Device::Cpu,
+        Ok("cuda") => {
+            assert!(
+                tch::Cuda::is_available(),
+                "MLA_TEST_DEVICE=cuda but libtorch sees no CUDA device"
+            );
+            Device::Cuda(0)
+        }
+        Ok(other) => panic!("MLA_TEST_DEVICE={other}: expected cpu or cuda"),
+    }
+}
+
+/// Largest |a − b|, compared on the CPU (a and b may live on different devices).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shape mismatch");
+    (a.to(Device::Cpu) - b.to(Device::Cpu))
+        .abs()
+        .max()
+        .double_value(&[])
 }
 
 pub fn tiny(n_query_groups: usize) -> ModelConfig {
@@ -58,11 +85,12 @@ pub fn tiny_mla_dims(q_lora_rank: Option<usize>) -> ModelConfig {
     }
 }
 
-/// A model on CPU with every parameter drawn from N(0, NOISE_STD²) (norm weights around 1).
+/// A model on [`test_device`] with every parameter drawn from N(0, NOISE_STD²) (norm weights
+/// around 1). The draws happen on the CPU, so a seed gives the same weights on every device.
 pub fn random_model(cfg: &ModelConfig, seed: i64) -> (VarStore, Gpt) {
     let _rng = rng_lock();
     tch::manual_seed(seed);
-    let vs = VarStore::new(Device::Cpu);
+    let vs = VarStore::new(test_device());
     let gpt = Gpt::new(&vs.root(), cfg).expect("valid config");
     tch::no_grad(|| {
         let mut vars: Vec<_> = vs.variables().into_iter().collect();
@@ -80,12 +108,9 @@ pub fn random_model(cfg: &ModelConfig, seed: i64) -> (VarStore, Gpt) {
     (vs, gpt)
 }
 
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).abs().max().double_value(&[])
-}
-
+/// Random token ids on [`test_device`] (drawn on the CPU).
 pub fn tokens(batch: i64, len: i64, vocab: i64, seed: i64) -> Tensor {
     let _rng = rng_lock();
     tch::manual_seed(seed);
-    Tensor::randint(vocab, [batch, len], (Kind::Int64, Device::Cpu))
+    Tensor::randint(vocab, [batch, len], (Kind::Int64, Device::Cpu)).to(test_device())
 }

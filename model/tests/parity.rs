@@ -1,21 +1,24 @@
 //! Parity against the real peers: goldens from litgpt 0.5.13 (MHA, GQA, MQA, MLA mapping) and
 //! from the plain-PyTorch reference (the seed's `latent_attention: true`), made by
 //! scripts/ref/gen_goldens.py. Same weights (loaded by litgpt key, no rename table) → same
-//! fp32 logits and loss within 1e-5, same gradients within 1e-4.
+//! fp32 logits and loss within 1e-5, same gradients within 1e-4. On the device of
+//! `MLA_TEST_DEVICE` (cpu by default; cuda in scripts/gpu_check.sh, where the goldens are found
+//! through `MLA_MODEL_GOLDENS` because the binary runs away from this source tree).
 
+mod common;
+
+use common::{max_abs_diff, test_device};
 use mla_model::{Gpt, ModelConfig};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use tch::nn::VarStore;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 fn golden_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/goldens")
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size(), "shape mismatch");
-    (a - b).abs().max().double_value(&[])
+    std::env::var_os("MLA_MODEL_GOLDENS").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/goldens"),
+        PathBuf::from,
+    )
 }
 
 fn check(name: &str) {
@@ -32,7 +35,8 @@ fn check(name: &str) {
             .into_iter()
             .collect();
 
-    let vs = VarStore::new(Device::Cpu);
+    let device = test_device();
+    let vs = VarStore::new(device);
     let gpt = Gpt::new(&vs.root(), &cfg).expect("valid config");
     let vars = vs.variables();
     let golden_keys: Vec<&str> = golden.keys().filter_map(|k| k.strip_prefix("w.")).collect();
@@ -51,11 +55,11 @@ fn check(name: &str) {
         }
     });
 
-    let logits = gpt.forward(&golden["idx"]);
+    let logits = gpt.forward(&golden["idx"].to(device));
     let v = logits.size()[2];
     let loss = logits
         .view([-1, v])
-        .cross_entropy_for_logits(&golden["targets"].view([-1]));
+        .cross_entropy_for_logits(&golden["targets"].view([-1]).to(device));
     let d_logits = max_abs_diff(&logits, &golden["logits"]);
     let d_loss = (loss.double_value(&[]) - golden["loss"].double_value(&[0])).abs();
     loss.backward();
@@ -69,7 +73,7 @@ fn check(name: &str) {
         }
     }
     println!(
-        "{name}: max |Δ| logits {d_logits:.2e}, loss {d_loss:.2e}, grads {d_grad:.2e} ({worst})"
+        "{name} on {device:?}: max |Δ| logits {d_logits:.2e}, loss {d_loss:.2e}, grads {d_grad:.2e} ({worst})"
     );
     assert_eq!(logits.kind(), Kind::Float);
     assert!(d_logits <= 1e-5, "{name}: logits differ by {d_logits:e}");
