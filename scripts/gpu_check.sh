@@ -30,7 +30,8 @@
 #   b. Decode parity on the GPU: greedy `mla generate --device cuda` of that model gives the same
 #      text with the absorbed MLA cache, the naive cache and no cache.
 #   c. pythia-160m MLA (config_hub/pretrain/cfg.yaml): bf16-mixed, micro batch 4 × 2048, global
-#      batch 128, --dist.backend nccl, N steps (default 24). Prints the SDPA backend torch picks
+#      batch 128, --dist.backend nccl, N steps (default 24); the log must say CUDA autocast runs in
+#      BFloat16 (libtorch's CUDA default is fp16). Prints the SDPA backend torch picks
 #      for these shapes (from the train log), tokens/s and MFU (median of the logged steps after
 #      the first), and peak GPU memory two ways: the trainer's `peak_memory_bytes` (cuMemGetInfo
 #      total − free, max of per-log-step samples: whole device, an upper bound) and nvidia-smi's
@@ -195,7 +196,7 @@ timeout 330 "$MLA" train --device cuda --config config_hub/pretrain/cfg.yaml --o
 rc=$?
 set -e
 kill "$smi_pid" 2>/dev/null || true
-grep -h -E "model |SDPA backend|dist:|batch:|step [0-9]+/|done:|error" "$out/cfg.log" | sed 's/\x1b\[[0-9;]*m//g; s/^/  /'
+grep -h -E "model |SDPA backend|autocast|dist:|batch:|step [0-9]+/|done:|error" "$out/cfg.log" | sed 's/\x1b\[[0-9;]*m//g; s/^/  /'
 if [ "$rc" -ne 0 ] || [ ! -f "$run/metrics.jsonl" ]; then
   fail "c. pythia-160m run failed (exit $rc; log $out/cfg.log)"
 else
@@ -225,7 +226,9 @@ print("OK" if max(peak, smi * 1024 * 1024) < 16 * gib else "OVER")
 EOF
 )
   line=$(head -1 <<<"$summary")
-  if [ "$(tail -1 <<<"$summary")" = OK ]; then
+  if ! grep -q "autocast computes in BFloat16" "$out/cfg.log"; then
+    fail "c. bf16-mixed did not report CUDA autocast in BFloat16 (log $out/cfg.log): $line"
+  elif [ "$(tail -1 <<<"$summary")" = OK ]; then
     pass "c. $line"
   else
     fail "c. peak GPU memory over 16 GiB: $line"

@@ -2,6 +2,7 @@
 //! validated sections), data, optimizer, communicator, training loop, checkpoints, generation.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod autocast;
 pub mod budget;
 pub mod checkpoint;
 pub mod cli;

@@ -61,7 +61,7 @@ fn tokens_to_batch(
 
 /// Mean cross-entropy of next-token prediction for inputs (B, T) and targets (B, T).
 fn loss_of(model: &Gpt, x: &Tensor, y: &Tensor, autocast: bool) -> Tensor {
-    tch::autocast(autocast, || {
+    crate::autocast::bf16(autocast, || {
         let logits = model.forward(x); // (B, T, V)
         let v = logits.size()[2];
         logits
@@ -95,7 +95,7 @@ fn chunked_loss_and_backward(
     scale: f64,
     chunk_bytes: i64,
 ) -> Tensor {
-    let hidden = tch::autocast(autocast, || model.hidden(x)); // (B, T, C)
+    let hidden = crate::autocast::bf16(autocast, || model.hidden(x)); // (B, T, C)
     let c = hidden.size()[2];
     let rows = hidden.numel() as i64 / c;
     let vocab = model.config().padded_vocab_size() as i64;
@@ -107,7 +107,7 @@ fn chunked_loss_and_backward(
     let mut start = 0;
     while start < rows {
         let n = chunk.min(rows - start);
-        let chunk_sum = tch::autocast(autocast, || {
+        let chunk_sum = crate::autocast::bf16(autocast, || {
             model
                 .logits(&flat.narrow(0, start, n))
                 .to_kind(Kind::Float)
@@ -335,6 +335,12 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
         }
         if precision == Precision::Bf16Mixed && !device.is_cuda() {
             info!("bf16-mixed: autocast is CUDA-only, so this CPU run computes in fp32");
+        } else if autocast {
+            crate::autocast::set_cuda_bf16();
+            info!(
+                "bf16-mixed: CUDA autocast computes in {} over fp32 master weights",
+                crate::autocast::cuda_dtype_name()
+            );
         }
         let (dqk, dv) = m.sdpa_head_dims();
         let kind = if autocast { Kind::BFloat16 } else { param_kind };

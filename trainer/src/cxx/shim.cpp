@@ -1,8 +1,9 @@
 // trainer/src/cxx/shim.cpp — the few libtorch ops that tch 0.24 does not expose, behind a C ABI
 // for trainer/src/optim.rs (bindings in mod.rs): torch's fused AdamW kernel
 // (`at::_fused_adamw_`, the one `torch.optim.AdamW(fused=True)` runs), the foreach norm and
-// scale that `torch.nn.utils.clip_grad_norm_` uses, and setting or clearing a parameter's
-// `.grad` (Python's `p.grad = g` / `p.grad = None`).
+// scale that `torch.nn.utils.clip_grad_norm_` uses, setting or clearing a parameter's
+// `.grad` (Python's `p.grad = g` / `p.grad = None`), and the CUDA autocast dtype
+// (`torch.autocast("cuda", dtype=torch.bfloat16)`; bindings in trainer/src/autocast.rs).
 //
 // Not here: any policy (which tensors, which hyper-parameters); that is optim.rs.
 //
@@ -11,6 +12,7 @@
 // with mla_free_error. Built by trainer/build.rs with the cc crate against the libtorch that
 // torch-sys links (same -std and _GLIBCXX_USE_CXX11_ABI).
 
+#include <ATen/autocast_mode.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/_foreach_mul.h>
@@ -143,6 +145,21 @@ char* mla_foreach_mul_(const at::Tensor* const* tensors, size_t n, double scale)
     at::NoGradGuard no_grad;
     at::_foreach_mul_(to_list(tensors, n), scale);
   });
+}
+
+// Autocast on CUDA computes in bf16 on this thread (libtorch's CUDA default is fp16, and the
+// setting is thread-local).
+char* mla_set_cuda_autocast_bf16() {
+  return guarded([] { at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16); });
+}
+
+// The dtype autocast on CUDA uses on this thread, e.g. "BFloat16" or "Half" (static storage).
+const char* mla_cuda_autocast_dtype_name() {
+  try {
+    return c10::toString(at::autocast::get_autocast_dtype(at::kCUDA));
+  } catch (...) {
+    return "unknown";
+  }
 }
 
 }  // extern "C"
