@@ -25,13 +25,26 @@ pub struct LoadedModel {
     _tokenizer_dir: tempfile::TempDir,
 }
 
-/// The inference precision on `device`: bf16 on CUDA (what training used under bf16-mixed),
-/// fp32 on CPU.
-pub fn default_kind(device: Device) -> Kind {
-    if device.is_cuda() {
-        Kind::BFloat16
-    } else {
-        Kind::Float
+/// Weights and compute dtype at inference (`--precision` of `mla generate` and `mla eval`,
+/// litgpt's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InferencePrecision {
+    /// bf16 weights, cache and compute.
+    #[value(name = "bf16-true")]
+    Bf16True,
+    /// fp32 throughout (bit-stable greedy decoding across attention paths).
+    #[value(name = "32-true")]
+    F32True,
+}
+
+/// The inference dtype: `precision` if given, else bf16 on CUDA (what training used under
+/// bf16-mixed) and fp32 on CPU.
+pub fn kind(precision: Option<InferencePrecision>, device: Device) -> Kind {
+    match precision {
+        Some(InferencePrecision::Bf16True) => Kind::BFloat16,
+        Some(InferencePrecision::F32True) => Kind::Float,
+        None if device.is_cuda() => Kind::BFloat16,
+        None => Kind::Float,
     }
 }
 

@@ -164,6 +164,13 @@ fn debug_config_trains_evaluates_saves_and_generates_the_same_text_on_every_path
     assert!(absorbed.starts_with("Once upon a time,"));
     let words = absorbed.split_whitespace().count();
     assert!(words >= 20, "64 tokens of text: {absorbed}");
+    // --precision: 32-true is the CPU default; bf16-true runs the absorbed bf16 cache (its
+    // greedy text may part from fp32 at a near-tie, so only its form is checked).
+    assert_eq!(generate(&["--precision", "32-true"]), absorbed);
+    let bf16 = generate(&["--precision", "bf16-true"]);
+    println!("bf16: {bf16}");
+    assert!(bf16.starts_with("Once upon a time,"), "{bf16}");
+    assert!(bf16.split_whitespace().count() >= 20, "{bf16}");
 }
 
 #[test]

@@ -9,7 +9,7 @@ use crate::data::{
 };
 use crate::device::{self, DeviceKind};
 use crate::error::BadInput;
-use crate::inference;
+use crate::inference::{self, InferencePrecision};
 use std::path::PathBuf;
 use std::time::Instant;
 use tch::{Kind, Tensor};
@@ -44,11 +44,18 @@ pub struct EvalArgs {
     json: bool,
     #[arg(long, value_enum)]
     device: Option<DeviceKind>,
+    /// Weights and compute dtype (default: bf16-true on CUDA, 32-true on CPU).
+    #[arg(long, value_enum)]
+    precision: Option<InferencePrecision>,
 }
 
 pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     let device = device::select(args.device, 0)?;
-    let m = inference::load(&args.checkpoint, device, inference::default_kind(device))?;
+    let m = inference::load(
+        &args.checkpoint,
+        device,
+        inference::kind(args.precision, device),
+    )?;
     let split = match args.split {
         SplitArg::Train => Split::Train,
         SplitArg::Val => Split::Val,

@@ -5,7 +5,7 @@
 
 use crate::device::{self, DeviceKind};
 use crate::error::BadInput;
-use crate::inference;
+use crate::inference::{self, InferencePrecision};
 use crate::metrics::human_bytes;
 use mla_model::sampling::{Sampler, SamplingParams};
 use mla_model::{AttentionKind, Gpt, MlaDecode};
@@ -49,6 +49,9 @@ pub struct GenerateArgs {
     /// Compute device (default: CUDA when available, else CPU).
     #[arg(long, value_enum)]
     device: Option<DeviceKind>,
+    /// Weights, cache and compute dtype (default: bf16-true on CUDA, 32-true on CPU).
+    #[arg(long, value_enum)]
+    precision: Option<InferencePrecision>,
 }
 
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
@@ -66,7 +69,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         return Err(BadInput("--num-samples must be at least 1".into()).into());
     }
     let device = device::select(args.device, 0)?;
-    let kind = inference::default_kind(device);
+    let kind = inference::kind(args.precision, device);
     let m = inference::load(&args.checkpoint, device, kind)?;
     let mut prompt = vec![m.tokenizer.separator_id()];
     prompt.extend(m.tokenizer.encode(&args.prompt)?);
@@ -134,7 +137,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         .map(|b| format!(", peak host memory {}", human_bytes(b)))
         .unwrap_or_default();
     eprintln!(
-        "{generated} tokens in {secs:.2} s ({:.1} tokens/s) from {} on {}; {cache}{mem}",
+        "{generated} tokens in {secs:.2} s ({:.1} tokens/s) from {} on {} in {kind:?}; {cache}{mem}",
         generated as f64 / secs.max(1e-9),
         m.source,
         device::describe(device),
