@@ -7,9 +7,8 @@
 use std::ffi::{c_char, CStr};
 
 extern "C" {
-    fn mla_set_cuda_autocast_bf16() -> *mut c_char;
+    fn mla_set_cuda_autocast_bf16();
     fn mla_cuda_autocast_dtype_name() -> *const c_char;
-    fn mla_free_error(message: *mut c_char);
 }
 
 /// Run `f` under CUDA autocast in bf16 when `enabled` (a no-op without CUDA, as
@@ -23,18 +22,8 @@ pub fn bf16<T>(enabled: bool, f: impl FnOnce() -> T) -> T {
 
 /// Make CUDA autocast on this thread compute in bf16.
 pub fn set_cuda_bf16() {
-    // SAFETY: no arguments; a non-null return is a message from the shim, released once below.
-    let message = unsafe { mla_set_cuda_autocast_bf16() };
-    if !message.is_null() {
-        // SAFETY: see above.
-        let text = unsafe { CStr::from_ptr(message) }
-            .to_string_lossy()
-            .into_owned();
-        // SAFETY: see above.
-        unsafe { mla_free_error(message) };
-        // A store into libtorch's thread-local table; failing means a broken libtorch.
-        panic!("libtorch refused the bf16 CUDA autocast dtype: {text}");
-    }
+    // SAFETY: no arguments; one store into libtorch's thread-local autocast dtype table.
+    unsafe { mla_set_cuda_autocast_bf16() }
 }
 
 /// The dtype CUDA autocast uses on this thread, as libtorch names it ("BFloat16", "Half").

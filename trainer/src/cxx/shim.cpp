@@ -148,9 +148,11 @@ char* mla_foreach_mul_(const at::Tensor* const* tensors, size_t n, double scale)
 }
 
 // Autocast on CUDA computes in bf16 on this thread (libtorch's CUDA default is fp16, and the
-// setting is thread-local).
-char* mla_set_cuda_autocast_bf16() {
-  return guarded([] { at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16); });
+// setting is thread-local). A store into libtorch's per-thread dtype table: nothing to report
+// (noexcept: should libtorch ever throw here, the process aborts instead of unwinding into
+// Rust). The run logs mla_cuda_autocast_dtype_name() after setting it.
+void mla_set_cuda_autocast_bf16() noexcept {
+  at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
 }
 
 // The dtype autocast on CUDA uses on this thread, e.g. "BFloat16" or "Half" (static storage).

@@ -252,10 +252,7 @@ impl TrainLoader {
             self.ahead = Some(Ahead {
                 global,
                 micro_step,
-                read: std::thread::Builder::new()
-                    .name("mla-data-prefetch".into())
-                    .spawn(move || read_rows(&stream, &starts, b1))
-                    .map_err(|e| DataError::io(self.stream.location(), e))?,
+                read: read_in_background(&self.stream, move || read_rows(&stream, &starts, b1))?,
             });
         }
         Ok(batch)
@@ -489,12 +486,9 @@ impl Iterator for EvalBatches<'_> {
         };
         if batch.is_ok() && self.next < l.batches && l.stream.latency_bound() {
             let (ahead, j) = (l.clone(), self.next);
-            match std::thread::Builder::new()
-                .name("mla-eval-prefetch".into())
-                .spawn(move || ahead.micro_batch(j))
-            {
+            match read_in_background(&l.stream, move || ahead.micro_batch(j)) {
                 Ok(read) => self.ahead = Some(read),
-                Err(e) => return Some(Err(DataError::io(l.stream.location(), e))),
+                Err(e) => return Some(Err(e)),
             }
         }
         Some(batch)
@@ -508,6 +502,17 @@ impl Drop for EvalBatches<'_> {
             let _ = read.join();
         }
     }
+}
+
+/// Start `read` (a micro-batch of `stream`) on a thread of its own: the loaders' read-ahead.
+fn read_in_background(
+    stream: &TokenStream,
+    read: impl FnOnce() -> Result<Vec<i64>, DataError> + Send + 'static,
+) -> Result<JoinHandle<Result<Vec<i64>, DataError>>, DataError> {
+    std::thread::Builder::new()
+        .name("mla-data-prefetch".into())
+        .spawn(read)
+        .map_err(|e| DataError::io(stream.location(), e))
 }
 
 fn join_read(read: JoinHandle<Result<Vec<i64>, DataError>>) -> Result<Vec<i64>, DataError> {
