@@ -20,9 +20,9 @@
 #
 # Checks, each printed PASS/FAIL (exit 1 if any failed):
 #   t. The model's own tests on cuda:0 (MLA_TEST_DEVICE=cuda): parity with the litgpt/PyTorch
-#      goldens (fp32 logits and loss within 1e-5, gradients within 1e-4) for MHA, GQA, MQA and
-#      both MLA variants, and cached decode (standard cache, compressed MLA cache naive and
-#      absorbed) equal to the uncached forward within 1e-5.
+#      goldens (fp32 logits, loss and gradients to rounding: the bounds and their derivation are
+#      in model/tests/common.rs) for MHA, GQA, MQA and both MLA variants, and cached decode
+#      (standard cache, compressed MLA cache naive and absorbed) equal to the uncached forward.
 #   a. CUDA + NCCL smoke: the debug model (fp32) trained 40 steps on cuda:0 with backend single
 #      and with backend nccl (world size 1: the NCCL all-reduce is a copy on stream 0) gives the
 #      same losses within 1e-3 relative (not bit-exact: CUDA backward kernels with atomics differ
@@ -158,6 +158,10 @@ import math,sys
 a=[float(x) for x in sys.argv[1].split()]; b=[float(x) for x in sys.argv[2].split()]
 ok=len(a)==len(b)==40 and all(math.isfinite(x) for x in a+b)
 print(max(abs(x-y)/abs(x) for x,y in zip(a,b)) if ok else 'inf')" "$(losses "$out/debug-single")" "$(losses "$out/debug-nccl")")
+  # Atomics make each run's gradients differ in the last bits (~u = 6e-8 relative); on CPU
+  # the same kind of difference leaves 20 steps' losses within 1e-7 (trainer/tests/dist_cpu.rs),
+  # while other gradients (half the batch) part them by 2.6e-2. 1e-3 sits between the two:
+  # any amount of rounding passes, garbage, NaN or a lost gradient does not.
   if python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) <= 1e-3 else 1)" "$worst"; then
     pass "a. debug model on cuda: backend nccl (world 1) = backend single over 40 steps (largest relative loss difference $worst; losses $(losses "$out/debug-nccl" | awk '{print $1" … "$NF}'))"
   else

@@ -153,10 +153,15 @@ mod tests {
 
     #[test]
     fn high_temperature_frequencies_follow_the_distribution() {
-        // temperature 1, no filtering: P(token 1 in row 0) = softmax([0.1, 2, -1])[1] ≈ 0.83
+        // temperature 1, no filtering: P(token 1 in row 0) = softmax([0.1, 2, -1])[1] ≈ 0.834
+        let e = [0.1f64.exp(), 2f64.exp(), (-1f64).exp()];
+        let p = e[1] / e.iter().sum::<f64>();
         let mut s = Sampler::new(params(1.0, None, None), 5);
         let n = 2000;
         let hits = (0..n).filter(|_| s.sample(&logits())[0] == 1).count() as f64 / n as f64;
-        assert!((hits - 0.83).abs() < 0.03, "{hits}");
+        // The share of n draws has σ = √(p(1−p)/n) ≈ 0.0083: 4σ fails a correct sampler for
+        // one seed in 16,000 (and the seeded ChaCha stream makes this one deterministic).
+        let sigma = (p * (1.0 - p) / n as f64).sqrt();
+        assert!((hits - p).abs() <= 4.0 * sigma, "{hits} vs {p}");
     }
 }

@@ -8,6 +8,25 @@ use mla_model::{Gpt, LatentAttention, MlaDims, ModelConfig};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
+/// fp32 unit roundoff: one rounding moves a value by at most u = 2^-24 ≈ 6e-8 of itself.
+pub const U: f64 = f32::EPSILON as f64 / 2.0;
+
+/// |Δ| between two fp32 evaluations of these tiny models' logits that do the same sums in
+/// another order (another kernel path, shape, device, or the PyTorch reference). The rounding
+/// errors of n chained operations add like a random walk, ≈ λ·√n·u of the values carried
+/// (Higham & Mary 2019, λ ≈ 4 for a safe bound): n ≈ 17 chained reductions (2 layers × 8 +
+/// the head) × K ≤ 64 terms ≈ 1100 over activations of size O(1) (NOISE_STD):
+/// 4·√1100·u ≈ 8e-6.
+pub const FORWARD_TOL: f64 = 1e-5;
+
+/// |Δ| of the mean cross-entropy: its gradient in the logits (softmax − one-hot) has L1 norm
+/// ≤ 2, so logits within FORWARD_TOL move it by at most 2·FORWARD_TOL.
+pub const LOSS_TOL: f64 = 2.0 * FORWARD_TOL;
+
+/// |Δ| of a gradient relative to its tensor's largest entry: the backward doubles the chain of
+/// the forward and sums over the batch's positions, n ≈ 2·1100 + 64, and 4·√n·u ≈ 1.1e-5.
+pub const GRAD_REL_TOL: f64 = 1.2e-5;
+
 /// Parameter noise: large enough that biases and norms matter, small enough that logits stay
 /// O(1) as in a real model, so fp32 tolerances are meaningful.
 pub const NOISE_STD: f64 = 0.15;

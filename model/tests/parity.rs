@@ -1,13 +1,13 @@
 //! Parity against the real peers: goldens from litgpt 0.5.13 (MHA, GQA, MQA, MLA mapping) and
 //! from the plain-PyTorch reference (the seed's `latent_attention: true`), made by
 //! scripts/ref/gen_goldens.py. Same weights (loaded by litgpt key, no rename table) → same
-//! fp32 logits and loss within 1e-5, same gradients within 1e-4. On the device of
+//! fp32 logits, loss and gradients to fp32 rounding (bounds derived in common.rs). On the device of
 //! `MLA_TEST_DEVICE` (cpu by default; cuda in scripts/gpu_check.sh, where the goldens are found
 //! through `MLA_MODEL_GOLDENS` because the binary runs away from this source tree).
 
 mod common;
 
-use common::{max_abs_diff, test_device};
+use common::{max_abs_diff, test_device, FORWARD_TOL, GRAD_REL_TOL, LOSS_TOL};
 use mla_model::{Gpt, ModelConfig};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -63,24 +63,33 @@ fn check(name: &str) {
     let d_logits = max_abs_diff(&logits, &golden["logits"]);
     let d_loss = (loss.double_value(&[]) - golden["loss"].double_value(&[0])).abs();
     loss.backward();
+    // Each gradient relative to its tensor's largest entry (gradients are far smaller than
+    // the activations, so an absolute bound would say nothing).
     let mut d_grad: f64 = 0.0;
     let mut worst = String::new();
     for (key, var) in &vars {
-        let d = max_abs_diff(&var.grad(), &golden[&format!("g.{key}")]);
+        let want = &golden[&format!("g.{key}")];
+        let d = max_abs_diff(&var.grad(), want) / want.abs().max().double_value(&[]).max(1e-30);
         if d > d_grad {
             d_grad = d;
             worst = key.clone();
         }
     }
+    println!("Δ {name} logits on {device:?}: {d_logits:.2e} (bound {FORWARD_TOL:.1e})");
+    println!("Δ {name} loss on {device:?}: {d_loss:.2e} (bound {LOSS_TOL:.1e})");
     println!(
-        "{name} on {device:?}: max |Δ| logits {d_logits:.2e}, loss {d_loss:.2e}, grads {d_grad:.2e} ({worst})"
+        "Δ {name} gradients on {device:?}, of their largest entry ({worst}): {d_grad:.2e} \
+         (bound {GRAD_REL_TOL:.1e})"
     );
     assert_eq!(logits.kind(), Kind::Float);
-    assert!(d_logits <= 1e-5, "{name}: logits differ by {d_logits:e}");
-    assert!(d_loss <= 1e-5, "{name}: loss differs by {d_loss:e}");
     assert!(
-        d_grad <= 1e-4,
-        "{name}: gradient of {worst} differs by {d_grad:e}"
+        d_logits <= FORWARD_TOL,
+        "{name}: logits differ by {d_logits:e}"
+    );
+    assert!(d_loss <= LOSS_TOL, "{name}: loss differs by {d_loss:e}");
+    assert!(
+        d_grad <= GRAD_REL_TOL,
+        "{name}: gradient of {worst} differs by {d_grad:e} of its largest entry"
     );
 }
 

@@ -64,7 +64,7 @@ def main() -> None:
     if theirs.shape != logits.shape:
         sys.exit(f"shape {tuple(theirs.shape)} in {a.compare}, reference {tuple(logits.shape)}")
     diff = (theirs - logits).abs().max().item()
-    print(f"max |mla - gpt_ref| = {diff:.3e} over {logits.numel()} logits (tol {a.tol:.0e})")
+    print(f"Δ logits, mla vs gpt_ref, over {logits.numel()} logits: {diff:.2e} (bound {a.tol:.1e})")
     sys.exit(0 if diff <= a.tol else 1)
 
 

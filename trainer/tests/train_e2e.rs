@@ -97,12 +97,8 @@ fn debug_config_trains_evaluates_saves_and_generates_the_same_text_on_every_path
     let out_dir = tempfile::tempdir().unwrap();
     let started = std::time::Instant::now();
     ok(&train(out_dir.path(), &[]));
-    let secs = started.elapsed().as_secs_f64();
-    println!("debug run: {secs:.0} s");
-    assert!(
-        secs < 600.0,
-        "the debug run must take under 10 minutes, took {secs:.0} s"
-    );
+    // Its time is a benchmark figure (BENCHMARKS.md § Debug run), not a test bound.
+    println!("debug run: {:.0} s", started.elapsed().as_secs_f64());
 
     let m = metrics(out_dir.path());
     let val: Vec<f64> = m.iter().filter_map(|r| r["val_loss"].as_f64()).collect();
@@ -113,9 +109,18 @@ fn debug_config_trains_evaluates_saves_and_generates_the_same_text_on_every_path
     );
     let (first, last) = (val[0], *val.last().unwrap());
     println!("validation loss {first:.3} → {last:.3}");
+    // Untrained, the loss is about ln 50304 ≈ 10.8; 3 nats lower is unmistakable learning.
     assert!(
         first - last >= 3.0,
         "validation loss fell only {first:.3} → {last:.3}"
+    );
+    // A model that ignores context scores at best the entropy of the token frequencies: 5.93
+    // nats for the val split under the train split's frequencies, 5.89 under its own (GPT-NeoX
+    // tokens of ../shared/data/tinystories). Below that the model uses the context (the debug
+    // run reaches ≈ 4.2; its 10 validation batches move the figure by ≈ 0.03).
+    assert!(
+        last < 5.89,
+        "validation loss {last:.3} is no better than token frequencies alone (5.89)"
     );
     for key in [
         "step",
@@ -364,8 +369,16 @@ print(json.dumps({t: [[e.step, e.value] for e in acc.Scalars(t)] for t in tags})
         .map(|p| p[1].as_f64().unwrap())
         .collect();
     assert_eq!(tb.len(), 3);
+    // TensorBoard's scalars are f32: each is metrics.jsonl's value rounded once to f32
+    // (≤ 2^-24 of it), which TensorBoard's reader may render to a decimal within another half
+    // f32 step: at most 2^-23 = f32::EPSILON apart in all.
     for (a, b) in tb.iter().zip(&jsonl) {
-        assert!((a - b).abs() < 1e-5 * b.abs(), "{a} vs {b}");
+        let d = (a - b).abs() / b.abs();
+        println!(
+            "Δ TensorBoard vs metrics.jsonl loss, relative: {d:.2e} (bound {:.2e})",
+            f32::EPSILON
+        );
+        assert!(d <= f64::from(f32::EPSILON), "{a} vs {b}");
     }
     assert_eq!(scalars["val/loss"].as_array().map(Vec::len), Some(1));
 }
