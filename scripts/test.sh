@@ -3,8 +3,11 @@
 #   1. scripts/setup.sh (idempotent: system packages, .venv with torch 2.11.0, release build)
 #   2. formatting check
 #   3. a local S3-compatible server for the storage/checkpoint tests (stopped on exit)
-#   4. cargo test --release over the workspace (release: shares setup's build, runs the
-#      numerics at full speed)
+#   4. cargo test --release --no-fail-fast over the workspace (release: shares setup's build,
+#      runs the numerics at full speed; a failing test binary never hides the ones after it),
+#      then the list of every failed test, as `binary: test`
+#   5. the numerics-heavy quick tests again on the default (SSE) and AVX2 CPU kernel paths
+#      (scripts/kernel_paths.sh), so no bound holds only on the kernels of this machine
 # Tests read the real TinyStories sample and tokenizers from ../shared/data (read-only).
 # Extra arguments go to `cargo test` (e.g. scripts/test.sh -p mla-model).
 set -euo pipefail
@@ -13,6 +16,38 @@ scripts/setup.sh
 source scripts/env.sh
 cargo fmt --all -- --check || { echo "test.sh: run 'cargo fmt --all'" >&2; exit 1; }
 eval "$(scripts/s3_server.sh start)"
-trap 'scripts/s3_server.sh stop >/dev/null 2>&1 || true' EXIT
+log=$(mktemp -t mla-test.XXXXXX)
 export MLA_REQUIRE_S3=1
-cargo test --release --workspace "$@"
+trap 'scripts/s3_server.sh stop >/dev/null 2>&1 || true; rm -f "$log"' EXIT
+set +e
+cargo test --release --workspace --no-fail-fast "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+# The numerics again on the kernels of machines without AVX-512 (skipped when arguments
+# narrow the run to some tests).
+paths_status=0
+if (($# == 0)); then
+  scripts/kernel_paths.sh --quick default avx2 2>&1 | tee -a "$log"
+  paths_status=${PIPESTATUS[0]}
+fi
+set -e
+# `Running … (target/release/deps/NAME-HASH)` names the binary of the `test … FAILED` lines
+# after it; a binary that died without reporting a test (a crash) is named by cargo's
+# `error: test failed, to rerun pass …` line.
+failed=$(awk '
+  /^ *Running / { bin = $NF; gsub(/[()]/, "", bin); sub(/.*\//, "", bin); sub(/-[0-9a-f]+$/, "", bin); n = 0; next }
+  /^ *Doc-tests / { bin = "doc-tests " $2; n = 0; next }
+  /^test .* \.\.\. FAILED$/ { sub(/^test /, ""); sub(/ \.\.\. FAILED$/, ""); print "  " bin ": " $0; n++; next }
+  /^error: test failed, to rerun pass / { if (n == 0) print "  " bin ": (no test reported FAILED: " $0 ")" }
+  /^kernel_paths.sh: FAILED / { sub(/^kernel_paths.sh: FAILED /, ""); print "  kernel path " $0 }
+' "$log")
+if ((status != 0 || paths_status != 0)); then
+  echo >&2
+  if [[ -n $failed ]]; then
+    echo "test.sh: FAILED tests ($(wc -l <<<"$failed")):" >&2
+    echo "$failed" >&2
+  else
+    echo "test.sh: cargo test failed (exit $status) before any test failed: see the build output above" >&2
+  fi
+  exit 1
+fi
+echo "test.sh: all tests passed" >&2
