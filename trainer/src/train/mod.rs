@@ -1,0 +1,674 @@
+//! The training loop of one rank (DESIGN §4) as a [`Trainer`] value, in three parts as
+//! torchtitan's trainer: `Trainer::new` sets the run up (communicator, data, model, resume),
+//! `Trainer::step` runs one optimizer step (micro-batches with gradient accumulation, gradient
+//! all-reduce over the flat buffer, a non-finite guard, global-norm clipping, AdamW with warmup
+//! and cosine by optimizer step) and what falls due after it (metrics, validation, periodic
+//! checkpoints), and `Trainer::finish` validates, saves the last checkpoint and reports.
+//!
+//! Precision: `32-true` fp32; `bf16-mixed` bf16 autocast on CUDA with fp32 master weights
+//! (CPU autocast is a no-op, so CPU runs are fp32); `bf16-true` bf16 weights.
+//! Several ranks (DDP, DESIGN §5): rank 0's initial weights are broadcast, gradients summed
+//! over the one flat buffer after the last micro-batch (the loss is scaled by 1/(accum·world),
+//! so the sum is the mean), the logged loss is the global mean, only rank 0 logs and writes;
+//! ranks agree on stopping (signal, max_time) through the per-step host all-reduce, so all of
+//! them checkpoint the same step.
+//! Not here: the loss and its chunked backward (train/loss.rs), validation
+//! (train/validation.rs), where data comes from (datasource.rs), tensor ↔ bytes
+//! (checkpoint.rs).
+
+mod loss;
+mod validation;
+
+use crate::budget::Budget;
+use crate::checkpoint::{self, TrainState};
+use crate::config::{Precision, RunConfig};
+use crate::data::{EvalLoader, LoaderConfig, LoaderPosition, Split, TrainLoader};
+use crate::device::{self, DeviceKind};
+use crate::dist::{self, Communicator, RankInfo};
+use crate::error::BadInput;
+use crate::metrics::{self, MetricsWriter, TrainRecord};
+use crate::optim::{self, AdamW, FlatParams};
+use crate::{datasource, signals};
+use anyhow::{bail, Context};
+use loss::{loss_and_backward, tokens_to_batch};
+use mla_model::{stats, Gpt};
+use mla_storage::{BlockingCheckpointStore, StepName};
+use std::path::PathBuf;
+use std::time::Instant;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+use tracing::{debug, info, warn};
+use validation::Validation;
+
+/// Flags of `mla train` that are not config keys.
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    pub device: Option<DeviceKind>,
+}
+
+/// Model, optimizer and the flat buffers they share.
+pub(crate) struct Trainable {
+    pub(crate) _vs: VarStore,
+    pub(crate) model: Gpt,
+    pub(crate) flat: FlatParams,
+    pub(crate) opt: AdamW,
+}
+
+/// Resolved precision policy for a device.
+fn precision_for(cfg: &RunConfig, device: Device) -> (Precision, bool, Kind) {
+    let p = cfg.precision.unwrap_or(if device.is_cuda() {
+        Precision::Bf16Mixed
+    } else {
+        Precision::Fp32
+    });
+    match p {
+        Precision::Fp32 => (p, false, Kind::Float),
+        Precision::Bf16Mixed => (p, device.is_cuda(), Kind::Float),
+        Precision::Bf16True => (p, false, Kind::BFloat16),
+    }
+}
+
+/// Run training as configured: set up, optimizer steps until the budget is spent or a stop is
+/// agreed, then finish (validation, the last checkpoint, the summary).
+pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
+    let mut trainer = Trainer::new(cfg, opts)?;
+    let end = loop {
+        if let Some(end) = trainer.end()? {
+            break end;
+        }
+        trainer.step()?;
+    };
+    trainer.finish(end)
+}
+
+/// Why the loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum End {
+    /// The step budget (max_steps, max_tokens, epochs) or max_time is spent.
+    Budget,
+    /// A signal (or the test hook) asked to stop: checkpoint this step and exit 0.
+    Stopped,
+}
+
+/// Throughput bookkeeping between two metric lines.
+struct Window {
+    start: Instant,
+    tokens: u64,
+    data_secs: f64,
+    reduce_secs: f64,
+}
+
+impl Window {
+    fn new() -> Window {
+        Window {
+            start: Instant::now(),
+            tokens: 0,
+            data_secs: 0.0,
+            reduce_secs: 0.0,
+        }
+    }
+}
+
+/// One rank's training run: everything [`Trainer::new`] sets up and [`Trainer::step`] and
+/// [`Trainer::finish`] use.
+pub(crate) struct Trainer {
+    cfg: RunConfig,
+    rank: RankInfo,
+    device: Device,
+    comm: Box<dyn Communicator>,
+    autocast: bool,
+    micro: usize,
+    seq_len: usize,
+    accum: usize,
+    loader: TrainLoader,
+    validation: Validation,
+    budget: Budget,
+    t: Trainable,
+    store: BlockingCheckpointStore,
+    saver: checkpoint::Saver,
+    metrics: Option<MetricsWriter>,
+    state: TrainState,
+    flops_per_token: f64,
+    peak_flops: Option<f64>,
+    stop_at_step: Option<u64>,
+    run_start: Instant,
+    /// Training wall time of the run before this process (from the checkpoint).
+    elapsed_before: f64,
+    window: Window,
+    consecutive_nonfinite: usize,
+    /// Stop consensus: any rank's stop request or max_time ends the run for all, at one step.
+    stop_agreed: bool,
+    time_agreed: bool,
+}
+
+impl Trainer {
+    /// Set up one rank: device and communicator, data, model and optimizer, the checkpoint
+    /// store and resume, metrics and the start-up report.
+    pub(crate) fn new(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<Trainer> {
+        let rank = RankInfo::from_env().map_err(BadInput)?;
+        device::apply_omp_num_threads();
+        let device = device::select(opts.device, rank.local_rank)?;
+        dist::choose_backend(cfg.dist.backend, rank.world_size, device.is_cuda())
+            .map_err(BadInput)?;
+        let comm = dist::connect(&cfg.dist, &rank, device)?;
+        let (precision, autocast, param_kind) = precision_for(&cfg, device);
+        let main = rank.is_main();
+        signals::install();
+        tch::manual_seed(cfg.seed as i64);
+
+        // Data. Rank 0 first: a first run downloads/tokenizes into a cache all ranks share,
+        // which the others then open (their wait is bounded by dist.timeout_secs).
+        if !main {
+            comm.barrier()?;
+        }
+        let tokenizer_dir = datasource::tokenizer_dir(&cfg)?;
+        let dataset = datasource::open(&cfg, &tokenizer_dir)?;
+        if main && rank.world_size > 1 {
+            comm.barrier()?;
+        }
+        crate::data::check_vocab(&dataset, cfg.model().padded_vocab_size() as u64)?;
+        let seq_len = cfg.train.max_seq_length.unwrap_or(cfg.model().block_size);
+        let micro = cfg.train.micro_batch_size;
+        let accum = cfg.grad_accum_steps(rank.world_size).map_err(BadInput)?;
+        let data_seed = cfg
+            .data
+            .as_ref()
+            .and_then(|d| d.init_args.seed)
+            .unwrap_or(cfg.seed);
+        let mut loader = TrainLoader::new(
+            dataset.split(Split::Train),
+            LoaderConfig {
+                block_size: seq_len,
+                micro_batch_size: micro,
+                grad_accum_steps: accum,
+                rank: rank.rank,
+                world_size: rank.world_size,
+                seed: data_seed,
+            },
+        )?;
+        let validation = Validation {
+            loader: EvalLoader::new(
+                dataset.split(Split::Val),
+                seq_len,
+                micro,
+                rank.rank,
+                rank.world_size,
+                Some(cfg.eval.max_iters as u64),
+            )?,
+            micro,
+            seq_len,
+            device,
+            autocast,
+        };
+        let budget =
+            Budget::new(&cfg, rank.world_size, loader.windows_per_epoch()).map_err(BadInput)?;
+
+        // Model, flat buffers, optimizer.
+        let mut vs = VarStore::new(device);
+        let model = Gpt::new(&vs.root(), cfg.model())?;
+        if param_kind == Kind::BFloat16 {
+            vs.bfloat16();
+        }
+        let flat = FlatParams::new(&vs, param_kind)?;
+        // p.grad = None: the first backward of each step hands its gradients over (optim.rs).
+        flat.clear_grads()?;
+        let a = &cfg.optimizer.init_args;
+        let opt = AdamW::new(&flat, a.betas, a.eps, a.weight_decay);
+        let mut t = Trainable {
+            _vs: vs,
+            model,
+            flat,
+            opt,
+        };
+        comm.broadcast(&mut t.flat.params, 0)?;
+
+        // Checkpoint store and resume.
+        let store = BlockingCheckpointStore::open(&cfg.out_dir)
+            .with_context(|| format!("out_dir {}", cfg.out_dir))?;
+        let mut state = TrainState {
+            version: checkpoint::STATE_VERSION,
+            step: 0,
+            tokens_seen: 0,
+            loaders: Vec::new(),
+            world_size: rank.world_size,
+            seed: cfg.seed,
+            skipped_steps: 0,
+            elapsed_secs: 0.0,
+            last_val_loss: None,
+        };
+        if let Some(restored) = checkpoint::resume(
+            &cfg,
+            &store,
+            &t.flat,
+            &mut t.opt,
+            rank.world_size,
+            &tokenizer_dir,
+        )? {
+            let s = restored.state;
+            loader.restore(rank_position(&s.loaders, rank.rank)?)?;
+            state = TrainState {
+                world_size: rank.world_size,
+                ..s
+            };
+        }
+        if rank.world_size > 1 {
+            // Every rank must continue from the same step (out_dir is storage all ranks see).
+            let steps = dist::all_gather_host(comm.as_ref(), &[state.step as f64])?;
+            if let Some((r, s)) = steps.iter().enumerate().find(|(_, s)| s[0] != steps[0][0]) {
+                bail!(
+                    "rank {r} resumed at step {} but rank 0 at step {}: every rank must see the same out_dir ({})",
+                    s[0], steps[0][0], cfg.out_dir
+                );
+            }
+        }
+
+        let metrics = if main {
+            Some(
+                MetricsWriter::create(&local_metrics_dir(&cfg), cfg.logger_name)
+                    .context("metrics files")?,
+            )
+        } else {
+            None
+        };
+        let flops_per_token = stats::flops_per_token(cfg.model());
+        if main {
+            report_start(
+                &cfg,
+                &rank,
+                comm.as_ref(),
+                device,
+                (precision, autocast, param_kind),
+                &budget,
+                &state,
+                flops_per_token,
+            );
+        }
+
+        let saver = checkpoint::Saver::new(&cfg, &store, &tokenizer_dir, main)?;
+        let stop_at_step = checkpoint::stop_at_step_from_env()?;
+        let mut stop_agreed = false;
+        if rank.world_size > 1 {
+            let mut flag = [f64::from(u8::from(
+                signals::stop_requested() || stop_at_step == Some(state.step),
+            ))];
+            comm.all_reduce_host(&mut flag)?;
+            stop_agreed = flag[0] > 0.0;
+        }
+        let elapsed_before = state.elapsed_secs;
+        let mut trainer = Trainer {
+            cfg,
+            rank,
+            device,
+            comm,
+            autocast,
+            micro,
+            seq_len,
+            accum,
+            loader,
+            validation,
+            budget,
+            t,
+            store,
+            saver,
+            metrics,
+            state,
+            flops_per_token,
+            peak_flops: device::peak_flops(device),
+            stop_at_step,
+            run_start: Instant::now(),
+            elapsed_before,
+            window: Window::new(),
+            consecutive_nonfinite: 0,
+            stop_agreed,
+            time_agreed: false,
+        };
+        if trainer.cfg.eval.initial_validation && trainer.state.step == 0 {
+            trainer.validate()?;
+        }
+        Ok(trainer)
+    }
+
+    /// Training wall time of the whole run so far (across resumes).
+    fn elapsed(&self) -> f64 {
+        self.elapsed_before + self.run_start.elapsed().as_secs_f64()
+    }
+
+    /// Whether the run ends before the next step, and why.
+    pub(crate) fn end(&self) -> anyhow::Result<Option<End>> {
+        let alone = self.rank.world_size == 1;
+        let max_time = self.cfg.train.max_time;
+        if self
+            .budget
+            .total_steps
+            .is_some_and(|n| self.state.step >= n)
+            || self.time_agreed
+            || (alone && max_time.is_some_and(|m| self.elapsed() >= m))
+        {
+            return Ok(Some(End::Budget));
+        }
+        if self.stop_agreed
+            || (alone && (signals::stop_requested() || self.stop_at_step == Some(self.state.step)))
+        {
+            return Ok(Some(End::Stopped));
+        }
+        Ok(None)
+    }
+
+    /// One optimizer step: forward/backward over the accumulation micro-batches, gradient
+    /// all-reduce, the non-finite guard, clipping and AdamW; then what falls due after it
+    /// (metric line, validation, periodic checkpoint).
+    pub(crate) fn step(&mut self) -> anyhow::Result<()> {
+        let (loss, norm, lr) = self.optimizer_step()?;
+        self.saver.poll()?; // report a background save that finished
+        let tokens = self.budget.tokens_per_step;
+        self.state.step += 1;
+        self.state.tokens_seen += tokens;
+        self.window.tokens += tokens;
+
+        let total = self.budget.total_steps;
+        let step = self.state.step;
+        if step % self.cfg.train.log_interval as u64 == 0 || total == Some(step) {
+            self.log_step(loss, norm, lr)?;
+        }
+        let last = total == Some(step);
+        if step % self.cfg.eval.interval as u64 == 0 && !(last && self.cfg.eval.final_validation) {
+            self.validate()?;
+            self.window.start = Instant::now(); // keep eval time out of tokens/s
+        }
+        if self
+            .cfg
+            .train
+            .save_interval
+            .is_some_and(|s| step % s as u64 == 0)
+            && !last
+        {
+            self.save(StepName::Step(step))?;
+            self.window.start = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// The step's arithmetic; returns (global mean loss, gradient norm, learning rate).
+    fn optimizer_step(&mut self) -> anyhow::Result<(f64, f64, f64)> {
+        let (device, world) = (self.device, self.rank.world_size);
+        let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
+        for _ in 0..self.accum {
+            let data_start = Instant::now();
+            let tokens = self.loader.next_micro_batch()?;
+            self.window.data_secs += data_start.elapsed().as_secs_f64();
+            let (x, y) = tokens_to_batch(&tokens, self.micro, self.seq_len, device);
+            let scale = 1.0 / (self.accum * world) as f64;
+            loss_sum += loss_and_backward(&self.t.model, &x, &y, self.autocast, scale);
+        }
+        if world > 1 {
+            // One flat buffer for the bucketed all-reduce: gather (copy) the gradients into it.
+            let reduce_start = Instant::now();
+            self.t.flat.gather_grads()?;
+            self.comm.all_reduce_sum(&mut self.t.flat.grads)?;
+            self.window.reduce_secs += reduce_start.elapsed().as_secs_f64();
+        }
+        let time_up = self.cfg.train.max_time.is_some_and(|m| self.elapsed() >= m);
+        let stop = signals::stop_requested() || self.stop_at_step == Some(self.state.step + 1);
+        let mut host = [
+            loss_sum.double_value(&[]) / self.accum as f64,
+            f64::from(u8::from(stop)),
+            f64::from(u8::from(time_up)),
+        ];
+        self.comm.all_reduce_host(&mut host)?;
+        let loss = host[0] / world as f64;
+        self.stop_agreed = host[1] > 0.0;
+        self.time_agreed = host[2] > 0.0;
+        let norm = optim::grad_norm(&self.t.flat)?.double_value(&[]);
+        let lr = optim::lr_at(
+            self.state.step,
+            self.cfg.optimizer.init_args.lr,
+            self.cfg.train.min_lr,
+            self.budget.warmup_steps,
+            self.budget.total_steps,
+        );
+        if !loss.is_finite() || !norm.is_finite() {
+            self.consecutive_nonfinite += 1;
+            self.state.skipped_steps += 1;
+            let n = self.consecutive_nonfinite;
+            warn!(
+                "step {}: non-finite {} — update skipped ({n} in a row)",
+                self.state.step + 1,
+                if loss.is_finite() {
+                    format!("gradient norm ({norm})")
+                } else {
+                    format!("loss ({loss})")
+                }
+            );
+            if n >= self.cfg.train.max_nonfinite_steps {
+                bail!(
+                    "{n} optimizer steps in a row had a non-finite loss or gradient (train.max_nonfinite_steps); stopping — lower optimizer.init_args.lr or check the data"
+                );
+            }
+        } else {
+            self.consecutive_nonfinite = 0;
+            if let Some(max_norm) = self.cfg.train.max_norm {
+                optim::clip_grads(&self.t.flat, norm, max_norm)?;
+            }
+            self.t.opt.step(&self.t.flat, lr)?;
+        }
+        self.t.flat.clear_grads()?;
+        Ok((loss, norm, lr))
+    }
+
+    /// The metric line of this step (rank 0), and a fresh throughput window.
+    fn log_step(&mut self, loss: f64, norm: f64, lr: f64) -> anyhow::Result<()> {
+        let world = self.rank.world_size;
+        let secs = self.window.start.elapsed().as_secs_f64();
+        let tps = self.window.tokens as f64 / secs.max(1e-9);
+        let record = TrainRecord {
+            step: self.state.step,
+            tokens: self.state.tokens_seen,
+            loss,
+            lr,
+            grad_norm: norm,
+            tokens_per_sec: tps,
+            mfu: self
+                .peak_flops
+                .map(|p| self.flops_per_token * tps / (p * world as f64)),
+            peak_memory_bytes: peak_memory(self.device),
+            elapsed_secs: self.elapsed(),
+            skipped_steps: self.state.skipped_steps,
+            data_wait_frac: (self.window.data_secs / secs.max(1e-9)).min(1.0),
+        };
+        if let Some(m) = &mut self.metrics {
+            info!("{}", metrics::train_line(&record, self.budget.total_steps));
+            m.train(&record).context("writing metrics")?;
+            if world > 1 {
+                let w = &self.window;
+                debug!(
+                    "step {}: gradient all-reduce {:.1} ms per step, {:.1}% of step time",
+                    self.state.step,
+                    w.reduce_secs * 1e3 * self.budget.tokens_per_step as f64 / w.tokens as f64,
+                    100.0 * w.reduce_secs / secs.max(1e-9)
+                );
+            }
+        }
+        self.window = Window::new();
+        Ok(())
+    }
+
+    fn validate(&mut self) -> anyhow::Result<()> {
+        self.validation.run(
+            &self.t.model,
+            self.comm.as_ref(),
+            &mut self.metrics,
+            &mut self.state,
+        )
+    }
+
+    /// Checkpoint the current step as `name` (every rank's loader position goes into it).
+    fn save(&mut self, name: StepName) -> anyhow::Result<()> {
+        self.state.loaders = loader_positions(self.comm.as_ref(), &self.loader)?;
+        self.state.elapsed_secs = self.elapsed();
+        self.saver
+            .save(name, &self.t.flat, &self.t.opt, &self.state)
+    }
+
+    /// Final validation (unless stopped), the last checkpoint (`final/`, or the step a stop
+    /// was agreed at), the end of the uploads and of the communicator, and the summary line.
+    pub(crate) fn finish(mut self, end: End) -> anyhow::Result<()> {
+        let stopped = end == End::Stopped;
+        if self.cfg.eval.final_validation && !stopped {
+            self.validate()?;
+        }
+        let name = if stopped {
+            info!(
+                "stop requested: saving step {} before exiting",
+                self.state.step
+            );
+            StepName::Step(self.state.step)
+        } else {
+            StepName::Final
+        };
+        self.save(name.clone())?;
+        self.saver.finish()?;
+        self.comm.finish()?;
+        if self.rank.is_main() {
+            info!(
+                "done: {} steps, {} tokens in {:.1} s; checkpoint {}/{}",
+                self.state.step,
+                self.state.tokens_seen,
+                self.run_start.elapsed().as_secs_f64(),
+                self.store.url().trim_end_matches('/'),
+                name
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Rank 0's start-up report: model, device, precision, dist, SDPA backend, budget.
+#[allow(clippy::too_many_arguments)]
+fn report_start(
+    cfg: &RunConfig,
+    rank: &RankInfo,
+    comm: &dyn Communicator,
+    device: Device,
+    (precision, autocast, param_kind): (Precision, bool, Kind),
+    budget: &Budget,
+    state: &TrainState,
+    flops_per_token: f64,
+) {
+    let m = cfg.model();
+    let (micro, seq_len) = (
+        cfg.train.micro_batch_size,
+        cfg.train.max_seq_length.unwrap_or(m.block_size),
+    );
+    info!(
+        "model {}: {} attention, {} parameters, {:.3e} FLOPs/token; device {}; precision {}",
+        m.name,
+        m.attention_kind().name(),
+        stats::parameters(m),
+        flops_per_token,
+        device::describe(device),
+        precision.as_str(),
+    );
+    if rank.world_size > 1 || comm.backend() != "single" {
+        info!(
+            "dist: {} rank(s) ({}), backend {}, gradient buckets of {} MiB, collective timeout {} s",
+            rank.world_size,
+            rank.source,
+            comm.backend(),
+            cfg.dist.bucket_mb,
+            cfg.dist.timeout_secs
+        );
+    }
+    if precision == Precision::Bf16Mixed && !device.is_cuda() {
+        info!("bf16-mixed: autocast is CUDA-only, so this CPU run computes in fp32");
+    } else if autocast {
+        crate::autocast::set_cuda_bf16();
+        info!(
+            "bf16-mixed: CUDA autocast computes in {} over fp32 master weights",
+            crate::autocast::cuda_dtype_name()
+        );
+    }
+    let (dqk, dv) = m.sdpa_head_dims();
+    let kind = if autocast { Kind::BFloat16 } else { param_kind };
+    info!(
+        "SDPA backend for (B={micro}, H={}, T={seq_len}, q/k {dqk}, v {dv}, {kind:?}): {}",
+        m.n_head,
+        device::sdpa_backend(
+            micro as i64,
+            m.n_head as i64,
+            seq_len as i64,
+            (dqk as i64, dv as i64),
+            kind,
+            device
+        )
+    );
+    let (lines, warnings) = budget.report(cfg);
+    for l in lines {
+        info!("{l}");
+    }
+    for w in warnings {
+        warn!("{w}");
+    }
+    if state.step > 0 {
+        info!(
+            "resumed at step {} ({} tokens seen)",
+            state.step, state.tokens_seen
+        );
+    }
+}
+
+fn peak_memory(device: Device) -> Option<u64> {
+    match device {
+        Device::Cpu => device::peak_host_memory_bytes(),
+        Device::Cuda(i) => device::peak_gpu_memory_bytes(i),
+        _ => None,
+    }
+}
+
+/// Every rank's loader position, by rank. At optimizer-step boundaries they are equal by
+/// construction; they are gathered so the checkpoint records what each rank had.
+fn loader_positions(
+    comm: &dyn Communicator,
+    loader: &TrainLoader,
+) -> anyhow::Result<Vec<LoaderPosition>> {
+    let mine = loader.state();
+    if comm.world_size() == 1 {
+        return Ok(vec![mine]);
+    }
+    let at = [mine.epoch, mine.cursor, mine.micro_step].map(|v| v as f64);
+    Ok(dist::all_gather_host(comm, &at)?
+        .iter()
+        .map(|v| LoaderPosition {
+            epoch: v[0] as u64,
+            cursor: v[1] as u64,
+            micro_step: v[2] as u64,
+            ..mine.clone()
+        })
+        .collect())
+}
+
+/// This rank's position from a checkpoint's `loaders`, which must hold one per rank, all equal.
+fn rank_position(loaders: &[LoaderPosition], rank: usize) -> Result<&LoaderPosition, BadInput> {
+    let mine = loaders.get(rank).ok_or_else(|| {
+        BadInput(format!(
+            "checkpoint state has {} loader position(s), rank {rank} needs its own",
+            loaders.len()
+        ))
+    })?;
+    if let Some((r, other)) = loaders.iter().enumerate().find(|(_, p)| *p != mine) {
+        return Err(BadInput(format!(
+            "checkpoint state: loader position of rank {r} (epoch {}, cursor {}, micro-step {}) differs from rank {rank}'s (epoch {}, cursor {}, micro-step {}); the checkpoint was not taken at a step boundary",
+            other.epoch, other.cursor, other.micro_step, mine.epoch, mine.cursor, mine.micro_step
+        )));
+    }
+    Ok(mine)
+}
+
+/// Where metrics files go: out_dir itself when local, else `.cache/mla/runs/<name>`.
+fn local_metrics_dir(cfg: &RunConfig) -> PathBuf {
+    let out = &cfg.out_dir;
+    match out.split_once("://") {
+        None => PathBuf::from(out),
+        Some(("file", path)) => PathBuf::from(path),
+        Some((_, rest)) => PathBuf::from(".cache/mla/runs").join(rest.replace('/', "_")),
+    }
+}
