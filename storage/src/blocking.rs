@@ -9,7 +9,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::error::{Error, Result};
+use crate::lease::{self, Holder, Lease};
 use crate::manifest::{Manifest, ManifestMeta, StepName};
+use crate::outdir::Leftovers;
 use crate::store::{
     CheckpointStore, Latest, LoadedStep, RetainReport, StepInfo, StoreOptions, VerifiedStep,
 };
@@ -70,6 +72,50 @@ impl BlockingCheckpointStore {
 
     pub fn url(&self) -> &str {
         self.store.url()
+    }
+
+    /// See [`CheckpointStore::probe`].
+    pub fn probe(&self) -> Result<std::time::Duration> {
+        self.rt.block_on(self.store.probe())
+    }
+
+    /// See [`CheckpointStore::clean_leftovers`].
+    pub fn clean_leftovers(&self) -> Result<Leftovers> {
+        self.rt.block_on(self.store.clean_leftovers())
+    }
+
+    /// See [`CheckpointStore::delete_all_steps`].
+    pub fn delete_all_steps(&self) -> Result<Vec<StepName>> {
+        self.rt.block_on(self.store.delete_all_steps())
+    }
+
+    /// Take the out_dir for `holder` (see `lease.rs`): the lock file of a local directory, or
+    /// the lease object of an object store, renewed in the background on this store's
+    /// runtime until the returned [`Lease`] is dropped. [`Error::Locked`] names the run that
+    /// holds it.
+    pub fn acquire_lease(&self, holder: &Holder) -> Result<Lease> {
+        self.acquire_lease_with_ttl(holder, lease::ttl_from_env()?)
+    }
+
+    /// [`Self::acquire_lease`] with an explicit time to live (object stores; renewals every
+    /// `ttl / 4`, stale after `2 × ttl`).
+    pub fn acquire_lease_with_ttl(
+        &self,
+        holder: &Holder,
+        ttl: std::time::Duration,
+    ) -> Result<Lease> {
+        let s = &self.store;
+        match &s.local_dir {
+            Some(dir) => lease::lock_local(&dir.join(s.root.as_ref()), s.url(), holder),
+            None => self.rt.block_on(lease::lease_object(
+                s.inner.clone(),
+                s.path(lease::LEASE_OBJECT)?,
+                s.url(),
+                holder,
+                ttl,
+                Arc::clone(&self.rt),
+            )),
+        }
     }
 
     pub fn list(&self) -> Result<Vec<StepInfo>> {

@@ -33,6 +33,10 @@ pub enum Corruption {
         expected: String,
         actual: String,
     },
+    /// On local disk: a symbolic link or something else that is not a regular file.
+    NotRegular {
+        what: String,
+    },
 }
 
 impl std::fmt::Display for Corruption {
@@ -49,6 +53,7 @@ impl std::fmt::Display for Corruption {
             Corruption::Sha256Mismatch { expected, actual } => {
                 write!(f, "sha256 {actual}, manifest says {expected}")
             }
+            Corruption::NotRegular { what } => write!(f, "{what}: refused"),
         }
     }
 }
@@ -111,6 +116,18 @@ pub enum Error {
         value: String,
         reason: String,
     },
+
+    /// Another run holds the out_dir (its lock file or lease object; see `lease.rs`).
+    #[error("{url} is in use by {holder}: {detail}")]
+    Locked {
+        url: String,
+        holder: String,
+        detail: String,
+    },
+
+    /// This run's lease on the out_dir was taken over by another run: stop writing.
+    #[error("{url}: this run no longer owns the out_dir: {holder} took it over")]
+    LeaseLost { url: String, holder: String },
 
     #[error("background saver: {detail}")]
     Saver { detail: String },
@@ -192,12 +209,14 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     redact_secrets(&out)
 }
 
-/// Replace the values of the AWS credential variables found in the environment by `***`.
+/// Replace the values of the AWS credential variables found in the environment by `***`, and
+/// the user-info of every URL (`http://user:password@host` → `http://***@host`).
 ///
 /// Belt and braces: object_store does not put secrets into its messages, but S3 servers echo
-/// request details (e.g. `AWSAccessKeyId` in `SignatureDoesNotMatch`) in error bodies.
+/// request details (e.g. `AWSAccessKeyId` in `SignatureDoesNotMatch`) in error bodies, and
+/// request URLs carry an `AWS_ENDPOINT_URL`'s user-info.
 pub fn redact_secrets(msg: &str) -> String {
-    let mut out = msg.to_string();
+    let mut out = redact_userinfo(msg);
     for (var, min_len) in [
         ("AWS_SECRET_ACCESS_KEY", 1),
         ("AWS_SESSION_TOKEN", 1),
@@ -212,4 +231,47 @@ pub fn redact_secrets(msg: &str) -> String {
         }
     }
     out
+}
+
+/// `scheme://user:password@host/…` → `scheme://***@host/…`, for every URL in `msg`.
+pub fn redact_userinfo(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        // The authority ends at the first '/', '?', '#' or whitespace; user-info ends at its
+        // last '@'.
+        let end = tail
+            .find(|c: char| matches!(c, '/' | '?' | '#') || c.is_whitespace())
+            .unwrap_or(tail.len());
+        match tail[..end].rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                out.push_str(&tail[at..end]);
+            }
+            None => out.push_str(&tail[..end]),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_info_of_every_url_is_redacted() {
+        assert_eq!(
+            redact_userinfo(
+                "PUT http://ak:s3cr3t@127.0.0.1:9000/b/k failed; see s3://u:p@bucket/x"
+            ),
+            "PUT http://***@127.0.0.1:9000/b/k failed; see s3://***@bucket/x"
+        );
+        assert_eq!(redact_userinfo("http://host/a@b"), "http://host/a@b");
+        assert_eq!(redact_userinfo("no url here"), "no url here");
+        assert_eq!(redact_userinfo("http://:pw@h"), "http://***@h");
+    }
 }

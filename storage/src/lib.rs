@@ -8,6 +8,8 @@
 //! * [`CheckpointStore`] — async API (write, verify, list, latest valid, retention, resolve).
 //! * [`BlockingCheckpointStore`] — the same for synchronous callers.
 //! * [`BackgroundSaver`] — uploads while training continues, one save at a time.
+//! * [`Lease`] — one run at a time per out_dir (lock file or conditional-PUT lease object);
+//!   `probe`, `clean_leftovers`, `delete_all_steps` — taking charge of an out_dir.
 //! * [`open_location`] — the same URL parsing and backends for other objects (token datasets).
 //!
 //! Not here: tensor (de)serialisation, resume policy, config checks (trainer).
@@ -15,25 +17,31 @@
 
 mod blocking;
 mod error;
+mod lease;
 mod location;
 mod manifest;
+mod outdir;
 mod saver;
 mod store;
 
 pub use blocking::BlockingCheckpointStore;
 pub use bytes::{Bytes, BytesMut};
-pub use error::{error_chain, redact_secrets, Corruption, Error, Result, StoreErrorKind};
-pub use location::{open_location, ObjectLocation};
+pub use error::{
+    error_chain, redact_secrets, redact_userinfo, Corruption, Error, Result, StoreErrorKind,
+};
+pub use lease::{Holder, Lease, DEFAULT_TTL, ENV_LEASE_TTL_SECS, LEASE_OBJECT, LOCK_FILE};
+pub use location::{check_location, open_location, ObjectLocation};
 pub use manifest::{
     check_object_name, sha256_hex, Manifest, ManifestMeta, ObjectEntry, StepName, FINAL_DIR,
     FORMAT_VERSION, MANIFEST_NAME,
 };
 /// The backend trait, for [`CheckpointStore::from_object_store`].
 pub use object_store;
+pub use outdir::Leftovers;
 pub use saver::{BackgroundSaver, SaveJob, SaveReport};
 pub use store::{
     is_invalid_step, upload_bytes, CheckpointStore, Latest, LoadedStep, PutOutcome, RetainReport,
     RetryOptions, SkippedStep, StepInfo, StoreOptions, Uploaded, Verification, VerifiedStep,
-    ENV_CONNECT_TIMEOUT_SECS, ENV_MAX_RETRIES, ENV_REQUEST_TIMEOUT_SECS, ENV_RETRY_TIMEOUT_SECS,
-    ENV_TEST_PUT_DELAY_MS,
+    ENV_CONNECT_TIMEOUT_SECS, ENV_MAX_RETRIES, ENV_READ_TIMEOUT_SECS, ENV_REQUEST_TIMEOUT_SECS,
+    ENV_RETRY_TIMEOUT_SECS, ENV_TEST_PUT_DELAY_MS,
 };

@@ -37,7 +37,8 @@ pub(crate) struct Location {
 
 fn invalid(location: &str, reason: impl Into<String>) -> Error {
     Error::InvalidLocation {
-        location: location.to_string(),
+        // Never echo credentials someone put into the URL.
+        location: crate::error::redact_userinfo(location),
         reason: reason.into(),
     }
 }
@@ -74,6 +75,12 @@ pub(crate) fn parse(out_dir: &str) -> Result<Location> {
         }
         Some(("s3", rest)) => {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.contains('@') {
+                return Err(invalid(
+                    out_dir,
+                    "credentials in the URL are not accepted: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment and write s3://bucket/prefix",
+                ));
+            }
             if bucket.is_empty() {
                 return Err(invalid(
                     out_dir,
@@ -149,6 +156,12 @@ pub fn open_location(location: &str, opts: &StoreOptions) -> Result<ObjectLocati
     })
 }
 
+/// Check that `location` is a valid out_dir (a path, `file://`, `s3://bucket/prefix` or
+/// `memory://`) without opening anything; returns its canonical URL. For config validation.
+pub fn check_location(location: &str) -> Result<String> {
+    parse(location).map(|l| l.url)
+}
+
 /// Split `…/step-00000400` (path or URL) into its `out_dir` and step name.
 pub(crate) fn split_step_dir(step_dir: &str) -> Result<(String, StepName)> {
     let not_step = || Error::NotAStepDir {
@@ -211,6 +224,12 @@ pub(crate) fn open_backend(loc: &Location, opts: &StoreOptions) -> Result<Arc<dy
                     format!("{}ms", t.as_millis()),
                 );
             }
+            if let Some(t) = opts.read_timeout {
+                b = b.with_config(
+                    AmazonS3ConfigKey::Client(ClientConfigKey::ReadTimeout),
+                    format!("{}ms", t.as_millis()),
+                );
+            }
             if let Some(t) = opts.connect_timeout {
                 b = b.with_config(
                     AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
@@ -250,6 +269,14 @@ mod tests {
         assert!(parse("gs://b/p").is_err());
         assert!(parse("s3:///p").is_err());
         assert!(parse("s3://b/a//b").is_err());
+        let creds = parse("s3://AKIAEXAMPLE:s3cr3t@bucket/x")
+            .unwrap_err()
+            .to_string();
+        assert!(creds.contains("credentials in the URL"), "{creds}");
+        assert!(
+            !creds.contains("s3cr3t") && !creds.contains("AKIAEXAMPLE"),
+            "{creds}"
+        );
         assert!(parse("").is_err());
     }
 

@@ -30,6 +30,7 @@ use crate::location::{self, Location};
 use crate::manifest::{
     check_object_name, sha256_hex, Manifest, ManifestMeta, ObjectEntry, StepName, MANIFEST_NAME,
 };
+use crate::outdir::remove_staging_files;
 
 /// Retries of transient errors (S3): exponential backoff from `init_backoff` doubling up to
 /// `max_backoff`, at most `max_retries` times and never past `retry_timeout` from the first try.
@@ -71,6 +72,9 @@ pub struct StoreOptions {
     pub request_timeout: Option<Duration>,
     /// S3: connect timeout (object_store default 5 s when `None`).
     pub connect_timeout: Option<Duration>,
+    /// S3: longest wait for the next bytes of a response, the first ones included (none when
+    /// `None`): an endpoint that accepts connections but never answers is an error this soon.
+    pub read_timeout: Option<Duration>,
     pub retry: RetryOptions,
     /// Test hook: sleep this long before every PUT and every multipart part (object_store's
     /// `ThrottledStore`), so that saves are slow enough to interrupt at a chosen moment.
@@ -87,6 +91,7 @@ impl Default for StoreOptions {
             fsync: true,
             request_timeout: None,
             connect_timeout: None,
+            read_timeout: None,
             retry: RetryOptions::default(),
             put_delay: None,
         }
@@ -96,6 +101,7 @@ impl Default for StoreOptions {
 /// Environment variables read by [`StoreOptions::from_env`] (what `CheckpointStore::open` uses).
 pub const ENV_REQUEST_TIMEOUT_SECS: &str = "MLA_STORE_REQUEST_TIMEOUT_SECS";
 pub const ENV_CONNECT_TIMEOUT_SECS: &str = "MLA_STORE_CONNECT_TIMEOUT_SECS";
+pub const ENV_READ_TIMEOUT_SECS: &str = "MLA_STORE_READ_TIMEOUT_SECS";
 pub const ENV_MAX_RETRIES: &str = "MLA_STORE_MAX_RETRIES";
 pub const ENV_RETRY_TIMEOUT_SECS: &str = "MLA_STORE_RETRY_TIMEOUT_SECS";
 /// Test hook: milliseconds of sleep before every PUT / multipart part.
@@ -106,10 +112,47 @@ impl StoreOptions {
     /// timeouts, retries and retry budget (S3), and the `MLA_STORE_TEST_PUT_DELAY_MS` test hook.
     /// Unset or empty variables keep the default; a value that does not parse is an error.
     pub fn from_env() -> Result<StoreOptions> {
-        Self::from_vars(|name| std::env::var(name).ok())
+        Self::from_vars(StoreOptions::default(), |name| std::env::var(name).ok())
     }
 
-    fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<StoreOptions> {
+    /// For commands a person waits on (`mla ckpt`, the start-up probe of a run): an endpoint
+    /// that does not answer is an error within seconds, not after the training saves' patient
+    /// retry budget. Connect timeout 3 s, first-byte (read) timeout 5 s, 2 retries within 15 s.
+    pub fn interactive() -> StoreOptions {
+        StoreOptions {
+            connect_timeout: Some(Duration::from_secs(3)),
+            read_timeout: Some(Duration::from_secs(5)),
+            retry: RetryOptions {
+                max_retries: 2,
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(1),
+                retry_timeout: Duration::from_secs(15),
+            },
+            ..StoreOptions::default()
+        }
+    }
+
+    /// [`StoreOptions::interactive`] with the `MLA_STORE_*` variables applied.
+    pub fn interactive_from_env() -> Result<StoreOptions> {
+        Self::from_vars(StoreOptions::interactive(), |name| std::env::var(name).ok())
+    }
+
+    /// The network limits in force, for messages: "connect timeout 3 s, first-byte timeout
+    /// 5 s, at most 2 retries within 15 s".
+    pub fn limits(&self) -> String {
+        let secs = |d: Option<Duration>, default: &str| {
+            d.map_or_else(|| default.to_string(), |d| format!("{} s", d.as_secs_f64()))
+        };
+        format!(
+            "connect timeout {}, first-byte timeout {}, at most {} retries within {} s (MLA_STORE_* variables change these)",
+            secs(self.connect_timeout, "5 s"),
+            secs(self.read_timeout, "none"),
+            self.retry.max_retries,
+            self.retry.retry_timeout.as_secs_f64()
+        )
+    }
+
+    fn from_vars(base: StoreOptions, var: impl Fn(&str) -> Option<String>) -> Result<StoreOptions> {
         let get = |name: &str| var(name).filter(|v| !v.trim().is_empty());
         let invalid = |name: &str, value: &str, reason: &str| Error::InvalidEnv {
             name: name.to_string(),
@@ -124,12 +167,15 @@ impl StoreOptions {
                 })
                 .transpose()
         };
-        let mut o = StoreOptions::default();
+        let mut o = base;
         if let Some(t) = secs(ENV_REQUEST_TIMEOUT_SECS)? {
             o.request_timeout = Some(t);
         }
         if let Some(t) = secs(ENV_CONNECT_TIMEOUT_SECS)? {
             o.connect_timeout = Some(t);
+        }
+        if let Some(t) = secs(ENV_READ_TIMEOUT_SECS)? {
+            o.read_timeout = Some(t);
         }
         if let Some(t) = secs(ENV_RETRY_TIMEOUT_SECS)? {
             o.retry.retry_timeout = t;
@@ -263,10 +309,13 @@ pub struct RetainReport {
 /// Checkpoint store rooted at an `out_dir`. Cheap to clone (shares the backend).
 #[derive(Clone)]
 pub struct CheckpointStore {
-    inner: Arc<dyn ObjectStore>,
-    root: Path,
-    url: String,
+    pub(crate) inner: Arc<dyn ObjectStore>,
+    pub(crate) root: Path,
+    pub(crate) url: String,
     opts: StoreOptions,
+    /// The directory of a local out_dir: checked for symlinks and staging leftovers with
+    /// std::fs, which object_store's local backend hides (it follows links and skips `name#N`).
+    pub(crate) local_dir: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for CheckpointStore {
@@ -296,11 +345,16 @@ impl CheckpointStore {
             };
             inner = Arc::new(object_store::throttle::ThrottledStore::new(inner, config));
         }
+        let local_dir = match &loc.backend {
+            location::Backend::Local(dir) => Some(dir.clone()),
+            _ => None,
+        };
         Ok(CheckpointStore {
             inner,
             root: loc.root,
             url: loc.url,
             opts,
+            local_dir,
         })
     }
 
@@ -311,6 +365,7 @@ impl CheckpointStore {
             root: Path::default(),
             url: url.to_string(),
             opts,
+            local_dir: None,
         }
     }
 
@@ -354,7 +409,7 @@ impl CheckpointStore {
 
     // ---- paths -------------------------------------------------------------------------------
 
-    fn path(&self, rel: &str) -> Result<Path> {
+    pub(crate) fn path(&self, rel: &str) -> Result<Path> {
         let full = if self.root.as_ref().is_empty() {
             rel.to_string()
         } else {
@@ -381,7 +436,7 @@ impl CheckpointStore {
         }
     }
 
-    fn store_err(
+    pub(crate) fn store_err(
         &self,
         op: &'static str,
         rel: impl Into<String>,
@@ -411,11 +466,37 @@ impl CheckpointStore {
             }
         }
         self.begin_step(step).await?;
-        let mut entries = Vec::with_capacity(objects.len());
-        for (name, bytes) in objects {
-            entries.push(self.put_object(step, name, bytes.clone()).await?.entry);
+        let written = async {
+            let mut entries = Vec::with_capacity(objects.len());
+            for (name, bytes) in objects {
+                entries.push(self.put_object(step, name, bytes.clone()).await?.entry);
+            }
+            self.commit_step(step, meta, entries).await
         }
-        self.commit_step(step, meta, entries).await
+        .await;
+        if written.is_err() {
+            // The step is invisible (no manifest); do not leave its bytes behind to fill the
+            // disk (a save that failed for lack of space would otherwise keep it full).
+            // Best effort: a store that just failed may fail this too.
+            self.discard_step(step).await;
+        }
+        written
+    }
+
+    /// Delete an uncommitted step's objects and, on local disk, the staging files of uploads
+    /// that never finished (`name#N`, which object_store's listing does not show). Best effort.
+    async fn discard_step(&self, step: &StepName) {
+        if let Err(e) = self.delete_step(step).await {
+            tracing::debug!("discarding the failed save of {step}: {e}");
+        }
+        if let Some(dir) = &self.local_dir {
+            let step_dir = dir.join(self.root.as_ref()).join(step.to_string());
+            let removed = remove_staging_files(&step_dir);
+            if removed > 0 {
+                tracing::debug!("discarding the failed save of {step}: {removed} staging file(s)");
+            }
+            let _ = std::fs::remove_dir(&step_dir); // only when empty
+        }
     }
 
     /// Make `step` invisible and empty before (re)writing it: delete its manifest, then every
@@ -549,6 +630,7 @@ impl CheckpointStore {
     /// exist.
     pub async fn read_manifest(&self, step: &StepName) -> Result<Manifest> {
         let rel = format!("{step}/{MANIFEST_NAME}");
+        self.check_local_file(step, MANIFEST_NAME, &rel)?;
         let bytes = match self.inner.get(&self.path(&rel)?).await {
             Ok(r) => r
                 .bytes()
@@ -631,6 +713,49 @@ impl CheckpointStore {
         Ok(out)
     }
 
+    /// On local disk, every component of `rel` below the out_dir must be a real directory and
+    /// the object a regular file: a symbolic link planted in a step directory (to /etc/passwd,
+    /// to another run's file) is refused, never followed. A missing path passes: the read that
+    /// follows reports it.
+    fn check_local_file(&self, step: &StepName, object: &str, rel: &str) -> Result<()> {
+        let Some(dir) = &self.local_dir else {
+            return Ok(());
+        };
+        let mut p = dir.join(self.root.as_ref());
+        let parts: Vec<&str> = rel.split('/').collect();
+        for (i, part) in parts.iter().enumerate() {
+            p.push(part);
+            let last = i + 1 == parts.len();
+            let Ok(m) = std::fs::symlink_metadata(&p) else {
+                return Ok(());
+            };
+            let kind = if m.file_type().is_symlink() {
+                Some("a symbolic link")
+            } else if last && !m.is_file() {
+                Some("not a regular file")
+            } else if !last && !m.is_dir() {
+                Some("not a directory")
+            } else {
+                None
+            };
+            if let Some(kind) = kind {
+                let what = if last {
+                    ""
+                } else {
+                    "a parent directory of it "
+                };
+                return Err(self.corrupt(
+                    step,
+                    object,
+                    Corruption::NotRegular {
+                        what: format!("{what}is {kind} ({})", p.display()),
+                    },
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn corrupt(&self, step: &StepName, object: &str, problem: Corruption) -> Error {
         Error::Corrupt {
             url: self.url.clone(),
@@ -648,6 +773,7 @@ impl CheckpointStore {
         keep: bool,
     ) -> Result<Option<Bytes>> {
         let rel = format!("{step}/{}", entry.name);
+        self.check_local_file(step, &entry.name, &rel)?;
         let got = match self.inner.get(&self.path(&rel)?).await {
             Ok(r) => r,
             Err(object_store::Error::NotFound { .. }) => {
@@ -1006,7 +1132,7 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        StoreOptions::from_vars(|name| vars.get(name).cloned())
+        StoreOptions::from_vars(StoreOptions::default(), |name| vars.get(name).cloned())
     }
 
     #[test]

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use mla_storage::{
-    BackgroundSaver, BlockingCheckpointStore, CheckpointStore, Corruption, Error, SaveJob,
-    StepName, Verification, MANIFEST_NAME,
+    BackgroundSaver, BlockingCheckpointStore, CheckpointStore, Corruption, Error, Holder, SaveJob,
+    StepName, Verification, LEASE_OBJECT, MANIFEST_NAME,
 };
 
 // ---- protocol --------------------------------------------------------------------------------
@@ -138,11 +138,12 @@ async fn crash_before_manifest_leaves_step_invisible(f: &Fixture) {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("manifest.json"), "{err}");
-    // Every object of step 20 is there, but without its manifest the step does not exist.
-    assert!(f.raw_exists("step-00000020/model.safetensors").await);
+    // Without its manifest step 20 does not exist, and the failed save took its objects
+    // with it (they would only fill the disk).
+    assert!(!f.raw_exists("step-00000020/model.safetensors").await);
     let latest = f.store.latest_valid().await.unwrap();
     assert_eq!(latest.found.unwrap().step, step(10));
-    assert_eq!(latest.skipped[0].step, step(20));
+    assert!(latest.skipped.is_empty(), "{:?}", latest.skipped);
 }
 
 async fn verify_names_the_corrupt_object(f: &Fixture) {
@@ -709,6 +710,215 @@ fn saver_drop_finishes_the_save_in_flight(f: &Fixture) {
     blocking.verify(&step(77)).unwrap();
 }
 
+// ---- out_dir ownership and hygiene (issue 14) -----------------------------------------------
+
+fn holder(run: &str) -> Holder {
+    Holder::this_process(Some(run))
+}
+
+/// A second store on the same out_dir (another run's view of it).
+fn second_view(f: &Fixture) -> BlockingCheckpointStore {
+    if f.persistent {
+        BlockingCheckpointStore::open(&f.out_dir).unwrap()
+    } else {
+        BlockingCheckpointStore::new(f.store.clone()).unwrap()
+    }
+}
+
+fn lease_is_exclusive_names_the_holder_and_is_released_on_drop(f: &Fixture) {
+    let a = BlockingCheckpointStore::new(f.store.clone()).unwrap();
+    let b = second_view(f);
+    let lease = a.acquire_lease(&holder("run-a")).unwrap();
+    lease.check().unwrap();
+    match b.acquire_lease(&holder("run-b")) {
+        Err(e @ Error::Locked { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("run run-a") && msg.contains("pid"), "{msg}");
+        }
+        other => panic!("second run got {other:?}"),
+    }
+    drop(lease);
+    let lease_b = b.acquire_lease(&holder("run-b")).unwrap();
+    lease_b.check().unwrap();
+    assert!(matches!(
+        a.acquire_lease(&holder("run-a")),
+        Err(Error::Locked { .. })
+    ));
+}
+
+/// The lease object of a run that died without releasing it, written behind the store's back.
+async fn plant_lease(f: &Fixture, run: &str) {
+    let doc = serde_json::json!({
+        "holder": holder(run),
+        "renewed": "2026-12-01T00:00:00Z",
+        "ttl_secs": 60.0,
+    });
+    f.raw_put(LEASE_OBJECT, doc.to_string().as_bytes()).await;
+}
+
+fn lease_of_a_dead_run_goes_to_its_restart_at_once_and_to_others_when_stale(f: &Fixture) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(plant_lease(f, "run-a"));
+    let store = BlockingCheckpointStore::new(f.store.clone()).unwrap();
+    let ttl = Duration::from_millis(600);
+    // Fresh (just written): another run is refused, with when it may take over.
+    let err = store
+        .acquire_lease_with_ttl(&holder("run-b"), ttl)
+        .unwrap_err();
+    assert!(err.to_string().contains("taken over"), "{err}");
+    // The same run (the launcher restarting its ranks) takes it at once.
+    drop(store.acquire_lease_with_ttl(&holder("run-a"), ttl).unwrap());
+    // Not renewed for 2 × ttl: stale, another run takes it.
+    rt.block_on(plant_lease(f, "run-a"));
+    std::thread::sleep(ttl * 2 + Duration::from_millis(300));
+    let lease = store.acquire_lease_with_ttl(&holder("run-b"), ttl).unwrap();
+    lease.check().unwrap();
+}
+
+fn lease_taken_by_another_run_is_reported_lost(f: &Fixture) {
+    let store = BlockingCheckpointStore::new(f.store.clone()).unwrap();
+    let ttl = Duration::from_millis(400);
+    let lease = store.acquire_lease_with_ttl(&holder("run-a"), ttl).unwrap();
+    // Renewals keep it: still ours after several beats.
+    std::thread::sleep(ttl);
+    lease.check().unwrap();
+    // Another run overwrites it (as a takeover would); the next renewal sees a foreign ETag.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(plant_lease(f, "run-b"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lease.check().is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the lost lease was never noticed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let err = lease.check().unwrap_err();
+    assert!(
+        matches!(err, Error::LeaseLost { .. }) && err.to_string().contains("run-b"),
+        "{err}"
+    );
+    drop(lease); // must not delete the other run's lease
+    assert!(rt.block_on(f.raw_exists(LEASE_OBJECT)));
+}
+
+async fn probe_round_trips_and_leaves_nothing(f: &Fixture) {
+    f.store.probe().await.unwrap();
+    let left: Vec<_> = f
+        .store
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.step)
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(f.raw_list().await.is_empty(), "{:?}", f.raw_list().await);
+}
+
+async fn leftovers_of_crashed_saves_are_removed(f: &Fixture) {
+    f.store
+        .write_step(&step(100), &objects(100), meta(100))
+        .await
+        .unwrap();
+    // A save that died before its manifest.
+    for (name, bytes) in objects(200) {
+        f.store.put_object(&step(200), &name, bytes).await.unwrap();
+    }
+    let staging = f.local_dir().map(|d| {
+        // Uploads cut off mid-write (object_store's local staging files), in a committed step
+        // and in a directory nothing else was written to.
+        let files = [
+            d.join("step-00000100/model.safetensors#7"),
+            d.join("step-00000300/optimizer.safetensors#12"),
+        ];
+        for p in &files {
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, vec![0u8; 4096]).unwrap();
+        }
+        files
+    });
+    let left = f.store.clean_leftovers().await.unwrap();
+    assert_eq!(left.incomplete_steps, vec![step(200)]);
+    f.store.verify(&step(100)).await.unwrap();
+    assert!(f
+        .raw_list()
+        .await
+        .iter()
+        .all(|p| !p.contains("step-00000200")));
+    if let Some(files) = staging {
+        assert_eq!(left.staging_files, 2);
+        for p in files {
+            assert!(!p.exists(), "{} left behind", p.display());
+        }
+        assert!(!f.local_dir().unwrap().join("step-00000300").exists());
+    }
+}
+
+async fn failed_save_leaves_no_bytes_behind(f: &Fixture) {
+    let (store, faults) = f.faulty();
+    faults.set_fail_puts_containing(Some("state.json"));
+    let err = store
+        .write_step(&step(5), &objects(5), meta(5))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("state.json"), "{err}");
+    assert!(
+        f.raw_list()
+            .await
+            .iter()
+            .all(|p| !p.contains("step-00000005")),
+        "{:?}",
+        f.raw_list().await
+    );
+}
+
+async fn delete_all_steps_removes_every_step_and_nothing_else(f: &Fixture) {
+    for n in [1, 2] {
+        f.store
+            .write_step(&step(n), &objects(n), meta(n))
+            .await
+            .unwrap();
+    }
+    f.store
+        .write_step(&StepName::Final, &objects(3), meta(3))
+        .await
+        .unwrap();
+    f.raw_put("metrics.jsonl", b"{}\n").await;
+    let mut deleted = f.store.delete_all_steps().await.unwrap();
+    deleted.sort_by_key(|s| s.to_string());
+    assert_eq!(deleted.len(), 3, "{deleted:?}");
+    assert!(f.store.list().await.unwrap().is_empty());
+    assert_eq!(f.raw_list().await, vec!["metrics.jsonl".to_string()]);
+}
+
+#[test]
+fn local_symlinks_in_step_directories_are_refused_not_followed() {
+    let f = Fixture::local("symlinks").unwrap();
+    let store = BlockingCheckpointStore::new(f.store.clone()).unwrap();
+    store.write_step(&step(1), &objects(1), meta(1)).unwrap();
+    let dir = f.local_dir().unwrap();
+    // The same bytes elsewhere, linked into place: the checksums would pass.
+    let elsewhere = dir.join("../elsewhere.bin");
+    let model = dir.join("step-00000001/model.safetensors");
+    std::fs::rename(&model, &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &model).unwrap();
+    let err = store.verify(&step(1)).unwrap_err();
+    assert!(
+        matches!(&err, Error::Corrupt { problem: Corruption::NotRegular { .. }, object, .. } if object == "model.safetensors"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("symbolic link"), "{err}");
+    assert!(store.latest_valid().unwrap().found.is_none());
+    // A symlinked step directory too.
+    store.write_step(&step(2), &objects(2), meta(2)).unwrap();
+    let real = dir.join("../step-2-real");
+    std::fs::rename(dir.join("step-00000002"), &real).unwrap();
+    std::os::unix::fs::symlink(&real, dir.join("step-00000002")).unwrap();
+    let err = store.verify(&step(2)).unwrap_err();
+    assert!(err.to_string().contains("symbolic link"), "{err}");
+}
+
 // ---- instantiation ---------------------------------------------------------------------------
 
 macro_rules! instance {
@@ -772,4 +982,28 @@ for_each_backend!(
     sync saver_reports_failure_then_next_save_succeeds,
     sync saver_applies_retention_after_each_save,
     sync saver_drop_finishes_the_save_in_flight,
+    sync lease_is_exclusive_names_the_holder_and_is_released_on_drop,
+    async probe_round_trips_and_leaves_nothing,
+    async leftovers_of_crashed_saves_are_removed,
+    async failed_save_leaves_no_bytes_behind,
+    async delete_all_steps_removes_every_step_and_nothing_else,
+);
+
+/// Lease objects: object stores only (a local out_dir is locked with flock, tested above).
+macro_rules! for_each_object_store {
+    ($($kind:ident $test:ident),* $(,)?) => {
+        mod memory_lease {
+            use super::*;
+            $(instance!($kind, $test, Fixture::memory);)*
+        }
+        mod s3_lease {
+            use super::*;
+            $(instance!($kind, $test, Fixture::s3);)*
+        }
+    };
+}
+
+for_each_object_store!(
+    sync lease_of_a_dead_run_goes_to_its_restart_at_once_and_to_others_when_stale,
+    sync lease_taken_by_another_run_is_reported_lost,
 );

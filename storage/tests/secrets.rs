@@ -1,5 +1,5 @@
-//! AWS secrets never appear in errors (Display, Debug, source chain), in the store's or the
-//! saver's Debug, nor in what `redact_secrets` lets through.
+//! AWS secrets and an endpoint URL's password never appear in errors (Display, Debug, source
+//! chain), in the store's or the saver's Debug, nor in what `redact_secrets` lets through.
 //!
 //! Its own test binary with a single test because it rewrites the process environment.
 
@@ -60,12 +60,15 @@ fn secrets_never_appear_in_errors_or_debug_output() {
     let secret = "mla-sentinel-secret-3f9a1c";
     let token = "mla-sentinel-session-token-77d0";
     let key_id = "AKIAMLASENTINEL0001";
-    let all = [secret, token, key_id];
+    // A password in the endpoint's user-info (finding 8 of issue 14) is a secret too.
+    let password = "mla-sentinel-endpoint-pw-91";
+    let endpoint = format!("http://mla-user:{password}@127.0.0.1:1");
+    let all = [secret, token, key_id, password];
     for (k, v) in [
         ("AWS_ACCESS_KEY_ID", key_id),
         ("AWS_SECRET_ACCESS_KEY", secret),
         ("AWS_SESSION_TOKEN", token),
-        ("AWS_ENDPOINT_URL", "http://127.0.0.1:1"),
+        ("AWS_ENDPOINT_URL", endpoint.as_str()),
         ("AWS_ALLOW_HTTP", "true"),
         ("AWS_REGION", "us-east-1"),
     ] {
@@ -94,7 +97,8 @@ fn secrets_never_appear_in_errors_or_debug_output() {
     assert_error_clean(report.result.as_ref().unwrap_err(), &all);
 
     // 3. Whatever a server echoes back is scrubbed before it reaches an error.
-    let echoed =
-        format!("SignatureDoesNotMatch <AWSAccessKeyId>{key_id}</AWSAccessKeyId> {secret}");
+    let echoed = format!(
+        "SignatureDoesNotMatch <AWSAccessKeyId>{key_id}</AWSAccessKeyId> {secret} at {endpoint}/bucket"
+    );
     assert_clean("redact_secrets", &redact_secrets(&echoed), &all);
 }

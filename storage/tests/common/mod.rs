@@ -162,6 +162,30 @@ impl Fixture {
         self.raw.delete(&self.raw_path(rel)).await.unwrap();
     }
 
+    /// Every object under out_dir (relative paths, sorted), as the backend lists them.
+    pub async fn raw_list(&self) -> Vec<String> {
+        let prefix = (!self.root.is_empty()).then(|| Path::parse(&self.root).unwrap());
+        let mut out: Vec<String> = self
+            .raw
+            .list(prefix.as_ref())
+            .map(|m| {
+                let p = m.unwrap().location.to_string();
+                match self.root.is_empty() {
+                    true => p,
+                    false => p[self.root.len() + 1..].to_string(),
+                }
+            })
+            .collect()
+            .await;
+        out.sort();
+        out
+    }
+
+    /// The directory of a local out_dir.
+    pub fn local_dir(&self) -> Option<std::path::PathBuf> {
+        (self.kind == "local").then(|| std::path::PathBuf::from(&self.out_dir))
+    }
+
     pub async fn raw_exists(&self, rel: &str) -> bool {
         match self.raw.head(&self.raw_path(rel)).await {
             Ok(_) => true,

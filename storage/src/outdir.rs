@@ -1,0 +1,163 @@
+//! Taking charge of an out_dir at the start of a run (issue 14): prove the location works
+//! before any work ([`CheckpointStore::probe`]), clear what crashed saves left behind
+//! ([`CheckpointStore::clean_leftovers`]) and, on explicit request, remove a previous run's
+//! checkpoints ([`CheckpointStore::delete_all_steps`]). The lease that keeps other runs out
+//! is in `lease.rs`.
+//!
+//! Not here: the decision to refuse or overwrite (the trainer's), the manifest protocol
+//! (`store.rs`).
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use object_store::ObjectStoreExt;
+
+use crate::error::{Error, Result};
+use crate::manifest::StepName;
+use crate::store::CheckpointStore;
+
+/// What [`CheckpointStore::clean_leftovers`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Leftovers {
+    /// Step directories without a manifest: saves that crashed or failed half-way.
+    pub incomplete_steps: Vec<StepName>,
+    /// Local disk: staging files of uploads cut off (`model.safetensors#3`).
+    pub staging_files: usize,
+}
+
+impl Leftovers {
+    pub fn is_empty(&self) -> bool {
+        self.incomplete_steps.is_empty() && self.staging_files == 0
+    }
+}
+
+/// Remove the object_store staging files (`<name>#<digits>`) under `dir`, recursively;
+/// returns how many. object_store's local backend writes every upload to such a file and
+/// renames it into place, so one whose writer died stays forever, invisible to listings.
+pub(crate) fn remove_staging_files(dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if kind.is_dir() {
+            removed += remove_staging_files(&entry.path());
+        } else if kind.is_file()
+            && is_staging_name(&name)
+            && std::fs::remove_file(entry.path()).is_ok()
+        {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+fn is_staging_name(name: &str) -> bool {
+    matches!(name.rsplit_once('#'), Some((base, n)) if !base.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+impl CheckpointStore {
+    /// Write, read back and delete a small object under the out_dir: proof that the location,
+    /// bucket and credentials work, in seconds, before a run spends hours with nowhere to
+    /// save. Returns how long the round trip took.
+    pub async fn probe(&self) -> Result<Duration> {
+        let started = Instant::now();
+        let name = format!(
+            ".mla-probe-{}-{}",
+            std::process::id(),
+            chrono::Utc::now().timestamp_micros()
+        );
+        let path = self.path(&name)?;
+        let body = Bytes::from(format!("mla probe {name}\n"));
+        self.inner
+            .put(&path, body.clone().into())
+            .await
+            .map_err(|e| self.store_err("put", &name, &e))?;
+        let read = async {
+            let got = self.inner.get(&path).await?;
+            got.bytes().await
+        }
+        .await;
+        let deleted = self.inner.delete(&path).await;
+        let read = read.map_err(|e| self.store_err("get", &name, &e))?;
+        if read != body {
+            return Err(Error::Open {
+                url: self.url.clone(),
+                detail: format!(
+                    "probe object {name}: read back {} bytes that differ from the {} written",
+                    read.len(),
+                    body.len()
+                ),
+            });
+        }
+        deleted.map_err(|e| self.store_err("delete", &name, &e))?;
+        Ok(started.elapsed())
+    }
+
+    /// Remove what crashed or failed saves left: step directories without a manifest (they
+    /// can never be completed: only the run that began them would write their manifest) and,
+    /// on local disk, staging files of cut-off uploads. Call it only while holding the
+    /// out_dir's lease, so no save of another run is in flight.
+    pub async fn clean_leftovers(&self) -> Result<Leftovers> {
+        let mut out = Leftovers::default();
+        for info in self.list().await? {
+            if !info.exists() {
+                self.delete_step(&info.step).await?;
+                out.incomplete_steps.push(info.step);
+            }
+        }
+        if let Some(dir) = &self.local_dir {
+            let base = dir.join(self.root.as_ref());
+            if let Ok(entries) = std::fs::read_dir(&base) {
+                for entry in entries.flatten() {
+                    let name = entry.file_name();
+                    let is_step = StepName::parse(&name.to_string_lossy()).is_some();
+                    if is_step && entry.file_type().is_ok_and(|t| t.is_dir()) {
+                        out.staging_files += remove_staging_files(&entry.path());
+                        let _ = std::fs::remove_dir(entry.path()); // only when empty
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Delete every step directory, committed or not (`--overwrite`: the user replaces the run
+    /// that was there). Other objects under the out_dir are left alone. Returns the steps.
+    pub async fn delete_all_steps(&self) -> Result<Vec<StepName>> {
+        let mut deleted = Vec::new();
+        for info in self.list().await? {
+            self.delete_step(&info.step).await?;
+            deleted.push(info.step);
+        }
+        if let Some(dir) = &self.local_dir {
+            let base = dir.join(self.root.as_ref());
+            for step in &deleted {
+                let step_dir = base.join(step.to_string());
+                remove_staging_files(&step_dir);
+                let _ = std::fs::remove_dir(&step_dir);
+            }
+        }
+        Ok(deleted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staging_names_are_told_from_object_names() {
+        for name in ["model.safetensors#1", "state.json#123"] {
+            assert!(is_staging_name(name), "{name}");
+        }
+        for name in ["model.safetensors", "a#b", "#1", "x#", "x#1a"] {
+            assert!(!is_staging_name(name), "{name}");
+        }
+    }
+}
