@@ -58,6 +58,12 @@ impl BlockingCheckpointStore {
         Ok((Self::new(store)?, step))
     }
 
+    /// [`Self::resolve`] with explicit options.
+    pub fn resolve_with(step_dir: &str, opts: StoreOptions) -> Result<(Self, StepName)> {
+        let (store, step) = CheckpointStore::resolve_with(step_dir, opts)?;
+        Ok((Self::new(store)?, step))
+    }
+
     pub fn new(store: CheckpointStore) -> Result<Self> {
         Ok(BlockingCheckpointStore {
             store,
@@ -148,6 +154,17 @@ impl BlockingCheckpointStore {
 
     pub fn read_object(&self, step: &StepName, name: &str) -> Result<Bytes> {
         self.rt.block_on(self.store.read_object(step, name))
+    }
+
+    /// See [`CheckpointStore::read_object_range`].
+    pub fn read_object_range(
+        &self,
+        step: &StepName,
+        name: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes> {
+        self.rt
+            .block_on(self.store.read_object_range(step, name, range))
     }
 
     pub fn write_step(

@@ -32,7 +32,7 @@ pub const LOCK_FILE: &str = ".mla-lock";
 /// The lease object of an object-store out_dir.
 pub const LEASE_OBJECT: &str = ".mla-lease.json";
 /// Lease time to live unless `MLA_LEASE_TTL_SECS` says otherwise.
-pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
+pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
 /// Environment variable: lease time to live in seconds (tests shorten it).
 pub const ENV_LEASE_TTL_SECS: &str = "MLA_LEASE_TTL_SECS";
 

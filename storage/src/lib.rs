@@ -16,6 +16,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 mod blocking;
+mod delay;
 mod error;
 mod lease;
 mod location;

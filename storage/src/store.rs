@@ -76,8 +76,8 @@ pub struct StoreOptions {
     /// `None`): an endpoint that accepts connections but never answers is an error this soon.
     pub read_timeout: Option<Duration>,
     pub retry: RetryOptions,
-    /// Test hook: sleep this long before every PUT and every multipart part (object_store's
-    /// `ThrottledStore`), so that saves are slow enough to interrupt at a chosen moment.
+    /// Test hook: sleep this long before every PUT and every multipart upload (`delay.rs`),
+    /// so that saves are slow enough to interrupt at a chosen moment.
     pub put_delay: Option<Duration>,
 }
 
@@ -215,6 +215,9 @@ pub enum Verification {
     NotChecked,
     Verified,
     Failed(Error),
+    /// The checksums verify but a reader found the contents unusable (set by callers that
+    /// look inside the objects, e.g. `mla ckpt list --verify`), with why.
+    Unloadable(String),
 }
 
 /// One step directory as `list` sees it, committed or not.
@@ -339,11 +342,7 @@ impl CheckpointStore {
         let loc: Location = location::parse(out_dir)?;
         let mut inner = location::open_backend(&loc, &opts)?;
         if let Some(delay) = opts.put_delay {
-            let config = object_store::throttle::ThrottleConfig {
-                wait_put_per_call: delay,
-                ..Default::default()
-            };
-            inner = Arc::new(object_store::throttle::ThrottledStore::new(inner, config));
+            inner = Arc::new(crate::delay::PutDelayStore { inner, delay });
         }
         let local_dir = match &loc.backend {
             location::Backend::Local(dir) => Some(dir.clone()),
@@ -664,6 +663,44 @@ impl CheckpointStore {
             .await?
             .ok_or_else(|| Error::Internal {
                 detail: "object read without keeping its bytes".into(),
+            })
+    }
+
+    /// Bytes `range` of one object of a committed step (listed in its manifest), without the
+    /// checksum (only the whole object can be hashed): for reading a file's header.
+    pub async fn read_object_range(
+        &self,
+        step: &StepName,
+        name: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes> {
+        check_object_name(name)?;
+        let manifest = self.read_manifest(step).await?;
+        let entry = manifest.object(name).ok_or_else(|| Error::UnknownObject {
+            url: self.url.clone(),
+            step: step.clone(),
+            object: name.to_string(),
+        })?;
+        if range.end > entry.size_bytes || range.start > range.end {
+            return Err(self.corrupt(
+                step,
+                name,
+                Corruption::SizeMismatch {
+                    expected_bytes: entry.size_bytes,
+                    actual_bytes: range.end,
+                },
+            ));
+        }
+        let rel = format!("{step}/{name}");
+        self.check_local_file(step, name, &rel)?;
+        self.inner
+            .get_range(&self.path(&rel)?, range)
+            .await
+            .map_err(|e| match e {
+                object_store::Error::NotFound { .. } => {
+                    self.corrupt(step, name, Corruption::Missing)
+                }
+                e => self.store_err("get", rel, &e),
             })
     }
 
