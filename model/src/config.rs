@@ -364,7 +364,7 @@ impl ModelConfig {
             }
         }
         if self.n_head > 0 && self.head_size.is_none() {
-            if self.n_embd % self.n_head != 0 {
+            if !self.n_embd.is_multiple_of(self.n_head) {
                 bad(
                     "n_embd",
                     format!(
@@ -393,7 +393,7 @@ impl ModelConfig {
         }
         match self.n_query_groups {
             Some(0) => bad("n_query_groups", "must be at least 1".into()),
-            Some(g) if self.n_head % g != 0 => bad(
+            Some(g) if !self.n_head.is_multiple_of(g) => bad(
                 "n_query_groups",
                 format!(
                     "n_head ({}) must be divisible by n_query_groups ({g})",
@@ -412,17 +412,31 @@ impl ModelConfig {
                 ),
             }
         }
-        if self.norm_eps.is_nan() || self.norm_eps <= 0.0 {
-            bad(
-                "norm_eps",
-                format!("must be positive, got {}", self.norm_eps),
-            );
+        // Every float must be a finite number in range: `.inf`/`.nan` in YAML would give a
+        // model of NaNs that trains "fine" (issue 14).
+        let positive = [
+            ("norm_eps", Some(self.norm_eps)),
+            ("rope_base", Some(self.rope_base)),
+            (
+                "attention_logit_softcapping",
+                self.attention_logit_softcapping,
+            ),
+            ("final_logit_softcapping", self.final_logit_softcapping),
+            ("rope_local_base_freq", self.rope_local_base_freq),
+            ("routed_scaling_factor", self.routed_scaling_factor),
+        ];
+        for (key, value) in positive {
+            if let Some(v) = value.filter(|v| !(v.is_finite() && *v > 0.0)) {
+                bad(key, format!("must be a positive finite number, got {v}"));
+            }
         }
-        if self.rope_base.is_nan() || self.rope_base <= 0.0 {
-            bad(
-                "rope_base",
-                format!("must be positive, got {}", self.rope_base),
-            );
+        for (k, v) in self.rope_adjustments.iter().flatten() {
+            if !v.is_finite() {
+                bad(
+                    &format!("rope_adjustments.{k}"),
+                    format!("must be a finite number, got {v}"),
+                );
+            }
         }
         if !(0.0..=1.0).contains(&self.rotary_percentage) {
             bad(
@@ -491,7 +505,7 @@ impl ModelConfig {
             _ => {
                 if let Some(hs) = self.head_size {
                     let n = self.rope_n_elem_for(hs);
-                    if n % 2 != 0 {
+                    if !n.is_multiple_of(2) {
                         bad(
                             "rotary_percentage",
                             format!(

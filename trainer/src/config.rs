@@ -455,6 +455,9 @@ pub struct CheckpointConfig {
     /// Upload in the background while training continues.
     pub async_save: bool,
     pub on_failure: OnSaveFailure,
+    /// A fresh run (`resume: false`) into an out_dir that holds checkpoints deletes them
+    /// first (`mla train --overwrite`); without it such a run is refused.
+    pub overwrite: bool,
 }
 
 impl Default for CheckpointConfig {
@@ -463,6 +466,7 @@ impl Default for CheckpointConfig {
             keep_last: None,
             async_save: true,
             on_failure: OnSaveFailure::Continue,
+            overwrite: false,
         }
     }
 }
@@ -740,7 +744,7 @@ impl RunConfig {
         let t = &self.train;
         if t.micro_batch_size == 0 {
             bad("train.micro_batch_size", "must be at least 1".into());
-        } else if t.global_batch_size % t.micro_batch_size != 0 || t.global_batch_size == 0 {
+        } else if !t.global_batch_size.is_multiple_of(t.micro_batch_size) || t.global_batch_size == 0 {
             bad(
                 "train.global_batch_size",
                 format!(
@@ -763,6 +767,7 @@ impl RunConfig {
         }
         if let Some(f) = t.lr_warmup_fraction {
             if !(0.0..=1.0).contains(&f) {
+                // NaN is in no range, so it lands here too.
                 bad(
                     "train.lr_warmup_fraction",
                     format!("must be in [0, 1], got {f}"),
@@ -776,10 +781,10 @@ impl RunConfig {
             );
         }
         if let Some(n) = t.max_norm {
-            if n.is_nan() || n <= 0.0 {
+            if !(n.is_finite() && n > 0.0) {
                 bad(
                     "train.max_norm",
-                    format!("must be positive (or null), got {n}"),
+                    format!("must be a positive finite number (or null), got {n}"),
                 );
             }
         }
@@ -792,7 +797,7 @@ impl RunConfig {
                 );
             }
         }
-        if t.max_time.is_some_and(|s| s.is_nan() || s <= 0.0) {
+        if t.max_time.is_some_and(|s| !(s.is_finite() && s > 0.0)) {
             bad(
                 "train.max_time",
                 "must be a positive number of seconds".into(),
@@ -814,11 +819,26 @@ impl RunConfig {
                 ),
             );
         }
+        // Every float finite and in range (issue 14: `lr .inf`, `eps .nan`, `weight_decay -5`
+        // trained an all-NaN model to exit 0). Ranges are open where torch's AdamW divides by
+        // the value or its complement.
         let a = &opt.init_args;
-        if a.lr.is_nan() || a.lr <= 0.0 {
+        if !(a.lr.is_finite() && a.lr > 0.0) {
             bad(
                 "optimizer.init_args.lr",
-                format!("must be positive, got {}", a.lr),
+                format!("must be a positive finite number, got {}", a.lr),
+            );
+        }
+        if !(a.weight_decay.is_finite() && a.weight_decay >= 0.0) {
+            bad(
+                "optimizer.init_args.weight_decay",
+                format!("must be a finite number ≥ 0, got {}", a.weight_decay),
+            );
+        }
+        if !(a.eps.is_finite() && a.eps > 0.0) {
+            bad(
+                "optimizer.init_args.eps",
+                format!("must be a positive finite number, got {}", a.eps),
             );
         }
         if !(0.0..1.0).contains(&a.betas.0) || !(0.0..1.0).contains(&a.betas.1) {
@@ -827,7 +847,7 @@ impl RunConfig {
                 format!("must be in [0, 1), got {:?}", a.betas),
             );
         }
-        if t.min_lr < 0.0 || t.min_lr > a.lr {
+        if !(0.0..=a.lr).contains(&t.min_lr) {
             bad(
                 "train.min_lr",
                 format!("must be in [0, optimizer lr {}], got {}", a.lr, t.min_lr),
@@ -877,6 +897,9 @@ impl RunConfig {
         if self.dist.bucket_mb == 0 {
             bad("dist.bucket_mb", "must be at least 1".into());
         }
+        if let Err(e) = mla_storage::check_location(&self.out_dir) {
+            bad("out_dir", mla_storage::redact_userinfo(&e.to_string()));
+        }
         if self.checkpoint.keep_last == Some(0) {
             bad(
                 "checkpoint.keep_last",
@@ -902,7 +925,7 @@ impl RunConfig {
     pub fn grad_accum_steps(&self, world_size: usize) -> Result<usize, String> {
         let t = &self.train;
         let per_step = t.micro_batch_size * world_size;
-        if per_step == 0 || t.global_batch_size % per_step != 0 {
+        if per_step == 0 || !t.global_batch_size.is_multiple_of(per_step) {
             return Err(format!(
                 "train.global_batch_size ({}) must be divisible by micro_batch_size × world size ({} × {world_size})",
                 t.global_batch_size, t.micro_batch_size

@@ -233,7 +233,7 @@ impl TokenStream {
     /// `[starts[i], starts[i] + row)`, `row = out.len() / starts.len()`. Rows of a remote
     /// dataset are fetched concurrently (one round trip per batch instead of one per row).
     pub fn read_rows(&self, starts: &[u64], out: &mut [i64]) -> Result<(), DataError> {
-        if starts.is_empty() || out.len() % starts.len() != 0 {
+        if starts.is_empty() || !out.len().is_multiple_of(starts.len()) {
             return Err(DataError::InvalidOption {
                 key: "token rows".into(),
                 message: format!(
