@@ -134,6 +134,53 @@ pub fn apply_omp_num_threads() -> Option<i32> {
     Some(n)
 }
 
+/// Memory free for this process on `device` now, in bytes: on CUDA the driver's free memory
+/// (`cuMemGetInfo`); on the CPU `MemAvailable` of /proc/meminfo, lowered to the cgroup's
+/// headroom (`memory.max − memory.current`) inside a container with a limit. None when unknown.
+pub fn available_memory_bytes(device: Device) -> Option<u64> {
+    match device {
+        Device::Cuda(i) => cuda_context(i)?
+            .mem_get_info()
+            .ok()
+            .map(|(free, _)| free as u64),
+        _ => {
+            let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+            let kb: u64 = meminfo
+                .lines()
+                .find(|l| l.starts_with("MemAvailable:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            let host = kb * 1024;
+            let read = |f: &str| {
+                std::fs::read_to_string(format!("/sys/fs/cgroup/{f}"))
+                    .ok()?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            };
+            let cgroup = read("memory.max")
+                .map(|max| max.saturating_sub(read("memory.current").unwrap_or(0)));
+            Some(cgroup.map_or(host, |c| c.min(host)))
+        }
+    }
+}
+
+/// The CUDA driver context of `cuda:index`, created once; None without a CUDA driver.
+fn cuda_context(index: usize) -> Option<&'static std::sync::Arc<cudarc::driver::CudaContext>> {
+    static CTX: std::sync::OnceLock<Option<std::sync::Arc<cudarc::driver::CudaContext>>> =
+        std::sync::OnceLock::new();
+    CTX.get_or_init(|| {
+        // SAFETY: only probes whether the driver library loads.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return None;
+        }
+        cudarc::driver::CudaContext::new(index).ok()
+    })
+    .as_ref()
+}
+
 /// Peak device memory in use on `cuda:index` so far, in bytes: `cuMemGetInfo` (total − free)
 /// sampled at each call (the training loop calls it at every log step), the maximum kept.
 /// It counts the whole device — the CUDA context, libtorch's caching allocator's reserved
@@ -141,18 +188,7 @@ pub fn apply_omp_num_threads() -> Option<i32> {
 /// on the card — so it is an upper bound of this run's own peak. None without a CUDA driver.
 pub fn peak_gpu_memory_bytes(index: usize) -> Option<u64> {
     static PEAK: AtomicU64 = AtomicU64::new(0);
-    static CTX: std::sync::OnceLock<Option<std::sync::Arc<cudarc::driver::CudaContext>>> =
-        std::sync::OnceLock::new();
-    let ctx = CTX
-        .get_or_init(|| {
-            // SAFETY: only probes whether the driver library loads.
-            if !unsafe { cudarc::driver::sys::is_culib_present() } {
-                return None;
-            }
-            cudarc::driver::CudaContext::new(index).ok()
-        })
-        .as_ref()?;
-    let (free, total) = ctx.mem_get_info().ok()?;
+    let (free, total) = cuda_context(index)?.mem_get_info().ok()?;
     let used = total.saturating_sub(free) as u64;
     Some(PEAK.fetch_max(used, Ordering::Relaxed).max(used))
 }

@@ -1,0 +1,132 @@
+//! Will one rank's training fit? An estimate of its memory from the config alone, checked
+//! against what the device has free before anything is allocated (issue 14: `--model_config
+//! .n_layer 100000` grew to 15 GB for minutes before it was killed). `mla info` prints it too.
+//!
+//! The estimate is deliberately low: exact counts for what is exact (weights, the flat
+//! gradient buffer, the AdamW moments, one chunk of fp32 logits) and, for the activations, only
+//! the tensors every block is sure to keep for its backward. A run it refuses cannot fit; a
+//! run it passes may still not (measured: pythia-160m at 4 × 2048 on CPU peaks at 16.1 GiB,
+//! estimated 8.2 GiB). `mla train --force` skips the check.
+//!
+//! Not here: measuring memory (device.rs), the chunked loss that bounds the logits (loss.rs).
+
+use crate::config::RunConfig;
+use crate::device;
+use crate::error::BadInput;
+use crate::metrics::human_bytes;
+use mla_model::stats;
+use tch::{Device, Kind};
+
+/// One rank's training memory, by part, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Estimate {
+    pub weights: u64,
+    pub gradients: u64,
+    pub optimizer: u64,
+    pub activations: u64,
+    pub logits: u64,
+}
+
+impl Estimate {
+    pub fn total(&self) -> u64 {
+        self.weights + self.gradients + self.optimizer + self.activations + self.logits
+    }
+
+    /// `4.1 GiB (weights 640 MiB, gradients …)`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} (weights {}, gradients {}, AdamW moments {}, activations ≥ {}, logits {})",
+            human_bytes(self.total()),
+            human_bytes(self.weights),
+            human_bytes(self.gradients),
+            human_bytes(self.optimizer),
+            human_bytes(self.activations),
+            human_bytes(self.logits)
+        )
+    }
+}
+
+/// The estimate for `cfg` with parameters of `param_kind` and activations in bf16 when
+/// `autocast` (else in the parameters' kind).
+pub(crate) fn estimate(cfg: &RunConfig, param_kind: Kind, autocast: bool) -> Estimate {
+    let m = cfg.model();
+    let n = stats::parameters(m) as u64;
+    let w = param_kind.elt_size_in_bytes() as u64;
+    let a = if autocast { 2 } else { w };
+    let tokens =
+        (cfg.train.micro_batch_size * cfg.train.max_seq_length.unwrap_or(m.block_size)) as u64;
+    let (c, i, l) = (
+        m.n_embd as u64,
+        m.intermediate_size() as u64,
+        m.n_layer as u64,
+    );
+    // Kept for the backward by every block, at least: its input and the normed input, the
+    // attention output and the residual after it (4 × C), and the MLP's hidden state before
+    // and after the activation (2 × intermediate).
+    let activations = l * tokens * (4 * c + 2 * i) * a;
+    // One chunk of fp32 logits, its log-softmax and its gradient (loss.rs caps a chunk).
+    let vocab = m.padded_vocab_size() as u64;
+    let chunk = (tokens * vocab * 4).min(super::loss::LOGITS_CHUNK_BYTES as u64);
+    Estimate {
+        weights: n * w,
+        gradients: n * w, // the flat gradient buffer
+        optimizer: 2 * n * 4,
+        activations,
+        logits: 3 * chunk,
+    }
+}
+
+/// Refuse (exit 2) when the estimate exceeds the memory `device` has free now, unless
+/// `force`; returns the free memory when known.
+pub(crate) fn check(est: &Estimate, device: Device, force: bool) -> Result<Option<u64>, BadInput> {
+    let free = device::available_memory_bytes(device);
+    if let Some(free) = free {
+        if est.total() > free && !force {
+            return Err(BadInput(format!(
+                "this run needs at least {} of memory but {} has {} free; shrink model_config, train.micro_batch_size or train.max_seq_length, or pass --force to try anyway",
+                est.describe(),
+                device::describe(device),
+                human_bytes(free)
+            )));
+        }
+    }
+    Ok(free)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn estimate_counts_weights_gradients_and_moments_exactly() {
+        let cfg = RunConfig::from_yaml("model_name: pythia-160m\n", "t.yaml", &[]).unwrap();
+        let e = estimate(&cfg, Kind::Float, false);
+        let n = stats::parameters(cfg.model()) as u64;
+        assert_eq!((e.weights, e.gradients, e.optimizer), (4 * n, 4 * n, 8 * n));
+        // micro 4 × 2048 tokens, 12 layers of (4·768 + 2·3072) fp32 values per token.
+        assert_eq!(e.activations, 12 * 4 * 2048 * (4 * 768 + 2 * 3072) * 4);
+        assert_eq!(e.logits, 3 * (256 << 20));
+        let half = estimate(&cfg, Kind::BFloat16, false);
+        assert_eq!(half.weights, 2 * n);
+        assert_eq!(half.activations * 2, e.activations);
+    }
+
+    #[test]
+    fn a_model_that_cannot_fit_is_refused_unless_forced() {
+        let cfg = RunConfig::from_yaml(
+            "model_name: pythia-14m\nmodel_config: {n_layer: 100000}\n",
+            "t.yaml",
+            &[],
+        )
+        .unwrap();
+        let e = estimate(&cfg, Kind::Float, false);
+        assert!(e.total() > 1 << 40, "{}", e.describe());
+        let err = check(&e, Device::Cpu, false).unwrap_err();
+        assert!(
+            err.0.contains("--force") && err.0.contains("free"),
+            "{}",
+            err.0
+        );
+        assert!(check(&e, Device::Cpu, true).is_ok());
+    }
+}
