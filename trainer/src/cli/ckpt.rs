@@ -9,7 +9,7 @@
 //! naming the object); 1 when the store itself fails (network, permissions).
 
 use crate::checkpoint::{
-    safetensors_index, TensorInfo, CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE,
+    contents, safetensors_index, TensorInfo, CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE,
     TOKENIZER_FILE,
 };
 use crate::config::RunConfig;
@@ -17,7 +17,10 @@ use crate::error::BadInput;
 use crate::metrics::human_bytes;
 use anyhow::Context;
 use mla_model::stats;
-use mla_storage::{BlockingCheckpointStore, Error as StoreError, StepInfo, Verification};
+use mla_storage::{
+    BlockingCheckpointStore, Error as StoreError, StepInfo, StoreErrorKind, StoreOptions,
+    Verification,
+};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 
@@ -40,8 +43,9 @@ enum CkptCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Check every object of one step against its manifest: exit 0 when all verify, else 2
-    /// with one line naming the bad object.
+    /// Check every object of one step against its manifest, and that the step loads (the
+    /// safetensors headers parse and hold the tensors its config's model needs): exit 0 when
+    /// all is well, else 2 with one line naming the bad object.
     Verify {
         /// A step directory: …/step-00000400 or …/final (path or URL).
         step_dir: String,
@@ -77,9 +81,29 @@ pub fn run(args: &CkptArgs) -> anyhow::Result<()> {
     }
 }
 
+/// The store options of these commands: a person waits on them, so an endpoint that does not
+/// answer is an error within seconds (`StoreOptions::interactive`), not after the patient
+/// retry budget of training saves.
+fn options() -> anyhow::Result<StoreOptions> {
+    StoreOptions::interactive_from_env().map_err(|e| BadInput(e.to_string()).into())
+}
+
 /// Checkpoint problems (missing, incomplete, corrupt, not a step dir) are bad input (exit 2);
-/// store failures are not.
+/// store failures are not, and say what was tried (the network limits in force).
 fn store_error(what: &str, e: StoreError) -> anyhow::Error {
+    if let StoreError::Store {
+        kind: StoreErrorKind::Other,
+        ..
+    } = &e
+    {
+        let limits = options().map(|o| o.limits()).unwrap_or_default();
+        let e = anyhow::anyhow!("{e} (gave up with {limits})");
+        return if what.is_empty() {
+            e
+        } else {
+            e.context(what.to_string())
+        };
+    }
     if mla_storage::is_invalid_step(&e)
         || matches!(
             e,
@@ -99,7 +123,7 @@ fn store_error(what: &str, e: StoreError) -> anyhow::Error {
 }
 
 fn resolve(step_dir: &str) -> anyhow::Result<(BlockingCheckpointStore, mla_storage::StepName)> {
-    BlockingCheckpointStore::resolve(step_dir).map_err(|e| match e {
+    BlockingCheckpointStore::resolve_with(step_dir, options()?).map_err(|e| match e {
         StoreError::NotAStepDir { .. } => BadInput(format!(
             "{step_dir} is not a step directory (…/step-NNNNNNNN or …/final); to check every step of an out_dir run `mla ckpt list --verify {step_dir}`"
         ))
@@ -114,6 +138,7 @@ fn status(info: &StepInfo) -> (&'static str, Option<String>) {
         (Some(_), Verification::Verified) => ("verified", None),
         (Some(_), Verification::NotChecked) => ("committed", None),
         (Some(_), Verification::Failed(e)) => ("invalid", Some(e.to_string())),
+        (Some(_), Verification::Unloadable(why)) => ("invalid", Some(why.clone())),
         (None, _) => match &info.manifest_error {
             Some(StoreError::MissingManifest { .. }) | None => (
                 "incomplete",
@@ -131,13 +156,24 @@ fn list(out_dir: &str, verify: bool, as_json: bool) -> anyhow::Result<()> {
     if crate::data::remote_url(out_dir).is_none() && !std::path::Path::new(local).exists() {
         return Err(BadInput(format!("{out_dir}: no such directory")).into());
     }
-    let store = BlockingCheckpointStore::open(out_dir).map_err(|e| store_error(out_dir, e))?;
-    let infos = if verify {
+    let store = BlockingCheckpointStore::open_with(out_dir, options()?)
+        .map_err(|e| store_error(out_dir, e))?;
+    let mut infos = if verify {
         store.list_verified()
     } else {
         store.list()
     }
     .map_err(|e| store_error(&format!("listing {out_dir}"), e))?;
+    if verify {
+        // Checksums say the bytes are those saved; the contents check says they load.
+        for info in &mut infos {
+            if let (Some(m), Verification::Verified) = (&info.manifest, &info.verification) {
+                if let Err(e) = contents::check_contents(&store, &info.step, m) {
+                    info.verification = Verification::Unloadable(format!("{e:#}"));
+                }
+            }
+        }
+    }
     let rows: Vec<Value> = infos
         .iter()
         .map(|i| {
@@ -208,6 +244,7 @@ fn list(out_dir: &str, verify: bool, as_json: bool) -> anyhow::Result<()> {
 fn verify(step_dir: &str) -> anyhow::Result<()> {
     let (store, step) = resolve(step_dir)?;
     let m = store.verify(&step).map_err(|e| store_error("", e))?;
+    contents::check_contents(&store, &step, &m)?;
     let mut out = String::new();
     writeln!(
         out,
