@@ -63,6 +63,31 @@ pub struct Plan {
     pub stop_timeout: Duration,
     /// Set OMP_NUM_THREADS to this for every rank (None: the user set it, or one rank).
     pub omp_threads: Option<usize>,
+    /// `MLA_RUN_ID` of every rank, the same across restarts: a restarted rank 0 takes the
+    /// out_dir's lease of its crashed predecessor over at once instead of waiting for it to go
+    /// stale (the user's own MLA_RUN_ID when set).
+    pub run_id: String,
+}
+
+/// The environment variable that names a run across processes and restarts.
+pub const RUN_ID_VAR: &str = "MLA_RUN_ID";
+
+/// A run id for this launcher: the user's `MLA_RUN_ID`, else `launch-<host>-<pid>-<unix time>`.
+fn run_id() -> String {
+    if let Some(id) = std::env::var(RUN_ID_VAR)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+    {
+        return id;
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "host".into());
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!("launch-{host}-{}-{secs}", std::process::id())
 }
 
 /// One process to start.
@@ -159,6 +184,7 @@ impl Plan {
             grace: Duration::from_secs_f64(args.grace_secs),
             stop_timeout: Duration::from_secs_f64(args.stop_timeout_secs),
             omp_threads,
+            run_id: run_id(),
         })
     }
 
@@ -198,6 +224,7 @@ impl Plan {
         let mut common: Vec<(String, String)> = vec![
             ("MASTER_ADDR".into(), self.master_addr.clone()),
             ("MASTER_PORT".into(), port.to_string()),
+            (RUN_ID_VAR.into(), self.run_id.clone()),
         ];
         if let Some(t) = self.omp_threads {
             common.push(("OMP_NUM_THREADS".into(), t.to_string()));
@@ -388,6 +415,7 @@ mod tests {
             assert_eq!(env(pr, "MASTER_ADDR"), "127.0.0.1");
             assert_eq!(env(pr, "MASTER_PORT"), "1234");
             assert_eq!(env(pr, "OMP_NUM_THREADS"), "4");
+            assert_eq!(env(pr, RUN_ID_VAR), p.run_id, "one run id for every rank");
             assert!(pr.env_remove.contains(&"OMPI_COMM_WORLD_RANK".to_string()));
         }
         assert_eq!(

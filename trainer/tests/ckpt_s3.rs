@@ -1,7 +1,7 @@
 //! Checkpoints on the S3 test server (`scripts/s3_server.sh`), end to end through the `mla`
 //! binary: bit-exact resume after a process exit with an `s3://` out_dir, and `kill -9` in the
 //! middle of an upload — the half-written step stays invisible, `mla ckpt list` shows it as
-//! incomplete, and `resume: auto` continues from the step before, bit-exactly.
+//! incomplete, and `resume: auto` removes it and continues from the step before, bit-exactly.
 //!
 //! Skipped without the S3 environment; a failure when `MLA_REQUIRE_S3=1` (scripts/test.sh).
 
@@ -68,8 +68,12 @@ fn kill_9_during_an_s3_upload_leaves_the_step_invisible_and_resume_auto_continue
     let cwd = tempfile::tempdir().unwrap();
     // Every PUT waits 250 ms, so one save (5 objects, then the manifest) takes > 1.5 s.
     let args = train_args(&out, &[]);
+    // One run id for the killed process and its restart, as mla-launch gives its ranks: the
+    // restart takes over the out_dir's lease at once instead of waiting for it to go stale.
+    let run_id = ("MLA_RUN_ID", "ckpt-s3-kill9");
     let mut child = Command::new(env!("CARGO_BIN_EXE_mla"))
         .args(&args)
+        .env(run_id.0, run_id.1)
         .env("MLA_STORE_TEST_PUT_DELAY_MS", "250")
         .current_dir(cwd.path())
         .stdout(Stdio::null())
@@ -106,11 +110,14 @@ fn kill_9_during_an_s3_upload_leaves_the_step_invisible_and_resume_auto_continue
     let verify = mla(&["ckpt", "verify", &format!("{out}/step-00000004")]);
     assert_bad(&verify, &["step-00000004", "no manifest.json"]);
 
-    let resumed = train(cwd.path(), &out, &["--resume", "auto"], &[]);
+    let resumed = train(cwd.path(), &out, &["--resume", "auto"], &[run_id]);
     ok(&resumed);
     let log = stderr(&resumed);
+    // Taking charge of the out_dir, the restart removes the half-written step first.
     assert!(
-        log.contains("skipping checkpoint step-00000004") && log.contains("no manifest.json"),
+        log.contains(
+            "removed what crashed saves left: 1 incomplete step directory (step-00000004)"
+        ),
         "{log}"
     );
     assert!(log.contains("resumed at step 2"), "{log}");

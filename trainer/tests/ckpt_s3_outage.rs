@@ -1,12 +1,13 @@
 //! Failed checkpoint saves during training, end to end through the `mla` binary: the S3 test
 //! server is paused (SIGSTOP) while a save uploads — the run reports the failed save, keeps
 //! training (`checkpoint.on_failure: continue`, the default) and the next save succeeds once
-//! the server answers again; with an unreachable store, `on_failure: stop` ends the run at the
-//! first failure, and `continue` trains to the end but fails the run when the last save is lost.
+//! the server answers again; with the store lost for good after the start, `on_failure: stop`
+//! ends the run at the first failure, and `continue` trains to the end but fails the run when
+//! the last save is lost. (A store unusable from the start is refused before training: see
+//! nothing_lost.rs.)
 //!
-//! Its own test binary because pausing the shared server would stall concurrent S3 tests.
-//! The outage case needs `scripts/s3_server.sh start` (MLA_TEST_S3_PID); the unreachable-store
-//! cases need no server.
+//! Its own test binary because pausing the shared server would stall concurrent S3 tests; its
+//! tests pause it one at a time. They need `scripts/s3_server.sh start` (MLA_TEST_S3_PID).
 
 mod common;
 
@@ -47,6 +48,7 @@ fn s3_outage_during_a_save_is_reported_training_continues_and_the_next_save_succ
         return;
     };
     let pid = std::env::var("MLA_TEST_S3_PID").expect("MLA_TEST_S3_PID (scripts/s3_server.sh)");
+    let _one = SERVER.lock().unwrap_or_else(|p| p.into_inner());
     let cwd = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_mla"))
         .args(train_args(&out, &[]))
@@ -112,40 +114,71 @@ fn s3_outage_during_a_save_is_reported_training_continues_and_the_next_save_succ
     assert_eq!(row(&rows, "final").unwrap()["status"], "verified");
 }
 
-/// An s3:// out_dir whose endpoint refuses connections, failing fast.
-fn unreachable_store(extra: &[&str]) -> (std::process::Output, String) {
+/// One server-pausing test at a time: they share the one S3 test server.
+static SERVER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The tiny run on S3 whose store goes away once training has begun (after the start-up
+/// probe, which refuses a store that is unusable from the start): the server is paused from
+/// the first training step until the run has ended. Each PUT waits 250 ms, so the pause lands
+/// before step 2's save completes. None without the S3 environment.
+fn store_lost_after_start(extra: &[&str]) -> Option<(std::process::ExitStatus, String)> {
+    let out = s3_out_dir("lost_after_start")?;
+    let pid = std::env::var("MLA_TEST_S3_PID").expect("MLA_TEST_S3_PID (scripts/s3_server.sh)");
+    let _one = SERVER.lock().unwrap_or_else(|p| p.into_inner());
     let cwd = tempfile::tempdir().unwrap();
-    let env = [
-        ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),
-        ("AWS_ALLOW_HTTP", "true"),
-        ("AWS_ACCESS_KEY_ID", "mla-test-key"),
-        ("AWS_SECRET_ACCESS_KEY", "mla-test-secret"),
-        ("AWS_REGION", "us-east-1"),
-        ("MLA_STORE_MAX_RETRIES", "0"),
-        ("MLA_STORE_CONNECT_TIMEOUT_SECS", "1"),
-    ];
-    let out = train(cwd.path(), "s3://mla-unreachable/run", extra, &env);
-    let log = stderr(&out);
-    (out, log)
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mla"))
+        .args(train_args(&out, extra))
+        .envs(IMPATIENT.iter().copied())
+        .env("MLA_STORE_TEST_PUT_DELAY_MS", "250")
+        .current_dir(cwd.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        for line in BufReader::new(stderr).lines() {
+            let line = line.unwrap();
+            let _ = tx.send(line.clone());
+            all.push(line);
+        }
+        all
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !rx
+        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        .expect("the run logs its first step")
+        .contains(&format!("step 1/{STEPS}"))
+    {}
+    let paused = Paused::new(&pid);
+    let status = child.wait().unwrap();
+    drop(paused);
+    Some((status, reader.join().unwrap().join("\n")))
 }
 
 #[test]
 fn failed_save_with_on_failure_stop_ends_the_run() {
-    let (out, log) = unreachable_store(&["--checkpoint.on_failure", "stop"]);
-    assert_eq!(out.status.code(), Some(1), "{log}");
+    let Some((status, log)) = store_lost_after_start(&["--checkpoint.on_failure", "stop"]) else {
+        return;
+    };
+    assert_eq!(status.code(), Some(1), "{log}");
     let last = log.trim_end().lines().last().unwrap();
     assert!(
         last.contains("checkpoint step-00000002 failed and checkpoint.on_failure is stop"),
         "{log}"
     );
     assert!(!log.contains(&format!("step {STEPS}/{STEPS}")), "{log}");
-    assert!(!log.contains("mla-test-secret"), "no credentials in logs");
+    assert!(!log.contains(&secret()), "no credentials in logs");
 }
 
 #[test]
 fn failed_saves_with_on_failure_continue_keep_training_but_a_lost_last_save_fails_the_run() {
-    let (out, log) = unreachable_store(&[]);
-    assert_eq!(out.status.code(), Some(1), "{log}");
+    let Some((status, log)) = store_lost_after_start(&[]) else {
+        return;
+    };
+    assert_eq!(status.code(), Some(1), "{log}");
     assert!(
         log.contains("checkpoint step-00000002 FAILED (1 in a row)"),
         "{log}"
@@ -160,5 +193,14 @@ fn failed_saves_with_on_failure_continue_keep_training_but_a_lost_last_save_fail
         last.contains("the last checkpoint (final) was not saved"),
         "{log}"
     );
-    assert!(!log.contains("mla-test-secret"), "no credentials in logs");
+    // A lost final save is not followed by the promise of a later one (none comes).
+    let lost = log
+        .find("checkpoint final FAILED")
+        .unwrap_or_else(|| panic!("the lost final save is reported:\n{log}"));
+    assert!(!log[lost..].contains("a later save writes"), "{log}");
+    assert!(!log.contains(&secret()), "no credentials in logs");
+}
+
+fn secret() -> String {
+    std::env::var("AWS_SECRET_ACCESS_KEY").expect("the S3 test environment")
 }

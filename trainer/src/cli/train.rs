@@ -15,14 +15,23 @@ pub struct TrainArgs {
     /// Compute device (default: CUDA when available, else CPU).
     #[arg(long, value_enum)]
     device: Option<DeviceKind>,
+    /// A fresh run (resume: false) into an out_dir that holds checkpoints deletes them first
+    /// (same as --checkpoint.overwrite true); without it such a run is refused.
+    #[arg(long)]
+    overwrite: bool,
+    /// Train even when the memory estimate exceeds what the device has free.
+    #[arg(long)]
+    force: bool,
 }
 
 pub fn run(args: &TrainArgs, overrides: &[Override]) -> anyhow::Result<()> {
-    let cfg = RunConfig::load(&args.config, overrides)?;
+    let mut cfg = RunConfig::load(&args.config, overrides)?;
+    cfg.checkpoint.overwrite |= args.overwrite;
     train::run(
         cfg,
         &TrainOptions {
             device: args.device,
+            force: args.force,
         },
     )
 }

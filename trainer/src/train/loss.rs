@@ -36,7 +36,7 @@ pub(super) fn loss_of(model: &Gpt, x: &Tensor, y: &Tensor, autocast: bool) -> Te
 
 /// fp32 logits materialised at once by [`loss_and_backward`]: rows per chunk are chosen so
 /// that one chunk's logits take at most this many bytes.
-const LOGITS_CHUNK_BYTES: i64 = 256 << 20;
+pub(super) const LOGITS_CHUNK_BYTES: i64 = 256 << 20;
 
 /// Forward and backward of the mean next-token cross-entropy, scaled by `scale` for the
 /// backward; returns the unscaled loss (0-dim fp32, detached). The same gradients as

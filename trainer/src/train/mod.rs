@@ -17,6 +17,8 @@
 //! (checkpoint.rs).
 
 mod loss;
+pub(crate) mod memory;
+mod outdir;
 mod validation;
 
 use crate::budget::Budget;
@@ -44,6 +46,8 @@ use validation::Validation;
 #[derive(Debug, Clone, Default)]
 pub struct TrainOptions {
     pub device: Option<DeviceKind>,
+    /// Skip the memory check (`mla train --force`).
+    pub force: bool,
 }
 
 /// Model, optimizer and the flat buffers they share.
@@ -139,6 +143,10 @@ pub(crate) struct Trainer {
     /// Stop consensus: any rank's stop request or max_time ends the run for all, at one step.
     stop_agreed: bool,
     time_agreed: bool,
+    /// The step this process started from (0, or the resumed step).
+    first_step: u64,
+    /// Rank 0's ownership of the out_dir, held until the run ends.
+    lease: Option<mla_storage::Lease>,
 }
 
 impl Trainer {
@@ -154,6 +162,18 @@ impl Trainer {
         let (precision, autocast, param_kind) = precision_for(&cfg, device);
         let main = rank.is_main();
         signals::install();
+
+        // Before any work: will it fit, and may this run write its out_dir (rank 0 probes it,
+        // takes its lease, refuses to overwrite another run, clears crashed saves' leftovers).
+        let estimate = memory::estimate(&cfg, param_kind, autocast);
+        let free = memory::check(&estimate, device, opts.force)?;
+        let store = BlockingCheckpointStore::open(&cfg.out_dir)
+            .with_context(|| format!("out_dir {}", cfg.out_dir))?;
+        let lease = if main {
+            Some(outdir::claim(&cfg, &store)?)
+        } else {
+            None
+        };
         tch::manual_seed(cfg.seed as i64);
 
         // Data. Rank 0 first: a first run downloads/tokenizes into a cache all ranks share,
@@ -222,9 +242,7 @@ impl Trainer {
         };
         comm.broadcast(&mut t.flat.params, 0)?;
 
-        // Checkpoint store and resume.
-        let store = BlockingCheckpointStore::open(&cfg.out_dir)
-            .with_context(|| format!("out_dir {}", cfg.out_dir))?;
+        // Resume.
         let mut state = TrainState {
             version: checkpoint::STATE_VERSION,
             step: 0,
@@ -282,6 +300,14 @@ impl Trainer {
                 &state,
                 flops_per_token,
             );
+            match free {
+                Some(free) => info!(
+                    "memory: this run needs at least {}; {} free",
+                    estimate.describe(),
+                    metrics::human_bytes(free)
+                ),
+                None => info!("memory: this run needs at least {}", estimate.describe()),
+            }
         }
 
         let saver = checkpoint::Saver::new(&cfg, &store, &tokenizer_dir, main)?;
@@ -295,6 +321,7 @@ impl Trainer {
             stop_agreed = flag[0] > 0.0;
         }
         let elapsed_before = state.elapsed_secs;
+        let first_step = state.step;
         let mut trainer = Trainer {
             cfg,
             rank,
@@ -321,6 +348,8 @@ impl Trainer {
             consecutive_nonfinite: 0,
             stop_agreed,
             time_agreed: false,
+            first_step,
+            lease,
         };
         if trainer.cfg.eval.initial_validation && trainer.state.step == 0 {
             trainer.validate()?;
@@ -367,11 +396,11 @@ impl Trainer {
 
         let total = self.budget.total_steps;
         let step = self.state.step;
-        if step % self.cfg.train.log_interval as u64 == 0 || total == Some(step) {
+        if step.is_multiple_of(self.cfg.train.log_interval as u64) || total == Some(step) {
             self.log_step(loss, norm, lr)?;
         }
         let last = total == Some(step);
-        if step % self.cfg.eval.interval as u64 == 0 && !(last && self.cfg.eval.final_validation) {
+        if step.is_multiple_of(self.cfg.eval.interval as u64) && !(last && self.cfg.eval.final_validation) {
             self.validate()?;
             self.window.start = Instant::now(); // keep eval time out of tokens/s
         }
@@ -379,10 +408,10 @@ impl Trainer {
             .cfg
             .train
             .save_interval
-            .is_some_and(|s| step % s as u64 == 0)
+            .is_some_and(|s| step.is_multiple_of(s as u64))
             && !last
         {
-            self.save(StepName::Step(step))?;
+            self.save(StepName::Step(step), false)?;
             self.window.start = Instant::now();
         }
         Ok(())
@@ -501,12 +530,23 @@ impl Trainer {
         )
     }
 
-    /// Checkpoint the current step as `name` (every rank's loader position goes into it).
-    fn save(&mut self, name: StepName) -> anyhow::Result<()> {
+    /// Checkpoint the current step as `name` (every rank's loader position goes into it);
+    /// `last`: the run's last save. Never after another run took the out_dir over (rank 0's
+    /// lease says so).
+    fn save(&mut self, name: StepName, last: bool) -> anyhow::Result<()> {
+        if let Some(lease) = &self.lease {
+            lease
+                .check()
+                .with_context(|| format!("checkpoint {name} not saved"))?;
+        }
         self.state.loaders = loader_positions(self.comm.as_ref(), &self.loader)?;
         self.state.elapsed_secs = self.elapsed();
-        self.saver
-            .save(name, &self.t.flat, &self.t.opt, &self.state)
+        let (flat, opt) = (&self.t.flat, &self.t.opt);
+        if last {
+            self.saver.save_last(name, flat, opt, &self.state)
+        } else {
+            self.saver.save(name, flat, opt, &self.state)
+        }
     }
 
     /// Final validation (unless stopped), the last checkpoint (`final/`, or the step a stop
@@ -517,18 +557,34 @@ impl Trainer {
             self.validate()?;
         }
         let name = if stopped {
-            info!(
-                "stop requested: saving step {} before exiting",
-                self.state.step
-            );
             StepName::Step(self.state.step)
         } else {
             StepName::Final
         };
-        self.save(name.clone())?;
+        let main = self.rank.is_main();
+        if stopped && self.state.step == self.first_step {
+            // Nothing was trained in this process: a save would only write untrained (or
+            // already saved) weights, and rewriting a resumed step hides it meanwhile.
+            if main {
+                info!(
+                    "stop requested before the first optimizer step: nothing new to save (step {})",
+                    self.state.step
+                );
+            }
+            self.saver.finish()?;
+            self.comm.finish()?;
+            return Ok(());
+        }
+        if stopped && main {
+            info!(
+                "stop requested: saving step {} before exiting",
+                self.state.step
+            );
+        }
+        self.save(name.clone(), true)?;
         self.saver.finish()?;
         self.comm.finish()?;
-        if self.rank.is_main() {
+        if main {
             info!(
                 "done: {} steps, {} tokens in {:.1} s; checkpoint {}/{}",
                 self.state.step,
