@@ -65,7 +65,7 @@ impl Dataset {
     pub fn open_with(source: Arc<dyn ShardSource>, opts: OpenOptions) -> Result<Self, DataError> {
         let index_path = source.location(INDEX_FILE);
         let bytes = source.read(INDEX_FILE).map_err(|e| match e {
-            DataError::Io { source: io, .. } if io.kind() == std::io::ErrorKind::NotFound => {
+            DataError::Io { error: io, .. } if io.kind() == std::io::ErrorKind::NotFound => {
                 DataError::BadIndex {
                     path: index_path.clone(),
                     message: "not found (run `mla prepare` first)".into(),

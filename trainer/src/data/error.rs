@@ -34,12 +34,12 @@ pub enum DataError {
     #[error("{path}: unsupported input (expected .txt, .json, .jsonl, .tar.gz or a directory)")]
     UnsupportedInput { path: PathBuf },
 
-    /// An I/O error on a named file.
-    #[error("{path}: {source}")]
+    /// An I/O error on a named file. The OS error is part of the message and deliberately not
+    /// a `source`: the binary prints the chain, which would repeat it.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 
     /// `tokenizer.json` (or `tokenizer_config.json`) could not be loaded or used.
@@ -127,10 +127,10 @@ pub enum DataError {
 }
 
 impl DataError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         DataError::Io {
             path: path.into(),
-            source,
+            error,
         }
     }
 
@@ -174,6 +174,16 @@ mod tests {
             let s = e.to_string();
             assert!(!s.contains('\n'), "{s}");
         }
+    }
+
+    #[test]
+    fn io_error_is_printed_once_through_the_error_chain() {
+        // main prints `{:#}`: the message and every source, so a source would repeat the OS error.
+        let e = anyhow::Error::from(DataError::io(
+            "out/index.json",
+            std::io::Error::new(std::io::ErrorKind::NotFound, "gone"),
+        ));
+        assert_eq!(format!("{e:#}"), "out/index.json: gone");
     }
 
     #[test]
