@@ -1,9 +1,14 @@
 //! Integration tests of `mla_trainer::data`: tokenizers, `prepare` on the real TinyStories text in
-//! `../shared/data`, input formats, the train/val split, and bad-input errors.
+//! `../shared/data`, input formats, the train/val split, and bad-input errors, also as the `mla`
+//! binary reports them (exit 2, one `error:` line naming the culprit, no panic).
 //! Not here: the loader (data_loader.rs) and downloads (data_download.rs).
+
+mod common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+use common::{assert_bad, mla};
 
 use mla_trainer::data::{
     check_vocab, prepare, DataError, Dataset, PrepareArgs, Split, Tokenizer, INDEX_FILE,
@@ -380,6 +385,45 @@ fn tokenizer_vocabulary_larger_than_the_model_is_rejected() {
     check_vocab(&ds, 50304).unwrap();
     let e = check_vocab(&ds, 50257).unwrap_err().to_string();
     assert!(e.starts_with("dataset ") && e.contains("50277"), "{e}");
+}
+
+/// `mla prepare INPUT --tokenizer-dir <gpt2> --quiet`, then `extra`.
+fn mla_prepare(input: &Path, extra: &[&str]) -> std::process::Output {
+    let mut a = vec![
+        "prepare",
+        input.to_str().unwrap(),
+        "--tokenizer-dir",
+        gpt2_dir().to_str().unwrap(),
+        "--quiet",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect::<Vec<_>>();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    mla(&a.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// Bad input named on the last line, with the OS error (if any) once, not once per error source.
+fn assert_bad_once(out: &std::process::Output, culprits: &[&str]) -> String {
+    let last = assert_bad(out, culprits);
+    assert!(last.matches("os error").count() <= 1, "{last}");
+    last
+}
+
+#[test]
+fn out_that_is_a_file_or_under_a_file_is_bad_input_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("file");
+    std::fs::write(&file, "not a directory").unwrap();
+    let f = file.to_str().unwrap();
+    let out = mla_prepare(&fixture(), &["--out", f]);
+    assert_bad_once(&out, &[f, "not a directory"]);
+    // A path under a file cannot be created by anyone, root included: the read-only case that
+    // a test running as root can reach (mode 0o555 does not stop root; see prepare.rs's tests).
+    let sub = file.join("sub");
+    let out = mla_prepare(&fixture(), &["--out", sub.to_str().unwrap()]);
+    assert_bad_once(&out, &[&format!("{f} is not a directory")]);
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "not a directory");
 }
 
 /// Throughput on all of `../shared/data` TinyStories (13 MB): run with

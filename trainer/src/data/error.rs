@@ -42,6 +42,10 @@ pub enum DataError {
         error: std::io::Error,
     },
 
+    /// The output location cannot hold a dataset (a file, under a file, not writable).
+    #[error("output {path}: {message}")]
+    BadOutput { path: PathBuf, message: String },
+
     /// `tokenizer.json` (or `tokenizer_config.json`) could not be loaded or used.
     #[error("tokenizer {path}: {message}")]
     Tokenizer { path: PathBuf, message: String },

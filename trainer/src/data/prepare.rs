@@ -157,9 +157,78 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareReport, DataError> {
         return prepare_into(args, &tokenizer, &sink);
     }
     check_output_outside_inputs(&args.out, args.inputs.iter().chain(&args.val))?;
+    check_output_dir(&args.out)?;
     let tokenizer = Tokenizer::from_dir(&args.tokenizer_dir)?;
+    let created = create_output_dir(&args.out)?;
     let sink = LocalDir::new(&args.out);
-    prepare_into(args, &tokenizer, &sink)
+    let result = prepare_into(args, &tokenizer, &sink);
+    if result.is_err() && created {
+        // Only removes it while empty: a failed run leaves no trace, a full directory stays.
+        let _ = std::fs::remove_dir(&args.out);
+    }
+    result
+}
+
+/// Refuse an output that cannot be a directory: an existing non-directory, or a path under one.
+fn check_output_dir(out: &Path) -> Result<(), DataError> {
+    let bad = |message: String| DataError::BadOutput {
+        path: out.to_path_buf(),
+        message,
+    };
+    let mut existing = out;
+    loop {
+        match std::fs::metadata(existing) {
+            Ok(m) if m.is_dir() => return Ok(()),
+            Ok(_) if existing == out => {
+                return Err(bad("exists and is not a directory".into()));
+            }
+            Ok(_) => {
+                return Err(bad(format!("{} is not a directory", existing.display())));
+            }
+            // Not there, or a file on the way (ENOTDIR): look at the parent.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) => {}
+            Err(e) => return Err(output_error(out, e)),
+        }
+        match existing.parent() {
+            Some(p) if !p.as_os_str().is_empty() => existing = p,
+            _ => return Ok(()), // relative to the working directory, which exists
+        }
+    }
+}
+
+/// Create the output directory and check that files can be created in it, before any input is
+/// read. Returns whether the directory was created.
+fn create_output_dir(out: &Path) -> Result<bool, DataError> {
+    let created = !out.is_dir();
+    std::fs::create_dir_all(out).map_err(|e| output_error(out, e))?;
+    tempfile::Builder::new()
+        .prefix(".mla-prepare-check")
+        .tempfile_in(out)
+        .map_err(|e| {
+            if created {
+                let _ = std::fs::remove_dir(out);
+            }
+            output_error(out, e)
+        })?;
+    Ok(created)
+}
+
+/// An error creating or writing the output directory: the user's choice of location when the
+/// OS says it is not allowed or not a directory, the environment otherwise (a full disk, EIO).
+fn output_error(out: &Path, e: std::io::Error) -> DataError {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        PermissionDenied | ReadOnlyFilesystem | NotADirectory | IsADirectory | AlreadyExists
+        | InvalidFilename => DataError::BadOutput {
+            path: out.to_path_buf(),
+            message: format!("cannot write there: {e}"),
+        },
+        _ => DataError::io(out, e),
+    }
 }
 
 /// Prepare into any [`ShardSink`]; `args.out` and `args.tokenizer_dir` are not used. The caller
@@ -376,6 +445,53 @@ mod tests {
         let file = [data.join("a.txt")];
         assert!(check_output_outside_inputs(&data, &file).is_err());
         check_output_outside_inputs(&data.join("sub"), &file).unwrap();
+    }
+
+    #[test]
+    fn output_that_is_or_lies_under_a_file_is_bad_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        let e = check_output_dir(&file).unwrap_err();
+        assert!(matches!(e, DataError::BadOutput { .. }), "{e}");
+        assert!(e.is_bad_input());
+        let e = check_output_dir(&file.join("a/b")).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("{} is not a directory", file.display())),
+            "{e}"
+        );
+        check_output_dir(&dir.path().join("new/sub")).unwrap();
+        check_output_dir(Path::new("relative-new-dir")).unwrap();
+    }
+
+    #[test]
+    fn an_output_directory_that_refuses_files_is_bad_output() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let locked = dir.path().join("locked");
+        std::fs::create_dir(&locked).unwrap();
+        std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o555)).unwrap();
+        // root (CAP_DAC_OVERRIDE) writes through mode bits: only the mapping can be checked.
+        if std::fs::write(locked.join("probe"), "x").is_ok() {
+            eprintln!("skipping the mode 0o555 case: this user can write into it (root)");
+        } else {
+            for out in [locked.clone(), locked.join("sub")] {
+                let e = create_output_dir(&out).unwrap_err();
+                assert!(matches!(e, DataError::BadOutput { .. }), "{e}");
+            }
+        }
+        for kind in [
+            std::io::ErrorKind::PermissionDenied,
+            std::io::ErrorKind::ReadOnlyFilesystem,
+        ] {
+            let e = output_error(&locked, kind.into());
+            assert!(matches!(e, DataError::BadOutput { .. }), "{e}");
+        }
+        let full = output_error(&locked, std::io::ErrorKind::StorageFull.into());
+        assert!(
+            !full.is_bad_input(),
+            "a full disk is not the user's input: {full}"
+        );
     }
 
     #[test]
