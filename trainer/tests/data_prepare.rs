@@ -426,6 +426,87 @@ fn out_that_is_a_file_or_under_a_file_is_bad_input_naming_it() {
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "not a directory");
 }
 
+/// A gzip stream of `members` cut to half its length.
+fn truncated_tar_gz(path: &Path, members: &[(&str, Vec<u8>)]) {
+    write_tar_gz(path, members);
+    let bytes = std::fs::read(path).unwrap();
+    std::fs::write(path, &bytes[..bytes.len() / 2]).unwrap();
+}
+
+#[test]
+fn truncated_tar_gz_is_bad_input_naming_the_archive() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read(shared_data().join("tinystories/train/tinystories_v1_train_head.txt"))
+        .unwrap();
+    let archive = tmp.path().join("data.tar.gz");
+    truncated_tar_gz(
+        &archive,
+        &[("a.txt", text.clone()), ("b.txt", text.clone())],
+    );
+    let o = tmp.path().join("o");
+    // With --val the archive is read once; without, it is listed first to choose val data.
+    for val in [&[&fixture() as &Path][..], &[]] {
+        let e = prepare(&args(&[&archive], val, &gpt2_dir(), &o)).unwrap_err();
+        assert!(matches!(e, DataError::BadArchive { .. }), "{e}");
+        assert!(e.is_bad_input());
+        assert!(e.to_string().contains(archive.to_str().unwrap()), "{e}");
+        assert!(!o.join(INDEX_FILE).exists());
+    }
+    let out = mla_prepare(&archive, &["--out", o.to_str().unwrap()]);
+    assert_bad_once(&out, &[archive.to_str().unwrap(), "truncated or corrupt"]);
+}
+
+#[test]
+fn directory_symlink_loop_is_bad_input_naming_the_link() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(data.join("sub")).unwrap();
+    std::fs::copy(fixture(), data.join("a.txt")).unwrap();
+    let link = data.join("sub/back");
+    std::os::unix::fs::symlink("..", &link).unwrap();
+    let o = tmp.path().join("o");
+    let e = prepare(&args(&[&data], &[&fixture()], &gpt2_dir(), &o)).unwrap_err();
+    assert!(matches!(e, DataError::SymlinkLoop { .. }), "{e}");
+    let out = mla_prepare(&data, &["--out", o.to_str().unwrap()]);
+    assert_bad_once(&out, &[link.to_str().unwrap(), "symlink loop"]);
+    assert!(!o.exists());
+    // Symlinks that only point at each other (the OS reports ELOOP).
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink("y", data.join("x")).unwrap();
+    std::os::unix::fs::symlink("x", data.join("y")).unwrap();
+    let e = prepare(&args(&[&data], &[&fixture()], &gpt2_dir(), &o)).unwrap_err();
+    assert!(matches!(e, DataError::SymlinkLoop { .. }), "{e}");
+    assert!(e.is_bad_input());
+}
+
+#[test]
+fn directory_symlinks_are_followed_inside_the_input_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir_all(data.join("sub")).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::copy(fixture(), data.join("sub/in.txt")).unwrap();
+    std::fs::copy(fixture(), outside.join("secret.txt")).unwrap();
+    std::os::unix::fs::symlink(&outside, data.join("away")).unwrap();
+    std::os::unix::fs::symlink("sub", data.join("alias")).unwrap();
+    // A file symlink is read wherever it points.
+    std::os::unix::fs::symlink(outside.join("secret.txt"), data.join("file-link.txt")).unwrap();
+    let report = prepare(&args(
+        &[&data],
+        &[&fixture()],
+        &gpt2_dir(),
+        &tmp.path().join("o"),
+    ))
+    .unwrap();
+    let sources = &report.index.split(Split::Train).sources;
+    let want: Vec<String> = ["alias/in.txt", "file-link.txt", "sub/in.txt"]
+        .iter()
+        .map(|f| data.join(f).display().to_string())
+        .collect();
+    assert_eq!(sources, &want);
+}
+
 /// Throughput on all of `../shared/data` TinyStories (13 MB): run with
 /// `cargo test --release -p mla-trainer --test data_prepare -- --ignored --nocapture`.
 #[test]

@@ -42,6 +42,16 @@ pub enum DataError {
         error: std::io::Error,
     },
 
+    /// A `.tar.gz` input ends early or does not decompress/unpack (the OS reported no error:
+    /// the bytes themselves are wrong).
+    #[error("{path}: truncated or corrupt archive: {message}")]
+    BadArchive { path: PathBuf, message: String },
+
+    /// A symlink inside an input directory leads back to a directory being walked (or to
+    /// itself through other symlinks), so the walk would never end.
+    #[error("{link}: symlink loop (it leads back to {target})")]
+    SymlinkLoop { link: PathBuf, target: PathBuf },
+
     /// The output location cannot hold a dataset (a file, under a file, not writable).
     #[error("output {path}: {message}")]
     BadOutput { path: PathBuf, message: String },

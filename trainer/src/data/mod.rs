@@ -32,6 +32,7 @@ pub use format::{
     DatasetIndex, ShardEntry, ShardHeader, Split, SplitIndex, TokenDtype, TokenizerInfo,
     FORMAT_VERSION, HEADER_BYTES, INDEX_FILE, SHARD_MAGIC,
 };
+pub use input::input_files;
 pub use loader::{
     epoch_permutation, windows_in, EvalBatches, EvalLoader, LoaderConfig, LoaderPosition,
     TrainLoader, POSITION_VERSION,
