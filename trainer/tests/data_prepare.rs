@@ -257,14 +257,13 @@ fn missing_input_is_a_one_line_error_naming_it() {
         e.to_string(),
         format!("input not found: {}", missing.display())
     );
-    let e = prepare(&args(
-        &[&fixture()],
-        &[],
-        &tmp.path().join("no-tok"),
-        &tmp.path().join("o"),
-    ))
-    .unwrap_err();
-    assert!(matches!(e, DataError::MissingInput { .. }), "{e}");
+    let no_tok = tmp.path().join("no-tok");
+    let e = prepare(&args(&[&fixture()], &[], &no_tok, &tmp.path().join("o"))).unwrap_err();
+    assert!(matches!(e, DataError::Tokenizer { .. }), "{e}");
+    assert_eq!(
+        e.to_string(),
+        format!("tokenizer {}: directory not found", no_tok.display())
+    );
 }
 
 #[test]
@@ -505,6 +504,88 @@ fn directory_symlinks_are_followed_inside_the_input_only() {
         .map(|f| data.join(f).display().to_string())
         .collect();
     assert_eq!(sources, &want);
+}
+
+#[test]
+fn tokenizer_dir_problems_are_named_as_tokenizer_problems() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = tmp.path().join("o");
+    let o = o.to_str().unwrap();
+    let run = |dir: &Path| {
+        mla(&[
+            "prepare",
+            fixture().to_str().unwrap(),
+            "--tokenizer-dir",
+            dir.to_str().unwrap(),
+            "--out",
+            o,
+        ])
+    };
+    let missing = tmp.path().join("nonexistent");
+    let last = assert_bad(&run(&missing), &[missing.to_str().unwrap(), "tokenizer"]);
+    assert!(
+        last.contains("directory not found") && !last.contains("input"),
+        "{last}"
+    );
+
+    let not_a_tokenizer = tmp.path().join("json");
+    std::fs::create_dir(&not_a_tokenizer).unwrap();
+    let json = not_a_tokenizer.join("tokenizer.json");
+    std::fs::write(&json, r#"{"a": 1}"#).unwrap();
+    let last = assert_bad(&run(&not_a_tokenizer), &[json.to_str().unwrap()]);
+    assert!(
+        last.contains("valid JSON but not a Hugging Face tokenizer.json"),
+        "{last}"
+    );
+    std::fs::write(&json, r#"{"model": "#).unwrap();
+    assert_bad(&run(&not_a_tokenizer), &["not valid JSON"]);
+    std::fs::remove_file(&json).unwrap();
+    assert_bad(
+        &run(&not_a_tokenizer),
+        &[json.to_str().unwrap(), "not found"],
+    );
+}
+
+#[test]
+fn malformed_jsonl_line_names_the_file_line_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("s.jsonl");
+    std::fs::write(&p, "{\"story\": \"ok\"}\n{\"story\": \"cut off\n").unwrap();
+    let out = mla_prepare(
+        &p,
+        &[
+            "--val",
+            fixture().to_str().unwrap(),
+            "--out",
+            tmp.path().join("o").to_str().unwrap(),
+        ],
+    );
+    let last = assert_bad(&out, &[&format!("{}:2: ", p.display())]);
+    assert!(!last.contains("column"), "{last}");
+}
+
+#[test]
+fn eval_of_raw_text_names_the_text_not_its_temp_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    common::ok(&common::train(
+        tmp.path(),
+        run.to_str().unwrap(),
+        &["--train.max_steps", "1"],
+        &[],
+    ));
+    // One short story: fewer tokens than one window of the model's block size.
+    let text = tmp.path().join("short.txt");
+    std::fs::write(&text, "Once upon a time.\n").unwrap();
+    let out = mla(&[
+        "eval",
+        run.join("final").to_str().unwrap(),
+        "--data",
+        text.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert_bad(&out, &[&format!("val split of {} has", text.display())]);
 }
 
 /// Throughput on all of `../shared/data` TinyStories (13 MB): run with

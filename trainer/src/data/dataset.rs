@@ -84,6 +84,20 @@ impl Dataset {
         })
     }
 
+    /// Name the dataset `location` in messages instead of where it is stored: a dataset
+    /// tokenized into a temporary directory from the user's text is named after that text.
+    /// Call it right after opening, before handing out splits.
+    pub fn named(mut self, location: impl Into<PathBuf>) -> Self {
+        let location = location.into();
+        for stream in [&mut self.train, &mut self.val] {
+            if let Some(s) = Arc::get_mut(stream) {
+                s.location = location.clone();
+            }
+        }
+        self.location = location;
+        self
+    }
+
     pub fn index(&self) -> &DatasetIndex {
         &self.index
     }

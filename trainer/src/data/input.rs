@@ -513,6 +513,16 @@ impl Record {
     }
 }
 
+/// serde_json's message without its ` at line L column C` suffix.
+fn json_problem(e: &serde_json::Error) -> String {
+    let message = e.to_string();
+    let position = format!(" at line {} column {}", e.line(), e.column());
+    match message.strip_suffix(&position) {
+        Some(m) => m.to_owned(),
+        None => message,
+    }
+}
+
 fn check_utf8(bytes: &[u8], base_offset: u64, path: &Path) -> Result<(), DataError> {
     std::str::from_utf8(bytes)
         .map(|_| ())
@@ -588,7 +598,9 @@ pub(crate) fn read_stories<R: BufRead>(
                     line: Some(line_no),
                     message,
                 };
-                let rec: Record = serde_json::from_slice(&line).map_err(|e| bad(e.to_string()))?;
+                // serde sees a one-line document: its line/column would contradict `line_no`.
+                let rec: Record = serde_json::from_slice(line.trim_ascii_end())
+                    .map_err(|e| bad(json_problem(&e)))?;
                 let text = rec
                     .into_text()
                     .ok_or_else(|| bad("object has neither a `story` nor a `text` field".into()))?;
@@ -687,6 +699,27 @@ mod tests {
             e.to_string(),
             "t:2: object has neither a `story` nor a `text` field"
         );
+    }
+
+    #[test]
+    fn malformed_jsonl_line_is_named_once_without_serde_position() {
+        for (text, problem) in [
+            (
+                &b"{\"story\":\"a\"}\n{\"story\": \"cut\n"[..],
+                "EOF while parsing a string",
+            ),
+            (
+                b"{\"story\":\"a\"}\r\n{\"story\": \"b\",}\r\n",
+                "trailing comma",
+            ),
+            (
+                b"{\"story\":\"a\"}\n{\"story\":\"b\"",
+                "EOF while parsing an object",
+            ),
+        ] {
+            let e = stories(text, Format::Jsonl).unwrap_err().to_string();
+            assert_eq!(e, format!("t:2: {problem}"));
+        }
     }
 
     #[test]
