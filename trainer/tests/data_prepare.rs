@@ -1,12 +1,14 @@
 //! Integration tests of `mla_trainer::data`: tokenizers, `prepare` on the real TinyStories text in
 //! `../shared/data`, input formats, the train/val split, and bad-input errors, also as the `mla`
-//! binary reports them (exit 2, one `error:` line naming the culprit, no panic).
+//! binary reports them (exit 2, one `error:` line naming the culprit, no panic), and a SIGTERM
+//! during `mla prepare`.
 //! Not here: the loader (data_loader.rs) and downloads (data_download.rs).
 
 mod common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use common::{assert_bad, mla};
 
@@ -586,6 +588,82 @@ fn eval_of_raw_text_names_the_text_not_its_temp_dir() {
         "cpu",
     ]);
     assert_bad(&out, &[&format!("val split of {} has", text.display())]);
+}
+
+/// SIGTERM while `mla prepare` tokenizes: it stops within seconds, says so, and leaves no
+/// dataset (no index.json, no shards).
+#[test]
+fn sigterm_stops_prepare_promptly_and_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 100 links to the 3.5 MB sample: 350 MB, far more than the seconds this test waits.
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let sample = shared_data().join("tinystories/train/tinystories_random_sample_00.txt");
+    for i in 0..100 {
+        std::os::unix::fs::symlink(&sample, data.join(format!("{i:02}.txt"))).unwrap();
+    }
+    let o = tmp.path().join("o");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mla"))
+        .args([
+            "prepare",
+            data.to_str().unwrap(),
+            "--val",
+            fixture().to_str().unwrap(),
+            "--tokenizer-dir",
+            gpt2_dir().to_str().unwrap(),
+            "--out",
+            o.to_str().unwrap(),
+            "--shard-tokens",
+            "65536",
+            "--quiet",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until tokenization is under way: the first shard is written.
+    let started = Instant::now();
+    while !o.join("train-00000.bin").exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "mla prepare ended early"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no shard after 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let signalled = Instant::now();
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if signalled.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("mla prepare still running 30 s after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stop_secs = signalled.elapsed().as_secs_f64();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    println!("stopped {stop_secs:.2} s after SIGTERM (bound 10 s)");
+    assert!(stop_secs < 10.0, "stopped only after {stop_secs:.1} s");
+    assert_eq!(status.code(), Some(1), "{status:?}: {err}");
+    let last = err.trim_end().lines().last().unwrap_or_default();
+    assert_eq!(
+        last,
+        "error: stopped by a signal during data preparation; nothing was prepared"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!o.join(INDEX_FILE).exists());
+    let left: Vec<_> = std::fs::read_dir(&o)
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 /// Throughput on all of `../shared/data` TinyStories (13 MB): run with

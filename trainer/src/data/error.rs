@@ -138,6 +138,11 @@ pub enum DataError {
         status: Option<u16>,
         message: String,
     },
+
+    /// SIGTERM/SIGINT arrived while inputs were being tokenized: preparation stopped, its
+    /// shards were removed and no index was written, so nothing looks prepared.
+    #[error("stopped by a signal during data preparation; nothing was prepared")]
+    Interrupted,
 }
 
 impl DataError {
@@ -151,7 +156,10 @@ impl DataError {
     /// True when the error is caused by what the user supplied (files, tokenizer, options)
     /// rather than by the environment: the binary exits with status 2 for these.
     pub fn is_bad_input(&self) -> bool {
-        !matches!(self, DataError::Io { .. } | DataError::Download { .. })
+        !matches!(
+            self,
+            DataError::Io { .. } | DataError::Download { .. } | DataError::Interrupted
+        )
     }
 }
 
@@ -198,6 +206,16 @@ mod tests {
             std::io::Error::new(std::io::ErrorKind::NotFound, "gone"),
         ));
         assert_eq!(format!("{e:#}"), "out/index.json: gone");
+    }
+
+    #[test]
+    fn interrupted_is_not_bad_input() {
+        let e = DataError::Interrupted;
+        assert!(!e.is_bad_input());
+        assert_eq!(
+            e.to_string(),
+            "stopped by a signal during data preparation; nothing was prepared"
+        );
     }
 
     #[test]

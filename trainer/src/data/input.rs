@@ -97,14 +97,19 @@ pub(crate) struct Plan {
 /// inputs (by path; archive members by name), or if there is none the first data file, becomes
 /// the val split, provided there are at least two data files (litgpt: TinyStories keeps
 /// `data00.json` for validation, TextFiles the first file). Otherwise there is no val split.
-pub(crate) fn plan(train: &[PathBuf], val: &[PathBuf]) -> Result<Plan, DataError> {
+/// Choosing it may decompress whole archives, so `stop` is polled between their members.
+pub(crate) fn plan(
+    train: &[PathBuf],
+    val: &[PathBuf],
+    stop: &dyn Fn() -> bool,
+) -> Result<Plan, DataError> {
     let mut jobs = Vec::new();
     for p in train {
         expand(p, Split::Train, &mut jobs)?;
     }
     let mut auto_val = None;
     if val.is_empty() {
-        auto_val = choose_auto_val(&mut jobs)?;
+        auto_val = choose_auto_val(&mut jobs, stop)?;
     }
     for p in val {
         expand(p, Split::Val, &mut jobs)?;
@@ -269,7 +274,7 @@ impl Walk<'_> {
 }
 
 /// Pick the auto-val data file (see [`plan`]) and re-route it; returns its display name.
-fn choose_auto_val(jobs: &mut [Job]) -> Result<Option<String>, DataError> {
+fn choose_auto_val(jobs: &mut [Job], stop: &dyn Fn() -> bool) -> Result<Option<String>, DataError> {
     // (is not json, sort key, job index, archive member)
     let mut candidates: Vec<(bool, PathBuf, usize, Option<String>)> = Vec::new();
     for (i, job) in jobs.iter().enumerate() {
@@ -278,7 +283,7 @@ fn choose_auto_val(jobs: &mut [Job]) -> Result<Option<String>, DataError> {
                 candidates.push((*format != Format::Json, path.clone(), i, None));
             }
             Job::Archive { path, .. } => {
-                for (member, format) in list_archive(path)? {
+                for (member, format) in list_archive(path, stop)? {
                     candidates.push((format != Format::Json, path.join(&member), i, Some(member)));
                 }
             }
@@ -327,10 +332,13 @@ fn archive_error(path: &Path, e: std::io::Error) -> DataError {
 }
 
 /// Data members of an archive in member order (one decompression pass over headers and bodies).
-fn list_archive(path: &Path) -> Result<Vec<(String, Format)>, DataError> {
+fn list_archive(path: &Path, stop: &dyn Fn() -> bool) -> Result<Vec<(String, Format)>, DataError> {
     let mut archive = open_archive(path, None)?;
     let mut out = Vec::new();
     for entry in archive.entries().map_err(|e| archive_error(path, e))? {
+        if stop() {
+            return Err(DataError::Interrupted);
+        }
         let entry = entry.map_err(|e| archive_error(path, e))?;
         if let Some((name, format)) = data_member(&entry) {
             out.push((name, format));
