@@ -427,6 +427,18 @@ fn out_that_is_a_file_or_under_a_file_is_bad_input_naming_it() {
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "not a directory");
 }
 
+#[test]
+fn shard_tokens_below_the_minimum_is_bad_input_naming_the_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = tmp.path().join("o");
+    let out = mla_prepare(
+        &fixture(),
+        &["--out", o.to_str().unwrap(), "--shard-tokens", "1"],
+    );
+    assert_bad(&out, &["--shard-tokens", "65536"]);
+    assert!(!o.exists(), "nothing written");
+}
+
 /// A gzip stream of `members` cut to half its length.
 fn truncated_tar_gz(path: &Path, members: &[(&str, Vec<u8>)]) {
     write_tar_gz(path, members);

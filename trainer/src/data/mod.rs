@@ -41,7 +41,7 @@ pub use prepare::{check_output_outside_inputs, prepare, prepare_into, PrepareArg
 pub use remote::{open_remote, remote_url, RemoteDir};
 pub use store::{LocalDir, RandomAccess, ShardSink, ShardSource};
 pub use tokenizer::{Tokenizer, ENDOFTEXT};
-pub use writer::{DatasetWriter, DEFAULT_SHARD_TOKENS};
+pub use writer::{DatasetWriter, DEFAULT_SHARD_TOKENS, MIN_SHARD_TOKENS};
 
 /// Anything that knows how many token ids it can produce.
 pub trait VocabSource {

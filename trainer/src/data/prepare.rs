@@ -45,7 +45,9 @@ pub struct PrepareArgs {
     /// object-store prefix: s3://bucket/prefix (credentials from the AWS environment).
     #[arg(long, value_name = "DIR|URL")]
     pub out: PathBuf,
-    /// Maximum tokens per shard.
+    /// Maximum tokens per shard; at least 65536 (2^16, 128 KiB of u16 ids): every shard is one
+    /// more file or object to open, hash, list in the index and read across, so tiny shards
+    /// only multiply that cost (--shard-tokens 1 writes one file per token).
     #[arg(long, default_value_t = DEFAULT_SHARD_TOKENS)]
     pub shard_tokens: u64,
     /// Tokenizer threads (0 = one per core).

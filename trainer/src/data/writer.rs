@@ -17,6 +17,11 @@ use super::store::ShardSink;
 /// Default shard size: 2^25 tokens (64 MiB of u16).
 pub const DEFAULT_SHARD_TOKENS: u64 = 1 << 25;
 
+/// Smallest `--shard-tokens` `mla prepare` accepts: 2^16 tokens (128 KiB of u16). Each shard is
+/// one more file or object to open, hash and index, so below this the count of files, not the
+/// data, sets the cost. The library takes any size, so tests can cut small data across shards.
+pub const MIN_SHARD_TOKENS: u64 = 1 << 16;
+
 struct SplitWriter {
     split: Split,
     buf: Vec<u32>,
