@@ -14,13 +14,13 @@
 //!
 //! Raw inputs are prepared into a cache, never next to the inputs (they may be read-only):
 //! `data.init_args.cache_dir`, else `<out_dir>/data` for a local out_dir, else `.cache/mla/data`.
-//! The cache key covers the input files (path, size, mtime) and the tokenizer, so changed
-//! inputs are re-tokenized.
+//! The cache key covers the input files `prepare` reads (path, size, mtime) and the tokenizer,
+//! so changed inputs are re-tokenized.
 
 use crate::config::{DataModule, RunConfig};
 use crate::data::{
-    download_tinystories, download_tokenizer, is_prepared, open_remote, prepare, remote_url,
-    tinystories_input, Dataset, DownloadOptions, OpenOptions, PrepareArgs, Tokenizer,
+    download_tinystories, download_tokenizer, input_files, is_prepared, open_remote, prepare,
+    remote_url, tinystories_input, Dataset, DownloadOptions, OpenOptions, PrepareArgs, Tokenizer,
 };
 use crate::error::BadInput;
 use anyhow::Context;
@@ -217,11 +217,11 @@ fn cache_key(
     for (role, paths) in [("train", inputs), ("val", val)] {
         for root in paths {
             h.update(role.as_bytes());
-            let mut files = Vec::new();
-            walk(root, &mut files).with_context(|| format!("reading {}", root.display()))?;
-            files.sort();
-            for f in files {
-                let meta = std::fs::metadata(&f)?;
+            // Exactly the files `prepare` reads, found by its walk (which refuses symlink loops
+            // and does not leave the input tree).
+            for f in input_files(std::slice::from_ref(root))? {
+                let meta =
+                    std::fs::metadata(&f).with_context(|| format!("reading {}", f.display()))?;
                 let mtime = meta
                     .modified()
                     .ok()
@@ -233,15 +233,4 @@ fn cache_key(
         }
     }
     Ok(hex::encode(&h.finalize()[..6]))
-}
-
-fn walk(p: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    if p.is_dir() {
-        for e in std::fs::read_dir(p)? {
-            walk(&e?.path(), out)?;
-        }
-    } else {
-        out.push(p.to_path_buf());
-    }
-    Ok(())
 }

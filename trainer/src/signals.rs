@@ -1,6 +1,8 @@
 //! SIGTERM/SIGINT handling for `mla train`: the first signal asks the loop to stop at the next
 //! optimizer-step boundary, write a checkpoint of that step and exit 0 (what `mla-launch`
 //! relies on); a second one terminates immediately.
+//! `mla prepare` installs the same handlers, and data preparation (also first-use tokenization
+//! in `mla train`) polls [`stop_requested`] and gives up with `DataError::Interrupted`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

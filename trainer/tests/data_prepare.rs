@@ -1,9 +1,16 @@
 //! Integration tests of `mla_trainer::data`: tokenizers, `prepare` on the real TinyStories text in
-//! `../shared/data`, input formats, the train/val split, and bad-input errors.
+//! `../shared/data`, input formats, the train/val split, and bad-input errors, also as the `mla`
+//! binary reports them (exit 2, one `error:` line naming the culprit, no panic), and a SIGTERM
+//! during `mla prepare`.
 //! Not here: the loader (data_loader.rs) and downloads (data_download.rs).
+
+mod common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{assert_bad, mla};
 
 use mla_trainer::data::{
     check_vocab, prepare, DataError, Dataset, PrepareArgs, Split, Tokenizer, INDEX_FILE,
@@ -252,14 +259,13 @@ fn missing_input_is_a_one_line_error_naming_it() {
         e.to_string(),
         format!("input not found: {}", missing.display())
     );
-    let e = prepare(&args(
-        &[&fixture()],
-        &[],
-        &tmp.path().join("no-tok"),
-        &tmp.path().join("o"),
-    ))
-    .unwrap_err();
-    assert!(matches!(e, DataError::MissingInput { .. }), "{e}");
+    let no_tok = tmp.path().join("no-tok");
+    let e = prepare(&args(&[&fixture()], &[], &no_tok, &tmp.path().join("o"))).unwrap_err();
+    assert!(matches!(e, DataError::Tokenizer { .. }), "{e}");
+    assert_eq!(
+        e.to_string(),
+        format!("tokenizer {}: directory not found", no_tok.display())
+    );
 }
 
 #[test]
@@ -380,6 +386,296 @@ fn tokenizer_vocabulary_larger_than_the_model_is_rejected() {
     check_vocab(&ds, 50304).unwrap();
     let e = check_vocab(&ds, 50257).unwrap_err().to_string();
     assert!(e.starts_with("dataset ") && e.contains("50277"), "{e}");
+}
+
+/// `mla prepare INPUT --tokenizer-dir <gpt2> --quiet`, then `extra`.
+fn mla_prepare(input: &Path, extra: &[&str]) -> std::process::Output {
+    let mut a = vec![
+        "prepare",
+        input.to_str().unwrap(),
+        "--tokenizer-dir",
+        gpt2_dir().to_str().unwrap(),
+        "--quiet",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect::<Vec<_>>();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    mla(&a.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// Bad input named on the last line, with the OS error (if any) once, not once per error source.
+fn assert_bad_once(out: &std::process::Output, culprits: &[&str]) -> String {
+    let last = assert_bad(out, culprits);
+    assert!(last.matches("os error").count() <= 1, "{last}");
+    last
+}
+
+#[test]
+fn out_that_is_a_file_or_under_a_file_is_bad_input_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("file");
+    std::fs::write(&file, "not a directory").unwrap();
+    let f = file.to_str().unwrap();
+    let out = mla_prepare(&fixture(), &["--out", f]);
+    assert_bad_once(&out, &[f, "not a directory"]);
+    // A path under a file cannot be created by anyone, root included: the read-only case that
+    // a test running as root can reach (mode 0o555 does not stop root; see prepare.rs's tests).
+    let sub = file.join("sub");
+    let out = mla_prepare(&fixture(), &["--out", sub.to_str().unwrap()]);
+    assert_bad_once(&out, &[&format!("{f} is not a directory")]);
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "not a directory");
+}
+
+#[test]
+fn shard_tokens_below_the_minimum_is_bad_input_naming_the_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = tmp.path().join("o");
+    let out = mla_prepare(
+        &fixture(),
+        &["--out", o.to_str().unwrap(), "--shard-tokens", "1"],
+    );
+    assert_bad(&out, &["--shard-tokens", "65536"]);
+    assert!(!o.exists(), "nothing written");
+}
+
+/// A gzip stream of `members` cut to half its length.
+fn truncated_tar_gz(path: &Path, members: &[(&str, Vec<u8>)]) {
+    write_tar_gz(path, members);
+    let bytes = std::fs::read(path).unwrap();
+    std::fs::write(path, &bytes[..bytes.len() / 2]).unwrap();
+}
+
+#[test]
+fn truncated_tar_gz_is_bad_input_naming_the_archive() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read(shared_data().join("tinystories/train/tinystories_v1_train_head.txt"))
+        .unwrap();
+    let archive = tmp.path().join("data.tar.gz");
+    truncated_tar_gz(
+        &archive,
+        &[("a.txt", text.clone()), ("b.txt", text.clone())],
+    );
+    let o = tmp.path().join("o");
+    // With --val the archive is read once; without, it is listed first to choose val data.
+    for val in [&[&fixture() as &Path][..], &[]] {
+        let e = prepare(&args(&[&archive], val, &gpt2_dir(), &o)).unwrap_err();
+        assert!(matches!(e, DataError::BadArchive { .. }), "{e}");
+        assert!(e.is_bad_input());
+        assert!(e.to_string().contains(archive.to_str().unwrap()), "{e}");
+        assert!(!o.join(INDEX_FILE).exists());
+    }
+    let out = mla_prepare(&archive, &["--out", o.to_str().unwrap()]);
+    assert_bad_once(&out, &[archive.to_str().unwrap(), "truncated or corrupt"]);
+}
+
+#[test]
+fn directory_symlink_loop_is_bad_input_naming_the_link() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(data.join("sub")).unwrap();
+    std::fs::copy(fixture(), data.join("a.txt")).unwrap();
+    let link = data.join("sub/back");
+    std::os::unix::fs::symlink("..", &link).unwrap();
+    let o = tmp.path().join("o");
+    let e = prepare(&args(&[&data], &[&fixture()], &gpt2_dir(), &o)).unwrap_err();
+    assert!(matches!(e, DataError::SymlinkLoop { .. }), "{e}");
+    let out = mla_prepare(&data, &["--out", o.to_str().unwrap()]);
+    assert_bad_once(&out, &[link.to_str().unwrap(), "symlink loop"]);
+    assert!(!o.exists());
+    // Symlinks that only point at each other (the OS reports ELOOP).
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink("y", data.join("x")).unwrap();
+    std::os::unix::fs::symlink("x", data.join("y")).unwrap();
+    let e = prepare(&args(&[&data], &[&fixture()], &gpt2_dir(), &o)).unwrap_err();
+    assert!(matches!(e, DataError::SymlinkLoop { .. }), "{e}");
+    assert!(e.is_bad_input());
+}
+
+#[test]
+fn directory_symlinks_are_followed_inside_the_input_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir_all(data.join("sub")).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::copy(fixture(), data.join("sub/in.txt")).unwrap();
+    std::fs::copy(fixture(), outside.join("secret.txt")).unwrap();
+    std::os::unix::fs::symlink(&outside, data.join("away")).unwrap();
+    std::os::unix::fs::symlink("sub", data.join("alias")).unwrap();
+    // A file symlink is read wherever it points.
+    std::os::unix::fs::symlink(outside.join("secret.txt"), data.join("file-link.txt")).unwrap();
+    let report = prepare(&args(
+        &[&data],
+        &[&fixture()],
+        &gpt2_dir(),
+        &tmp.path().join("o"),
+    ))
+    .unwrap();
+    let sources = &report.index.split(Split::Train).sources;
+    let want: Vec<String> = ["alias/in.txt", "file-link.txt", "sub/in.txt"]
+        .iter()
+        .map(|f| data.join(f).display().to_string())
+        .collect();
+    assert_eq!(sources, &want);
+}
+
+#[test]
+fn tokenizer_dir_problems_are_named_as_tokenizer_problems() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = tmp.path().join("o");
+    let o = o.to_str().unwrap();
+    let run = |dir: &Path| {
+        mla(&[
+            "prepare",
+            fixture().to_str().unwrap(),
+            "--tokenizer-dir",
+            dir.to_str().unwrap(),
+            "--out",
+            o,
+        ])
+    };
+    let missing = tmp.path().join("nonexistent");
+    let last = assert_bad(&run(&missing), &[missing.to_str().unwrap(), "tokenizer"]);
+    assert!(
+        last.contains("directory not found") && !last.contains("input"),
+        "{last}"
+    );
+
+    let not_a_tokenizer = tmp.path().join("json");
+    std::fs::create_dir(&not_a_tokenizer).unwrap();
+    let json = not_a_tokenizer.join("tokenizer.json");
+    std::fs::write(&json, r#"{"a": 1}"#).unwrap();
+    let last = assert_bad(&run(&not_a_tokenizer), &[json.to_str().unwrap()]);
+    assert!(
+        last.contains("valid JSON but not a Hugging Face tokenizer.json"),
+        "{last}"
+    );
+    std::fs::write(&json, r#"{"model": "#).unwrap();
+    assert_bad(&run(&not_a_tokenizer), &["not valid JSON"]);
+    std::fs::remove_file(&json).unwrap();
+    assert_bad(
+        &run(&not_a_tokenizer),
+        &[json.to_str().unwrap(), "not found"],
+    );
+}
+
+#[test]
+fn malformed_jsonl_line_names_the_file_line_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("s.jsonl");
+    std::fs::write(&p, "{\"story\": \"ok\"}\n{\"story\": \"cut off\n").unwrap();
+    let out = mla_prepare(
+        &p,
+        &[
+            "--val",
+            fixture().to_str().unwrap(),
+            "--out",
+            tmp.path().join("o").to_str().unwrap(),
+        ],
+    );
+    let last = assert_bad(&out, &[&format!("{}:2: ", p.display())]);
+    assert!(!last.contains("column"), "{last}");
+}
+
+#[test]
+fn eval_of_raw_text_names_the_text_not_its_temp_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    common::ok(&common::train(
+        tmp.path(),
+        run.to_str().unwrap(),
+        &["--train.max_steps", "1"],
+        &[],
+    ));
+    // One short story: fewer tokens than one window of the model's block size.
+    let text = tmp.path().join("short.txt");
+    std::fs::write(&text, "Once upon a time.\n").unwrap();
+    let out = mla(&[
+        "eval",
+        run.join("final").to_str().unwrap(),
+        "--data",
+        text.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert_bad(&out, &[&format!("val split of {} has", text.display())]);
+}
+
+/// SIGTERM while `mla prepare` tokenizes: it stops within seconds, says so, and leaves no
+/// dataset (no index.json, no shards).
+#[test]
+fn sigterm_stops_prepare_promptly_and_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 100 links to the 3.5 MB sample: 350 MB, far more than the seconds this test waits.
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let sample = shared_data().join("tinystories/train/tinystories_random_sample_00.txt");
+    for i in 0..100 {
+        std::os::unix::fs::symlink(&sample, data.join(format!("{i:02}.txt"))).unwrap();
+    }
+    let o = tmp.path().join("o");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mla"))
+        .args([
+            "prepare",
+            data.to_str().unwrap(),
+            "--val",
+            fixture().to_str().unwrap(),
+            "--tokenizer-dir",
+            gpt2_dir().to_str().unwrap(),
+            "--out",
+            o.to_str().unwrap(),
+            "--shard-tokens",
+            "65536",
+            "--quiet",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until tokenization is under way: the first shard is written.
+    let started = Instant::now();
+    while !o.join("train-00000.bin").exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "mla prepare ended early"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no shard after 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let signalled = Instant::now();
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if signalled.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("mla prepare still running 30 s after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stop_secs = signalled.elapsed().as_secs_f64();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    println!("stopped {stop_secs:.2} s after SIGTERM (bound 10 s)");
+    assert!(stop_secs < 10.0, "stopped only after {stop_secs:.1} s");
+    assert_eq!(status.code(), Some(1), "{status:?}: {err}");
+    let last = err.trim_end().lines().last().unwrap_or_default();
+    assert_eq!(
+        last,
+        "error: stopped by a signal during data preparation; nothing was prepared"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!o.join(INDEX_FILE).exists());
+    let left: Vec<_> = std::fs::read_dir(&o)
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 /// Throughput on all of `../shared/data` TinyStories (13 MB): run with

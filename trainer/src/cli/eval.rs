@@ -2,14 +2,17 @@
 //! checkpoint on a dataset — a prepared dataset directory (its val split, or `--split train`)
 //! or raw text/json files, tokenized on the fly with the checkpoint's tokenizer, or a prepared
 //! dataset on object storage (`--data s3://bucket/prefix`).
+//!
+//! Raw text is tokenized into a temporary directory, but every message names the text.
 
 use crate::data::{
-    is_prepared, open_remote, prepare, remote_url, Dataset, EvalLoader, OpenOptions, PrepareArgs,
-    Split,
+    is_prepared, open_remote, prepare_into, remote_url, Dataset, EvalLoader, LocalDir, OpenOptions,
+    PrepareArgs, Split,
 };
 use crate::device::{self, DeviceKind};
 use crate::error::BadInput;
 use crate::inference::{self, InferencePrecision};
+use anyhow::Context;
 use std::path::PathBuf;
 use std::time::Instant;
 use tch::{Kind, Tensor};
@@ -65,7 +68,8 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     if remote.is_none() && !args.data.exists() {
         return Err(BadInput(format!("--data {}: does not exist", args.data.display())).into());
     }
-    let tmp = tempfile::tempdir()?;
+    // Outlives the dataset read from it.
+    let tmp = tempfile::tempdir().context("temp dir for the tokenized --data")?;
     let (dataset, split) = if let Some(url) = remote {
         // Shard checksums remembered as for runs whose out_dir is on object storage.
         let memo = PathBuf::from(".cache/mla/data/remote-sha256");
@@ -73,14 +77,13 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     } else if is_prepared(&args.data) {
         (Dataset::open(&args.data)?, split)
     } else {
-        let tok_dir = tmp.path().join("tokenizer");
-        std::fs::create_dir_all(&tok_dir)?;
-        std::fs::copy(m.tokenizer.path(), tok_dir.join("tokenizer.json"))?;
-        let mut p = PrepareArgs::new(vec![args.data.clone()], &tok_dir, tmp.path().join("data"));
+        // The checkpoint's own tokenizer (with its tokenizer_config.json: the same separator
+        // as in training), and the text as the val split only: nothing is tokenized twice.
+        let dir = tmp.path().join("data");
+        let mut p = PrepareArgs::new(Vec::new(), m.tokenizer.path(), &dir);
         p.val = vec![args.data.clone()];
-        p.quiet = true;
-        prepare(&p)?;
-        (Dataset::open(tmp.path().join("data"))?, Split::Val)
+        prepare_into(&p, &m.tokenizer, &LocalDir::new(&dir))?;
+        (Dataset::open(&dir)?.named(&args.data), Split::Val)
     };
     if dataset.index().tokenizer.sha256 != m.tokenizer.sha256() {
         return Err(BadInput(format!(

@@ -28,13 +28,16 @@ pub struct GenerateArgs {
     prompt: String,
     #[arg(long, default_value_t = 100)]
     max_new_tokens: usize,
-    /// 0 = greedy.
-    #[arg(long, default_value_t = 0.8)]
+    // Negative numbers parse (clap would take `-1` for a flag) so that `run` can say what the
+    // valid range is.
+    /// 0 = greedy; must be ≥ 0.
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
     temperature: f64,
-    #[arg(long, default_value_t = 50)]
+    /// Keep the K most likely tokens (0 or less = off).
+    #[arg(long, default_value_t = 50, allow_negative_numbers = true)]
     top_k: i64,
-    /// Nucleus sampling mass (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    /// Nucleus sampling mass, in (0, 1] (1 = off).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f64,
     #[arg(long, default_value_t = 1234)]
     seed: u64,
@@ -208,4 +211,36 @@ fn generate(
         tokens,
         cache_bytes: cache.map(|c| c.bytes()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: GenerateArgs,
+    }
+
+    /// The error `mla generate` gives for `flags`, checked before any checkpoint is read.
+    fn refused(flags: &[&str]) -> (String, u8) {
+        let argv = ["generate", "no-such-checkpoint"].iter().chain(flags);
+        let cli = Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{flags:?} must parse: {e}"));
+        let e = run(&cli.args).unwrap_err();
+        (format!("{e:#}"), crate::error::exit_code(&e))
+    }
+
+    #[test]
+    fn negative_sampling_values_parse_and_are_refused_with_their_range() {
+        assert_eq!(
+            refused(&["--temperature", "-1"]),
+            ("--temperature must be ≥ 0, got -1".into(), 2)
+        );
+        assert_eq!(
+            refused(&["--top-p", "-0.5"]),
+            ("--top-p must be in (0, 1], got -0.5".into(), 2)
+        );
+    }
 }

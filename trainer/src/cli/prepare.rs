@@ -1,8 +1,22 @@
 //! `mla prepare`: tokenize raw text into token shards (see trainer/src/data/FORMAT.md).
+//! SIGTERM/SIGINT stop it within moments, leaving no dataset behind (a second signal ends it
+//! at once).
 
-use crate::data::{prepare, PrepareArgs};
+use crate::data::{prepare, DataError, PrepareArgs, MIN_SHARD_TOKENS};
 
 pub fn run(args: &PrepareArgs) -> anyhow::Result<()> {
+    if args.shard_tokens < MIN_SHARD_TOKENS {
+        return Err(DataError::InvalidOption {
+            key: "--shard-tokens".into(),
+            message: format!(
+                "{} is below the minimum of {MIN_SHARD_TOKENS} tokens per shard (2^16; smaller \
+                 shards only multiply files)",
+                args.shard_tokens
+            ),
+        }
+        .into());
+    }
+    crate::signals::install();
     let report = prepare(args)?;
     println!("{report}");
     Ok(())

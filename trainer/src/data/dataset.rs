@@ -65,7 +65,7 @@ impl Dataset {
     pub fn open_with(source: Arc<dyn ShardSource>, opts: OpenOptions) -> Result<Self, DataError> {
         let index_path = source.location(INDEX_FILE);
         let bytes = source.read(INDEX_FILE).map_err(|e| match e {
-            DataError::Io { source: io, .. } if io.kind() == std::io::ErrorKind::NotFound => {
+            DataError::Io { error: io, .. } if io.kind() == std::io::ErrorKind::NotFound => {
                 DataError::BadIndex {
                     path: index_path.clone(),
                     message: "not found (run `mla prepare` first)".into(),
@@ -82,6 +82,20 @@ impl Dataset {
             train,
             val,
         })
+    }
+
+    /// Name the dataset `location` in messages instead of where it is stored: a dataset
+    /// tokenized into a temporary directory from the user's text is named after that text.
+    /// Call it right after opening, before handing out splits.
+    pub fn named(mut self, location: impl Into<PathBuf>) -> Self {
+        let location = location.into();
+        for stream in [&mut self.train, &mut self.val] {
+            if let Some(s) = Arc::get_mut(stream) {
+                s.location = location.clone();
+            }
+        }
+        self.location = location;
+        self
     }
 
     pub fn index(&self) -> &DatasetIndex {

@@ -34,13 +34,27 @@ pub enum DataError {
     #[error("{path}: unsupported input (expected .txt, .json, .jsonl, .tar.gz or a directory)")]
     UnsupportedInput { path: PathBuf },
 
-    /// An I/O error on a named file.
-    #[error("{path}: {source}")]
+    /// An I/O error on a named file. The OS error is part of the message and deliberately not
+    /// a `source`: the binary prints the chain, which would repeat it.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
+
+    /// A `.tar.gz` input ends early or does not decompress/unpack (the OS reported no error:
+    /// the bytes themselves are wrong).
+    #[error("{path}: truncated or corrupt archive: {message}")]
+    BadArchive { path: PathBuf, message: String },
+
+    /// A symlink inside an input directory leads back to a directory being walked (or to
+    /// itself through other symlinks), so the walk would never end.
+    #[error("{link}: symlink loop (it leads back to {target})")]
+    SymlinkLoop { link: PathBuf, target: PathBuf },
+
+    /// The output location cannot hold a dataset (a file, under a file, not writable).
+    #[error("output {path}: {message}")]
+    BadOutput { path: PathBuf, message: String },
 
     /// `tokenizer.json` (or `tokenizer_config.json`) could not be loaded or used.
     #[error("tokenizer {path}: {message}")]
@@ -124,20 +138,28 @@ pub enum DataError {
         status: Option<u16>,
         message: String,
     },
+
+    /// SIGTERM/SIGINT arrived while inputs were being tokenized: preparation stopped, its
+    /// shards were removed and no index was written, so nothing looks prepared.
+    #[error("stopped by a signal during data preparation; nothing was prepared")]
+    Interrupted,
 }
 
 impl DataError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         DataError::Io {
             path: path.into(),
-            source,
+            error,
         }
     }
 
     /// True when the error is caused by what the user supplied (files, tokenizer, options)
     /// rather than by the environment: the binary exits with status 2 for these.
     pub fn is_bad_input(&self) -> bool {
-        !matches!(self, DataError::Io { .. } | DataError::Download { .. })
+        !matches!(
+            self,
+            DataError::Io { .. } | DataError::Download { .. } | DataError::Interrupted
+        )
     }
 }
 
@@ -174,6 +196,26 @@ mod tests {
             let s = e.to_string();
             assert!(!s.contains('\n'), "{s}");
         }
+    }
+
+    #[test]
+    fn io_error_is_printed_once_through_the_error_chain() {
+        // main prints `{:#}`: the message and every source, so a source would repeat the OS error.
+        let e = anyhow::Error::from(DataError::io(
+            "out/index.json",
+            std::io::Error::new(std::io::ErrorKind::NotFound, "gone"),
+        ));
+        assert_eq!(format!("{e:#}"), "out/index.json: gone");
+    }
+
+    #[test]
+    fn interrupted_is_not_bad_input() {
+        let e = DataError::Interrupted;
+        assert!(!e.is_bad_input());
+        assert_eq!(
+            e.to_string(),
+            "stopped by a signal during data preparation; nothing was prepared"
+        );
     }
 
     #[test]

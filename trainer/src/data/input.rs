@@ -7,6 +7,11 @@
 //! (walked recursively in sorted order; hidden entries and other extensions are skipped).
 //! Archives are read in member order. Each story is trimmed; empty stories are skipped.
 //!
+//! Symlinks inside an input directory: file symlinks are followed; directory symlinks are
+//! followed only when they stay inside that input directory (one pointing out of it is skipped
+//! with a warning: the input tree is what the user named), and one leading back to a directory
+//! being walked is an error ([`DataError::SymlinkLoop`]).
+//!
 //! Not here: tokenizing or writing (see `prepare`).
 
 use std::fs::File;
@@ -92,17 +97,22 @@ pub(crate) struct Plan {
 /// inputs (by path; archive members by name), or if there is none the first data file, becomes
 /// the val split, provided there are at least two data files (litgpt: TinyStories keeps
 /// `data00.json` for validation, TextFiles the first file). Otherwise there is no val split.
-pub(crate) fn plan(train: &[PathBuf], val: &[PathBuf]) -> Result<Plan, DataError> {
+/// Choosing it may decompress whole archives, so `stop` is polled between their members.
+pub(crate) fn plan(
+    train: &[PathBuf],
+    val: &[PathBuf],
+    stop: &dyn Fn() -> bool,
+) -> Result<Plan, DataError> {
     let mut jobs = Vec::new();
     for p in train {
-        expand(p, Split::Train, true, &mut jobs)?;
+        expand(p, Split::Train, &mut jobs)?;
     }
     let mut auto_val = None;
     if val.is_empty() {
-        auto_val = choose_auto_val(&mut jobs)?;
+        auto_val = choose_auto_val(&mut jobs, stop)?;
     }
     for p in val {
-        expand(p, Split::Val, true, &mut jobs)?;
+        expand(p, Split::Val, &mut jobs)?;
     }
     let mut total_bytes = 0;
     for j in &jobs {
@@ -117,42 +127,54 @@ pub(crate) fn plan(train: &[PathBuf], val: &[PathBuf]) -> Result<Plan, DataError
     })
 }
 
-fn expand(path: &Path, split: Split, explicit: bool, jobs: &mut Vec<Job>) -> Result<(), DataError> {
-    let meta = match std::fs::metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(DataError::MissingInput {
-                path: path.to_path_buf(),
-            })
-        }
-        Err(e) => return Err(DataError::io(path, e)),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+/// The data files and archives `prepare` reads from `paths`, in reading order (the same walk
+/// as [`plan`], without opening archives): what a cache of their tokens depends on.
+pub fn input_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, DataError> {
+    let mut jobs = Vec::new();
+    for p in paths {
+        expand(p, Split::Train, &mut jobs)?;
+    }
+    Ok(jobs.into_iter().map(|j| j.path().to_path_buf()).collect())
+}
+
+/// Add the jobs of one input path given by the user.
+fn expand(path: &Path, split: Split, jobs: &mut Vec<Job>) -> Result<(), DataError> {
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => DataError::MissingInput {
+            path: path.to_path_buf(),
+        },
+        _ => DataError::io(path, e),
+    })?;
     if meta.is_dir() {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(|e| DataError::io(path, e))?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<Result<_, _>>()
-            .map_err(|e| DataError::io(path, e))?;
-        entries.sort();
+        let root = path.canonicalize().map_err(|e| DataError::io(path, e))?;
         let before = jobs.len();
-        for e in entries {
-            let hidden = e
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with('.'));
-            if !hidden {
-                expand(&e, split, false, jobs)?;
-            }
-        }
-        if explicit && jobs.len() == before {
+        let mut walk = Walk {
+            root: root.clone(),
+            split,
+            stack: vec![root],
+            jobs,
+        };
+        walk.dir(path)?;
+        if jobs.len() == before {
             return Err(DataError::NoStories {
                 path: path.to_path_buf(),
             });
         }
-    } else if is_archive(&name) {
+    } else if !add_file(path, split, jobs) {
+        return Err(DataError::UnsupportedInput {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+/// Add a data file or archive by its extension; false when the extension is not one we read.
+fn add_file(path: &Path, split: Split, jobs: &mut Vec<Job>) -> bool {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if is_archive(&name) {
         jobs.push(Job::Archive {
             path: path.to_path_buf(),
             split,
@@ -164,16 +186,95 @@ fn expand(path: &Path, split: Split, explicit: bool, jobs: &mut Vec<Job>) -> Res
             format,
             split,
         });
-    } else if explicit {
-        return Err(DataError::UnsupportedInput {
-            path: path.to_path_buf(),
-        });
+    } else {
+        return false;
     }
-    Ok(())
+    true
+}
+
+/// The recursive walk of one input directory.
+struct Walk<'a> {
+    /// The input directory, canonical: directory symlinks are followed only inside it.
+    root: PathBuf,
+    split: Split,
+    /// Canonical directories from the root down to the one being listed: a symlink to any of
+    /// them is a loop.
+    stack: Vec<PathBuf>,
+    jobs: &'a mut Vec<Job>,
+}
+
+impl Walk<'_> {
+    fn dir(&mut self, dir: &Path) -> Result<(), DataError> {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| DataError::io(dir, e))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()
+            .map_err(|e| DataError::io(dir, e))?;
+        entries.sort();
+        for e in entries {
+            let hidden = e
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+            if !hidden {
+                self.entry(&e)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn entry(&mut self, path: &Path) -> Result<(), DataError> {
+        let link = std::fs::symlink_metadata(path)
+            .map_err(|e| DataError::io(path, e))?
+            .file_type()
+            .is_symlink();
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(DataError::MissingInput {
+                    path: path.to_path_buf(),
+                })
+            }
+            // A cycle of symlinks (a → b → a) never reaches a file or directory.
+            #[cfg(unix)]
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(DataError::SymlinkLoop {
+                    link: path.to_path_buf(),
+                    target: std::fs::read_link(path).unwrap_or_default(),
+                })
+            }
+            Err(e) => return Err(DataError::io(path, e)),
+        };
+        if !meta.is_dir() {
+            add_file(path, self.split, self.jobs);
+            return Ok(());
+        }
+        let real = path.canonicalize().map_err(|e| DataError::io(path, e))?;
+        if link {
+            if self.stack.contains(&real) {
+                return Err(DataError::SymlinkLoop {
+                    link: path.to_path_buf(),
+                    target: real,
+                });
+            }
+            if !real.starts_with(&self.root) {
+                tracing::warn!(
+                    "{}: not read: a directory symlink to {}, outside the input {}",
+                    path.display(),
+                    real.display(),
+                    self.root.display()
+                );
+                return Ok(());
+            }
+        }
+        self.stack.push(real);
+        let result = self.dir(path);
+        self.stack.pop();
+        result
+    }
 }
 
 /// Pick the auto-val data file (see [`plan`]) and re-route it; returns its display name.
-fn choose_auto_val(jobs: &mut [Job]) -> Result<Option<String>, DataError> {
+fn choose_auto_val(jobs: &mut [Job], stop: &dyn Fn() -> bool) -> Result<Option<String>, DataError> {
     // (is not json, sort key, job index, archive member)
     let mut candidates: Vec<(bool, PathBuf, usize, Option<String>)> = Vec::new();
     for (i, job) in jobs.iter().enumerate() {
@@ -182,7 +283,7 @@ fn choose_auto_val(jobs: &mut [Job]) -> Result<Option<String>, DataError> {
                 candidates.push((*format != Format::Json, path.clone(), i, None));
             }
             Job::Archive { path, .. } => {
-                for (member, format) in list_archive(path)? {
+                for (member, format) in list_archive(path, stop)? {
                     candidates.push((format != Format::Json, path.join(&member), i, Some(member)));
                 }
             }
@@ -217,12 +318,28 @@ fn open_archive(
     Ok(tar::Archive::new(Box::new(gz)))
 }
 
+/// An error while decompressing or unpacking an archive. One the OS reported is an I/O failure;
+/// any other (a gzip stream that ends early, a bad tar header) is the archive's own fault.
+fn archive_error(path: &Path, e: std::io::Error) -> DataError {
+    if e.raw_os_error().is_some() {
+        DataError::io(path, e)
+    } else {
+        DataError::BadArchive {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        }
+    }
+}
+
 /// Data members of an archive in member order (one decompression pass over headers and bodies).
-fn list_archive(path: &Path) -> Result<Vec<(String, Format)>, DataError> {
+fn list_archive(path: &Path, stop: &dyn Fn() -> bool) -> Result<Vec<(String, Format)>, DataError> {
     let mut archive = open_archive(path, None)?;
     let mut out = Vec::new();
-    for entry in archive.entries().map_err(|e| DataError::io(path, e))? {
-        let entry = entry.map_err(|e| DataError::io(path, e))?;
+    for entry in archive.entries().map_err(|e| archive_error(path, e))? {
+        if stop() {
+            return Err(DataError::Interrupted);
+        }
+        let entry = entry.map_err(|e| archive_error(path, e))?;
         if let Some((name, format)) = data_member(&entry) {
             out.push((name, format));
         }
@@ -309,8 +426,8 @@ pub(crate) fn read_all(
             } => {
                 let mut archive = open_archive(path, Some(bytes_read.clone()))?;
                 let mut members = 0usize;
-                for entry in archive.entries().map_err(|e| DataError::io(path, e))? {
-                    let entry = entry.map_err(|e| DataError::io(path, e))?;
+                for entry in archive.entries().map_err(|e| archive_error(path, e))? {
+                    let entry = entry.map_err(|e| archive_error(path, e))?;
                     let Some((name, format)) = data_member(&entry) else {
                         continue;
                     };
@@ -327,14 +444,20 @@ pub(crate) fn read_all(
                     }) {
                         return Ok(());
                     }
-                    if !read_stories(
+                    let read = read_stories(
                         BufReader::new(entry),
                         format,
                         &display,
                         split,
                         bytes_read,
                         emit,
-                    )? {
+                    );
+                    // A member's body that cannot be read is the archive's fault, as above.
+                    let open = read.map_err(|e| match e {
+                        DataError::Io { path, error } => archive_error(&path, error),
+                        other => other,
+                    })?;
+                    if !open {
                         return Ok(());
                     }
                 }
@@ -395,6 +518,16 @@ struct Record {
 impl Record {
     fn into_text(self) -> Option<String> {
         self.story.or(self.text)
+    }
+}
+
+/// serde_json's message without its ` at line L column C` suffix.
+fn json_problem(e: &serde_json::Error) -> String {
+    let message = e.to_string();
+    let position = format!(" at line {} column {}", e.line(), e.column());
+    match message.strip_suffix(&position) {
+        Some(m) => m.to_owned(),
+        None => message,
     }
 }
 
@@ -473,7 +606,9 @@ pub(crate) fn read_stories<R: BufRead>(
                     line: Some(line_no),
                     message,
                 };
-                let rec: Record = serde_json::from_slice(&line).map_err(|e| bad(e.to_string()))?;
+                // serde sees a one-line document: its line/column would contradict `line_no`.
+                let rec: Record = serde_json::from_slice(line.trim_ascii_end())
+                    .map_err(|e| bad(json_problem(&e)))?;
                 let text = rec
                     .into_text()
                     .ok_or_else(|| bad("object has neither a `story` nor a `text` field".into()))?;
@@ -572,6 +707,27 @@ mod tests {
             e.to_string(),
             "t:2: object has neither a `story` nor a `text` field"
         );
+    }
+
+    #[test]
+    fn malformed_jsonl_line_is_named_once_without_serde_position() {
+        for (text, problem) in [
+            (
+                &b"{\"story\":\"a\"}\n{\"story\": \"cut\n"[..],
+                "EOF while parsing a string",
+            ),
+            (
+                b"{\"story\":\"a\"}\r\n{\"story\": \"b\",}\r\n",
+                "trailing comma",
+            ),
+            (
+                b"{\"story\":\"a\"}\n{\"story\":\"b\"",
+                "EOF while parsing an object",
+            ),
+        ] {
+            let e = stories(text, Format::Jsonl).unwrap_err().to_string();
+            assert_eq!(e, format!("t:2: {problem}"));
+        }
     }
 
     #[test]

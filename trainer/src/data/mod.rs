@@ -32,6 +32,7 @@ pub use format::{
     DatasetIndex, ShardEntry, ShardHeader, Split, SplitIndex, TokenDtype, TokenizerInfo,
     FORMAT_VERSION, HEADER_BYTES, INDEX_FILE, SHARD_MAGIC,
 };
+pub use input::input_files;
 pub use loader::{
     epoch_permutation, windows_in, EvalBatches, EvalLoader, LoaderConfig, LoaderPosition,
     TrainLoader, POSITION_VERSION,
@@ -40,7 +41,7 @@ pub use prepare::{check_output_outside_inputs, prepare, prepare_into, PrepareArg
 pub use remote::{open_remote, remote_url, RemoteDir};
 pub use store::{LocalDir, RandomAccess, ShardSink, ShardSource};
 pub use tokenizer::{Tokenizer, ENDOFTEXT};
-pub use writer::{DatasetWriter, DEFAULT_SHARD_TOKENS};
+pub use writer::{DatasetWriter, DEFAULT_SHARD_TOKENS, MIN_SHARD_TOKENS};
 
 /// Anything that knows how many token ids it can produce.
 pub trait VocabSource {

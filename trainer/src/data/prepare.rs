@@ -5,6 +5,10 @@
 //! Output: a local directory, or an object-store prefix (`--out s3://bucket/prefix`, written
 //! through [`RemoteDir`]).
 //!
+//! A SIGTERM/SIGINT (`crate::signals::stop_requested`) stops the reader between batches and the
+//! tokenizer threads between stories; the shards written so far are removed and no index is
+//! written, so an interrupted preparation never looks like a dataset ([`DataError::Interrupted`]).
+//!
 //! Not here: the CLI entry point and the YAML `data:` mapping (the binary mounts
 //! [`PrepareArgs`]).
 
@@ -41,7 +45,9 @@ pub struct PrepareArgs {
     /// object-store prefix: s3://bucket/prefix (credentials from the AWS environment).
     #[arg(long, value_name = "DIR|URL")]
     pub out: PathBuf,
-    /// Maximum tokens per shard.
+    /// Maximum tokens per shard; at least 65536 (2^16, 128 KiB of u16 ids): every shard is one
+    /// more file or object to open, hash, list in the index and read across, so tiny shards
+    /// only multiply that cost (--shard-tokens 1 writes one file per token).
     #[arg(long, default_value_t = DEFAULT_SHARD_TOKENS)]
     pub shard_tokens: u64,
     /// Tokenizer threads (0 = one per core).
@@ -157,20 +163,103 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareReport, DataError> {
         return prepare_into(args, &tokenizer, &sink);
     }
     check_output_outside_inputs(&args.out, args.inputs.iter().chain(&args.val))?;
+    check_output_dir(&args.out)?;
     let tokenizer = Tokenizer::from_dir(&args.tokenizer_dir)?;
+    let created = create_output_dir(&args.out)?;
     let sink = LocalDir::new(&args.out);
-    prepare_into(args, &tokenizer, &sink)
+    let result = prepare_into(args, &tokenizer, &sink);
+    if result.is_err() && created {
+        // Only removes it while empty: a failed run leaves no trace, a full directory stays.
+        let _ = std::fs::remove_dir(&args.out);
+    }
+    result
+}
+
+/// Refuse an output that cannot be a directory: an existing non-directory, or a path under one.
+fn check_output_dir(out: &Path) -> Result<(), DataError> {
+    let bad = |message: String| DataError::BadOutput {
+        path: out.to_path_buf(),
+        message,
+    };
+    let mut existing = out;
+    loop {
+        match std::fs::metadata(existing) {
+            Ok(m) if m.is_dir() => return Ok(()),
+            Ok(_) if existing == out => {
+                return Err(bad("exists and is not a directory".into()));
+            }
+            Ok(_) => {
+                return Err(bad(format!("{} is not a directory", existing.display())));
+            }
+            // Not there, or a file on the way (ENOTDIR): look at the parent.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) => {}
+            Err(e) => return Err(output_error(out, e)),
+        }
+        match existing.parent() {
+            Some(p) if !p.as_os_str().is_empty() => existing = p,
+            _ => return Ok(()), // relative to the working directory, which exists
+        }
+    }
+}
+
+/// Create the output directory and check that files can be created in it, before any input is
+/// read. Returns whether the directory was created.
+fn create_output_dir(out: &Path) -> Result<bool, DataError> {
+    let created = !out.is_dir();
+    std::fs::create_dir_all(out).map_err(|e| output_error(out, e))?;
+    tempfile::Builder::new()
+        .prefix(".mla-prepare-check")
+        .tempfile_in(out)
+        .map_err(|e| {
+            if created {
+                let _ = std::fs::remove_dir(out);
+            }
+            output_error(out, e)
+        })?;
+    Ok(created)
+}
+
+/// An error creating or writing the output directory: the user's choice of location when the
+/// OS says it is not allowed or not a directory, the environment otherwise (a full disk, EIO).
+fn output_error(out: &Path, e: std::io::Error) -> DataError {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        PermissionDenied | ReadOnlyFilesystem | NotADirectory | IsADirectory | AlreadyExists
+        | InvalidFilename => DataError::BadOutput {
+            path: out.to_path_buf(),
+            message: format!("cannot write there: {e}"),
+        },
+        _ => DataError::io(out, e),
+    }
 }
 
 /// Prepare into any [`ShardSink`]; `args.out` and `args.tokenizer_dir` are not used. The caller
-/// makes sure the sink is not inside an input.
+/// makes sure the sink is not inside an input. Stops with [`DataError::Interrupted`] when a
+/// SIGTERM/SIGINT was received (`crate::signals`).
 pub fn prepare_into(
     args: &PrepareArgs,
     tokenizer: &Tokenizer,
     sink: &dyn ShardSink,
 ) -> Result<PrepareReport, DataError> {
+    prepare_until(args, tokenizer, sink, &crate::signals::stop_requested)
+}
+
+/// [`prepare_into`] that stops when `stop` returns true. It is polled by the reader before
+/// each batch of stories and by the tokenizer threads before each story, so a stop takes
+/// effect within one story's tokenization (plus the reader's current JSON file, which is parsed
+/// whole).
+fn prepare_until(
+    args: &PrepareArgs,
+    tokenizer: &Tokenizer,
+    sink: &dyn ShardSink,
+    stop: &(dyn Fn() -> bool + Sync),
+) -> Result<PrepareReport, DataError> {
     let start = Instant::now();
-    let plan = input::plan(&args.inputs, &args.val)?;
+    let plan = input::plan(&args.inputs, &args.val, stop)?;
     let mut writer = DatasetWriter::new(sink, tokenizer.info(), args.shard_tokens, args.overwrite)?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(args.threads)
@@ -180,18 +269,60 @@ pub fn prepare_into(
             key: "threads".into(),
             message: e.to_string(),
         })?;
-    let threads = pool.current_num_threads();
     let bytes_read = Arc::new(AtomicU64::new(0));
     let mut progress = Progress::new(!args.quiet, plan.total_bytes);
+    let result = tokenize(
+        &plan,
+        tokenizer,
+        &pool,
+        &mut writer,
+        &bytes_read,
+        &mut progress,
+        stop,
+    );
+    progress.finish();
+    // The reader also ends early on a stop, without an error: check again before committing.
+    let result = match result {
+        Ok(()) if stop() => Err(DataError::Interrupted),
+        other => other,
+    };
+    if let Err(e) = result {
+        writer.abandon();
+        return Err(e);
+    }
+    let index = writer.finish()?;
+    Ok(PrepareReport {
+        index,
+        location: {
+            let index = sink.location(super::format::INDEX_FILE);
+            index.parent().map(Path::to_path_buf).unwrap_or(index)
+        },
+        input_bytes: bytes_read.load(Ordering::Relaxed),
+        auto_val: plan.auto_val,
+        elapsed_secs: start.elapsed().as_secs_f64(),
+        threads: pool.current_num_threads(),
+    })
+}
 
+/// Stream the stories of `plan` from a reader thread, tokenize each batch on `pool` and append
+/// the ids to `writer` in input order.
+fn tokenize(
+    plan: &input::Plan,
+    tokenizer: &Tokenizer,
+    pool: &rayon::ThreadPool,
+    writer: &mut DatasetWriter<'_>,
+    bytes_read: &Arc<AtomicU64>,
+    progress: &mut Progress,
+    stop: &(dyn Fn() -> bool + Sync),
+) -> Result<(), DataError> {
     let (tx, rx) = mpsc::sync_channel::<Result<Event, DataError>>(4);
     std::thread::scope(|scope| -> Result<(), DataError> {
-        let plan = &plan;
         let counter = bytes_read.clone();
         let reader = std::thread::Builder::new()
             .name("mla-prepare-read".into())
             .spawn_scoped(scope, move || {
-                let result = input::read_all(plan, &counter, &mut |ev| tx.send(Ok(ev)).is_ok());
+                let mut emit = |ev| !stop() && tx.send(Ok(ev)).is_ok();
+                let result = input::read_all(plan, &counter, &mut emit);
                 if let Err(e) = result {
                     let _ = tx.send(Err(e));
                 }
@@ -209,7 +340,13 @@ pub fn prepare_into(
                         let ids: Vec<Vec<u32>> = pool.install(|| {
                             stories
                                 .par_iter()
-                                .map(|s| tokenizer.encode(s))
+                                .map(|s| {
+                                    if stop() {
+                                        Err(DataError::Interrupted)
+                                    } else {
+                                        tokenizer.encode(s)
+                                    }
+                                })
                                 .collect::<Result<_, _>>()
                         })?;
                         for t in &ids {
@@ -226,21 +363,11 @@ pub fn prepare_into(
         })();
         // Dropping the receiver makes the reader's next send fail, so it stops early on error.
         drop(rx);
-        let _ = reader.join();
+        // A reader that panicked ended the stream early: never commit that as a dataset.
+        if let Err(panic) = reader.join() {
+            std::panic::resume_unwind(panic);
+        }
         result
-    })?;
-    progress.finish();
-    let index = writer.finish()?;
-    Ok(PrepareReport {
-        index,
-        location: {
-            let index = sink.location(super::format::INDEX_FILE);
-            index.parent().map(Path::to_path_buf).unwrap_or(index)
-        },
-        input_bytes: bytes_read.load(Ordering::Relaxed),
-        auto_val: plan.auto_val,
-        elapsed_secs: start.elapsed().as_secs_f64(),
-        threads,
     })
 }
 
@@ -359,6 +486,7 @@ pub fn check_output_outside_inputs<'a>(
 
 #[cfg(test)]
 mod tests {
+    use super::super::format::INDEX_FILE;
     use super::*;
 
     #[test]
@@ -376,6 +504,104 @@ mod tests {
         let file = [data.join("a.txt")];
         assert!(check_output_outside_inputs(&data, &file).is_err());
         check_output_outside_inputs(&data.join("sub"), &file).unwrap();
+    }
+
+    /// A [`LocalDir`] that records every object put and asks for a stop after the first one.
+    struct StopAfterFirstPut {
+        dir: LocalDir,
+        put: std::sync::Mutex<Vec<String>>,
+    }
+
+    impl ShardSink for StopAfterFirstPut {
+        fn put(&self, name: &str, bytes: &[u8]) -> Result<(), DataError> {
+            self.put.lock().unwrap().push(name.to_owned());
+            self.dir.put(name, bytes)
+        }
+        fn exists(&self, name: &str) -> Result<bool, DataError> {
+            self.dir.exists(name)
+        }
+        fn remove(&self, name: &str) -> Result<(), DataError> {
+            self.dir.remove(name)
+        }
+        fn location(&self, name: &str) -> PathBuf {
+            self.dir.location(name)
+        }
+    }
+
+    #[test]
+    fn a_stop_during_tokenization_removes_the_shards_and_writes_no_index() {
+        let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data");
+        let tokenizer = Tokenizer::from_dir(shared.join("tokenizers/gpt2")).unwrap();
+        // 3.5 MB: two reader batches, so the stop lands between and within batches.
+        let input = shared.join("tinystories/train/tinystories_random_sample_00.txt");
+        let out = tempfile::tempdir().unwrap();
+        let sink = StopAfterFirstPut {
+            dir: LocalDir::new(out.path()),
+            put: Default::default(),
+        };
+        let mut args = PrepareArgs::new(vec![input], "unused", out.path());
+        args.shard_tokens = 1000;
+        let polls = AtomicU64::new(0);
+        let stop = || {
+            polls.fetch_add(1, Ordering::Relaxed);
+            !sink.put.lock().unwrap().is_empty()
+        };
+        let e = prepare_until(&args, &tokenizer, &sink, &stop).unwrap_err();
+        assert!(matches!(e, DataError::Interrupted), "{e}");
+        let put = sink.put.lock().unwrap().clone();
+        assert!(put.iter().any(|n| n == "train-00000.bin"), "{put:?}");
+        assert!(!put.iter().any(|n| n == INDEX_FILE), "{put:?}");
+        let left: Vec<_> = std::fs::read_dir(out.path()).unwrap().collect();
+        assert!(left.is_empty(), "shards left behind: {left:?}");
+        // Polled per story, not once per batch (one batch holds thousands of stories).
+        assert!(polls.load(Ordering::Relaxed) > 100);
+    }
+
+    #[test]
+    fn output_that_is_or_lies_under_a_file_is_bad_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        let e = check_output_dir(&file).unwrap_err();
+        assert!(matches!(e, DataError::BadOutput { .. }), "{e}");
+        assert!(e.is_bad_input());
+        let e = check_output_dir(&file.join("a/b")).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("{} is not a directory", file.display())),
+            "{e}"
+        );
+        check_output_dir(&dir.path().join("new/sub")).unwrap();
+        check_output_dir(Path::new("relative-new-dir")).unwrap();
+    }
+
+    #[test]
+    fn an_output_directory_that_refuses_files_is_bad_output() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let locked = dir.path().join("locked");
+        std::fs::create_dir(&locked).unwrap();
+        std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o555)).unwrap();
+        // root (CAP_DAC_OVERRIDE) writes through mode bits: only the mapping can be checked.
+        if std::fs::write(locked.join("probe"), "x").is_ok() {
+            eprintln!("skipping the mode 0o555 case: this user can write into it (root)");
+        } else {
+            for out in [locked.clone(), locked.join("sub")] {
+                let e = create_output_dir(&out).unwrap_err();
+                assert!(matches!(e, DataError::BadOutput { .. }), "{e}");
+            }
+        }
+        for kind in [
+            std::io::ErrorKind::PermissionDenied,
+            std::io::ErrorKind::ReadOnlyFilesystem,
+        ] {
+            let e = output_error(&locked, kind.into());
+            assert!(matches!(e, DataError::BadOutput { .. }), "{e}");
+        }
+        let full = output_error(&locked, std::io::ErrorKind::StorageFull.into());
+        assert!(
+            !full.is_bad_input(),
+            "a full disk is not the user's input: {full}"
+        );
     }
 
     #[test]

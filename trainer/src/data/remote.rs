@@ -467,7 +467,7 @@ mod tests {
         assert!(!dir.exists("a.bin").unwrap());
         let missing = ShardSource::read(&dir, "index.json").unwrap_err();
         assert!(
-            matches!(&missing, DataError::Io { source, .. } if source.kind() == ErrorKind::NotFound),
+            matches!(&missing, DataError::Io { error, .. } if error.kind() == ErrorKind::NotFound),
             "{missing}"
         );
         assert!(missing

@@ -48,9 +48,16 @@ impl Tokenizer {
     /// Load `tokenizer.json` (and `tokenizer_config.json` when present) from `dir`.
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self, DataError> {
         let dir = dir.as_ref();
-        if !dir.exists() {
-            return Err(DataError::MissingInput {
+        let problem = match std::fs::metadata(dir) {
+            Ok(m) if m.is_dir() => None,
+            Ok(_) => Some("not a directory (expected a directory with tokenizer.json)"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("directory not found"),
+            Err(e) => return Err(DataError::io(dir, e)),
+        };
+        if let Some(message) = problem {
+            return Err(DataError::Tokenizer {
                 path: dir.to_path_buf(),
+                message: message.into(),
             });
         }
         let config = dir.join("tokenizer_config.json");
@@ -68,17 +75,19 @@ impl Tokenizer {
         let path = tokenizer_json.as_ref().to_path_buf();
         let bytes = std::fs::read(&path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
-                DataError::MissingInput { path: path.clone() }
+                DataError::Tokenizer {
+                    path: path.clone(),
+                    message: "not found".into(),
+                }
             } else {
                 DataError::io(&path, e)
             }
         })?;
         let sha256 = hex::encode(Sha256::digest(&bytes));
-        let mut inner =
-            tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| DataError::Tokenizer {
-                path: path.clone(),
-                message: one_line(&e.to_string()),
-            })?;
+        let mut inner = parse_tokenizer_json(&bytes).map_err(|message| DataError::Tokenizer {
+            path: path.clone(),
+            message,
+        })?;
         inner
             .with_truncation(None)
             .map_err(|e| DataError::Tokenizer {
@@ -160,6 +169,27 @@ impl Tokenizer {
                 message: one_line(&e.to_string()),
             })
     }
+}
+
+/// Parse `tokenizer.json` bytes, saying which of three things is wrong: not JSON at all, JSON
+/// but not a tokenizer (the `tokenizers` crate would report a serde error about the first
+/// missing field at some column, which reads like a syntax error), or a tokenizer this crate
+/// cannot build.
+fn parse_tokenizer_json(bytes: &[u8]) -> Result<tokenizers::Tokenizer, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("not valid JSON: {e}"))?;
+    let Some(fields) = value.as_object() else {
+        return Err("valid JSON but not a Hugging Face tokenizer.json (not an object)".into());
+    };
+    if !fields.contains_key("model") {
+        return Err("valid JSON but not a Hugging Face tokenizer.json (no `model` section)".into());
+    }
+    tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| {
+        format!(
+            "not a usable Hugging Face tokenizer.json: {}",
+            one_line(&e.to_string())
+        )
+    })
 }
 
 /// The fields of `tokenizer_config.json` the separator rule reads.

@@ -17,14 +17,20 @@ use super::store::ShardSink;
 /// Default shard size: 2^25 tokens (64 MiB of u16).
 pub const DEFAULT_SHARD_TOKENS: u64 = 1 << 25;
 
+/// Smallest `--shard-tokens` `mla prepare` accepts: 2^16 tokens (128 KiB of u16). Each shard is
+/// one more file or object to open, hash and index, so below this the count of files, not the
+/// data, sets the cost. The library takes any size, so tests can cut small data across shards.
+pub const MIN_SHARD_TOKENS: u64 = 1 << 16;
+
 struct SplitWriter {
     split: Split,
     buf: Vec<u32>,
     index: SplitIndex,
 }
 
-/// Writes one prepared dataset. Call [`DatasetWriter::finish`] to flush and commit the index;
-/// dropping the writer without it leaves shards but no index, i.e. no dataset.
+/// Writes one prepared dataset. Call [`DatasetWriter::finish`] to flush and commit the index,
+/// or [`DatasetWriter::abandon`] to remove the shards written so far; dropping the writer
+/// without either leaves shards but no index, i.e. no dataset.
 pub struct DatasetWriter<'a> {
     sink: &'a dyn ShardSink,
     tokenizer: TokenizerInfo,
@@ -174,8 +180,29 @@ impl<'a> DatasetWriter<'a> {
         Ok(())
     }
 
-    /// Flush the last partial shards and write `index.json` (last). Returns the index.
+    /// Remove the shards written so far (best effort: a shard that cannot be removed stays, but
+    /// without an index it is never read). No index was written, so nothing looks prepared.
+    pub fn abandon(self) {
+        for s in &self.splits {
+            for shard in &s.index.shards {
+                let _ = self.sink.remove(&shard.file);
+            }
+        }
+    }
+
+    /// Flush the last partial shards and write `index.json` (last). Returns the index. On
+    /// failure the shards are removed ([`DatasetWriter::abandon`]).
     pub fn finish(mut self) -> Result<DatasetIndex, DataError> {
+        match self.commit() {
+            Ok(index) => Ok(index),
+            Err(e) => {
+                self.abandon();
+                Err(e)
+            }
+        }
+    }
+
+    fn commit(&mut self) -> Result<DatasetIndex, DataError> {
         for split in [Split::Train, Split::Val] {
             while !self.split_mut(split).buf.is_empty() {
                 let cap = self.shard_tokens as usize;
@@ -244,6 +271,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("10 is outside the vocabulary of 10"), "{e}");
+    }
+
+    #[test]
+    fn abandon_removes_the_shards_written_so_far() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalDir::new(dir.path());
+        let mut w = DatasetWriter::new(&store, info(100), 2, false).unwrap();
+        w.push_story(Split::Train, &[5, 6, 7]).unwrap();
+        w.push_story(Split::Val, &[8]).unwrap();
+        assert!(store.exists("train-00001.bin").unwrap());
+        w.abandon();
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[test]
