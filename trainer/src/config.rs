@@ -744,7 +744,9 @@ impl RunConfig {
         let t = &self.train;
         if t.micro_batch_size == 0 {
             bad("train.micro_batch_size", "must be at least 1".into());
-        } else if !t.global_batch_size.is_multiple_of(t.micro_batch_size) || t.global_batch_size == 0 {
+        } else if !t.global_batch_size.is_multiple_of(t.micro_batch_size)
+            || t.global_batch_size == 0
+        {
             bad(
                 "train.global_batch_size",
                 format!(

@@ -426,3 +426,105 @@ fn a_run_stopped_before_its_first_step_saves_nothing() {
         manifest
     );
 }
+
+/// Every file under `dir` (recursively) whose name is `name`.
+fn find_files(dir: &Path, name: &str) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(find_files(&p, name));
+        } else if e.file_name() == name {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn sigterm_during_first_use_tokenization_stops_promptly_and_saves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 100 links to the 3.5 MB sample: 350 MB of raw text, tokenized on first use for far
+    // longer than this test waits.
+    let data = tmp.path().join("text");
+    std::fs::create_dir(&data).unwrap();
+    let sample = shared_data().join("tinystories/train/tinystories_random_sample_00.txt");
+    for i in 0..100 {
+        std::os::unix::fs::symlink(&sample, data.join(format!("{i:02}.txt"))).unwrap();
+    }
+    let out = tmp.path().join("run");
+    let mut child = spawn_train(
+        tmp.path(),
+        out.to_str().unwrap(),
+        &["--data.train_data_path", data.to_str().unwrap()],
+        &[],
+    );
+    let out_c = out.clone();
+    wait_for(
+        &mut child,
+        120,
+        "tokenization writes its first shard",
+        || !find_files(&out_c, "train-00000.bin").is_empty(),
+    );
+    let signalled = Instant::now();
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(30),
+            "mla train still running 30 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let secs = signalled.elapsed().as_secs_f64();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    println!("stopped {secs:.2} s after SIGTERM");
+    assert!(status.success(), "{status:?}: {err}");
+    assert!(secs < 10.0, "stopped only after {secs:.1} s");
+    assert!(
+        err.contains(
+            "stop requested during data preparation: nothing was trained, nothing is saved"
+        ),
+        "{err}"
+    );
+    assert!(
+        list(out.to_str().unwrap(), false).is_empty(),
+        "no checkpoint"
+    );
+    assert!(
+        find_files(&out, "index.json").is_empty(),
+        "no half-prepared dataset"
+    );
+}
+
+#[test]
+fn prepare_into_an_unusable_s3_location_is_refused_before_tokenizing() {
+    if s3_bucket().is_none() {
+        return;
+    }
+    let started = Instant::now();
+    let text = shared_data().join("tinystories/train");
+    let out = mla(&[
+        "prepare",
+        text.to_str().unwrap(),
+        "--tokenizer-dir",
+        tokenizer_dir().to_str().unwrap(),
+        "--out",
+        "s3://mla-no-such-bucket/tokens",
+    ]);
+    let msg = assert_bad(
+        &out,
+        &["s3://mla-no-such-bucket/tokens", "cannot write there"],
+    );
+    let secs = started.elapsed().as_secs_f64();
+    println!("refused in {secs:.1} s: {msg}");
+    assert!(
+        !stderr(&out).contains("tokens/s"),
+        "nothing was tokenized: {}",
+        stderr(&out)
+    );
+}

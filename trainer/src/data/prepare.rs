@@ -160,6 +160,7 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareReport, DataError> {
         }
         let sink = RemoteDir::open(url)?;
         let tokenizer = Tokenizer::from_dir(&args.tokenizer_dir)?;
+        probe_remote(url, &args.out)?;
         return prepare_into(args, &tokenizer, &sink);
     }
     check_output_outside_inputs(&args.out, args.inputs.iter().chain(&args.val))?;
@@ -173,6 +174,21 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareReport, DataError> {
         let _ = std::fs::remove_dir(&args.out);
     }
     result
+}
+
+/// Write, read back and delete a small object at a remote `--out` before tokenizing anything
+/// (issue 14: `--out s3://nosuchbucket/…` used to tokenize everything first), within seconds
+/// (the interactive network limits).
+fn probe_remote(url: &str, out: &Path) -> Result<(), DataError> {
+    let bad = |e: mla_storage::Error| DataError::BadOutput {
+        path: out.to_path_buf(),
+        message: format!("cannot write there: {e}"),
+    };
+    let opts = mla_storage::StoreOptions::interactive_from_env().map_err(bad)?;
+    mla_storage::BlockingCheckpointStore::open_with(url, opts)
+        .and_then(|s| s.probe())
+        .map_err(bad)?;
+    Ok(())
 }
 
 /// Refuse an output that cannot be a directory: an existing non-directory, or a path under one.

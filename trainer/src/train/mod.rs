@@ -75,7 +75,15 @@ fn precision_for(cfg: &RunConfig, device: Device) -> (Precision, bool, Kind) {
 /// Run training as configured: set up, optimizer steps until the budget is spent or a stop is
 /// agreed, then finish (validation, the last checkpoint, the summary).
 pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
-    let mut trainer = Trainer::new(cfg, opts)?;
+    let mut trainer = match Trainer::new(cfg, opts) {
+        Ok(t) => t,
+        // SIGTERM/SIGINT while the data was being prepared: stop now, with nothing to save.
+        Err(e) if stopped_preparing_data(&e) => {
+            info!("stop requested during data preparation: nothing was trained, nothing is saved");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
     let end = loop {
         if let Some(end) = trainer.end()? {
             break end;
@@ -83,6 +91,16 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> anyhow::Result<()> {
         trainer.step()?;
     };
     trainer.finish(end)
+}
+
+/// Whether `e` is the data preparation's answer to a stop request.
+fn stopped_preparing_data(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<crate::data::DataError>(),
+            Some(crate::data::DataError::Interrupted)
+        )
+    })
 }
 
 /// Why the loop ended.
@@ -400,7 +418,9 @@ impl Trainer {
             self.log_step(loss, norm, lr)?;
         }
         let last = total == Some(step);
-        if step.is_multiple_of(self.cfg.eval.interval as u64) && !(last && self.cfg.eval.final_validation) {
+        if step.is_multiple_of(self.cfg.eval.interval as u64)
+            && !(last && self.cfg.eval.final_validation)
+        {
             self.validate()?;
             self.window.start = Instant::now(); // keep eval time out of tokens/s
         }
