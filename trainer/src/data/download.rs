@@ -136,11 +136,12 @@ fn agent() -> ureq::Agent {
         .new_agent()
 }
 
+/// A failed download; user-info in the URL (an `HF_ENDPOINT` with a password) is never shown.
 fn download_error(url: &str, status: Option<u16>, message: String) -> DataError {
     DataError::Download {
-        url: url.to_owned(),
+        url: mla_storage::redact_userinfo(url),
         status,
-        message,
+        message: mla_storage::redact_userinfo(&message),
     }
 }
 
