@@ -206,7 +206,32 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     }
     // One line: S3 error bodies are multi-line XML.
     let out = out.split_whitespace().collect::<Vec<_>>().join(" ");
-    redact_secrets(&out)
+    redact_secrets(&compact_s3_error_body(&out))
+}
+
+/// An S3 XML error body (`<?xml …?> <Error><Code>NoSuchBucket</Code><Message>The specified
+/// bucket does not exist</Message><RequestId>…</Error>`) as `NoSuchBucket: The specified bucket
+/// does not exist`; request ids and host ids say nothing to a user.
+fn compact_s3_error_body(msg: &str) -> String {
+    let tag = |body: &str, name: &str| {
+        let open = format!("<{name}>");
+        let start = body.find(&open)? + open.len();
+        let end = body[start..].find(&format!("</{name}>"))? + start;
+        Some(body[start..end].to_string())
+    };
+    let (Some(start), Some(end)) = (msg.find("<?xml"), msg.find("</Error>")) else {
+        return msg.to_string();
+    };
+    if end < start {
+        return msg.to_string();
+    }
+    let body = &msg[start..end];
+    let summary = match (tag(body, "Code"), tag(body, "Message")) {
+        (Some(c), Some(m)) => format!("{c}: {m}"),
+        (Some(c), None) => c,
+        _ => return msg.to_string(),
+    };
+    format!("{}{summary}{}", &msg[..start], &msg[end + "</Error>".len()..])
 }
 
 /// Replace the values of the AWS credential variables found in the environment by `***`, and
@@ -261,6 +286,16 @@ pub fn redact_userinfo(msg: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn s3_error_bodies_shrink_to_code_and_message() {
+        let raw = "404 Not Found: <?xml version=\"1.0\" encoding=\"utf-8\"?> <Error><Code>NoSuchBucket</Code><Message>The specified bucket does not exist</Message><BucketName>b</BucketName><RequestId>abc</RequestId></Error> (tail)";
+        assert_eq!(
+            compact_s3_error_body(raw),
+            "404 Not Found: NoSuchBucket: The specified bucket does not exist (tail)"
+        );
+        assert_eq!(compact_s3_error_body("plain"), "plain");
+    }
 
     #[test]
     fn user_info_of_every_url_is_redacted() {

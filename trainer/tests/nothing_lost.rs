@@ -115,6 +115,20 @@ fn a_fresh_run_into_an_earlier_runs_checkpoints_is_refused_and_overwrite_replace
     eprintln!("{msg}");
     assert_eq!(list(out, false), before, "nothing was touched");
 
+    // --overwrite never deletes the checkpoint the new run starts from.
+    let own = format!("{out}/final");
+    let from_own = train(
+        dir.path(),
+        out,
+        &["--overwrite", "--initial_checkpoint_dir", &own],
+        &[],
+    );
+    assert_bad(
+        &from_own,
+        &["--overwrite would delete initial_checkpoint_dir"],
+    );
+    assert_eq!(list(out, false), before, "nothing was touched");
+
     let replaced = train(dir.path(), out, &["--seed", "2", "--overwrite"], &[]);
     ok(&replaced);
     assert!(stderr(&replaced).contains("--overwrite: deleted the earlier run's"));
@@ -150,6 +164,27 @@ fn an_unusable_s3_location_is_refused_in_seconds_before_any_tokenization() {
     assert!(
         !cwd.path().join(".cache/mla/data").exists(),
         "nothing was tokenized"
+    );
+}
+
+#[test]
+fn an_unwritable_local_out_dir_is_refused_before_any_tokenization() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "not a directory").unwrap();
+    let out = file.join("run");
+    let text = shared_data().join("tinystories/train/tinystories_v1_train_head.txt");
+    let refused = train(
+        dir.path(),
+        out.to_str().unwrap(),
+        &["--data.train_data_path", text.to_str().unwrap()],
+        &[],
+    );
+    assert_bad(&refused, &["out_dir", "a-file/run"]);
+    assert!(
+        !stderr(&refused).contains("tokens/s"),
+        "nothing was tokenized: {}",
+        stderr(&refused)
     );
 }
 

@@ -185,8 +185,10 @@ impl Trainer {
         // takes its lease, refuses to overwrite another run, clears crashed saves' leftovers).
         let estimate = memory::estimate(&cfg, param_kind, autocast);
         let free = memory::check(&estimate, device, opts.force)?;
+        // A location that cannot be opened (a local path under a file, a read-only disk) is
+        // the user's choice of out_dir: one line, exit 2, before any work.
         let store = BlockingCheckpointStore::open(&cfg.out_dir)
-            .with_context(|| format!("out_dir {}", cfg.out_dir))?;
+            .map_err(|e| BadInput(format!("out_dir {}: {e}", cfg.out_dir)))?;
         let lease = if main {
             Some(outdir::claim(&cfg, &store)?)
         } else {

@@ -78,6 +78,12 @@ pub(crate) fn claim(cfg: &RunConfig, store: &BlockingCheckpointStore) -> anyhow:
                 ))
                 .into());
             }
+            if let Some(init) = initial_checkpoint_inside(cfg, &url) {
+                return Err(BadInput(format!(
+                    "--overwrite would delete initial_checkpoint_dir {init}, which is inside out_dir {url}; copy it elsewhere first, or use another out_dir"
+                ))
+                .into());
+            }
             let deleted = store.delete_all_steps().map_err(|e| {
                 anyhow::Error::new(e).context(format!("out_dir {url}: --overwrite"))
             })?;
@@ -111,6 +117,17 @@ pub(crate) fn claim(cfg: &RunConfig, store: &BlockingCheckpointStore) -> anyhow:
         );
     }
     Ok(lease)
+}
+
+/// `initial_checkpoint_dir` when it lies inside the out_dir `url` (canonical URLs compared).
+fn initial_checkpoint_inside(cfg: &RunConfig, url: &str) -> Option<String> {
+    let init = cfg.initial_checkpoint_dir.as_deref()?;
+    let init_url = mla_storage::check_location(init).ok()?;
+    let inside = init_url == url
+        || init_url
+            .strip_prefix(url)
+            .is_some_and(|rest| rest.starts_with('/'));
+    inside.then(|| init.to_string())
 }
 
 /// `step-00000040, step-00000080 and final` (the first few and a count beyond).
