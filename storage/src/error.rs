@@ -231,7 +231,11 @@ fn compact_s3_error_body(msg: &str) -> String {
         (Some(c), None) => c,
         _ => return msg.to_string(),
     };
-    format!("{}{summary}{}", &msg[..start], &msg[end + "</Error>".len()..])
+    format!(
+        "{}{summary}{}",
+        &msg[..start],
+        &msg[end + "</Error>".len()..]
+    )
 }
 
 /// Replace the values of the AWS credential variables found in the environment by `***`, and

@@ -650,16 +650,24 @@ impl CheckpointStore {
         })
     }
 
-    /// One object of a committed step, checked against the manifest (size and sha256).
-    pub async fn read_object(&self, step: &StepName, name: &str) -> Result<Bytes> {
+    /// The manifest entry of object `name` of a committed step.
+    async fn entry(&self, step: &StepName, name: &str) -> Result<ObjectEntry> {
         check_object_name(name)?;
         let manifest = self.read_manifest(step).await?;
-        let entry = manifest.object(name).ok_or_else(|| Error::UnknownObject {
-            url: self.url.clone(),
-            step: step.clone(),
-            object: name.to_string(),
-        })?;
-        self.fetch_checked(step, entry, true)
+        manifest
+            .object(name)
+            .cloned()
+            .ok_or_else(|| Error::UnknownObject {
+                url: self.url.clone(),
+                step: step.clone(),
+                object: name.to_string(),
+            })
+    }
+
+    /// One object of a committed step, checked against the manifest (size and sha256).
+    pub async fn read_object(&self, step: &StepName, name: &str) -> Result<Bytes> {
+        let entry = self.entry(step, name).await?;
+        self.fetch_checked(step, &entry, true)
             .await?
             .ok_or_else(|| Error::Internal {
                 detail: "object read without keeping its bytes".into(),
@@ -674,13 +682,7 @@ impl CheckpointStore {
         name: &str,
         range: std::ops::Range<u64>,
     ) -> Result<Bytes> {
-        check_object_name(name)?;
-        let manifest = self.read_manifest(step).await?;
-        let entry = manifest.object(name).ok_or_else(|| Error::UnknownObject {
-            url: self.url.clone(),
-            step: step.clone(),
-            object: name.to_string(),
-        })?;
+        let entry = self.entry(step, name).await?;
         if range.end > entry.size_bytes || range.start > range.end {
             return Err(self.corrupt(
                 step,

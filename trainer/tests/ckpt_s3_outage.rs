@@ -34,6 +34,41 @@ impl Drop for Paused {
     }
 }
 
+/// The tiny run into `out` with short S3 timeouts (IMPATIENT) and `env`; its stderr lines go
+/// to the receiver as they come, and all of them are the reader thread's result.
+fn spawn_logged(
+    cwd: &std::path::Path,
+    out: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (
+    std::process::Child,
+    mpsc::Receiver<String>,
+    std::thread::JoinHandle<Vec<String>>,
+) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mla"))
+        .args(train_args(out, extra))
+        .envs(IMPATIENT.iter().copied())
+        .envs(env.iter().copied())
+        .current_dir(cwd)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        for line in BufReader::new(stderr).lines() {
+            let line = line.unwrap();
+            let _ = tx.send(line.clone());
+            all.push(line);
+        }
+        all
+    });
+    (child, rx, reader)
+}
+
 /// Short S3 timeouts and retries, so a paused server fails a save within ~3 s.
 const IMPATIENT: &[(&str, &str)] = &[
     ("MLA_STORE_REQUEST_TIMEOUT_SECS", "1"),
@@ -50,28 +85,16 @@ fn s3_outage_during_a_save_is_reported_training_continues_and_the_next_save_succ
     let pid = std::env::var("MLA_TEST_S3_PID").expect("MLA_TEST_S3_PID (scripts/s3_server.sh)");
     let _one = SERVER.lock().unwrap_or_else(|p| p.into_inner());
     let cwd = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mla"))
-        .args(train_args(&out, &[]))
-        .envs(IMPATIENT.iter().copied())
-        // Each PUT waits 100 ms: the pause below lands while the save is still uploading.
-        .env("MLA_STORE_TEST_PUT_DELAY_MS", "100")
-        .env("RUST_LOG", "info,mla_trainer=debug")
-        .current_dir(cwd.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut all = Vec::new();
-        for line in BufReader::new(stderr).lines() {
-            let line = line.unwrap();
-            let _ = tx.send(line.clone());
-            all.push(line);
-        }
-        all
-    });
+    // Each PUT waits 100 ms: the pause below lands while the save is still uploading.
+    let (mut child, rx, reader) = spawn_logged(
+        cwd.path(),
+        &out,
+        &[],
+        &[
+            ("MLA_STORE_TEST_PUT_DELAY_MS", "100"),
+            ("RUST_LOG", "info,mla_trainer=debug"),
+        ],
+    );
     let wait_for = |needle: &str| {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -126,26 +149,12 @@ fn store_lost_after_start(extra: &[&str]) -> Option<(std::process::ExitStatus, S
     let pid = std::env::var("MLA_TEST_S3_PID").expect("MLA_TEST_S3_PID (scripts/s3_server.sh)");
     let _one = SERVER.lock().unwrap_or_else(|p| p.into_inner());
     let cwd = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mla"))
-        .args(train_args(&out, extra))
-        .envs(IMPATIENT.iter().copied())
-        .env("MLA_STORE_TEST_PUT_DELAY_MS", "250")
-        .current_dir(cwd.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut all = Vec::new();
-        for line in BufReader::new(stderr).lines() {
-            let line = line.unwrap();
-            let _ = tx.send(line.clone());
-            all.push(line);
-        }
-        all
-    });
+    let (mut child, rx, reader) = spawn_logged(
+        cwd.path(),
+        &out,
+        extra,
+        &[("MLA_STORE_TEST_PUT_DELAY_MS", "250")],
+    );
     let deadline = Instant::now() + Duration::from_secs(120);
     while !rx
         .recv_timeout(deadline.saturating_duration_since(Instant::now()))

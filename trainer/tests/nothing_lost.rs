@@ -260,6 +260,16 @@ fn ckpt_list_gives_up_on_an_endpoint_that_never_answers_within_seconds() {
     assert!(secs < 45.0, "took {secs:.0} s");
 }
 
+/// The tiny run into `out`, stopped (as by SIGTERM) at `step`: saves every 2 steps and `step`.
+fn run_stopped_at(cwd: &Path, out: &str, step: u64) {
+    ok(&train(
+        cwd,
+        out,
+        &[],
+        &[("MLA_TEST_STOP_AT_STEP", &step.to_string())],
+    ));
+}
+
 /// Replace `object` of a local step with `bytes` and fix its manifest entry, so the step's
 /// checksums verify (what a buggy writer, or a disk that lies, can leave behind).
 fn replace_verified(step_dir: &Path, object: &str, bytes: &[u8]) {
@@ -282,12 +292,7 @@ fn a_step_that_verifies_but_does_not_load_is_named_by_verify_and_skipped_by_resu
     let out = dir.path().join("run");
     let out_s = out.to_str().unwrap();
     // Steps 2 and 4 are saved, then the stop at 5 saves step 5.
-    ok(&train(
-        dir.path(),
-        out_s,
-        &[],
-        &[("MLA_TEST_STOP_AT_STEP", "5")],
-    ));
+    run_stopped_at(dir.path(), out_s, 5);
     let newest = out.join("step-00000005");
     // Valid manifest, valid checksums, not a safetensors file.
     replace_verified(
@@ -333,12 +338,7 @@ fn symlinks_in_a_local_step_are_refused_and_resume_passes_the_step_over() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     let out_s = out.to_str().unwrap();
-    ok(&train(
-        dir.path(),
-        out_s,
-        &[],
-        &[("MLA_TEST_STOP_AT_STEP", "5")],
-    ));
+    run_stopped_at(dir.path(), out_s, 5);
     // The same bytes moved elsewhere and linked back: sizes and checksums still match.
     let step = out.join("step-00000005");
     let elsewhere = dir.path().join("elsewhere.safetensors");
@@ -402,12 +402,7 @@ fn leftovers_of_crashed_saves_are_removed_at_the_next_start() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     let out_s = out.to_str().unwrap();
-    ok(&train(
-        dir.path(),
-        out_s,
-        &[],
-        &[("MLA_TEST_STOP_AT_STEP", "3")],
-    ));
+    run_stopped_at(dir.path(), out_s, 3);
     // A save killed before its manifest, and an upload cut off mid-write (object_store's
     // local staging file, which no listing shows).
     let crashed = out.join("step-00000009");
@@ -442,12 +437,7 @@ fn a_run_stopped_before_its_first_step_saves_nothing() {
     assert!(list(out_s, false).is_empty(), "no untrained step-00000000");
 
     // A resumed run stopped at once leaves its step as it was (not rewritten, never hidden).
-    ok(&train(
-        dir.path(),
-        out_s,
-        &[],
-        &[("MLA_TEST_STOP_AT_STEP", "3")],
-    ));
+    run_stopped_at(dir.path(), out_s, 3);
     let manifest = std::fs::read(out.join("step-00000003/manifest.json")).unwrap();
     let again = train(
         dir.path(),
