@@ -1,5 +1,6 @@
 //! `mla info --config F [--json]`: what a config builds — parameters, training FLOPs per
-//! token, inference-cache bytes per token, SDPA head dims — without allocating the model.
+//! token, inference-cache bytes per token, SDPA head dims, the training memory `mla train`
+//! checks before it starts — without allocating the model.
 
 use crate::config::{Override, Precision, RunConfig};
 use mla_model::{stats, AttentionKind};
@@ -43,6 +44,13 @@ pub fn run(args: &InfoArgs, overrides: &[Override]) -> anyhow::Result<()> {
     let absorbed = stats::absorbed_head_dims(m);
     let kind = m.attention_kind();
     let formula = "6*N + 6*n_layer*n_head*block_size*(d_qk + d_v), N = parameters without the input embedding (PaLM appendix B, no causal halving)";
+    // What `mla train` checks against the device before it builds the model.
+    let (param_kind, autocast) = match precision {
+        Precision::Fp32 => (tch::Kind::Float, false),
+        Precision::Bf16Mixed => (tch::Kind::Float, true),
+        Precision::Bf16True => (tch::Kind::BFloat16, false),
+    };
+    let memory = crate::train::memory::estimate(&cfg, param_kind, autocast);
     if args.json {
         let obj = serde_json::json!({
             "model": m.name,
@@ -58,6 +66,14 @@ pub fn run(args: &InfoArgs, overrides: &[Override]) -> anyhow::Result<()> {
             "precision": precision.as_str(),
             "sdpa_head_dims": {"qk": dqk, "v": dv},
             "absorbed_sdpa_head_dims": absorbed.map(|(qk, v)| serde_json::json!({"qk": qk, "v": v})),
+            "training_memory_bytes_at_least": {
+                "total": memory.total(),
+                "weights": memory.weights,
+                "gradients": memory.gradients,
+                "optimizer": memory.optimizer,
+                "activations": memory.activations,
+                "logits": memory.logits,
+            },
         });
         println!("{obj}");
         return Ok(());
@@ -101,5 +117,12 @@ pub fn run(args: &InfoArgs, overrides: &[Override]) -> anyhow::Result<()> {
         }
         None => println!("SDPA dims     q/k {dqk}, v {dv}"),
     }
+    println!(
+        "memory        at least {} per rank to train at micro batch {} × {} tokens, {}",
+        memory.describe(),
+        cfg.train.micro_batch_size,
+        cfg.train.max_seq_length.unwrap_or(m.block_size),
+        precision.as_str()
+    );
     Ok(())
 }

@@ -5,8 +5,8 @@
 //! The estimate is deliberately low: exact counts for what is exact (weights, the flat
 //! gradient buffer, the AdamW moments, one chunk of fp32 logits) and, for the activations, only
 //! the tensors every block is sure to keep for its backward. A run it refuses cannot fit; a
-//! run it passes may still not (measured: pythia-160m at 4 × 2048 on CPU peaks at 16.1 GiB,
-//! estimated 8.2 GiB). `mla train --force` skips the check.
+//! run it passes may still not (measured: pythia-160m at 4 × 2048 in fp32 on CPU peaks at
+//! 16.1 GiB, estimated ≥ 6.5 GiB; BENCHMARKS.md). `mla train --force` skips the check.
 //!
 //! Not here: measuring memory (device.rs), the chunked loss that bounds the logits (loss.rs).
 
