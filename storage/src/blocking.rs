@@ -90,6 +90,11 @@ impl BlockingCheckpointStore {
         self.rt.block_on(self.store.clean_leftovers())
     }
 
+    /// See [`CheckpointStore::clean_leftovers_of`].
+    pub fn clean_leftovers_of(&self, listed: &[StepInfo]) -> Result<Leftovers> {
+        self.rt.block_on(self.store.clean_leftovers_of(listed))
+    }
+
     /// See [`CheckpointStore::delete_all_steps`].
     pub fn delete_all_steps(&self) -> Result<Vec<StepName>> {
         self.rt.block_on(self.store.delete_all_steps())

@@ -14,7 +14,7 @@ use object_store::ObjectStoreExt;
 
 use crate::error::{Error, Result};
 use crate::manifest::StepName;
-use crate::store::CheckpointStore;
+use crate::store::{CheckpointStore, StepInfo};
 
 /// What [`CheckpointStore::clean_leftovers`] removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -104,12 +104,16 @@ impl CheckpointStore {
     /// on local disk, staging files of cut-off uploads. Call it only while holding the
     /// out_dir's lease, so no save of another run is in flight.
     pub async fn clean_leftovers(&self) -> Result<Leftovers> {
+        self.clean_leftovers_of(&self.list().await?).await
+    }
+
+    /// [`Self::clean_leftovers`] with the out_dir's listing already at hand (a caller that
+    /// just listed it need not list it again).
+    pub async fn clean_leftovers_of(&self, listed: &[StepInfo]) -> Result<Leftovers> {
         let mut out = Leftovers::default();
-        for info in self.list().await? {
-            if !info.exists() {
-                self.delete_step(&info.step).await?;
-                out.incomplete_steps.push(info.step);
-            }
+        for info in listed.iter().filter(|i| !i.exists()) {
+            self.delete_step(&info.step).await?;
+            out.incomplete_steps.push(info.step.clone());
         }
         if let Some(dir) = &self.local_dir {
             let base = dir.join(self.root.as_ref());

@@ -13,7 +13,8 @@ use crate::config::RunConfig;
 use crate::error::BadInput;
 use mla_model::{Gpt, ModelConfig};
 use mla_storage::{BlockingCheckpointStore, Manifest, StepName};
-use std::collections::BTreeMap;
+use std::collections::hash_map::Entry as Slot;
+use std::collections::{BTreeMap, HashMap};
 use tch::nn::VarStore;
 use tch::Device;
 
@@ -139,12 +140,31 @@ fn read_header(
     Ok((tensors, metadata))
 }
 
-/// Check that `step` (committed, with `manifest`) is a loadable checkpoint of its config; one
-/// line naming the object and the problem otherwise (exit 2).
-pub(crate) fn check_contents(
+/// Checks steps' contents, building each distinct model's expected tensors once: the steps of
+/// a listing usually share one config, and building even one layer of it costs the embeddings.
+#[derive(Default)]
+pub(crate) struct ContentsCheck {
+    expected: HashMap<String, BTreeMap<String, Vec<i64>>>,
+}
+
+impl ContentsCheck {
+    /// Check that `step` (committed, with `manifest`) is a loadable checkpoint of its config;
+    /// one line naming the object and the problem otherwise (exit 2).
+    pub(crate) fn check(
+        &mut self,
+        store: &BlockingCheckpointStore,
+        step: &StepName,
+        manifest: &Manifest,
+    ) -> anyhow::Result<()> {
+        check_contents(store, step, manifest, &mut self.expected)
+    }
+}
+
+fn check_contents(
     store: &BlockingCheckpointStore,
     step: &StepName,
     manifest: &Manifest,
+    models: &mut HashMap<String, BTreeMap<String, Vec<i64>>>,
 ) -> anyhow::Result<()> {
     let url = store.store().step_url(step);
     let text = |name: &str| -> anyhow::Result<String> {
@@ -163,7 +183,10 @@ pub(crate) fn check_contents(
         ))
         .into());
     }
-    let expected = expected_tensors(cfg.model())?;
+    let expected = match models.entry(super::config_digest(&cfg)) {
+        Slot::Occupied(e) => e.into_mut(),
+        Slot::Vacant(v) => v.insert(expected_tensors(cfg.model())?),
+    };
     let header = |name: &str| {
         let entry = manifest
             .object(name)
@@ -179,13 +202,13 @@ pub(crate) fn check_contents(
 
     let what = format!("{url}/{MODEL_FILE}");
     let (model, _) = header(MODEL_FILE)?;
-    check_names(&what, &model, &expected, &[""], &["F32", "BF16"])?;
+    check_names(&what, &model, expected, &[""], &["F32", "BF16"])?;
     let what = format!("{url}/{OPTIMIZER_FILE}");
     let (moments, meta) = header(OPTIMIZER_FILE)?;
     check_names(
         &what,
         &moments,
-        &expected,
+        expected,
         &["exp_avg.", "exp_avg_sq."],
         &["F32"],
     )?;

@@ -166,9 +166,10 @@ fn list(out_dir: &str, verify: bool, as_json: bool) -> anyhow::Result<()> {
     .map_err(|e| store_error(&format!("listing {out_dir}"), e))?;
     if verify {
         // Checksums say the bytes are those saved; the contents check says they load.
+        let mut check = contents::ContentsCheck::default();
         for info in &mut infos {
             if let (Some(m), Verification::Verified) = (&info.manifest, &info.verification) {
-                if let Err(e) = contents::check_contents(&store, &info.step, m) {
+                if let Err(e) = check.check(&store, &info.step, m) {
                     info.verification = Verification::Unloadable(format!("{e:#}"));
                 }
             }
@@ -244,7 +245,7 @@ fn list(out_dir: &str, verify: bool, as_json: bool) -> anyhow::Result<()> {
 fn verify(step_dir: &str) -> anyhow::Result<()> {
     let (store, step) = resolve(step_dir)?;
     let m = store.verify(&step).map_err(|e| store_error("", e))?;
-    contents::check_contents(&store, &step, &m)?;
+    contents::ContentsCheck::default().check(&store, &step, &m)?;
     let mut out = String::new();
     writeln!(
         out,

@@ -62,10 +62,12 @@ pub(crate) fn claim(cfg: &RunConfig, store: &BlockingCheckpointStore) -> anyhow:
             }
         })?;
 
+    // One listing serves the fresh-run check and the clean-up (an --overwrite empties it).
+    let mut listed = store
+        .list()
+        .map_err(|e| anyhow::Error::new(e).context(format!("out_dir {url}: listing")))?;
     if cfg.resume == Resume::No {
-        let committed: Vec<String> = store
-            .list()
-            .map_err(|e| anyhow::Error::new(e).context(format!("out_dir {url}: listing")))?
+        let committed: Vec<String> = listed
             .iter()
             .filter(|s| s.exists())
             .map(|s| s.step.to_string())
@@ -92,11 +94,12 @@ pub(crate) fn claim(cfg: &RunConfig, store: &BlockingCheckpointStore) -> anyhow:
                 committed.len(),
                 list_steps(&deleted.iter().map(|s| s.to_string()).collect::<Vec<_>>())
             );
+            listed.clear();
         }
     }
 
     let left = store
-        .clean_leftovers()
+        .clean_leftovers_of(&listed)
         .map_err(|e| anyhow::Error::new(e).context(format!("out_dir {url}: cleaning up")))?;
     if !left.is_empty() {
         let steps: Vec<String> = left
