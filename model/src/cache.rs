@@ -21,8 +21,17 @@ pub enum MlaDecode {
 /// Cache of one layer.
 #[derive(Debug)]
 pub enum LayerCache {
-    Kv { k: Tensor, v: Tensor },
-    Latent { kv: Tensor, decode: MlaDecode },
+    Kv {
+        k: Tensor,
+        v: Tensor,
+    },
+    Latent {
+        kv: Tensor,
+        /// Set for [`MlaDecode::Absorbed`]: kv_b_proj's weight split and laid out once per cache,
+        /// W_uk (H, Dn, C) and W_uvᵀ (H, C, Dv), both contiguous (not counted as cache bytes:
+        /// they are a view of the weights in another layout).
+        folded: Option<(Tensor, Tensor)>,
+    },
 }
 
 impl LayerCache {

@@ -213,6 +213,26 @@ impl Gpt {
         idx: &Tensor,
         cache: &mut InferenceCache,
     ) -> Result<Tensor, ModelError> {
+        self.forward_cached_from(idx, cache, 0)
+    }
+
+    /// [`Self::forward_cached`] returning only the last position's logits (B, 1, V): what
+    /// sampling needs, without the (B, T, V) logits of a whole prompt.
+    pub fn forward_cached_last(
+        &self,
+        idx: &Tensor,
+        cache: &mut InferenceCache,
+    ) -> Result<Tensor, ModelError> {
+        self.forward_cached_from(idx, cache, idx.size()[1] - 1)
+    }
+
+    /// Cached forward returning the logits of positions `first..` of `idx`.
+    fn forward_cached_from(
+        &self,
+        idx: &Tensor,
+        cache: &mut InferenceCache,
+        first: i64,
+    ) -> Result<Tensor, ModelError> {
         let t = idx.size()[1];
         let start = cache.len;
         if start + t > cache.capacity {
@@ -231,6 +251,6 @@ impl Gpt {
             });
         }
         cache.len = start + t;
-        Ok(self.logits(&self.ln_f.forward(&x)))
+        Ok(self.logits(&self.ln_f.forward(&x.narrow(1, first, t - first))))
     }
 }

@@ -14,6 +14,11 @@
 //! score_ij = s·((W_ukᵀ q_nope_i)·c_j + q_rope_i·k_rope_j) (q·b_k is the same for every key,
 //! so softmax drops it), and Σ_j p_ij v_j = W_uv (Σ_j p_ij c_j) + b_v because Σ_j p_ij = 1.
 //! That is MQA over the latent: the heads fold into query rows against one shared key/value.
+//!
+//! With `MlaDecode::Absorbed` each cached call takes whichever form costs fewer multiply-adds
+//! ([`MultiheadLatentAttention::absorbed_is_cheaper`]): a prompt re-expands its latents once
+//! (the absorbed form would run T×L attention over the C-wide latent), single-token decode
+//! steps and short chunks attend over the latent — as production MLA inference does.
 
 use crate::cache::{self, LayerCache, MlaDecode};
 use crate::config::{MlaSpec, ModelConfig};
@@ -173,16 +178,33 @@ impl MultiheadLatentAttention {
         attend(&q, &k, &parts[1], self.scale) // (B, H, T, Dv)
     }
 
-    /// Absorbed attention over the latents (B, L, C+Dr) without per-head K/V.
-    fn attend_absorbed(&self, q_nope: &Tensor, q_rope: &Tensor, latent: &Tensor) -> Tensor {
+    /// kv_b_proj's weight as the absorbed path uses it: W_uk (H, Dn, C) and W_uvᵀ (H, C, Dv),
+    /// contiguous, so that each step is two batched matmuls without re-layout.
+    fn folded_weights(&self) -> (Tensor, Tensor) {
+        let (h, dn, dv, c) = (self.n_head, self.dn, self.dv, self.c);
+        let w = self.kv_b_proj.ws.detach().view([h, dn + dv, c]);
+        (
+            w.narrow(1, 0, dn).contiguous(),
+            w.narrow(1, dn, dv).transpose(1, 2).contiguous(),
+        )
+    }
+
+    /// Absorbed attention over the latents (B, L, C+Dr) without per-head K/V; `folded` from
+    /// [`Self::folded_weights`].
+    fn attend_absorbed(
+        &self,
+        q_nope: &Tensor,
+        q_rope: &Tensor,
+        latent: &Tensor,
+        folded: &(Tensor, Tensor),
+    ) -> Tensor {
         let (b, h, t) = (q_nope.size()[0], self.n_head, q_nope.size()[2]);
         let (dn, dv, c) = (self.dn, self.dv, self.c);
         let l = latent.size()[1];
-        let w = self.kv_b_proj.ws.view([h, dn + dv, c]);
-        let w_uk = w.narrow(1, 0, dn); // (H, Dn, C)
-        let w_uv = w.narrow(1, dn, dv); // (H, Dv, C)
-        let q_lat = Tensor::einsum("bhtd,hdc->bhtc", &[q_nope, &w_uk], None::<i64>); // (B, H, T, C)
-                                                                                     // Fold heads into query rows: (B, 1, T·H, C+Dr) against one key/value head.
+        let (w_uk, w_uv_t) = folded;
+        // (B, H, T, Dn) @ (H, Dn, C) = (B, H, T, C)
+        let q_lat = q_nope.matmul(w_uk);
+        // Fold heads into query rows: (B, 1, T·H, C+Dr) against one key/value head.
         let q = Tensor::cat(&[q_lat, q_rope.shallow_clone()], -1)
             .transpose(1, 2)
             .reshape([b, 1, t * h, -1]);
@@ -214,12 +236,12 @@ impl MultiheadLatentAttention {
                 false,
             )
         }; // (B, 1, T·H, C)
-        let o_lat = o_lat.view([b, t, h, c]);
-        let mut o = Tensor::einsum("bthc,hvc->bthv", &[&o_lat, &w_uv], None::<i64>); // (B, T, H, Dv)
+        let o_lat = o_lat.view([b, t, h, c]).transpose(1, 2); // (B, H, T, C)
+        let mut o = o_lat.matmul(w_uv_t); // (B, H, T, C) @ (H, C, Dv) = (B, H, T, Dv)
         if let Some(bias) = &self.kv_b_proj.bs {
-            o += bias.view([h, dn + dv]).narrow(1, dn, dv);
+            o += bias.view([h, 1, dn + dv]).narrow(2, dn, dv);
         }
-        o.transpose(1, 2) // (B, H, T, Dv)
+        o
     }
 
     fn project_out(&self, y: &Tensor) -> Tensor {
@@ -227,6 +249,19 @@ impl MultiheadLatentAttention {
         let (b, t) = (y.size()[0], y.size()[2]);
         self.proj
             .forward(&y.transpose(1, 2).reshape([b, t, self.n_head * self.dv]))
+    }
+
+    /// Whether `t` new queries over `l` cached latents cost fewer multiply-adds per head in
+    /// the absorbed form. Naive: expand every latent, l·C·(Dn+Dv), then attend,
+    /// t·l·(Dn+Dr+Dv). Absorbed: fold W_uk into and W_uv out of each query, t·C·(Dn+Dv), then
+    /// attend over the latent, t·l·(2C+Dr). A decode step (t = 1) is absorbed once l > 1; a
+    /// whole prompt (t = l) never is (that needs 2C < Dn+Dv); a chunk of a few tokens after a
+    /// long cache is.
+    fn absorbed_is_cheaper(&self, t: i64, l: i64) -> bool {
+        let (c, dn, dr, dv) = (self.c, self.dn, self.dr, self.dv);
+        let naive = l * c * (dn + dv) + t * l * (dn + dr + dv);
+        let absorbed = t * c * (dn + dv) + t * l * (2 * c + dr);
+        absorbed < naive
     }
 
     /// Training / uncached forward (naive form, as litgpt).
@@ -247,13 +282,16 @@ impl MultiheadLatentAttention {
     ) -> Tensor {
         let (q_nope, q_rope) = self.queries(x, cos, sin);
         let new = self.latent(x, cos, sin);
-        let LayerCache::Latent { kv, decode } = cache else {
+        let LayerCache::Latent { kv, folded, .. } = cache else {
             unreachable!("an MLA layer always gets a compressed cache")
         };
         let latent = cache::append(kv, &new, 1, start);
-        let y = match decode {
-            MlaDecode::Naive => self.attend_naive(&q_nope, &q_rope, &latent),
-            MlaDecode::Absorbed => self.attend_absorbed(&q_nope, &q_rope, &latent),
+        let (t, l) = (x.size()[1], latent.size()[1]);
+        let y = match folded {
+            Some(f) if self.absorbed_is_cheaper(t, l) => {
+                self.attend_absorbed(&q_nope, &q_rope, &latent, f)
+            }
+            _ => self.attend_naive(&q_nope, &q_rope, &latent),
         };
         self.project_out(&y)
     }
@@ -268,7 +306,7 @@ impl MultiheadLatentAttention {
     ) -> LayerCache {
         LayerCache::Latent {
             kv: cache::zeros(&[batch, capacity, self.c + self.dr], kind, device),
-            decode,
+            folded: (decode == MlaDecode::Absorbed).then(|| self.folded_weights()),
         }
     }
 }

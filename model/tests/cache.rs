@@ -1,7 +1,10 @@
 //! Cached inference equals the uncached forward for every attention kind, to fp32 rounding
 //! (`common::FORWARD_TOL`: the cached, absorbed and uncached paths re-associate the same
 //! products in other shapes, nothing more): prefill + 16 single-token decode steps, and a chunked prefill that needs the offset mask.
-//! For MLA both the naive and the absorbed path over the compressed cache, and absorbed == naive.
+//! For MLA both the naive and the absorbed path over the compressed cache, and absorbed == naive;
+//! the absorbed setting takes the latent form only where it is cheaper, and the chunks
+//! 5+3+4+1+1+10 of the tiny mapping dims exercise both forms (3 and 4 tokens after 5 and 8
+//! cached: absorbed; 5 and 10: expanded).
 //! On the device of `MLA_TEST_DEVICE` (cpu by default; cuda in scripts/gpu_check.sh).
 
 mod common;
@@ -97,6 +100,32 @@ fn mla_compressed_cache_naive_and_absorbed_equal_uncached_forward() {
             diff <= FORWARD_TOL,
             "absorbed differs from naive by {diff:e}"
         );
+    }
+}
+
+#[test]
+fn forward_cached_last_is_the_last_position_of_forward_cached() {
+    for cfg in [tiny(2), tiny_mla_seed(false)] {
+        let (_vs, gpt) = random_model(&cfg, 3);
+        let idx = tokens(2, 12, cfg.vocab_size as i64, 5);
+        tch::no_grad(|| {
+            let full = gpt.forward(&idx);
+            let mut cache = gpt
+                .new_cache(2, 12, MlaDecode::Absorbed, Kind::Float)
+                .expect("fits");
+            let prompt = gpt
+                .forward_cached_last(&idx.narrow(1, 0, 9), &mut cache)
+                .expect("fits");
+            assert_eq!(prompt.size(), [2, 1, full.size()[2]]);
+            assert_eq!(cache.len(), 9);
+            let step = gpt
+                .forward_cached_last(&idx.narrow(1, 9, 3), &mut cache)
+                .expect("fits");
+            for (got, pos) in [(&prompt, 8), (&step, 11)] {
+                let diff = max_abs_diff(&full.narrow(1, pos, 1), got);
+                assert!(diff <= FORWARD_TOL, "position {pos}: {diff:e}");
+            }
+        });
     }
 }
 

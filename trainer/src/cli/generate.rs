@@ -180,7 +180,7 @@ fn generate(
     };
     let mut seq = idx.shallow_clone();
     let mut logits = match &mut cache {
-        Some(c) => model.forward_cached(&idx, c)?,
+        Some(c) => model.forward_cached_last(&idx, c)?,
         None => model.forward(&idx),
     };
     for _ in 0..args.max_new_tokens {
@@ -200,7 +200,7 @@ fn generate(
         }
         let next = Tensor::from_slice(&next).view([b, 1]).to_device(device);
         logits = match &mut cache {
-            Some(c) => model.forward_cached(&next, c)?,
+            Some(c) => model.forward_cached_last(&next, c)?,
             None => {
                 seq = Tensor::cat(&[seq, next], 1);
                 model.forward(&seq)
