@@ -96,17 +96,10 @@ while (($#)); do
   esac
 done
 
-if [ -z "$torch_lib" ]; then
-  for cand in /opt/torch/.venv/lib/python3.*/site-packages/torch/lib .venv/lib/python3.*/site-packages/torch/lib; do
-    [ -f "$cand/libtorch_cuda.so" ] && { torch_lib=$cand; break; }
-  done
-fi
-[ -n "$torch_lib" ] && [ -f "$torch_lib/libtorch_cuda.so" ] \
-  || { echo "gpu_check.sh: no CUDA libtorch found; pass --torch-lib <venv>/lib/python3.*/site-packages/torch/lib" >&2; exit 2; }
-site=$(cd "$torch_lib/../.." && pwd)
-libs=$(cd "$torch_lib" && pwd)
-for l in "$site"/nvidia/*/lib; do [ -d "$l" ] && libs="$libs:$l"; done
-export LD_LIBRARY_PATH="$libs:$ROOT/$D/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# shellcheck source=scripts/device_env.sh
+source scripts/device_env.sh
+device_env "$torch_lib"
+torch_lib=$TORCH_LIB
 MLA=${MLA:-$D/bin/mla}
 [ -x "$MLA" ] && [ -f "$D/data/tinystories/index.json" ] \
   || { echo "gpu_check.sh: $D/bin/mla or $D/data missing: run scripts/gpu_check.sh --prepare on a build machine first" >&2; exit 2; }

@@ -534,8 +534,12 @@ pub struct Override {
 
 /// Split litgpt-style overrides (`--train.max_steps 20`, `--out_dir=x`, `--data TextFiles`)
 /// out of `args`; the rest is returned for the CLI parser. A flag is an override when its
-/// key is dotted or a top-level config key.
-pub fn split_overrides(args: &[String]) -> Result<(Vec<String>, Vec<Override>), String> {
+/// key is dotted or a top-level config key, unless it is one of `own` (a subcommand's flag
+/// spelled like a config key, e.g. `mla bench decode --precision`).
+pub fn split_overrides(
+    args: &[String],
+    own: &[&str],
+) -> Result<(Vec<String>, Vec<Override>), String> {
     let mut rest = Vec::new();
     let mut overrides = Vec::new();
     let mut it = args.iter().peekable();
@@ -549,7 +553,7 @@ pub fn split_overrides(args: &[String]) -> Result<(Vec<String>, Vec<Override>), 
             None => (flag, None),
         };
         let root = key.split('.').next().unwrap_or(key);
-        if !TOP_LEVEL_KEYS.contains(&root) {
+        if !TOP_LEVEL_KEYS.contains(&root) || own.contains(&key) {
             if key.contains('.') {
                 return Err(format!(
                     "--{key}: unknown config section `{root}` (sections: {})",

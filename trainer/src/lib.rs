@@ -16,6 +16,7 @@ pub mod inference;
 pub mod logging;
 pub mod metrics;
 pub mod optim;
+pub mod report;
 pub mod signals;
 pub mod tensorboard;
 pub mod train;

@@ -38,7 +38,17 @@ fn every_config_hub_file_parses_and_validates() {
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).expect("config_hub readable") {
             let path = entry.expect("entry").path();
-            if path.is_dir() {
+            if path.is_dir() && path.ends_with("study") {
+                // Study files: a base config and variants, each checked as `mla study` does
+                // (from the repository root, which their paths are relative to).
+                for f in std::fs::read_dir(&path).expect("config_hub/study readable") {
+                    let f = f.expect("entry").path();
+                    let (code, _, err) = mla(&["study", f.to_str().unwrap(), "--dry-run"]);
+                    assert_eq!(code, 0, "{}: {err}", f.display());
+                    assert!(err.matches("would train").count() >= 2, "{err}");
+                    n += 1;
+                }
+            } else if path.is_dir() {
                 stack.push(path);
             } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
                 let cfg = RunConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));

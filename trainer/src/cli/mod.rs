@@ -1,12 +1,15 @@
 //! The `mla` command line: subcommands and the litgpt-style `--section.key value` overrides.
 //! Each subcommand lives in its own file; this one only parses and dispatches.
 
+mod bench;
 mod ckpt;
 mod download;
 mod eval;
 mod generate;
 mod info;
 mod prepare;
+mod report;
+mod study;
 mod train;
 
 use crate::config::{split_overrides, Override};
@@ -42,21 +45,32 @@ enum Command {
     Train(train::TrainArgs),
     /// List, verify and inspect checkpoints (an out_dir or step directory: path or s3:// URL).
     Ckpt(ckpt::CkptArgs),
+    /// Benchmarks: `mla bench decode` measures prefill/decode speed and cache size per path.
+    Bench(bench::BenchArgs),
+    /// Train the variants of a study file under one budget, then report on them.
+    Study(study::StudyArgs),
+    /// Compare finished runs: report.md with a table and plots, report.csv, report.json.
+    Report(report::ReportArgs),
 }
 
-/// Subcommands that take a run config, and so accept `--section.key value` overrides.
-const CONFIG_COMMANDS: &[&str] = &["info", "train"];
+/// Subcommands that take a run config, and so accept `--section.key value` overrides, with
+/// their own flags that are spelled like a config key.
+const CONFIG_COMMANDS: &[(&str, &[&str])] = &[
+    ("info", &[]),
+    ("train", &[]),
+    ("bench", &["precision"]),
+    ("study", &[]),
+];
 
 /// Parse `args` (without the program name) and run the subcommand.
 pub fn run(args: Vec<String>) -> anyhow::Result<()> {
-    let is_config_command = args
+    let config_command = args
         .iter()
         .find(|a| !a.starts_with('-'))
-        .is_some_and(|c| CONFIG_COMMANDS.contains(&c.as_str()));
-    let (rest, overrides): (Vec<String>, Vec<Override>) = if is_config_command {
-        split_overrides(&args).map_err(BadInput)?
-    } else {
-        (args, Vec::new())
+        .and_then(|c| CONFIG_COMMANDS.iter().find(|(name, _)| name == c));
+    let (rest, overrides): (Vec<String>, Vec<Override>) = match config_command {
+        Some((_, own)) => split_overrides(&args, own).map_err(BadInput)?,
+        None => (args, Vec::new()),
     };
     let cli = match Cli::try_parse_from(std::iter::once("mla".to_string()).chain(rest)) {
         Ok(cli) => cli,
@@ -70,5 +84,8 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
         Command::Download(a) => download::run(&a),
         Command::Generate(a) => generate::run(&a),
         Command::Eval(a) => eval::run(&a),
+        Command::Bench(a) => bench::run(&a, &overrides),
+        Command::Study(a) => study::run(&a, &overrides),
+        Command::Report(a) => report::run(&a),
     }
 }
