@@ -31,6 +31,9 @@ pub struct ReportArgs {
     /// Untimed decode steps before the timed ones.
     #[arg(long, default_value_t = 4)]
     warmup: usize,
+    /// Decode rounds over all runs (each case keeps its best: noise only slows a case down).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Compute device for the decode benchmark (default: CUDA when available, else CPU).
     #[arg(long, value_enum)]
     device: Option<DeviceKind>,
@@ -49,6 +52,7 @@ impl ReportArgs {
             batch: self.batch,
             new_tokens: self.new_tokens,
             warmup: self.warmup,
+            rounds: self.rounds.max(1),
             device,
             kind: inference::kind(self.precision, device),
             command,

@@ -45,6 +45,9 @@ struct ReportFlags {
     /// Tokens generated per prompt in the report's decode benchmark.
     #[arg(long, default_value_t = 32)]
     new_tokens: usize,
+    /// Decode rounds over all variants in the report (each case keeps its best).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 enum Outcome {
@@ -201,6 +204,7 @@ pub fn run(args: &StudyArgs, overrides: &[Override]) -> anyhow::Result<()> {
             batch: args.report.batch,
             new_tokens: args.report.new_tokens,
             warmup: 4,
+            rounds: args.report.rounds.max(1),
             device: crate::device::select(None, 0)?,
             kind: crate::inference::kind(None, crate::device::select(None, 0)?),
             command: super::report::command_line(),

@@ -22,6 +22,8 @@ pub struct ReportOptions {
     pub batch: usize,
     pub new_tokens: usize,
     pub warmup: usize,
+    /// Interleaved decode rounds; each case keeps its best.
+    pub rounds: usize,
     pub device: Device,
     pub kind: Kind,
     /// The command line that made the report, quoted in it.
@@ -51,8 +53,13 @@ impl ReportOptions {
 /// The files `write` produces in its output directory.
 pub const PLOTS: [&str; 3] = ["val_loss.png", "tradeoff.png", "decode.png"];
 
-/// Summarize `runs` (each with progress on stderr), and write report.md, report.csv,
-/// report.json and the plots into `out`.
+/// Summarize `runs`, measure their decode speed, and write report.md, report.csv,
+/// report.json and the plots into `out`. Progress goes to stderr.
+///
+/// Decode speed on a shared machine drifts by tens of percent over minutes, which would pass
+/// for differences between models measured minutes apart. So all models are loaded first and
+/// measured in `rounds` interleaved rounds (every model once per round), and each case keeps
+/// its best round: noise only ever slows a case down.
 pub fn write(
     runs: &[PathBuf],
     out: &Path,
@@ -60,27 +67,49 @@ pub fn write(
 ) -> anyhow::Result<Vec<RunSummary>> {
     std::fs::create_dir_all(out)
         .map_err(|e| crate::error::BadInput(format!("{}: cannot create: {e}", out.display())))?;
-    let mut summaries = Vec::new();
-    let bench = |block: usize| opts.decode(block);
-    for (i, dir) in runs.iter().enumerate() {
-        eprintln!(
-            "[{}/{}] {}: reading and benchmarking decode",
-            i + 1,
-            runs.len(),
-            dir.display()
-        );
-        let s = summary::summarize(dir, Some(&bench), opts.device, opts.kind, |r| {
-            eprintln!(
-                "      context {:>5} batch {} {:<8} decode {:>8.1} tok/s, prefill {:>9.1} tok/s",
-                r.context,
-                r.batch,
-                r.path.name(),
-                r.decode_tokens_per_sec,
-                r.prefill_tokens_per_sec
-            )
-        })?;
-        summaries.push(s);
+    let mut loaded = Vec::new();
+    for dir in runs {
+        let (summary, model) = summary::load(dir, opts.device, opts.kind)?;
+        let decode = opts.decode(summary.block_size);
+        decode::check(&decode, &model.model)
+            .map_err(|e| crate::error::BadInput(format!("{}/final: {e}", dir.display())))?;
+        loaded.push((summary, model, decode));
     }
+    for round in 1..=opts.rounds {
+        for (i, (summary, model, decode)) in loaded.iter_mut().enumerate() {
+            eprintln!(
+                "decode round {round}/{} [{}/{}] {}",
+                opts.rounds,
+                i + 1,
+                runs.len(),
+                summary.name
+            );
+            let results = decode::run(&model.model, opts.kind, opts.device, decode, |r| {
+                eprintln!(
+                    "      context {:>5} batch {} {:<8} decode {:>8.1} tok/s, prefill {:>9.1} tok/s",
+                    r.context,
+                    r.batch,
+                    r.path.name(),
+                    r.decode_tokens_per_sec,
+                    r.prefill_tokens_per_sec
+                )
+            })?;
+            if summary.decode.is_empty() {
+                summary.decode = results;
+                continue;
+            }
+            for (best, r) in summary.decode.iter_mut().zip(results) {
+                let prefill = best.prefill_secs.min(r.prefill_secs);
+                if r.decode_tokens_per_sec > best.decode_tokens_per_sec {
+                    *best = r;
+                }
+                best.prefill_secs = prefill;
+                best.prefill_tokens_per_sec =
+                    (best.batch * best.context) as f64 / prefill.max(1e-9);
+            }
+        }
+    }
+    let summaries: Vec<RunSummary> = loaded.into_iter().map(|(s, _, _)| s).collect();
     table::write_data(out, &summaries)?;
     plot::val_loss(&out.join(PLOTS[0]), &summaries)?;
     plot::tradeoff(&out.join(PLOTS[1]), &summaries)?;
@@ -94,7 +123,8 @@ fn markdown(runs: &[RunSummary], opts: &ReportOptions) -> String {
     let decode_note = match first {
         Some(d) => format!(
             "Decode: batch {}, {} new tokens after each prompt ({} untimed warm-up steps), {:?} on {}; \
-             context = prompt length; tokens/s counts every sequence of the batch. The cached path is \
+             context = prompt length; tokens/s counts every sequence of the batch, at the median step \
+             time, best of {} rounds that take every model in turn. The cached path is \
              the K/V cache for MHA/GQA/MQA and the absorbed path for MLA; `{}` marks the naive path, \
              which only MLA has.",
             d.batch,
@@ -102,6 +132,7 @@ fn markdown(runs: &[RunSummary], opts: &ReportOptions) -> String {
             opts.warmup,
             opts.kind,
             crate::device::describe(opts.device),
+            opts.rounds,
             table::NOT_APPLICABLE
         ),
         None => "No decode figures.".into(),

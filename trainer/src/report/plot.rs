@@ -105,6 +105,7 @@ pub fn val_loss(path: &Path, runs: &[RunSummary]) -> anyhow::Result<()> {
         .map_err(|e| err(Box::new(e)))?;
     chart
         .configure_mesh()
+        .light_line_style(WHITE)
         .x_desc("training tokens")
         .y_desc("val loss (nats)")
         .label_style((FONT, 15))
@@ -176,6 +177,7 @@ pub fn tradeoff(path: &Path, runs: &[RunSummary]) -> anyhow::Result<()> {
         .map_err(|e| err(Box::new(e)))?;
     chart
         .configure_mesh()
+        .light_line_style(WHITE)
         .x_desc("KV cache bytes per token, bf16 (log scale) — lower is better")
         .y_desc("final val loss (nats) — lower is better")
         .label_style((FONT, 15))
@@ -235,10 +237,12 @@ pub fn decode_speed(path: &Path, runs: &[RunSummary]) -> anyhow::Result<()> {
         .map_err(|e| err(Box::new(e)))?;
     chart
         .configure_mesh()
+        .light_line_style(WHITE)
         .x_desc("context (prompt tokens)")
         .y_desc("decode tokens/s")
         .label_style((FONT, 15))
         .axis_desc_style((FONT, 17))
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .y_label_formatter(&|y| human(*y))
         .draw()
         .map_err(|e| err(Box::new(e)))?;
@@ -282,7 +286,7 @@ pub fn decode_speed(path: &Path, runs: &[RunSummary]) -> anyhow::Result<()> {
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(SeriesLabelPosition::LowerRight)
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
         .label_font((FONT, 14))

@@ -3,7 +3,7 @@
 //! benchmark on the final weights).
 //! Not here: formatting (table.rs, plot.rs).
 
-use super::decode::{self, DecodeOptions, DecodePath, DecodeResult};
+use super::decode::{DecodePath, DecodeResult};
 use crate::error::BadInput;
 use crate::inference;
 use mla_model::{stats, AttentionKind};
@@ -162,15 +162,13 @@ fn describe(cfg: &mla_model::ModelConfig) -> (String, String) {
     }
 }
 
-/// Read run `dir` (local: metrics.jsonl and final/) and, when `bench` is given, run the decode
-/// benchmark it returns for the model's block size on the final weights.
-pub fn summarize(
+/// Read run `dir` (local: metrics.jsonl and final/): its summary (decode figures still empty)
+/// and its final weights on `device` in `kind`, for the decode benchmark.
+pub fn load(
     dir: &Path,
-    bench: Option<&dyn Fn(usize) -> DecodeOptions>,
     device: Device,
     kind: Kind,
-    mut progress: impl FnMut(&DecodeResult),
-) -> anyhow::Result<RunSummary> {
+) -> anyhow::Result<(RunSummary, inference::LoadedModel)> {
     let name = dir.file_name().map_or_else(
         || dir.display().to_string(),
         |n| n.to_string_lossy().into_owned(),
@@ -186,20 +184,11 @@ pub fn summarize(
     }
     let m = inference::load(&final_dir.display().to_string(), device, kind)?;
     let cfg = m.cfg.model().clone();
-    let decode = match bench {
-        Some(opts) => {
-            let opts = opts(cfg.block_size);
-            decode::check(&opts, &m.model)
-                .map_err(|e| BadInput(format!("{}: {e}", final_dir.display())))?;
-            decode::run(&m.model, kind, device, &opts, &mut progress)?
-        }
-        None => Vec::new(),
-    };
     let (kind_name, attention) = describe(&cfg);
     let Some(&(_, _, loss, ppl)) = metrics.evals.last() else {
         unreachable!("read_metrics refuses a run without validation")
     };
-    Ok(RunSummary {
+    let summary = RunSummary {
         name,
         dir: dir.to_path_buf(),
         kind: kind_name,
@@ -213,8 +202,9 @@ pub fn summarize(
         final_val_ppl: ppl,
         val_curve: metrics.evals.iter().map(|e| (e.1, e.2)).collect(),
         block_size: cfg.block_size,
-        decode,
-    })
+        decode: Vec::new(),
+    };
+    Ok((summary, m))
 }
 
 #[cfg(test)]
