@@ -3,6 +3,7 @@
 //! checks before it starts — without allocating the model.
 
 use crate::config::{Override, Precision, RunConfig};
+use crate::metrics::thousands;
 use mla_model::{stats, AttentionKind};
 use std::path::PathBuf;
 
@@ -14,18 +15,6 @@ pub struct InfoArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
-}
-
-fn thousands(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 pub fn run(args: &InfoArgs, overrides: &[Override]) -> anyhow::Result<()> {

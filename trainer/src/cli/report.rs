@@ -19,6 +19,19 @@ pub struct ReportArgs {
     /// Title of report.md.
     #[arg(long, default_value = "Attention trade-off")]
     title: String,
+    #[command(flatten)]
+    decode: DecodeFlags,
+    /// Compute device for the decode benchmark (default: CUDA when available, else CPU).
+    #[arg(long, value_enum)]
+    device: Option<DeviceKind>,
+    /// Decode dtype (default: bf16-true on CUDA, 32-true on CPU).
+    #[arg(long, value_enum)]
+    precision: Option<InferencePrecision>,
+}
+
+/// How the report measures decode (also `mla study`'s flags for its report).
+#[derive(Debug, clap::Args)]
+pub struct DecodeFlags {
     /// Decode prompt lengths (default: block/8, block/2 and block − new tokens of each model).
     #[arg(long, value_delimiter = ',')]
     contexts: Vec<usize>,
@@ -34,28 +47,28 @@ pub struct ReportArgs {
     /// Decode rounds over all runs (each case keeps its best: noise only slows a case down).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Compute device for the decode benchmark (default: CUDA when available, else CPU).
-    #[arg(long, value_enum)]
-    device: Option<DeviceKind>,
-    /// Decode dtype (default: bf16-true on CUDA, 32-true on CPU).
-    #[arg(long, value_enum)]
-    precision: Option<InferencePrecision>,
 }
 
-impl ReportArgs {
-    /// The options for `report::write`; `command` is quoted in report.md.
-    pub fn options(&self, command: String) -> anyhow::Result<ReportOptions> {
-        let device = device::select(self.device, 0)?;
+impl DecodeFlags {
+    /// The options for `report::write`, measuring on `device` in `precision`; `command` is
+    /// quoted in report.md.
+    pub fn options(
+        &self,
+        title: String,
+        device: Option<DeviceKind>,
+        precision: Option<InferencePrecision>,
+    ) -> anyhow::Result<ReportOptions> {
+        let device = device::select(device, 0)?;
         Ok(ReportOptions {
-            title: self.title.clone(),
+            title,
             contexts: self.contexts.clone(),
             batch: self.batch,
             new_tokens: self.new_tokens,
             warmup: self.warmup,
             rounds: self.rounds.max(1),
             device,
-            kind: inference::kind(self.precision, device),
-            command,
+            kind: inference::kind(precision, device),
+            command: command_line(),
         })
     }
 }
@@ -79,7 +92,9 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
             .into());
         }
     }
-    let opts = args.options(command_line())?;
+    let opts = args
+        .decode
+        .options(args.title.clone(), args.device, args.precision)?;
     let runs = report::write(&args.runs, &args.out, &opts)?;
     eprintln!(
         "report of {} runs in {:.1} s: {}",

@@ -26,28 +26,12 @@ pub struct StudyArgs {
     /// Check the study and print the plan without training.
     #[arg(long)]
     dry_run: bool,
-    /// Passed to each `mla train`: compute device.
-    #[arg(long)]
-    device: Option<String>,
+    /// Compute device of each `mla train` and of the report (default: CUDA when available).
+    #[arg(long, value_enum)]
+    device: Option<crate::device::DeviceKind>,
+    /// The report's decode settings (see `mla report --help`).
     #[command(flatten)]
-    report: ReportFlags,
-}
-
-/// The report's decode settings (see `mla report --help`).
-#[derive(Debug, clap::Args)]
-struct ReportFlags {
-    /// Decode prompt lengths for the report (default: block/8, block/2, block − new tokens).
-    #[arg(long, value_delimiter = ',')]
-    contexts: Vec<usize>,
-    /// Decode batch size for the report.
-    #[arg(long, default_value_t = 8)]
-    batch: usize,
-    /// Tokens generated per prompt in the report's decode benchmark.
-    #[arg(long, default_value_t = 32)]
-    new_tokens: usize,
-    /// Decode rounds over all variants in the report (each case keeps its best).
-    #[arg(long, default_value_t = 3)]
-    rounds: usize,
+    report: super::report::DecodeFlags,
 }
 
 enum Outcome {
@@ -153,8 +137,12 @@ pub fn run(args: &StudyArgs, overrides: &[Override]) -> anyhow::Result<()> {
             .arg("--config")
             .arg(&cfg_path)
             .args(["--resume", "auto"]);
-        if let Some(d) = &args.device {
-            cmd.args(["--device", d]);
+        if let Some(d) = args.device {
+            let name = match d {
+                crate::device::DeviceKind::Cpu => "cpu",
+                crate::device::DeviceKind::Cuda => "cuda",
+            };
+            cmd.args(["--device", name]);
         }
         for o in overrides {
             cmd.arg(format!("--{}", o.key)).arg(&o.value);
@@ -198,17 +186,9 @@ pub fn run(args: &StudyArgs, overrides: &[Override]) -> anyhow::Result<()> {
     let mut report_note = String::new();
     if !args.no_report && !crate::signals::stop_requested() && !done.is_empty() {
         let out = s.out_dir.join("report");
-        let opts = report::ReportOptions {
-            title: format!("Attention trade-off: study {}", s.name),
-            contexts: args.report.contexts.clone(),
-            batch: args.report.batch,
-            new_tokens: args.report.new_tokens,
-            warmup: 4,
-            rounds: args.report.rounds.max(1),
-            device: crate::device::select(None, 0)?,
-            kind: crate::inference::kind(None, crate::device::select(None, 0)?),
-            command: super::report::command_line(),
-        };
+        let opts =
+            args.report
+                .options(format!("Attention trade-off: study {}", s.name), None, None)?;
         let runs = report::write(&done, &out, &opts)?;
         report_note = format!(
             "; report of {} runs: {}",
@@ -224,8 +204,13 @@ pub fn run(args: &StudyArgs, overrides: &[Override]) -> anyhow::Result<()> {
         .iter()
         .filter(|(_, o)| matches!(o, Outcome::Skipped))
         .count();
+    let stopped = if outcomes.iter().any(|(_, o)| matches!(o, Outcome::Stopped)) {
+        ", stopped by a signal (rerun to go on)"
+    } else {
+        ""
+    };
     eprintln!(
-        "study {}: {trained} trained, {skipped} already finished, {} failed{} in {:.1} min{report_note}",
+        "study {}: {trained} trained, {skipped} already finished, {} failed{}{stopped} in {:.1} min{report_note}",
         s.name,
         failed.len(),
         if failed.is_empty() { String::new() } else { format!(" ({})", failed.join(", ")) },

@@ -4,7 +4,7 @@
 
 use super::decode::DecodePath;
 use super::summary::RunSummary;
-use crate::metrics::human_bytes;
+use crate::metrics::{human_bytes, thousands};
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -25,18 +25,6 @@ fn contexts(runs: &[RunSummary]) -> Vec<usize> {
     c.sort_unstable();
     c.dedup();
     c
-}
-
-fn thousands(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    out
 }
 
 fn columns(runs: &[RunSummary]) -> Vec<Column> {
