@@ -286,7 +286,38 @@ pub struct NcclComm {
     watchdog: Watchdog,
     /// MPI, when it carried the unique id: finalised by `finish`.
     mpi: Option<mpi::environment::Universe>,
-    finished: bool,
+    /// Live, aborted or destroyed: NCCL frees the communicator in both ncclCommAbort and
+    /// ncclCommDestroy, so after either nothing may pass `comm` to NCCL again.
+    life: Lifetime,
+}
+
+/// The lifetime of a communicator handle: live until the first abort or destroy, which only
+/// that first call may perform.
+#[derive(Debug, Default)]
+struct Lifetime(std::sync::atomic::AtomicU8);
+
+impl Lifetime {
+    const LIVE: u8 = 0;
+    const ABORTED: u8 = 1;
+    const DESTROYED: u8 = 2;
+
+    fn is_live(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire) == Self::LIVE
+    }
+
+    /// Move from live to `to` and run `end` (the NCCL call that frees the handle); None, and
+    /// `end` not run, when the handle was already aborted or destroyed.
+    fn end<R>(&self, to: u8, end: impl FnOnce() -> R) -> Option<R> {
+        use std::sync::atomic::Ordering;
+        self.0
+            .compare_exchange(Self::LIVE, to, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| end())
+    }
+
+    fn was_aborted(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire) == Self::ABORTED
+    }
 }
 
 impl NcclComm {
@@ -334,7 +365,7 @@ impl NcclComm {
             timeout,
             watchdog,
             mpi,
-            finished: false,
+            life: Lifetime::default(),
         })
     }
 
@@ -348,6 +379,12 @@ impl NcclComm {
 
     /// The tensor as a flat view with its NCCL type, on this rank's device.
     fn flat(&self, t: &Tensor, op: &'static str) -> Result<(Tensor, c_int), DistError> {
+        if !self.life.is_live() {
+            return Err(self.error(
+                op,
+                "the communicator was aborted after an earlier failure".into(),
+            ));
+        }
         if t.device() != self.device {
             return Err(self.error(
                 op,
@@ -387,13 +424,11 @@ impl NcclComm {
             // SAFETY: writes one int.
             let r = unsafe { (self.lib.comm_get_async_error)(self.comm, &mut async_err) };
             if r == NCCL_SUCCESS && async_err != NCCL_SUCCESS && async_err != NCCL_IN_PROGRESS {
-                // SAFETY: aborting a communicator in error is NCCL's documented recovery.
-                unsafe { (self.lib.comm_abort)(self.comm) };
+                self.abort();
                 return Err(self.error(op, self.lib.error_string(async_err)));
             }
             if start.elapsed() >= self.timeout {
-                // SAFETY: as above; frees the hung collective's resources.
-                unsafe { (self.lib.comm_abort)(self.comm) };
+                self.abort(); // frees the hung collective's resources
                 return Err(DistError::Timeout {
                     rank: self.rank,
                     op,
@@ -403,6 +438,16 @@ impl NcclComm {
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(2));
         }
+    }
+
+    /// Abort the communicator, once: NCCL's documented recovery from an error or a hang. It
+    /// frees the handle, so later calls (a second error, `finish`, `Drop`) leave it alone.
+    fn abort(&self) {
+        // SAFETY: the handle is live (Lifetime::end runs this at most once, never after a
+        // destroy), and nothing touches it afterwards.
+        self.life.end(Lifetime::ABORTED, || unsafe {
+            (self.lib.comm_abort)(self.comm)
+        });
     }
 
     fn enqueue(&self, op: &'static str, r: NcclResult) -> Result<(), DistError> {
@@ -493,18 +538,24 @@ impl Communicator for NcclComm {
     }
 
     fn finish(&mut self) -> Result<(), DistError> {
-        if self.finished {
+        if self.life.was_aborted() {
+            // Aborted after a failure that was already reported: nothing to destroy, and MPI
+            // is left to Drop (peers may be gone).
             return Ok(());
         }
-        self.finished = true;
-        {
+        let destroyed = {
             let _armed = self.watchdog.arm("communicator destroy");
-            // SAFETY: the communicator is not used after this.
-            let r = unsafe { (self.lib.comm_destroy)(self.comm) };
-            self.lib
-                .check(r)
-                .map_err(|e| self.error("communicator destroy", e))?;
-        }
+            // SAFETY: the handle is live (first end of its lifetime) and not used after this.
+            self.life.end(Lifetime::DESTROYED, || unsafe {
+                (self.lib.comm_destroy)(self.comm)
+            })
+        };
+        let Some(r) = destroyed else {
+            return Ok(()); // finished before
+        };
+        self.lib
+            .check(r)
+            .map_err(|e| self.error("communicator destroy", e))?;
         if let Some(u) = self.mpi.take() {
             let _armed = self.watchdog.arm("MPI finalize");
             drop(u);
@@ -515,13 +566,11 @@ impl Communicator for NcclComm {
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        if !self.finished {
-            // An error path: abort (no collective shutdown with peers that may be gone).
-            // SAFETY: the communicator is not used after this.
-            unsafe { (self.lib.comm_abort)(self.comm) };
-            if let Some(u) = self.mpi.take() {
-                std::mem::forget(u);
-            }
+        // An error path unless `finish` ran: abort (no collective shutdown with peers that may
+        // be gone) — unless an earlier failure aborted it already or `finish` destroyed it.
+        self.abort();
+        if let Some(u) = self.mpi.take() {
+            std::mem::forget(u);
         }
     }
 }
@@ -529,6 +578,33 @@ impl Drop for NcclComm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_communicator_is_freed_once_and_never_touched_after() {
+        use std::cell::Cell;
+        let calls = Cell::new(0);
+        let free = || calls.set(calls.get() + 1);
+        // A timeout aborts; the Drop that follows must not abort the freed handle again.
+        let life = Lifetime::default();
+        assert!(life.is_live());
+        assert!(life.end(Lifetime::ABORTED, free).is_some());
+        assert!(!life.is_live() && life.was_aborted());
+        assert!(life.end(Lifetime::ABORTED, free).is_none(), "second abort");
+        assert!(
+            life.end(Lifetime::DESTROYED, free).is_none(),
+            "destroy after abort"
+        );
+        assert_eq!(calls.get(), 1);
+        // finish destroys; Drop's abort is then a no-op.
+        let life = Lifetime::default();
+        assert!(life.end(Lifetime::DESTROYED, free).is_some());
+        assert!(
+            life.end(Lifetime::ABORTED, free).is_none(),
+            "abort after destroy"
+        );
+        assert!(!life.was_aborted());
+        assert_eq!(calls.get(), 2);
+    }
 
     #[test]
     fn unique_id_bytes_round_trip() {
