@@ -28,6 +28,15 @@ pub struct RankInfo {
     pub source: &'static str,
 }
 
+/// Local-rank variables of each launcher, with the global-rank variable it sets beside them.
+const LOCAL_RANK_KEYS: &[(&str, &str)] = &[
+    ("SLURM_LOCALID", "SLURM_PROCID"),
+    ("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_RANK"),
+    ("MPI_LOCALRANKID", "PMI_RANK"),
+    ("PMI_LOCAL_RANK", "PMI_RANK"),
+    ("LOCAL_RANK", "RANK"),
+];
+
 impl RankInfo {
     pub fn single() -> RankInfo {
         RankInfo {
@@ -44,7 +53,9 @@ impl RankInfo {
 
     /// Read the rank from the environment: torchrun/mla-launch (RANK, WORLD_SIZE,
     /// LOCAL_RANK), then OpenMPI (OMPI_COMM_WORLD_*), PMI (PMI_RANK/PMI_SIZE), Slurm
-    /// (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID); none → a single process.
+    /// (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID); none → a single process. A convention
+    /// without a local rank of its own takes another launcher's for the same process (PMI-2
+    /// under srun: SLURM_LOCALID).
     pub fn from_env() -> Result<RankInfo, String> {
         Self::from_lookup(|k| std::env::var(k).ok())
     }
@@ -77,7 +88,17 @@ impl RankInfo {
             };
             let rank = parse(rank_key, &rank)?;
             let world_size = parse(size_key, &size)?;
-            let local_rank = match local_keys.iter().find_map(|k| get(k).map(|v| (*k, v))) {
+            // The convention's own local rank; else another launcher's, when that launcher
+            // numbers this process the same (srun --mpi=pmi2 sets only PMI_RANK/PMI_SIZE
+            // beside Slurm's SLURM_PROCID/SLURM_LOCALID); else one node: local = global.
+            let own = local_keys.iter().find_map(|k| get(k).map(|v| (*k, v)));
+            let borrowed = || {
+                LOCAL_RANK_KEYS.iter().find_map(|(local, its_rank)| {
+                    let same = get(its_rank).is_some_and(|r| r.trim().parse() == Ok(rank));
+                    same.then(|| get(local).map(|v| (*local, v))).flatten()
+                })
+            };
+            let local_rank = match own.or_else(borrowed) {
                 Some((k, v)) => parse(k, &v)?,
                 None => rank,
             };
@@ -263,6 +284,98 @@ mod tests {
         let p = info(&[("PMI_RANK", "2"), ("PMI_SIZE", "4")]).unwrap();
         assert_eq!((p.rank, p.world_size, p.local_rank), (2, 4, 2));
         assert_eq!(info(&[]).unwrap(), RankInfo::single());
+    }
+
+    /// Rank 9 of 16, the second process on node 2 (8 per node), as each launcher sets it: only
+    /// the variables that launcher exports (besides unrelated ones).
+    #[test]
+    fn every_launcher_convention_gives_the_local_rank_of_the_node() {
+        let slurm = [
+            ("SLURM_PROCID", "9"),
+            ("SLURM_NTASKS", "16"),
+            ("SLURM_LOCALID", "1"),
+            ("SLURM_NODEID", "1"),
+            ("SLURM_NNODES", "2"),
+        ];
+        let with_slurm = |extra: &[(&'static str, &'static str)]| {
+            let mut v = slurm.to_vec();
+            v.extend_from_slice(extra);
+            v
+        };
+        type Env = Vec<(&'static str, &'static str)>;
+        let cases: [(&str, Env, &str); 6] = [
+            (
+                "torchrun / mla-launch",
+                vec![
+                    ("RANK", "9"),
+                    ("WORLD_SIZE", "16"),
+                    ("LOCAL_RANK", "1"),
+                    ("LOCAL_WORLD_SIZE", "8"),
+                    ("GROUP_RANK", "1"),
+                    ("MASTER_ADDR", "node1"),
+                    ("MASTER_PORT", "29500"),
+                ],
+                "torchrun",
+            ),
+            (
+                "mpirun (OpenMPI 4/5)",
+                vec![
+                    ("OMPI_COMM_WORLD_RANK", "9"),
+                    ("OMPI_COMM_WORLD_SIZE", "16"),
+                    ("OMPI_COMM_WORLD_LOCAL_RANK", "1"),
+                    ("OMPI_COMM_WORLD_LOCAL_SIZE", "8"),
+                    ("OMPI_COMM_WORLD_NODE_RANK", "1"),
+                    ("PMIX_RANK", "9"),
+                    ("PMIX_NAMESPACE", "prterun-node1-1234@1"),
+                ],
+                "OpenMPI",
+            ),
+            (
+                "PMI-1 (MPICH hydra)",
+                vec![
+                    ("PMI_RANK", "9"),
+                    ("PMI_SIZE", "16"),
+                    ("PMI_FD", "6"),
+                    ("MPI_LOCALRANKID", "1"),
+                    ("MPI_LOCALNRANKS", "8"),
+                ],
+                "PMI",
+            ),
+            (
+                "srun --mpi=pmi2",
+                with_slurm(&[
+                    ("PMI_RANK", "9"),
+                    ("PMI_SIZE", "16"),
+                    ("PMI_FD", "7"),
+                    ("PMI_JOBID", "4242.0"),
+                ]),
+                "PMI",
+            ),
+            (
+                "srun --mpi=pmix",
+                with_slurm(&[("PMIX_RANK", "9"), ("PMIX_NAMESPACE", "slurm.pmix.4242.0")]),
+                "Slurm",
+            ),
+            ("srun (no MPI plugin)", slurm.to_vec(), "Slurm"),
+        ];
+        for (launcher, vars, source) in cases {
+            let r = info(&vars).unwrap_or_else(|e| panic!("{launcher}: {e}"));
+            assert_eq!(
+                (r.rank, r.world_size, r.local_rank, r.source),
+                (9, 16, 1, source),
+                "{launcher}"
+            );
+        }
+        // Another launcher's local id is borrowed only for the same process: a stale
+        // SLURM_LOCALID of another rank (a nested launch) is not.
+        let r = info(&[
+            ("PMI_RANK", "9"),
+            ("PMI_SIZE", "16"),
+            ("SLURM_PROCID", "0"),
+            ("SLURM_LOCALID", "0"),
+        ])
+        .unwrap();
+        assert_eq!(r.local_rank, 9, "no local rank for this process: one node");
     }
 
     #[test]
