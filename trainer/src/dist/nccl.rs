@@ -7,9 +7,10 @@
 //!   `libnccl.so.13` (cudarc 0.19 `get_lib_name_candidates`), which a pip install does not
 //!   have, so the handful of functions used here are resolved with libloading and cudarc's
 //!   `nccl::sys` types. A missing library is one line saying where to point LD_LIBRARY_PATH.
-//! * Unique id: rank 0 creates it; under mpirun, or srun with a PMI service (`--mpi=pmix`:
-//!   PMIX_RANK/PMI_RANK set), it goes to the others by MPI broadcast, otherwise by the TCP
-//!   rendezvous at MASTER_ADDR:MASTER_PORT (rendezvous.rs); a single rank needs neither.
+//! * Unique id: rank 0 creates it; it goes to the others by the TCP rendezvous at
+//!   MASTER_ADDR:MASTER_PORT (rendezvous.rs) whenever those are set, else, under mpirun or
+//!   srun with a PMI service (`--mpi=pmix`: PMIX_RANK/PMI_RANK set), by MPI broadcast
+//!   ([`id_carrier`]; the log says which); a single rank needs neither.
 //! * Streams: collectives are enqueued on the legacy default stream (stream 0), which is
 //!   libtorch's current stream unless something sets another, so they are ordered after the
 //!   backward kernels that wrote the gradients and before the optimizer's kernels with no extra
@@ -190,15 +191,30 @@ pub fn id_from_bytes(bytes: &[u8]) -> Result<ncclUniqueId, DistError> {
     Ok(id)
 }
 
-/// Whether MPI can carry the unique id: ranks started by mpirun, or by srun with a PMI service
-/// (`srun --mpi=pmix` sets PMIX_RANK, pmi2 PMI_RANK); plain srun ranks would each be an MPI
-/// world of one, so they use the TCP rendezvous.
-pub fn id_by_mpi(rank: &RankInfo, env: impl Fn(&str) -> Option<String>) -> bool {
-    match rank.source {
+/// How the unique id travels from rank 0 to the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdCarrier {
+    /// The TCP rendezvous at MASTER_ADDR:MASTER_PORT.
+    Tcp { addr: String, port: String },
+    /// An MPI broadcast.
+    Mpi,
+}
+
+/// How the unique id travels: the TCP rendezvous whenever MASTER_ADDR and MASTER_PORT are set
+/// (it needs nothing but the network, while MPI_Init under srun can fail on a PMIx version
+/// mismatch between Slurm and OpenMPI); else MPI for ranks started by mpirun or by srun with
+/// a PMI service (`--mpi=pmix` sets PMIX_RANK, pmi2 PMI_RANK). Plain srun ranks would each
+/// be an MPI world of one: None, and the caller asks for MASTER_ADDR/PORT.
+pub fn id_carrier(rank: &RankInfo, env: impl Fn(&str) -> Option<String>) -> Option<IdCarrier> {
+    if let (Some(addr), Some(port)) = (env("MASTER_ADDR"), env("MASTER_PORT")) {
+        return Some(IdCarrier::Tcp { addr, port });
+    }
+    let mpi = match rank.source {
         "OpenMPI" | "PMI" => true,
         "Slurm" => env("PMIX_RANK").is_some() || env("PMI_RANK").is_some(),
         _ => false,
-    }
+    };
+    mpi.then_some(IdCarrier::Mpi)
 }
 
 fn nccl_kind(kind: Kind) -> Option<c_int> {
@@ -226,35 +242,39 @@ fn share_unique_id(
     if rank.world_size == 1 {
         return create();
     }
-    if id_by_mpi(rank, |k| std::env::var(k).ok()) {
-        use mpi::traits::{Communicator as _, Root};
-        let (universe, world) = super::mpi::init_world(rank)?;
-        let mut bytes = if rank.rank == 0 {
-            id_to_bytes(&create()?)
-        } else {
-            vec![0; UNIQUE_ID_BYTES]
-        };
-        let watchdog = Watchdog::start(rank.rank, "nccl", timeout)?;
-        {
-            let _armed = watchdog.arm("unique id broadcast (MPI)");
-            world.process_at_rank(0).broadcast_into(&mut bytes[..]);
+    let carrier = id_carrier(rank, |k| std::env::var(k).ok()).ok_or_else(|| {
+        DistError::Setup(format!(
+            "nccl with {} ranks ({} environment) needs MASTER_ADDR and MASTER_PORT for the unique-id rendezvous (or mpirun / srun --mpi=pmix)",
+            rank.world_size, rank.source
+        ))
+    })?;
+    let (addr, port) = match carrier {
+        IdCarrier::Mpi => {
+            use mpi::traits::{Communicator as _, Root};
+            tracing::info!("nccl: the unique id goes to the other ranks by MPI broadcast");
+            let (universe, world) = super::mpi::init_world(rank)?;
+            let mut bytes = if rank.rank == 0 {
+                id_to_bytes(&create()?)
+            } else {
+                vec![0; UNIQUE_ID_BYTES]
+            };
+            let watchdog = Watchdog::start(rank.rank, "nccl", timeout)?;
+            {
+                let _armed = watchdog.arm("unique id broadcast (MPI)");
+                world.process_at_rank(0).broadcast_into(&mut bytes[..]);
+            }
+            *mpi = Some(universe);
+            return id_from_bytes(&bytes);
         }
-        *mpi = Some(universe);
-        return id_from_bytes(&bytes);
-    }
-    let var = |k: &str| {
-        std::env::var(k).map_err(|_| {
-            DistError::Setup(format!(
-                "nccl with {} ranks ({} environment) needs MASTER_ADDR and MASTER_PORT for the unique-id rendezvous ({k} is not set)",
-                rank.world_size, rank.source
-            ))
-        })
+        IdCarrier::Tcp { addr, port } => (addr, port),
     };
-    let addr = var("MASTER_ADDR")?;
-    let port: u16 = var("MASTER_PORT")?
+    let port: u16 = port
         .trim()
         .parse()
-        .map_err(|_| DistError::Setup("MASTER_PORT is not a port number".into()))?;
+        .map_err(|_| DistError::Setup(format!("MASTER_PORT={port:?} is not a port number")))?;
+    tracing::info!(
+        "nccl: the unique id goes to the other ranks by the TCP rendezvous at {addr}:{port} (rank 0 listens on every interface)"
+    );
     if rank.rank == 0 {
         let listener = rendezvous::listen(&addr, port)?;
         let id = create()?;
@@ -658,10 +678,20 @@ mod tests {
     }
 
     #[test]
-    fn mpi_carries_the_id_under_mpirun_and_srun_with_pmi_only() {
+    fn the_id_takes_tcp_when_master_addr_is_set_else_mpi_under_mpirun_and_srun_with_pmi() {
         let mut r = RankInfo::single();
         let none = |_: &str| None;
         let pmix = |k: &str| (k == "PMIX_RANK").then(|| "3".to_string());
+        let master = |k: &str| match k {
+            "MASTER_ADDR" => Some("node1".to_string()),
+            "MASTER_PORT" => Some("29500".to_string()),
+            "PMIX_RANK" => Some("3".to_string()),
+            _ => None,
+        };
+        let tcp = Some(IdCarrier::Tcp {
+            addr: "node1".into(),
+            port: "29500".into(),
+        });
         for (source, plain, with_pmix) in [
             ("OpenMPI", true, true),
             ("PMI", true, true),
@@ -669,8 +699,12 @@ mod tests {
             ("torchrun", false, false),
         ] {
             r.source = source;
-            assert_eq!(id_by_mpi(&r, none), plain, "{source}");
-            assert_eq!(id_by_mpi(&r, pmix), with_pmix, "{source} with PMIx");
+            let mpi = |yes: bool| yes.then_some(IdCarrier::Mpi);
+            assert_eq!(id_carrier(&r, none), mpi(plain), "{source}");
+            assert_eq!(id_carrier(&r, pmix), mpi(with_pmix), "{source} with PMIx");
+            // srun with MASTER_ADDR/PORT exported (the sbatch example): TCP, which cannot
+            // fail on a PMIx mismatch, even where MPI could carry it.
+            assert_eq!(id_carrier(&r, master), tcp, "{source} with MASTER_ADDR");
         }
     }
 

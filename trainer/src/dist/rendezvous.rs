@@ -10,7 +10,7 @@
 
 use super::DistError;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 const MAGIC: &str = "mla-rendezvous 1";
@@ -38,22 +38,23 @@ fn resolve(addr: &str, port: u16) -> Result<Vec<SocketAddr>, DistError> {
     Ok(found)
 }
 
-/// Rank 0's socket: MASTER_ADDR:MASTER_PORT, or every interface at MASTER_PORT when
-/// MASTER_ADDR is not an address of this machine (a name that resolves elsewhere, NAT).
+/// Rank 0's socket: every interface at MASTER_PORT, as torch's TCPStore listens. Binding
+/// MASTER_ADDR itself fails on the common Debian/Ubuntu /etc/hosts that maps the node's own
+/// hostname to 127.0.1.1: rank 0 would listen on loopback and remote ranks would wait out the
+/// timeout. MASTER_ADDR must still resolve (the other ranks connect to it); IPv4 unless it has
+/// only IPv6 addresses.
 pub fn listen(addr: &str, port: u16) -> Result<TcpListener, DistError> {
     let addrs = resolve(addr, port)?;
-    match TcpListener::bind(&addrs[..]) {
-        Ok(l) => Ok(l),
-        Err(e) if e.kind() == ErrorKind::AddrNotAvailable => TcpListener::bind(("0.0.0.0", port))
-            .map_err(|e| {
-                setup(format!(
-                    "rendezvous: rank 0 cannot listen on port {port}: {e}"
-                ))
-            }),
-        Err(e) => Err(setup(format!(
-            "rendezvous: rank 0 cannot listen on {addr}:{port}: {e} (MASTER_PORT in use?)"
-        ))),
-    }
+    let any: SocketAddr = if addrs.iter().any(SocketAddr::is_ipv4) {
+        (Ipv4Addr::UNSPECIFIED, port).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, port).into()
+    };
+    TcpListener::bind(any).map_err(|e| {
+        setup(format!(
+            "rendezvous: rank 0 cannot listen on port {port} of every interface (MASTER_ADDR {addr}): {e} (MASTER_PORT in use?)"
+        ))
+    })
 }
 
 /// Rank 0: give `payload` to ranks 1…world_size−1, each once, within `timeout`.
@@ -293,6 +294,46 @@ mod tests {
         assert!(e.contains("rank 1 has world size 3, rank 0 has 2"), "{e}");
         let c = client.join().unwrap().unwrap_err().to_string();
         assert!(c.contains("refused rank 1"), "{c}");
+    }
+
+    /// This machine's address on its default route (no packet is sent: connecting a UDP
+    /// socket only picks the source address), if it has a non-loopback one.
+    fn non_loopback_address() -> Option<std::net::IpAddr> {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+        s.connect("192.0.2.1:9").ok()?; // TEST-NET-1: routed like any remote host
+        let ip = s.local_addr().ok()?.ip();
+        (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+    }
+
+    #[test]
+    fn rank0_listens_on_every_interface_whatever_master_addr_resolves_to() {
+        // MASTER_ADDR as the sbatch example sets it: this node's hostname, which Debian's
+        // /etc/hosts often maps to 127.0.1.1. Rank 0 must still be reachable on every address.
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into());
+        let l = listen(&host, 0).unwrap();
+        let bound = l.local_addr().unwrap();
+        assert!(bound.ip().is_unspecified(), "bound {bound}");
+        let port = bound.port();
+        let mut targets = vec!["127.0.0.1".to_string(), host.clone()];
+        match non_loopback_address() {
+            Some(ip) => targets.push(ip.to_string()),
+            None => eprintln!("note: no non-loopback address here; loopback and {host} only"),
+        }
+        println!("rank 0 on {bound} (MASTER_ADDR {host}); clients via {targets:?}");
+        let n = targets.len();
+        let clients: Vec<_> = targets
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                thread::spawn(move || fetch(&t, port, i + 1, n + 1, Duration::from_secs(10)))
+            })
+            .collect();
+        serve(&l, n + 1, b"id", Duration::from_secs(10)).unwrap();
+        for c in clients {
+            assert_eq!(c.join().unwrap().unwrap(), b"id");
+        }
     }
 
     #[test]
