@@ -24,7 +24,8 @@
 #      in model/tests/common.rs) for MHA, GQA, MQA and both MLA variants, and cached decode
 #      (standard cache, compressed MLA cache naive and absorbed) equal to the uncached forward.
 #   a. CUDA + NCCL smoke: the debug model (fp32) trained 40 steps on cuda:0 with backend single
-#      and with backend nccl (world size 1: the NCCL all-reduce is a copy on stream 0) gives the
+#      and with backend nccl (world size 1: the parameter broadcast and every step's gradient
+#      all-reduce go through NCCL, a copy on stream 0) gives the
 #      same losses within 1e-3 relative (not bit-exact: CUDA backward kernels with atomics differ
 #      run to run); a stream-ordering bug would show as garbage or NaN, not as rounding.
 #   b. Decode parity on the GPU: greedy `mla generate --device cuda --precision 32-true` of that

@@ -382,6 +382,39 @@ fn two_launcher_ranks_match_one_rank_with_four_times_the_accumulation() {
     assert_eq!(loaders[0], loaders[1]);
 }
 
+/// A real communicator reduces the gradients even alone (what lets scripts/gpu_check.sh pass
+/// gradients through NCCL on one GPU): one rank with `--dist.backend mpi` gathers into the flat
+/// buffer and all-reduces every step, and a sum over one rank changes no bit of the run.
+#[test]
+fn one_rank_with_a_communicator_all_reduces_and_trains_bit_exactly_as_single() {
+    if !have_mpirun() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (single, mpi) = (dir.path().join("single"), dir.path().join("mpi"));
+    let steps = 6;
+    ok(one_rank(&run_args(
+        &single,
+        steps,
+        &["--dist.backend", "single"],
+    )));
+    let mut c = one_rank(&run_args(&mpi, steps, &["--dist.backend", "mpi"]));
+    c.env("RUST_LOG", "info,mla_trainer=debug");
+    let run = ok(c);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("backend mpi"), "{err}");
+    assert_eq!(
+        err.matches("gradient all-reduce").count(),
+        steps as usize,
+        "an all-reduce every step (log_interval 1): {err}"
+    );
+    assert_eq!(losses(&mpi), losses(&single));
+    assert_eq!(
+        sha256(&mpi.join("final/model.safetensors")),
+        sha256(&single.join("final/model.safetensors"))
+    );
+}
+
 #[test]
 fn mpirun_without_the_launcher_trains_the_same_as_the_launcher() {
     let Some(launcher) = launcher() else { return };

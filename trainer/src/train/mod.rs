@@ -451,8 +451,10 @@ impl Trainer {
             let scale = 1.0 / (self.accum * world) as f64;
             loss_sum += loss_and_backward(&self.t.model, &x, &y, self.autocast, scale);
         }
-        if world > 1 {
+        if world > 1 || self.comm.backend() != "single" {
             // One flat buffer for the bucketed all-reduce: gather (copy) the gradients into it.
+            // A real communicator reduces even alone (one GPU under `--dist.backend nccl`), so
+            // scripts/gpu_check.sh passes gradients through NCCL on a single card.
             let reduce_start = Instant::now();
             self.t.flat.gather_grads()?;
             self.comm.all_reduce_sum(&mut self.t.flat.grads)?;
@@ -529,7 +531,7 @@ impl Trainer {
         if let Some(m) = &mut self.metrics {
             info!("{}", metrics::train_line(&record, self.budget.total_steps));
             m.train(&record).context("writing metrics")?;
-            if world > 1 {
+            if self.window.reduce_secs > 0.0 {
                 let w = &self.window;
                 debug!(
                     "step {}: gradient all-reduce {:.1} ms per step, {:.1}% of step time",
