@@ -38,11 +38,13 @@
 #      the first), and peak GPU memory two ways: the trainer's `peak_memory_bytes` (cuMemGetInfo
 #      total − free, max of per-log-step samples: whole device, an upper bound) and nvidia-smi's
 #      per-process used_memory sampled every 0.5 s. PASS needs the peak under 16 GiB.
-# The last lines are a summary to paste into BENCHMARKS.md with the card's name.
+# The last lines are a summary to paste into BENCHMARKS.md with the card's name. Every check
+# prints PASS or FAIL and the summary is reached whatever fails (a crash, a timeout, a missing
+# log line): trainer/tests/gpu_check_rehearsal.rs runs this script against failing fakes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-D=.device
+D=${GPU_CHECK_DIR:-.device} # another folder only for the rehearsal with fakes (trainer/tests/gpu_check_rehearsal.rs)
 
 say() { printf '\033[1m[gpu_check]\033[0m %s\n' "$*" >&2; }
 
@@ -109,12 +111,17 @@ command -v nvidia-smi >/dev/null || { echo "gpu_check.sh: nvidia-smi not found (
 out=$D/out
 rm -rf "$out"
 mkdir -p "$out"
+# From here on every check reports PASS or FAIL and the script always reaches its summary:
+# no `set -e` (a grep that finds nothing, a binary that segfaults or times out must not end the
+# script before checks a, b, c), every failure goes through `fail`.
+set +e
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader -i 0)
 say "card: $card ($(nvidia-smi --query-gpu=memory.total,driver_version --format=csv,noheader -i 0)); torch lib $torch_lib"
-"$MLA" --version
 failed=0
 pass() { printf 'PASS %s\n' "$*"; }
 fail() { printf 'FAIL %s\n' "$*"; failed=1; }
+version=$("$MLA" --version 2>&1) || fail "0. $MLA does not start: $(tail -1 <<<"$version")"
+say "$version"
 
 data=(--data.train_data_path "$D/data/tinystories" --data.val_data_path null --tokenizer_dir "$D/data/tokenizer")
 losses() { python3 -c "
@@ -131,7 +138,8 @@ for t in parity cache; do
     "$D/tests/$t" --test-threads 1 --nocapture >"$out/test-$t.log" 2>&1; then
     pass "t. model tests '$t' on cuda: $(grep -h -o 'test result: ok. [0-9]* passed' "$out/test-$t.log" | grep -o '[0-9]* passed')"
   else
-    fail "t. model tests '$t' on cuda (log $out/test-$t.log):"
+    rc=$?
+    fail "t. model tests '$t' on cuda: exit $rc$([ "$rc" = 124 ] && echo " (timed out)") (log $out/test-$t.log):"
     grep -E -A1 "panicked" "$out/test-$t.log" | grep -v '^--$' | head -6 | sed 's/^/  /'
   fi
   grep -h -E "on Cuda" "$out/test-$t.log" | sed 's/^/  /' | head -12 || true
@@ -193,20 +201,18 @@ smi=$out/nvidia-smi.csv
 nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits -lms 500 >"$smi" 2>/dev/null &
 smi_pid=$!
 t0=$(date +%s)
-set +e
 timeout 330 "$MLA" train --device cuda --config config_hub/pretrain/cfg.yaml --out_dir "$run" \
   --data.data_path "$D/data/tinystories" --tokenizer_dir "$D/data/tokenizer" --dist.backend nccl \
   --precision bf16-mixed --train.micro_batch_size 4 --train.max_seq_length 2048 --train.global_batch_size 128 \
   --train.max_steps "$steps" --train.log_interval 2 --train.save_interval 100000 \
   --eval.max_iters 5 --eval.interval 100000 >"$out/cfg.log" 2>&1
 rc=$?
-set -e
-kill "$smi_pid" 2>/dev/null || true
+kill "$smi_pid" 2>/dev/null
 grep -h -E "model |SDPA backend|autocast|dist:|batch:|step [0-9]+/|done:|error" "$out/cfg.log" | sed 's/\x1b\[[0-9;]*m//g; s/^/  /'
 if [ "$rc" -ne 0 ] || [ ! -f "$run/metrics.jsonl" ]; then
   fail "c. pythia-160m run failed (exit $rc; log $out/cfg.log)"
 else
-  summary=$(python3 - "$run/metrics.jsonl" "$smi" "$card" "$(($(date +%s) - t0))" <<'EOF'
+  summary=$(python3 - "$run/metrics.jsonl" "$smi" "$card" "$(($(date +%s) - t0))" 2>&1 <<'EOF'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if '"loss"' in l]
 timed = rows[1:] or rows
@@ -232,7 +238,10 @@ print("OK" if max(peak, smi * 1024 * 1024) < 16 * gib else "OVER")
 EOF
 )
   line=$(head -1 <<<"$summary")
-  if ! grep -q "autocast computes in BFloat16" "$out/cfg.log"; then
+  if [ "$(tail -1 <<<"$summary")" != OK ] && [ "$(tail -1 <<<"$summary")" != OVER ]; then
+    fail "c. no figures from $run/metrics.jsonl: $(tail -1 <<<"$summary")"
+    line=
+  elif ! grep -q "autocast computes in BFloat16" "$out/cfg.log"; then
     fail "c. bf16-mixed did not report CUDA autocast in BFloat16 (log $out/cfg.log): $line"
   elif [ "$(tail -1 <<<"$summary")" = OK ]; then
     pass "c. $line"
