@@ -46,19 +46,23 @@ pub fn describe(device: Device) -> String {
     }
 }
 
-/// torch's SDPA backend choice for these shapes (0 math, 1 flash, 2 efficient, 3 cuDNN).
+/// torch's SDPA backend choice for these shapes (0 math, 1 flash, 2 efficient, 3 cuDNN):
+/// `heads` query heads against `kv_heads` key/value heads (fewer for GQA/MQA, which the model
+/// passes with `enable_gqa`, as this probe does).
 pub fn sdpa_backend(
     batch: i64,
-    heads: i64,
+    (heads, kv_heads): (i64, i64),
     seq: i64,
     head_dims: (i64, i64),
     kind: Kind,
     device: Device,
 ) -> &'static str {
     let q = Tensor::empty([batch, heads, seq, head_dims.0], (kind, device));
-    let v = Tensor::empty([batch, heads, seq, head_dims.1], (kind, device));
+    let k = Tensor::empty([batch, kv_heads, seq, head_dims.0], (kind, device));
+    let v = Tensor::empty([batch, kv_heads, seq, head_dims.1], (kind, device));
+    let gqa = heads != kv_heads;
     let choice =
-        Tensor::internal_fused_sdp_choice(&q, &q, &v, None::<Tensor>, 0.0, true, None, false);
+        Tensor::internal_fused_sdp_choice(&q, &k, &v, None::<Tensor>, 0.0, true, None, gqa);
     match choice {
         0 => "math",
         1 => "flash",
@@ -68,19 +72,17 @@ pub fn sdpa_backend(
     }
 }
 
-/// Name of GPU `index` from nvidia-smi (None when unavailable).
+/// Name of CUDA device `index` from the driver (None without one). The driver numbers devices
+/// as CUDA does (CUDA_VISIBLE_DEVICES applied, CUDA's ordering), unlike `nvidia-smi -i`, whose
+/// index is the NVML one: under a mask it named another card and so gave the wrong peak FLOP/s.
 pub fn gpu_name(index: usize) -> Option<String> {
-    let out = std::process::Command::new("nvidia-smi")
-        .args([
-            "--query-gpu=name",
-            "--format=csv,noheader",
-            "-i",
-            &index.to_string(),
-        ])
-        .output()
-        .ok()?;
-    let name = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    (out.status.success() && !name.is_empty()).then_some(name)
+    // SAFETY: only probes whether the driver library loads.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return None;
+    }
+    cudarc::driver::result::init().ok()?;
+    let dev = cudarc::driver::result::device::get(i32::try_from(index).ok()?).ok()?;
+    cudarc::driver::result::device::get_name(dev).ok()
 }
 
 /// Dense bf16 tensor-core peak of known cards, FLOP/s (for MFU); None for CPUs and unknown
@@ -191,4 +193,26 @@ pub fn peak_gpu_memory_bytes(index: usize) -> Option<u64> {
     let (free, total) = cuda_context(index)?.mem_get_info().ok()?;
     let used = total.saturating_sub(free) as u64;
     Some(PEAK.fetch_max(used, Ordering::Relaxed).max(used))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The probe asks torch about the shapes the model really passes: GQA/MQA keys and values
+    /// with fewer heads than the queries, under `enable_gqa` (q as k misdescribed them).
+    #[test]
+    fn the_sdpa_probe_takes_grouped_keys_and_values() {
+        for kv_heads in [8, 2, 1] {
+            let b = sdpa_backend(2, (8, kv_heads), 16, (16, 16), Kind::Float, Device::Cpu);
+            assert!(["math", "flash"].contains(&b), "{kv_heads} kv heads: {b}");
+        }
+    }
+
+    #[test]
+    fn no_driver_no_gpu_name() {
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            assert_eq!(gpu_name(0), None);
+        }
+    }
 }

@@ -38,6 +38,8 @@ esac"#,
     let torch_lib = tmp.path().join("venv/site-packages/torch/lib");
     std::fs::create_dir_all(&torch_lib).unwrap();
     std::fs::write(torch_lib.join("libtorch_cuda.so"), "").unwrap();
+    let version = torch_lib.join("../version.py");
+    std::fs::write(&version, "__version__ = '2.11.0+cu130'\n").unwrap();
     let fake_bin = tmp.path().join("fakebin");
     script(
         &fake_bin.join("nvidia-smi"),
@@ -52,13 +54,16 @@ esac"#,
         fake_bin.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let out = Command::new("bash")
-        .arg(repo().join("scripts/gpu_check.sh"))
-        .args(["--torch-lib", torch_lib.to_str().unwrap(), "--steps", "2"])
-        .env("GPU_CHECK_DIR", &dev)
-        .env("PATH", path)
-        .output()
-        .expect("bash runs");
+    let check = || {
+        Command::new("bash")
+            .arg(repo().join("scripts/gpu_check.sh"))
+            .args(["--torch-lib", torch_lib.to_str().unwrap(), "--steps", "2"])
+            .env("GPU_CHECK_DIR", &dev)
+            .env("PATH", &path)
+            .output()
+            .expect("bash runs")
+    };
+    let out = check();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("{stdout}\n--- stderr ---\n{stderr}");
@@ -86,4 +91,19 @@ esac"#,
         stdout.contains("summary for BENCHMARKS.md") && stdout.contains("Fake GPU 80GB"),
         "the summary is reached"
     );
+    assert!(
+        stderr.contains("torch 2.11.0+cu130 at"),
+        "torch's version is printed"
+    );
+
+    // Another torch is refused before any check runs: our binaries link libtorch 2.11.0.
+    std::fs::write(&version, "__version__ = '2.10.0+cu128'\n").unwrap();
+    let out = check();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("torch 2.10.0+cu128") && stderr.contains("needs torch 2.11.0"),
+        "{stderr}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("FAIL"));
 }

@@ -669,12 +669,17 @@ fn report_start(
     }
     let (dqk, dv) = m.sdpa_head_dims();
     let kind = if autocast { Kind::BFloat16 } else { param_kind };
+    // MLA trains through per-head K/V (the naive form); the others pass their K/V groups.
+    let kv_heads = match m.attention_kind() {
+        mla_model::AttentionKind::Mla(_) => m.n_head,
+        _ => m.n_query_groups(),
+    };
     info!(
-        "SDPA backend for (B={micro}, H={}, T={seq_len}, q/k {dqk}, v {dv}, {kind:?}): {}",
+        "SDPA backend for (B={micro}, H={}, KV heads {kv_heads}, T={seq_len}, q/k {dqk}, v {dv}, {kind:?}): {}",
         m.n_head,
         device::sdpa_backend(
             micro as i64,
-            m.n_head as i64,
+            (m.n_head as i64, kv_heads as i64),
             seq_len as i64,
             (dqk as i64, dv as i64),
             kind,
