@@ -15,7 +15,7 @@ use crate::inference::{self, InferencePrecision};
 use anyhow::Context;
 use std::path::PathBuf;
 use std::time::Instant;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SplitArg {
@@ -112,12 +112,8 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
                 t.narrow(1, 0, seq_len as i64),
                 t.narrow(1, 1, seq_len as i64),
             );
-            let logits = m.model.forward(&x).to_kind(Kind::Float);
-            let v = logits.size()[2];
-            sum += logits
-                .view([-1, v])
-                .cross_entropy_for_logits(&y.reshape([-1]))
-                .double_value(&[]);
+            // Chunked over the vocabulary projection: no (B·T, V) fp32 logits at once.
+            sum += crate::train::loss::mean_loss(&m.model, &x, &y, false).double_value(&[]);
             n += 1;
         }
         Ok(())

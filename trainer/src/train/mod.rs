@@ -16,7 +16,7 @@
 //! (train/validation.rs), where data comes from (datasource.rs), tensor ↔ bytes
 //! (checkpoint.rs).
 
-mod loss;
+pub(crate) mod loss;
 pub(crate) mod memory;
 mod outdir;
 mod validation;

@@ -3,7 +3,7 @@
 //!
 //! Not here: `mla eval` of a saved checkpoint (cli/eval.rs).
 
-use super::loss::{loss_of, tokens_to_batch};
+use super::loss::{mean_loss, tokens_to_batch};
 use crate::checkpoint::TrainState;
 use crate::data::EvalLoader;
 use crate::dist::Communicator;
@@ -29,7 +29,7 @@ impl Validation {
         tch::no_grad(|| -> anyhow::Result<()> {
             for batch in self.loader.iter() {
                 let (x, y) = tokens_to_batch(&batch?, self.micro, self.seq_len, self.device);
-                sums[0] += loss_of(model, &x, &y, self.autocast).double_value(&[]);
+                sums[0] += mean_loss(model, &x, &y, self.autocast).double_value(&[]);
                 sums[1] += 1.0;
             }
             Ok(())
