@@ -55,7 +55,9 @@ pub struct FlatParams {
     pub params: Tensor,
     /// Gradients gathered for the all-reduce ([`FlatParams::gather_grads`]); its slices are
     /// also the `.grad` of a parameter that got none. Stale while gradients are per-parameter.
+    /// Empty when built [`FlatParams::without_grad_buffer`] (one rank: nothing to reduce).
     pub grads: Tensor,
+    grad_buffer: bool,
     pub entries: Vec<FlatEntry>,
     /// Elements [0, n_decay) are ≥2-D weights (weight decay applies).
     pub n_decay: i64,
@@ -67,6 +69,17 @@ impl FlatParams {
     /// Move every trainable variable of `vs` into one flat buffer of `kind` (values kept).
     /// Each `.grad` starts as its (zeroed) slice of the flat gradient buffer.
     pub fn new(vs: &VarStore, kind: Kind) -> Result<FlatParams, OptimError> {
+        Self::build(vs, kind, true)
+    }
+
+    /// [`FlatParams::new`] without the flat gradient buffer, for a rank with no peer: autograd's
+    /// own per-parameter gradients are all the norm, clipping and AdamW read, so a second copy
+    /// of every gradient (the buffer, idle between all-reduces that never come) is not kept.
+    pub fn without_grad_buffer(vs: &VarStore, kind: Kind) -> Result<FlatParams, OptimError> {
+        Self::build(vs, kind, false)
+    }
+
+    fn build(vs: &VarStore, kind: Kind, grad_buffer: bool) -> Result<FlatParams, OptimError> {
         let vars: HashMap<String, Tensor> = vs.variables();
         let mut names: Vec<&String> = vars.keys().collect();
         names.sort_by_key(|n| (vars[*n].dim() < 2, n.to_string()));
@@ -88,7 +101,7 @@ impl FlatParams {
             entries.push(e);
         }
         let params = Tensor::zeros([offset], (kind, device));
-        let grads = Tensor::zeros([offset], (kind, device));
+        let grads = Tensor::zeros([if grad_buffer { offset } else { 0 }], (kind, device));
         let ordered: Vec<Tensor> = entries
             .iter()
             .map(|e| vars[&e.name].shallow_clone())
@@ -103,11 +116,14 @@ impl FlatParams {
         let flat = FlatParams {
             params,
             grads,
+            grad_buffer,
             entries,
             n_decay,
             vars: ordered,
         };
-        flat.point_grads_at_flat()?;
+        if grad_buffer {
+            flat.point_grads_at_flat()?;
+        }
         Ok(flat)
     }
 
@@ -142,8 +158,20 @@ impl FlatParams {
     /// Zero the flat gradient buffer and make every `.grad` its slice again, so the next
     /// backward adds into the buffer (gradients end up there without a gather).
     pub fn zero_grad(&self) -> Result<(), OptimError> {
+        self.need_grad_buffer("zero_grad")?;
         let _ = self.grads.shallow_clone().zero_();
         self.point_grads_at_flat()
+    }
+
+    fn need_grad_buffer(&self, op: &'static str) -> Result<(), OptimError> {
+        if self.grad_buffer {
+            Ok(())
+        } else {
+            Err(OptimError::Torch {
+                op,
+                message: "no flat gradient buffer (built without_grad_buffer, for one rank)".into(),
+            })
+        }
     }
 
     fn point_grads_at_flat(&self) -> Result<(), OptimError> {
@@ -161,6 +189,7 @@ impl FlatParams {
     /// re-point the `.grad` at that slice, so an in-place all-reduce of `grads` is what the
     /// norm, clipping and AdamW read. Gradients already in the buffer are not copied.
     pub fn gather_grads(&self) -> Result<(), OptimError> {
+        self.need_grad_buffer("gather_grads")?;
         tch::no_grad(|| {
             for (e, var) in self.entries.iter().zip(&self.vars) {
                 let mut slice = self.grad_view(e);
@@ -180,7 +209,8 @@ impl FlatParams {
     }
 
     /// Every parameter's gradient, in `entries` order. A parameter that got no gradient gets
-    /// its zeroed flat slice (AdamW still decays its moments, as with a zero gradient).
+    /// its zeroed flat slice, or zeros of its own without the buffer (AdamW still decays its
+    /// moments, as with a zero gradient).
     pub fn grads_list(&self) -> Result<Vec<Tensor>, OptimError> {
         let mut out = Vec::with_capacity(self.vars.len());
         for (e, var) in self.entries.iter().zip(&self.vars) {
@@ -188,10 +218,15 @@ impl FlatParams {
             if g.defined() {
                 out.push(g);
             } else {
-                let slice = self.grad_view(e);
-                let _ = tch::no_grad(|| slice.shallow_clone().zero_());
-                cxx::set_grad(var, Some(&slice))?;
-                out.push(slice);
+                let zeros = if self.grad_buffer {
+                    let slice = self.grad_view(e);
+                    let _ = tch::no_grad(|| slice.shallow_clone().zero_());
+                    slice
+                } else {
+                    var.zeros_like()
+                };
+                cxx::set_grad(var, Some(&zeros))?;
+                out.push(zeros);
             }
         }
         Ok(out)
@@ -425,6 +460,53 @@ mod tests {
         let denom = v.sqrt() / (1.0 - f64::powi(b2, t)).sqrt() + eps;
         let p = p - &m / denom * (lr / (1.0 - f64::powi(b1, t)));
         (p, m, v)
+    }
+
+    /// One rank without the flat gradient buffer: the same steps as with it (norm, clipping
+    /// and AdamW read the same per-parameter gradients), bit for bit; a parameter without a
+    /// gradient gets zeros of its own; a gather, which needs the buffer, is an error.
+    #[test]
+    fn without_the_gradient_buffer_one_rank_steps_exactly_as_with_it() {
+        let x = Tensor::ones([5, 3], (Kind::Float, Device::Cpu));
+        let run = |buffer: bool| {
+            let (vs, a, b) = toy();
+            let unused = vs.root().var("unused", &[3], nn::Init::Const(1.0));
+            let flat = if buffer {
+                FlatParams::new(&vs, Kind::Float).unwrap()
+            } else {
+                FlatParams::without_grad_buffer(&vs, Kind::Float).unwrap()
+            };
+            assert_eq!(
+                flat.grads.numel(),
+                if buffer { flat.params.numel() } else { 0 }
+            );
+            let mut opt = AdamW::new(&flat, (0.9, 0.95), 1e-8, 0.1);
+            for t in 1..=3 {
+                flat.clear_grads().unwrap();
+                loss(&a, &b, &(&x * t as f64)).backward();
+                let norm = grad_norm(&flat).unwrap().double_value(&[]);
+                clip_grads(&flat, norm, norm / 2.0).unwrap();
+                opt.step(&flat, 0.01).unwrap();
+            }
+            assert!(
+                unused.grad().defined(),
+                "zeros for a parameter without a gradient"
+            );
+            assert_eq!(unused.grad().abs().sum(Kind::Float).double_value(&[]), 0.0);
+            if !buffer {
+                let e = flat.gather_grads().unwrap_err().to_string();
+                assert!(e.contains("no flat gradient buffer"), "{e}");
+            }
+            (
+                flat.params.copy(),
+                opt.exp_avg.copy(),
+                opt.exp_avg_sq.copy(),
+            )
+        };
+        let (with, without) = (run(true), run(false));
+        assert!(with.0.equal(&without.0), "parameters");
+        assert!(with.1.equal(&without.1), "exp_avg");
+        assert!(with.2.equal(&without.2), "exp_avg_sq");
     }
 
     #[test]

@@ -249,7 +249,12 @@ impl Trainer {
         if param_kind == Kind::BFloat16 {
             vs.bfloat16();
         }
-        let flat = FlatParams::new(&vs, param_kind)?;
+        // The flat gradient buffer exists only where gradients are all-reduced.
+        let flat = if all_reduces(rank.world_size, comm.as_ref()) {
+            FlatParams::new(&vs, param_kind)?
+        } else {
+            FlatParams::without_grad_buffer(&vs, param_kind)?
+        };
         // p.grad = None: the first backward of each step hands its gradients over (optim.rs).
         flat.clear_grads()?;
         let a = &cfg.optimizer.init_args;
@@ -451,7 +456,7 @@ impl Trainer {
             let scale = 1.0 / (self.accum * world) as f64;
             loss_sum += loss_and_backward(&self.t.model, &x, &y, self.autocast, scale);
         }
-        if world > 1 || self.comm.backend() != "single" {
+        if all_reduces(world, self.comm.as_ref()) {
             // One flat buffer for the bucketed all-reduce: gather (copy) the gradients into it.
             // A real communicator reduces even alone (one GPU under `--dist.backend nccl`), so
             // scripts/gpu_check.sh passes gradients through NCCL on a single card.
@@ -746,6 +751,12 @@ fn rank_position(loaders: &[LoaderPosition], rank: usize) -> Result<&LoaderPosit
         )));
     }
     Ok(mine)
+}
+
+/// Whether the gradients go through the communicator every step: with a peer, and with a real
+/// communicator even alone (one GPU under `--dist.backend nccl` in scripts/gpu_check.sh).
+fn all_reduces(world_size: usize, comm: &dyn Communicator) -> bool {
+    world_size > 1 || comm.backend() != "single"
 }
 
 /// Where metrics files go: out_dir itself when local, else `.cache/mla/runs/<name>`.
