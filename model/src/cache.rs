@@ -13,7 +13,8 @@ pub enum MlaDecode {
     /// Up-project the cached latents to per-head K/V every step (what training computes).
     Naive,
     /// Absorb W_uk into the query and W_uv after attention: MQA over the latent, no
-    /// per-head K/V is ever materialised.
+    /// per-head K/V materialised — wherever that costs fewer multiply-adds (decode steps,
+    /// short chunks); a whole prompt is re-expanded once instead (mla.rs).
     #[default]
     Absorbed,
 }

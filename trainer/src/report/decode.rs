@@ -178,7 +178,7 @@ impl Decoder<'_> {
     }
 }
 
-/// Run one case; `timed` = false runs it as a warm-up of the kernels and allocator.
+/// Run one case (also the short untimed warm-up case [`run`] starts each path with).
 fn case(
     model: &Gpt,
     kind: Kind,
