@@ -112,6 +112,8 @@ fn study_trains_variants_keeps_going_past_a_failure_and_reports_them() {
     let args = [
         "study",
         file.to_str().unwrap(),
+        "--device",
+        "cpu",
         "--contexts",
         "4,8",
         "--batch",

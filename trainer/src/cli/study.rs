@@ -186,9 +186,11 @@ pub fn run(args: &StudyArgs, overrides: &[Override]) -> anyhow::Result<()> {
     let mut report_note = String::new();
     if !args.no_report && !crate::signals::stop_requested() && !done.is_empty() {
         let out = s.out_dir.join("report");
-        let opts =
-            args.report
-                .options(format!("Attention trade-off: study {}", s.name), None, None)?;
+        let opts = args.report.options(
+            format!("Attention trade-off: study {}", s.name),
+            args.device,
+            None,
+        )?;
         let runs = report::write(&done, &out, &opts)?;
         report_note = format!(
             "; report of {} runs: {}",
