@@ -76,9 +76,8 @@ fn model(
 ) -> anyhow::Result<(Gpt, VarStore, String)> {
     if let Some(path) = &args.config {
         let cfg = RunConfig::load(path, overrides)?;
-        let vs = VarStore::new(device);
+        let mut vs = VarStore::new(device);
         let model = Gpt::new(&vs.root(), cfg.model())?;
-        let mut vs = vs;
         if kind == Kind::BFloat16 {
             vs.bfloat16();
         }
