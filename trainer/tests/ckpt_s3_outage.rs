@@ -95,18 +95,7 @@ fn s3_outage_during_a_save_is_reported_training_continues_and_the_next_save_succ
             ("RUST_LOG", "info,mla_trainer=debug"),
         ],
     );
-    let wait_for = |needle: &str| {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no line with {needle:?}"));
-            if line.contains(needle) {
-                break;
-            }
-        }
-    };
+    let wait_for = |needle: &str| wait_for_line(&rx, needle);
     // The save of step 2 has been handed to the background upload: pause the server until the
     // run reports that save as failed (short timeouts: a few seconds).
     wait_for("checkpoint step-00000002: training blocked");
@@ -137,6 +126,20 @@ fn s3_outage_during_a_save_is_reported_training_continues_and_the_next_save_succ
     assert_eq!(row(&rows, "final").unwrap()["status"], "verified");
 }
 
+/// Read the run's log lines until one contains `needle` (at most 120 s).
+fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no line with {needle:?}"));
+        if line.contains(needle) {
+            return;
+        }
+    }
+}
+
 /// One server-pausing test at a time: they share the one S3 test server.
 static SERVER: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -155,12 +158,7 @@ fn store_lost_after_start(extra: &[&str]) -> Option<(std::process::ExitStatus, S
         extra,
         &[("MLA_STORE_TEST_PUT_DELAY_MS", "250")],
     );
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !rx
-        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        .expect("the run logs its first step")
-        .contains(&format!("step 1/{STEPS}"))
-    {}
+    wait_for_line(&rx, &format!("step 1/{STEPS}"));
     let paused = Paused::new(&pid);
     let status = child.wait().unwrap();
     drop(paused);
