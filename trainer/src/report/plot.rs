@@ -58,8 +58,12 @@ fn human(x: f64) -> String {
     }
 }
 
-fn draw_err(path: &Path) -> impl Fn(Box<dyn std::fmt::Display>) -> anyhow::Error + '_ {
-    move |e| anyhow!("{}: drawing: {e}", path.display())
+/// What drawing returns inside this module: plotters' errors (and ours) boxed, given the
+/// PNG's name once by [`named`].
+type Drawn = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+fn named(path: &Path, drawn: Drawn) -> anyhow::Result<()> {
+    drawn.map_err(|e| anyhow!("{}: drawing: {e}", path.display()))
 }
 
 /// Pad [lo, hi] by `frac` of its span (at least a little when lo == hi).
@@ -72,7 +76,10 @@ fn padded(lo: f64, hi: f64, frac: f64) -> (f64, f64) {
 /// a fifth of training on, so that the differences at the end are visible.
 pub fn val_loss(path: &Path, runs: &[RunSummary]) -> anyhow::Result<()> {
     ensure_font()?;
-    let err = draw_err(path);
+    named(path, draw_val_loss(path, runs))
+}
+
+fn draw_val_loss(path: &Path, runs: &[RunSummary]) -> Drawn {
     let max_tokens = runs
         .iter()
         .flat_map(|r| r.val_curve.iter().map(|p| p.0))
@@ -95,14 +102,13 @@ pub fn val_loss(path: &Path, runs: &[RunSummary]) -> anyhow::Result<()> {
     let (lo, hi) = padded(lo, hi, 0.08);
 
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(Box::new(e)))?;
+    root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
         .caption("Validation loss (from a fifth of training on)", (FONT, 24))
         .margin(18)
         .x_label_area_size(50)
         .y_label_area_size(70)
-        .build_cartesian_2d(0f64..max_tokens * 1.02, lo..hi)
-        .map_err(|e| err(Box::new(e)))?;
+        .build_cartesian_2d(0f64..max_tokens * 1.02, lo..hi)?;
     chart
         .configure_mesh()
         .light_line_style(WHITE)
@@ -112,8 +118,7 @@ pub fn val_loss(path: &Path, runs: &[RunSummary]) -> anyhow::Result<()> {
         .axis_desc_style((FONT, 17))
         .x_label_formatter(&|x| human(*x))
         .y_label_formatter(&|y| format!("{y:.2}"))
-        .draw()
-        .map_err(|e| err(Box::new(e)))?;
+        .draw()?;
     for (i, r) in runs.iter().enumerate() {
         let c = color(i);
         // Points above the frame (the first validations) are left out, not clamped to its edge.
@@ -124,13 +129,10 @@ pub fn val_loss(path: &Path, runs: &[RunSummary]) -> anyhow::Result<()> {
             .filter(|p| p.1 <= hi)
             .collect();
         chart
-            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(3)))
-            .map_err(|e| err(Box::new(e)))?
+            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(3)))?
             .label(format!("{} — {}", r.name, r.attention))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], c.stroke_width(3)));
-        chart
-            .draw_series(pts.iter().map(|&p| Circle::new(p, 3, c.filled())))
-            .map_err(|e| err(Box::new(e)))?;
+        chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, c.filled())))?;
     }
     chart
         .configure_series_labels()
@@ -138,9 +140,8 @@ pub fn val_loss(path: &Path, runs: &[RunSummary]) -> anyhow::Result<()> {
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
         .label_font((FONT, 15))
-        .draw()
-        .map_err(|e| err(Box::new(e)))?;
-    root.present().map_err(|e| err(Box::new(e)))?;
+        .draw()?;
+    root.present()?;
     Ok(())
 }
 
@@ -148,7 +149,10 @@ pub fn val_loss(path: &Path, runs: &[RunSummary]) -> anyhow::Result<()> {
 /// one labelled point per run; the label carries the training speed.
 pub fn tradeoff(path: &Path, runs: &[RunSummary]) -> anyhow::Result<()> {
     ensure_font()?;
-    let err = draw_err(path);
+    named(path, draw_tradeoff(path, runs))
+}
+
+fn draw_tradeoff(path: &Path, runs: &[RunSummary]) -> Drawn {
     let xs: Vec<f64> = runs
         .iter()
         .map(|r| r.kv_cache_bytes_per_token_bf16.max(1) as f64)
@@ -164,7 +168,7 @@ pub fn tradeoff(path: &Path, runs: &[RunSummary]) -> anyhow::Result<()> {
         0.15,
     );
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(Box::new(e)))?;
+    root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
             "Trade-off: KV cache per token vs final validation loss",
@@ -173,8 +177,7 @@ pub fn tradeoff(path: &Path, runs: &[RunSummary]) -> anyhow::Result<()> {
         .margin(18)
         .x_label_area_size(50)
         .y_label_area_size(70)
-        .build_cartesian_2d((xlo..xhi).log_scale(), ylo..yhi)
-        .map_err(|e| err(Box::new(e)))?;
+        .build_cartesian_2d((xlo..xhi).log_scale(), ylo..yhi)?;
     chart
         .configure_mesh()
         .light_line_style(WHITE)
@@ -184,20 +187,17 @@ pub fn tradeoff(path: &Path, runs: &[RunSummary]) -> anyhow::Result<()> {
         .axis_desc_style((FONT, 17))
         .x_label_formatter(&|x| human(*x))
         .y_label_formatter(&|y| format!("{y:.3}"))
-        .draw()
-        .map_err(|e| err(Box::new(e)))?;
+        .draw()?;
     for (i, r) in runs.iter().enumerate() {
         let c = color(i);
         let label = format!("{} ({:.0} tok/s)", r.name, r.train_tokens_per_sec);
-        chart
-            .draw_series(std::iter::once(
-                EmptyElement::at((xs[i], ys[i]))
-                    + Circle::new((0, 0), 8, c.filled())
-                    + Text::new(label, (11, -8), (FONT, 15).into_font()),
-            ))
-            .map_err(|e| err(Box::new(e)))?;
+        chart.draw_series(std::iter::once(
+            EmptyElement::at((xs[i], ys[i]))
+                + Circle::new((0, 0), 8, c.filled())
+                + Text::new(label, (11, -8), (FONT, 15).into_font()),
+        ))?;
     }
-    root.present().map_err(|e| err(Box::new(e)))?;
+    root.present()?;
     Ok(())
 }
 
@@ -205,7 +205,10 @@ pub fn tradeoff(path: &Path, runs: &[RunSummary]) -> anyhow::Result<()> {
 /// line, MLA's naive path dashed-looking (lighter, triangles).
 pub fn decode_speed(path: &Path, runs: &[RunSummary]) -> anyhow::Result<()> {
     ensure_font()?;
-    let err = draw_err(path);
+    named(path, draw_decode_speed(path, runs))
+}
+
+fn draw_decode_speed(path: &Path, runs: &[RunSummary]) -> Drawn {
     let all: Vec<(f64, f64)> = runs
         .iter()
         .flat_map(|r| r.decode.iter())
@@ -213,7 +216,7 @@ pub fn decode_speed(path: &Path, runs: &[RunSummary]) -> anyhow::Result<()> {
         .map(|d| (d.context as f64, d.decode_tokens_per_sec))
         .collect();
     if all.is_empty() {
-        return Err(anyhow!("{}: no decode figures to plot", path.display()));
+        return Err("no decode figures to plot".into());
     }
     let xmax = all.iter().map(|p| p.0).fold(0.0, f64::max) * 1.05;
     let ymax = all.iter().map(|p| p.1).fold(0.0, f64::max) * 1.12;
@@ -224,7 +227,7 @@ pub fn decode_speed(path: &Path, runs: &[RunSummary]) -> anyhow::Result<()> {
         .next()
         .unwrap_or(1);
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(Box::new(e)))?;
+    root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
             format!("Decode speed vs context (batch {batch})"),
@@ -233,8 +236,7 @@ pub fn decode_speed(path: &Path, runs: &[RunSummary]) -> anyhow::Result<()> {
         .margin(18)
         .x_label_area_size(50)
         .y_label_area_size(70)
-        .build_cartesian_2d(0f64..xmax, 0f64..ymax)
-        .map_err(|e| err(Box::new(e)))?;
+        .build_cartesian_2d(0f64..xmax, 0f64..ymax)?;
     chart
         .configure_mesh()
         .light_line_style(WHITE)
@@ -244,8 +246,7 @@ pub fn decode_speed(path: &Path, runs: &[RunSummary]) -> anyhow::Result<()> {
         .axis_desc_style((FONT, 17))
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_label_formatter(&|y| human(*y))
-        .draw()
-        .map_err(|e| err(Box::new(e)))?;
+        .draw()?;
     for (i, r) in runs.iter().enumerate() {
         let c = color(i);
         let mut paths = vec![(r.cached_path(), c.stroke_width(3), "")];
@@ -265,22 +266,17 @@ pub fn decode_speed(path: &Path, runs: &[RunSummary]) -> anyhow::Result<()> {
                 _ => format!("{}{suffix}", r.name),
             };
             chart
-                .draw_series(LineSeries::new(pts.clone(), style))
-                .map_err(|e| err(Box::new(e)))?
+                .draw_series(LineSeries::new(pts.clone(), style))?
                 .label(label)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], style));
             let marker = style.color;
             if suffix.is_empty() {
-                chart
-                    .draw_series(pts.iter().map(|&q| Circle::new(q, 4, marker.filled())))
-                    .map_err(|e| err(Box::new(e)))?;
+                chart.draw_series(pts.iter().map(|&q| Circle::new(q, 4, marker.filled())))?;
             } else {
-                chart
-                    .draw_series(
-                        pts.iter()
-                            .map(|&q| TriangleMarker::new(q, 6, marker.filled())),
-                    )
-                    .map_err(|e| err(Box::new(e)))?;
+                chart.draw_series(
+                    pts.iter()
+                        .map(|&q| TriangleMarker::new(q, 6, marker.filled())),
+                )?;
             }
         }
     }
@@ -290,8 +286,7 @@ pub fn decode_speed(path: &Path, runs: &[RunSummary]) -> anyhow::Result<()> {
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
         .label_font((FONT, 14))
-        .draw()
-        .map_err(|e| err(Box::new(e)))?;
-    root.present().map_err(|e| err(Box::new(e)))?;
+        .draw()?;
+    root.present()?;
     Ok(())
 }
