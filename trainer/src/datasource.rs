@@ -12,6 +12,9 @@
 //! * A `data_path`/`train_data_path` URL (`s3://bucket/prefix`) names a dataset prepared there
 //!   (`mla prepare … --out s3://…`), read remotely; raw text on object storage is refused.
 //!
+//! * Ranks of a job: [`open_once_per_node`] lets one process per node prepare (download,
+//!   tokenize) while that node's other ranks wait, so no two processes write one cache.
+//!
 //! Raw inputs are prepared into a cache, never next to the inputs (they may be read-only):
 //! `data.init_args.cache_dir`, else `<out_dir>/data` for a local out_dir, else `.cache/mla/data`.
 //! The cache key covers the input files `prepare` reads (path, size, mtime) and the tokenizer,
@@ -22,6 +25,7 @@ use crate::data::{
     download_tinystories, download_tokenizer, input_files, is_prepared, open_remote, prepare,
     remote_url, tinystories_input, Dataset, DownloadOptions, OpenOptions, PrepareArgs, Tokenizer,
 };
+use crate::dist::{Communicator, RankInfo};
 use crate::error::BadInput;
 use anyhow::Context;
 use sha2::{Digest, Sha256};
@@ -29,6 +33,44 @@ use std::path::{Path, PathBuf};
 use tracing::info;
 
 const DEFAULT_TINYSTORIES: &str = "data/tinystories";
+
+/// Which of the three turns of [`open_once_per_node`] a rank opens the data in: global rank 0
+/// first, then the first rank of every other node, then everyone else.
+fn prep_turn(rank: &RankInfo) -> usize {
+    match (rank.rank, rank.local_rank) {
+        (0, _) => 0,
+        (_, 0) => 1,
+        _ => 2,
+    }
+}
+
+/// The tokenizer directory and the opened dataset of this rank, prepared once per node.
+///
+/// Preparing downloads and tokenizes into a local cache with overwrite, so two processes must
+/// never do it into one directory at once. Rank 0 goes first (on a shared filesystem it
+/// prepares for everyone); then the first rank of each other node (without a shared
+/// filesystem, it prepares its node's copy; with one, it finds rank 0's); then the rest of
+/// each node, which find their node's copy. A barrier separates the turns; each wait is
+/// bounded by `dist.timeout_secs`. Errors are this rank's; a peer that fails exits, and the
+/// launcher (or mpirun) ends the job.
+pub fn open_once_per_node(
+    cfg: &RunConfig,
+    rank: &RankInfo,
+    comm: &dyn Communicator,
+) -> anyhow::Result<(PathBuf, Dataset)> {
+    // Turn t ends with barrier t (t = 0, 1): a rank waits out the turns before its own.
+    let barriers = if rank.world_size > 1 { 2 } else { 0 };
+    let before = prep_turn(rank).min(barriers);
+    for _ in 0..before {
+        comm.barrier()?;
+    }
+    let tokenizer_dir = tokenizer_dir(cfg)?;
+    let dataset = open(cfg, &tokenizer_dir)?;
+    for _ in before..barriers {
+        comm.barrier()?;
+    }
+    Ok((tokenizer_dir, dataset))
+}
 
 /// Open the dataset the config names, preparing it first when needed.
 pub fn open(cfg: &RunConfig, tokenizer_dir: &Path) -> anyhow::Result<Dataset> {
@@ -233,4 +275,25 @@ fn cache_key(
         }
     }
     Ok(hex::encode(&h.finalize()[..6]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank_0_then_each_other_nodes_first_rank_then_the_rest() {
+        let r = |rank, local_rank| RankInfo {
+            rank,
+            world_size: 16,
+            local_rank,
+            source: "test",
+        };
+        // Two nodes of eight: ranks 0..8 on node 0, 8..16 on node 1.
+        assert_eq!(prep_turn(&r(0, 0)), 0);
+        assert_eq!(prep_turn(&r(8, 0)), 1);
+        for (rank, local) in [(1, 1), (7, 7), (9, 1), (15, 7)] {
+            assert_eq!(prep_turn(&r(rank, local)), 2, "rank {rank}");
+        }
+    }
 }

@@ -675,3 +675,91 @@ fn impossible_backend_choices_are_one_line_errors() {
         assert!(last.starts_with("error: ") && last.contains(msg), "{err}");
     }
 }
+
+/// Issue #10 item 8: a job of two "nodes" of two ranks each, on this machine, each node with its
+/// own data cache (as nodes without a shared filesystem have). One mpirun starts the four
+/// ranks; a wrapper gives them the torchrun variables a two-node launch sets (local ranks 0, 1,
+/// 0, 1) and their node's cache. Raw text is tokenized exactly once per node: by rank 0 and by
+/// rank 2 (node 1's first rank), while ranks 1 and 3 open their node's copy. Before the fix,
+/// ranks 2 and 3 both tokenized into node 1's cache at once.
+#[test]
+fn raw_data_is_tokenized_once_per_node_of_a_two_node_job() {
+    if !have_mpirun() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Raw text (a slice of the TinyStories validation head) that the ranks must tokenize.
+    let text = std::fs::read_to_string(
+        common::shared_data().join("tinystories/valid/tinystories_v1_valid_head.txt"),
+    )
+    .unwrap();
+    let cut = text[..text.len().min(200_000)]
+        .rfind("<|endoftext|>")
+        .unwrap();
+    let (train, val) = (dir.path().join("train.txt"), dir.path().join("val.txt"));
+    std::fs::write(&train, &text[..cut]).unwrap();
+    std::fs::write(&val, &text[..cut / 4]).unwrap();
+    let out = dir.path().join("run");
+    let cache = dir.path().join("cache");
+    let mut args = run_args(&out, 2, &[]);
+    for (key, value) in [
+        ("--data.train_data_path", &train),
+        ("--data.val_data_path", &val),
+    ] {
+        let at = args.iter().position(|a| a == key).unwrap();
+        args[at + 1] = value.to_str().unwrap().to_string();
+    }
+    let wrapper = r#"R=$OMPI_COMM_WORLD_RANK
+exec env RANK=$R WORLD_SIZE=$OMPI_COMM_WORLD_SIZE LOCAL_RANK=$((R % 2)) LOCAL_WORLD_SIZE=2 \
+  "$0" "$@" --data.cache_dir "$NODE_CACHE/node$((R / 2))""#;
+    let mut c = clean(Command::new("mpirun"));
+    c.args(["-np", "4", "--oversubscribe", "--allow-run-as-root"])
+        .args([
+            "--tag-output",
+            "-x",
+            "OMP_NUM_THREADS=1",
+            "-x",
+            "NODE_CACHE",
+        ])
+        .env("NODE_CACHE", &cache)
+        .args(["sh", "-c", wrapper])
+        .arg(mla())
+        .args(["train", "--device", "cpu", "--config", &config()])
+        .args(&args);
+    let run = ok(c);
+    let err = String::from_utf8_lossy(&run.stderr).to_string();
+    // `[1,R]<stderr>:` tags each line with its rank; each node's cache is named in its lines.
+    let ranks_saying = |what: &str, node: usize| -> Vec<usize> {
+        let node_dir = cache.join(format!("node{node}"));
+        let mut ranks: Vec<usize> = err
+            .lines()
+            .filter(|l| l.contains(what) && l.contains(node_dir.to_str().unwrap()))
+            .map(|l| {
+                let tag = l.split_once(']').unwrap().0;
+                tag.rsplit(',').next().unwrap().parse().unwrap()
+            })
+            .collect();
+        ranks.sort();
+        ranks
+    };
+    assert_eq!(ranks_saying("data: tokenizing", 0), [0], "{err}");
+    assert_eq!(ranks_saying("data: tokenizing", 1), [2], "{err}");
+    assert_eq!(ranks_saying("data: using prepared", 0), [1], "{err}");
+    assert_eq!(ranks_saying("data: using prepared", 1), [3], "{err}");
+    // Both nodes hold the same tokens, and the job trained on them.
+    let index = |node: usize| -> Value {
+        let root = cache.join(format!("node{node}"));
+        let prepared: Vec<_> = std::fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(prepared.len(), 1, "{prepared:?}");
+        let mut v: Value =
+            serde_json::from_slice(&std::fs::read(prepared[0].join("index.json")).unwrap())
+                .unwrap();
+        v.as_object_mut().unwrap().remove("created");
+        v
+    };
+    assert_eq!(index(0), index(1));
+    assert_eq!(losses(&out).len(), 2, "{err}");
+}

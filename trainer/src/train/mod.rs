@@ -196,16 +196,8 @@ impl Trainer {
         };
         tch::manual_seed(cfg.seed as i64);
 
-        // Data. Rank 0 first: a first run downloads/tokenizes into a cache all ranks share,
-        // which the others then open (their wait is bounded by dist.timeout_secs).
-        if !main {
-            comm.barrier()?;
-        }
-        let tokenizer_dir = datasource::tokenizer_dir(&cfg)?;
-        let dataset = datasource::open(&cfg, &tokenizer_dir)?;
-        if main && rank.world_size > 1 {
-            comm.barrier()?;
-        }
+        // Data: a first run downloads/tokenizes into a cache, once per node.
+        let (tokenizer_dir, dataset) = datasource::open_once_per_node(&cfg, &rank, comm.as_ref())?;
         crate::data::check_vocab(&dataset, cfg.model().padded_vocab_size() as u64)?;
         let seq_len = cfg.train.max_seq_length.unwrap_or(cfg.model().block_size);
         let micro = cfg.train.micro_batch_size;
