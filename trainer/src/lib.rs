@@ -7,6 +7,7 @@ pub mod budget;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+mod cxx;
 pub mod data;
 pub mod datasource;
 pub mod device;

@@ -16,9 +16,7 @@
 //! Also here: the LR schedule (linear warmup, cosine to min_lr, by optimizer step) and
 //! global-norm clipping. Not here: the loop that calls them (train.rs).
 
-#[path = "cxx/mod.rs"]
-mod cxx;
-
+use crate::cxx;
 use std::collections::HashMap;
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
@@ -287,6 +285,34 @@ impl AdamW {
     /// Non-fp32 parameters (bf16-true) are updated through an fp32 copy, so the moments stay
     /// fp32 (the fused kernel wants one dtype for all four).
     pub fn step(&mut self, flat: &FlatParams, lr: f64) -> Result<(), OptimError> {
+        self.update(flat, lr, None)?;
+        self.applied();
+        Ok(())
+    }
+
+    /// The update of [`AdamW::step`], skipped on the device where the 0-dim fp32 `found_inf`
+    /// holds 1 (a non-finite loss or gradient): nothing waits for the device to decide. The
+    /// step count moves only when the caller, once it knows, calls [`AdamW::applied`].
+    pub fn step_unless(
+        &mut self,
+        flat: &FlatParams,
+        lr: f64,
+        found_inf: &Tensor,
+    ) -> Result<(), OptimError> {
+        self.update(flat, lr, Some(found_inf))
+    }
+
+    /// Count the update queued by [`AdamW::step_unless`] as applied.
+    pub fn applied(&mut self) {
+        self.step += 1;
+    }
+
+    fn update(
+        &mut self,
+        flat: &FlatParams,
+        lr: f64,
+        found_inf: Option<&Tensor>,
+    ) -> Result<(), OptimError> {
         let grads = flat.grads_list()?;
         let step = self.step + 1;
         let views =
@@ -318,15 +344,14 @@ impl AdamW {
                     &v[range],
                     &self.step_count,
                     args,
+                    found_inf,
                 )?;
             }
             if let Some(p) = &p32 {
                 flat.params.shallow_clone().copy_(p);
             }
             Ok(())
-        })?;
-        self.step = step;
-        Ok(())
+        })
     }
 }
 
@@ -339,14 +364,24 @@ pub fn grad_norm(flat: &FlatParams) -> Result<Tensor, OptimError> {
     cxx::grad_norm(&flat.grads_list()?)
 }
 
-/// Scale gradients so their global norm is at most `max_norm` (norm given, as torch's
-/// clip_grad_norm_: coefficient max_norm / (norm + 1e-6), applied only when < 1).
-pub fn clip_grads(flat: &FlatParams, norm: f64, max_norm: f64) -> Result<(), OptimError> {
-    let coef = max_norm / (norm + 1e-6);
-    if coef < 1.0 {
-        cxx::foreach_mul_(&flat.grads_list()?, coef)?;
-    }
-    Ok(())
+/// Scale gradients so their global norm is at most `max_norm`, as torch's clip_grad_norm_:
+/// coefficient min(1, max_norm / (norm + 1e-6)) from the 0-dim `norm`, all on the device (no
+/// host sync). The coefficient is computed in fp64 and rounded once to fp32, the value the
+/// host-scalar form multiplied by; a coefficient of 1 leaves every gradient as it was. On CUDA,
+/// bf16 gradients take it rounded to bf16, as clip_grad_norm_ does with bf16 norms.
+pub fn clip_grads(flat: &FlatParams, norm: &Tensor, max_norm: f64) -> Result<(), OptimError> {
+    let grads = flat.grads_list()?;
+    let device = norm.device();
+    let kind = match grads.first() {
+        Some(g) if device.is_cuda() => g.kind(), // the multi-tensor kernel wants one dtype
+        _ => Kind::Float,
+    };
+    let coef = tch::no_grad(|| {
+        (Tensor::full([], max_norm, (Kind::Double, device)) / (norm.to_kind(Kind::Double) + 1e-6))
+            .clamp_max(1.0)
+            .to_kind(kind)
+    });
+    cxx::foreach_mul_(&grads, &coef)
 }
 
 #[cfg(test)]
@@ -484,8 +519,8 @@ mod tests {
             for t in 1..=3 {
                 flat.clear_grads().unwrap();
                 loss(&a, &b, &(&x * t as f64)).backward();
-                let norm = grad_norm(&flat).unwrap().double_value(&[]);
-                clip_grads(&flat, norm, norm / 2.0).unwrap();
+                let norm = grad_norm(&flat).unwrap();
+                clip_grads(&flat, &norm, norm.double_value(&[]) / 2.0).unwrap();
                 opt.step(&flat, 0.01).unwrap();
             }
             assert!(
@@ -617,7 +652,7 @@ mod tests {
         );
         flat.clear_grads().unwrap();
         loss(&a, &b, &Tensor::ones([5, 3], (Kind::Float, Device::Cpu))).backward();
-        clip_grads(&flat, n, n / 4.0).unwrap();
+        clip_grads(&flat, &Tensor::from(n as f32), n / 4.0).unwrap();
         let after = grad_norm(&flat).unwrap().double_value(&[]);
         // The coefficient is max_norm / (norm + 1e-6) (torch's), so the result falls short of
         // n/4 by ≤ 1e-6/4; the scaling and the new norm add ≤ (N + 4) roundings of n/4.
@@ -627,6 +662,74 @@ mod tests {
             (after - n / 4.0).abs()
         );
         assert!((after - n / 4.0).abs() <= tol, "{after} vs {}", n / 4.0);
+    }
+
+    /// The device-side coefficient multiplies by exactly the fp32 value the host form used
+    /// (max_norm / (norm + 1e-6) in f64, rounded once), and a coefficient ≥ 1 changes nothing.
+    #[test]
+    fn clipping_on_the_device_is_the_host_scalar_form_bit_for_bit() {
+        let (vs, a, b) = toy();
+        let flat = FlatParams::new(&vs, Kind::Float).unwrap();
+        let x = Tensor::ones([5, 3], (Kind::Float, Device::Cpu));
+        let fresh = || {
+            flat.clear_grads().unwrap();
+            loss(&a, &b, &x).backward();
+            flat.grads_list().unwrap()
+        };
+        let _ = fresh();
+        let norm = grad_norm(&flat).unwrap(); // a new tensor: later backwards leave it alone
+        for max_norm in [norm.double_value(&[]) / 3.0, 1e9] {
+            let before: Vec<Tensor> = fresh().iter().map(Tensor::copy).collect();
+            clip_grads(&flat, &norm, max_norm).unwrap();
+            let coef = (max_norm / (norm.double_value(&[]) + 1e-6)).min(1.0) as f32;
+            for (g, g0) in flat.grads_list().unwrap().iter().zip(&before) {
+                assert!(g.equal(&(g0 * Tensor::from(coef))), "max_norm {max_norm}");
+                if coef == 1.0 {
+                    assert!(g.equal(g0));
+                }
+            }
+        }
+    }
+
+    /// A found_inf of 1 leaves parameters and moments bit for bit (and the step count, until
+    /// `applied`); a found_inf of 0 is the plain step.
+    #[test]
+    fn a_step_flagged_non_finite_on_the_device_changes_nothing() {
+        let x = Tensor::ones([5, 3], (Kind::Float, Device::Cpu));
+        let run = |flags: &[f32]| {
+            let (vs, a, b) = toy();
+            let flat = FlatParams::new(&vs, Kind::Float).unwrap();
+            let mut opt = AdamW::new(&flat, (0.9, 0.95), 1e-8, 0.1);
+            let mut snapshots = Vec::new();
+            for (t, &flag) in flags.iter().enumerate() {
+                flat.clear_grads().unwrap();
+                loss(&a, &b, &(&x * (t + 1) as f64)).backward();
+                if flag < 0.0 {
+                    opt.step(&flat, 0.01).unwrap();
+                } else {
+                    opt.step_unless(&flat, 0.01, &Tensor::from(flag)).unwrap();
+                    if flag == 0.0 {
+                        opt.applied();
+                    }
+                }
+                snapshots.push((
+                    flat.params.copy(),
+                    opt.exp_avg.copy(),
+                    opt.exp_avg_sq.copy(),
+                    opt.step,
+                ));
+            }
+            snapshots
+        };
+        let skipped = run(&[0.0, 1.0, 0.0]);
+        let (s0, s1) = (&skipped[0], &skipped[1]);
+        assert!(s1.0.equal(&s0.0) && s1.1.equal(&s0.1) && s1.2.equal(&s0.2));
+        assert_eq!((s0.3, s1.3, skipped[2].3), (1, 1, 2));
+        let plain = run(&[-1.0, -1.0]);
+        let unflagged = run(&[0.0, 0.0]);
+        for (p, u) in plain.iter().zip(&unflagged) {
+            assert!(p.0.equal(&u.0) && p.1.equal(&u.1) && p.2.equal(&u.2) && p.3 == u.3);
+        }
     }
 
     #[test]
@@ -669,9 +772,9 @@ mod tests {
             weight_decay: 0.0,
             eps: 1e-8,
         };
-        let e = cxx::fused_adamw(&p, &g, &mv, &mv2, &step, args).unwrap_err();
+        let e = cxx::fused_adamw(&p, &g, &mv, &mv2, &step, args, None).unwrap_err();
         assert!(e.to_string().starts_with("libtorch fused_adamw: "), "{e}");
-        let e = cxx::fused_adamw(&p, &[], &mv, &mv2, &step, args).unwrap_err();
+        let e = cxx::fused_adamw(&p, &[], &mv, &mv2, &step, args, None).unwrap_err();
         assert!(e.to_string().contains("list lengths differ"), "{e}");
         let e = cxx::grad_norm(&[]).unwrap_err();
         assert!(e.to_string().contains("no gradients"), "{e}");

@@ -2,7 +2,8 @@
 //! bit-exact resume after a process exit, a corrupted newest step named by `mla ckpt verify`
 //! and skipped by `resume: auto`, refusal of another model / tokenizer / world size, `mla ckpt
 //! list|inspect`, and the weights giving the same logits in Python (`safetensors` + the plain
-//! PyTorch reference, scripts/ref/check_safetensors_logits.py) as in mla.
+//! PyTorch reference, scripts/ref/check_safetensors_logits.py) as in mla; steps with a
+//! non-finite gradient skipped without touching weights or optimizer state.
 //!
 //! Each run is the tiny 2N-step configuration of `common` (N = 3, a save every 2 steps); the
 //! straight 2N-step run is shared by the tests of this file.
@@ -314,4 +315,59 @@ fn ckpt_list_of_a_missing_local_out_dir_is_an_error_not_an_empty_run() {
     // An existing directory without checkpoints is an empty run.
     let empty = ok(&mla(&["ckpt", "list", dir.path().to_str().unwrap()]));
     assert!(empty.contains("no step directories"), "{empty}");
+}
+
+/// The non-finite guard end to end (issue 10 item 7 moved its decision to the device): with
+/// one gradient NaN at steps 3 and 4, both updates are skipped, so step 4 saves the very
+/// weights and optimizer state of step 2 (bit for bit) and training goes on at step 5; three
+/// in a row with `train.max_nonfinite_steps: 3` end the run with a one-line error.
+#[test]
+fn non_finite_steps_are_skipped_on_the_device_and_too_many_in_a_row_stop_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = out.to_str().unwrap();
+    let run = train(
+        dir.path(),
+        o,
+        &["--train.max_nonfinite_steps", "3"],
+        &[("MLA_TEST_NAN_GRAD_STEPS", "3,4")],
+    );
+    ok(&run);
+    let err = stderr(&run);
+    for (step, n) in [(3, 1), (4, 2)] {
+        let line =
+            format!("step {step}: non-finite gradient norm (NaN) — update skipped ({n} in a row)");
+        assert!(err.contains(&line), "{line}\n{err}");
+    }
+    let sha = |step: &str, file: &str| sha256_file(&out.join(step).join(file));
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        assert_eq!(
+            sha("step-00000002", file),
+            sha("step-00000004", file),
+            "{file}"
+        );
+    }
+    assert_ne!(
+        sha("step-00000004", "model.safetensors"),
+        sha("final", "model.safetensors"),
+        "steps 5 and 6 update again"
+    );
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("final/state.json")).unwrap()).unwrap();
+    assert_eq!(state["skipped_steps"], 2, "{state}");
+
+    let out = dir.path().join("too-many");
+    let run = train(
+        dir.path(),
+        out.to_str().unwrap(),
+        &["--train.max_nonfinite_steps", "3"],
+        &[("MLA_TEST_NAN_GRAD_STEPS", "2,3,4")],
+    );
+    let err = stderr(&run);
+    assert_eq!(run.status.code(), Some(1), "{err}");
+    let last = err.trim_end().lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: 3 optimizer steps in a row had a non-finite loss or gradient"),
+        "{err}"
+    );
 }

@@ -1,10 +1,11 @@
 //! Safe Rust wrappers over shim.cpp, the C ABI to the libtorch ops tch 0.24 lacks: torch's
-//! fused AdamW kernel, the foreach global norm and in-place scale, and setting or clearing a
-//! parameter's `.grad`. Each wrapper passes tch handles (`at::Tensor*`) and turns the shim's
+//! fused AdamW kernel, the foreach global norm and in-place scale, setting or clearing a
+//! parameter's `.grad` (for optim.rs), and pinning host memory (train/loss.rs). Each wrapper passes tch handles (`at::Tensor*`) and turns the shim's
 //! error string into an [`OptimError`]; no C++ exception and no panic crosses the boundary.
-//! Not here: which tensors or hyper-parameters (optim.rs).
+//! Not here: which tensors or hyper-parameters (optim.rs). The autocast bindings are in
+//! autocast.rs.
 
-use super::OptimError;
+use crate::optim::OptimError;
 use std::ffi::{c_char, CStr};
 use tch::Tensor;
 use torch_sys::C_tensor;
@@ -25,13 +26,19 @@ extern "C" {
         beta2: f64,
         weight_decay: f64,
         eps: f64,
+        found_inf: *const C_tensor,
     ) -> *mut c_char;
     fn mla_grad_norm(
         grads: *const *const C_tensor,
         n: usize,
         out: *mut *mut C_tensor,
     ) -> *mut c_char;
-    fn mla_foreach_mul_(tensors: *const *const C_tensor, n: usize, scale: f64) -> *mut c_char;
+    fn mla_pin_memory(t: *const C_tensor, out: *mut *mut C_tensor) -> *mut c_char;
+    fn mla_foreach_mul_tensor_(
+        tensors: *const *const C_tensor,
+        n: usize,
+        scale: *const C_tensor,
+    ) -> *mut c_char;
 }
 
 /// Ok on a null return, else the shim's message (which is released here).
@@ -73,7 +80,8 @@ pub struct AdamWArgs {
 
 /// One fused AdamW step (`torch._fused_adamw_`) over matching lists: parameters, gradients
 /// and fp32-or-same-dtype moments, all of one dtype and device; `step` is the 0-dim fp32 step
-/// count of this update (already incremented) on that device.
+/// count of this update (already incremented) on that device. `found_inf`: a 0-dim fp32
+/// tensor on that device; where it holds 1, nothing is updated (decided on the device).
 pub fn fused_adamw(
     params: &[Tensor],
     grads: &[Tensor],
@@ -81,6 +89,7 @@ pub fn fused_adamw(
     exp_avg_sqs: &[Tensor],
     step: &Tensor,
     args: AdamWArgs,
+    found_inf: Option<&Tensor>,
 ) -> Result<(), OptimError> {
     let n = params.len();
     if [grads.len(), exp_avgs.len(), exp_avg_sqs.len()] != [n; 3] {
@@ -100,8 +109,8 @@ pub fn fused_adamw(
         handles(exp_avgs),
         handles(exp_avg_sqs),
     );
-    // SAFETY: four arrays of n live tensor handles and one step handle, all borrowed for the
-    // call; the kernel writes only the tensors' data.
+    // SAFETY: four arrays of n live tensor handles, the step handle and the optional found_inf
+    // handle (null for None), all borrowed for the call; the kernel writes only the tensors' data.
     let message = unsafe {
         mla_fused_adamw(
             p.as_ptr(),
@@ -115,6 +124,7 @@ pub fn fused_adamw(
             args.betas.1,
             args.weight_decay,
             args.eps,
+            found_inf.map_or(std::ptr::null(), Tensor::as_ptr),
         )
     };
     check("fused_adamw", message)
@@ -140,11 +150,30 @@ pub fn grad_norm(grads: &[Tensor]) -> Result<Tensor, OptimError> {
     Ok(unsafe { Tensor::from_ptr(out) })
 }
 
-/// Multiply every tensor of `tensors` in place by `scale`.
-pub fn foreach_mul_(tensors: &[Tensor], scale: f64) -> Result<(), OptimError> {
+/// Multiply every tensor of `tensors` in place by the 0-dim tensor `scale` on their device.
+pub fn foreach_mul_(tensors: &[Tensor], scale: &Tensor) -> Result<(), OptimError> {
     let t = handles(tensors);
-    // SAFETY: an array of live handles borrowed for the call; only their data is written.
+    // SAFETY: an array of live handles and a live scale handle, borrowed for the call; only
+    // the tensors' data is written.
     check("foreach_mul_", unsafe {
-        mla_foreach_mul_(t.as_ptr(), t.len(), scale)
+        mla_foreach_mul_tensor_(t.as_ptr(), t.len(), scale.as_ptr())
     })
+}
+
+/// A copy of the CPU tensor `t` in page-locked memory, for an asynchronous copy to the GPU.
+pub fn pin_memory(t: &Tensor) -> Result<Tensor, OptimError> {
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: a live handle borrowed for the call; on success `out` is a new heap `at::Tensor`
+    // that the returned tch Tensor owns (freed by its Drop).
+    check("pin_memory", unsafe {
+        mla_pin_memory(t.as_ptr(), &mut out)
+    })?;
+    if out.is_null() {
+        return Err(OptimError::Torch {
+            op: "pin_memory",
+            message: "no result".into(),
+        });
+    }
+    // SAFETY: see above; ownership moves to the Tensor.
+    Ok(unsafe { Tensor::from_ptr(out) })
 }

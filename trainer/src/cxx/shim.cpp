@@ -2,7 +2,8 @@
 // for trainer/src/optim.rs (bindings in mod.rs): torch's fused AdamW kernel
 // (`at::_fused_adamw_`, the one `torch.optim.AdamW(fused=True)` runs), the foreach norm and
 // scale that `torch.nn.utils.clip_grad_norm_` uses, setting or clearing a parameter's
-// `.grad` (Python's `p.grad = g` / `p.grad = None`), and the CUDA autocast dtype
+// `.grad` (Python's `p.grad = g` / `p.grad = None`), pinning host memory, and the CUDA
+// autocast dtype
 // (`torch.autocast("cuda", dtype=torch.bfloat16)`; bindings in trainer/src/autocast.rs).
 //
 // Not here: any policy (which tensors, which hyper-parameters); that is optim.rs.
@@ -24,6 +25,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -101,21 +103,31 @@ char* mla_set_grad(const at::Tensor* var, const at::Tensor* grad) {
 
 // One AdamW step (decoupled decay, torch.optim.AdamW's formula) over n parameters in one
 // fused kernel per tensor on CPU, one multi-tensor launch on CUDA. `step` is the 0-dim fp32
-// step count already incremented for this step, on the parameters' device.
+// step count already incremented for this step, on the parameters' device. `found_inf`, when
+// not null, is a 0-dim fp32 tensor on that device: where it holds 1 the kernel leaves every
+// tensor as it was (torch's GradScaler skip), decided on the device without a host sync.
 char* mla_fused_adamw(const at::Tensor* const* params, const at::Tensor* const* grads,
                       const at::Tensor* const* exp_avgs, const at::Tensor* const* exp_avg_sqs,
                       size_t n, const at::Tensor* step, double lr, double beta1, double beta2,
-                      double weight_decay, double eps) {
+                      double weight_decay, double eps, const at::Tensor* found_inf) {
   return guarded([&] {
     if (n == 0) {
       return;
     }
     TORCH_CHECK(step != nullptr && step->defined(), "fused_adamw: undefined step tensor");
+    std::optional<at::Tensor> skip;
+    if (found_inf != nullptr) {
+      TORCH_CHECK(found_inf->defined() && found_inf->dim() == 0 &&
+                      found_inf->scalar_type() == at::kFloat,
+                  "fused_adamw: found_inf must be a 0-dim fp32 tensor");
+      skip = *found_inf;
+    }
     at::NoGradGuard no_grad;
     const std::vector<at::Tensor> steps(n, *step);
     at::_fused_adamw_(to_list(params, n), to_list(grads, n), to_list(exp_avgs, n),
                       to_list(exp_avg_sqs, n), /*max_exp_avg_sqs=*/{}, steps, lr, beta1, beta2,
-                      weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false);
+                      weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false,
+                      /*grad_scale=*/std::nullopt, skip);
   });
 }
 
@@ -136,14 +148,30 @@ char* mla_grad_norm(const at::Tensor* const* grads, size_t n, at::Tensor** out) 
   });
 }
 
-// Scale n tensors in place by `scale` (gradient clipping).
-char* mla_foreach_mul_(const at::Tensor* const* tensors, size_t n, double scale) {
+// Scale n tensors in place by the 0-dim tensor `scale` on their device (gradient clipping with
+// a coefficient that never visits the host). On CUDA the multi-tensor kernel runs when `scale`
+// has the tensors' dtype; otherwise each tensor is scaled on its own.
+char* mla_foreach_mul_tensor_(const at::Tensor* const* tensors, size_t n,
+                              const at::Tensor* scale) {
   return guarded([&] {
     if (n == 0) {
       return;
     }
+    TORCH_CHECK(scale != nullptr && scale->defined() && scale->dim() == 0,
+                "foreach_mul_: the scale must be a 0-dim tensor");
     at::NoGradGuard no_grad;
-    at::_foreach_mul_(to_list(tensors, n), scale);
+    at::_foreach_mul_(to_list(tensors, n), *scale);
+  });
+}
+
+// *out = a copy of the CPU tensor `t` in page-locked memory (torch's pinned-memory cache), for
+// an asynchronous copy to the GPU. tch's pin_memory always passes the `device` argument, which
+// libtorch deprecates with a warning on every call.
+char* mla_pin_memory(const at::Tensor* t, at::Tensor** out) {
+  return guarded([&] {
+    TORCH_CHECK(t != nullptr && t->defined(), "pin_memory: undefined tensor");
+    TORCH_CHECK(out != nullptr, "pin_memory: null output");
+    *out = new at::Tensor(t->pin_memory());
   });
 }
 

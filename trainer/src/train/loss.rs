@@ -6,20 +6,31 @@
 use mla_model::Gpt;
 use tch::{Device, Kind, Reduction, Tensor};
 
-/// The inputs (B, T) and targets (B, T) of `micro` windows of `seq_len + 1` tokens.
+/// The inputs (B, T) and targets (B, T) of `micro` windows of `seq_len + 1` tokens, on `device`.
 pub(super) fn tokens_to_batch(
     tokens: &[i64],
     micro: usize,
     seq_len: usize,
     device: Device,
-) -> (Tensor, Tensor) {
-    let t = Tensor::from_slice(tokens)
-        .view([micro as i64, seq_len as i64 + 1])
-        .to_device(device);
-    (
+) -> anyhow::Result<(Tensor, Tensor)> {
+    let t = Tensor::from_slice(tokens).view([micro as i64, seq_len as i64 + 1]);
+    // To a GPU through page-locked memory, without waiting: a copy from pageable memory makes
+    // the host wait for all queued work before it can launch the next micro-batch. The staging
+    // buffer goes back to torch's pinned-memory cache only once the copy has run.
+    let t = if device.is_cuda() {
+        crate::cxx::pin_memory(&t)?.to_device_(
+            device,
+            Kind::Int64,
+            /* non_blocking */ true,
+            false,
+        )
+    } else {
+        t
+    };
+    Ok((
         t.narrow(1, 0, seq_len as i64),
         t.narrow(1, 1, seq_len as i64),
-    )
+    ))
 }
 
 /// Mean cross-entropy of next-token prediction for inputs (B, T) and targets (B, T), through

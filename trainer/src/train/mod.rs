@@ -10,8 +10,14 @@
 //! Several ranks (DDP, DESIGN §5): rank 0's initial weights are broadcast, gradients summed
 //! over the one flat buffer after the last micro-batch (the loss is scaled by 1/(accum·world),
 //! so the sum is the mean), the logged loss is the global mean, only rank 0 logs and writes;
-//! ranks agree on stopping (signal, max_time) through the per-step host all-reduce, so all of
+//! ranks agree on stopping (signal, max_time) through the per-step all-reduce, so all of
 //! them checkpoint the same step.
+//! Host syncs: one per step, after the whole step (loss, flags, norm, clipping, AdamW skipped
+//! on the device when the loss or norm is not finite) is queued; tokens reach a GPU from
+//! pinned memory without a sync.
+//!
+//! Test hook: `MLA_TEST_NAN_GRAD_STEPS=3,4` makes one gradient NaN at those optimizer steps
+//! (1-based), to test the non-finite guard end to end.
 //! Not here: the loss and its chunked backward (train/loss.rs), validation
 //! (train/validation.rs), where data comes from (datasource.rs), tensor ↔ bytes
 //! (checkpoint.rs).
@@ -153,6 +159,8 @@ pub(crate) struct Trainer {
     flops_per_token: f64,
     peak_flops: Option<f64>,
     stop_at_step: Option<u64>,
+    /// Steps whose gradients the test hook poisons (`MLA_TEST_NAN_GRAD_STEPS`).
+    nan_grad_steps: Vec<u64>,
     run_start: Instant,
     /// Training wall time of the run before this process (from the checkpoint).
     elapsed_before: f64,
@@ -359,6 +367,7 @@ impl Trainer {
             flops_per_token,
             peak_flops: device::peak_flops(device),
             stop_at_step,
+            nan_grad_steps: nan_grad_steps_from_env()?,
             run_start: Instant::now(),
             elapsed_before,
             window: Window::new(),
@@ -444,7 +453,7 @@ impl Trainer {
             let data_start = Instant::now();
             let tokens = self.loader.next_micro_batch()?;
             self.window.data_secs += data_start.elapsed().as_secs_f64();
-            let (x, y) = tokens_to_batch(&tokens, self.micro, self.seq_len, device);
+            let (x, y) = tokens_to_batch(&tokens, self.micro, self.seq_len, device)?;
             let scale = 1.0 / (self.accum * world) as f64;
             loss_sum += loss_and_backward(&self.t.model, &x, &y, self.autocast, scale);
         }
@@ -457,18 +466,34 @@ impl Trainer {
             self.comm.all_reduce_sum(&mut self.t.flat.grads)?;
             self.window.reduce_secs += reduce_start.elapsed().as_secs_f64();
         }
+        if self.nan_grad_steps.contains(&(self.state.step + 1)) {
+            let grads = self.t.flat.grads_list()?;
+            let _ = tch::no_grad(|| grads[0].shallow_clone().fill_(f64::NAN));
+        }
+        // Queued on the device, read back once at the end: this rank's mean loss and its stop
+        // flags, summed over ranks in one small all-reduce; the gradient norm; the non-finite
+        // flag that skips AdamW on the device; clipping by a coefficient that stays there.
         let time_up = self.cfg.train.max_time.is_some_and(|m| self.elapsed() >= m);
         let stop = signals::stop_requested() || self.stop_at_step == Some(self.state.step + 1);
-        let mut host = [
-            loss_sum.double_value(&[]) / self.accum as f64,
-            f64::from(u8::from(stop)),
-            f64::from(u8::from(time_up)),
-        ];
-        self.comm.all_reduce_host(&mut host)?;
-        let loss = host[0] / world as f64;
-        self.stop_agreed = host[1] > 0.0;
-        self.time_agreed = host[2] > 0.0;
-        let norm = optim::grad_norm(&self.t.flat)?.double_value(&[]);
+        let flag = |on: bool| Tensor::full([], f64::from(u8::from(on)), (Kind::Double, device));
+        let mut shared = Tensor::stack(
+            &[
+                loss_sum.to_kind(Kind::Double) / self.accum as f64,
+                flag(stop),
+                flag(time_up),
+            ],
+            0,
+        );
+        self.comm.all_reduce_sum(&mut shared)?;
+        let norm = optim::grad_norm(&self.t.flat)?;
+        let found_inf = tch::no_grad(|| {
+            (shared.get(0).isfinite().logical_and(&norm.isfinite()))
+                .logical_not()
+                .to_kind(Kind::Float)
+        });
+        if let Some(max_norm) = self.cfg.train.max_norm {
+            optim::clip_grads(&self.t.flat, &norm, max_norm)?;
+        }
         let lr = optim::lr_at(
             self.state.step,
             self.cfg.optimizer.init_args.lr,
@@ -476,7 +501,24 @@ impl Trainer {
             self.budget.warmup_steps,
             self.budget.total_steps,
         );
-        if !loss.is_finite() || !norm.is_finite() {
+        self.t.opt.step_unless(&self.t.flat, lr, &found_inf)?;
+        // The step's one host sync, with all of the step's work already queued.
+        let host = Vec::<f64>::try_from(
+            Tensor::cat(
+                &[
+                    shared,
+                    norm.to_kind(Kind::Double).reshape([1]),
+                    found_inf.to_kind(Kind::Double).reshape([1]),
+                ],
+                0,
+            )
+            .to_device(Device::Cpu),
+        )?;
+        let loss = host[0] / world as f64;
+        self.stop_agreed = host[1] > 0.0;
+        self.time_agreed = host[2] > 0.0;
+        let norm = host[3];
+        if host[4] > 0.0 {
             self.consecutive_nonfinite += 1;
             self.state.skipped_steps += 1;
             let n = self.consecutive_nonfinite;
@@ -496,10 +538,7 @@ impl Trainer {
             }
         } else {
             self.consecutive_nonfinite = 0;
-            if let Some(max_norm) = self.cfg.train.max_norm {
-                optim::clip_grads(&self.t.flat, norm, max_norm)?;
-            }
-            self.t.opt.step(&self.t.flat, lr)?;
+            self.t.opt.applied();
         }
         self.t.flat.clear_grads()?;
         Ok((loss, norm, lr))
@@ -743,6 +782,23 @@ fn rank_position(loaders: &[LoaderPosition], rank: usize) -> Result<&LoaderPosit
         )));
     }
     Ok(mine)
+}
+
+const NAN_GRAD_STEPS_ENV: &str = "MLA_TEST_NAN_GRAD_STEPS";
+
+/// The steps of [`NAN_GRAD_STEPS_ENV`] (a comma-separated list), when set.
+fn nan_grad_steps_from_env() -> anyhow::Result<Vec<u64>> {
+    let Ok(v) = std::env::var(NAN_GRAD_STEPS_ENV) else {
+        return Ok(Vec::new());
+    };
+    v.split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            s.trim().parse().map_err(|_| {
+                BadInput(format!("{NAN_GRAD_STEPS_ENV}={v:?}: expected step numbers")).into()
+            })
+        })
+        .collect()
 }
 
 /// Whether the gradients go through the communicator every step: with a peer, and with a real

@@ -28,7 +28,7 @@ impl Validation {
         let mut sums = [0.0, 0.0];
         tch::no_grad(|| -> anyhow::Result<()> {
             for batch in self.loader.iter() {
-                let (x, y) = tokens_to_batch(&batch?, self.micro, self.seq_len, self.device);
+                let (x, y) = tokens_to_batch(&batch?, self.micro, self.seq_len, self.device)?;
                 sums[0] += mean_loss(model, &x, &y, self.autocast).double_value(&[]);
                 sums[1] += 1.0;
             }
