@@ -125,6 +125,14 @@ impl<'de> Deserialize<'de> for LatentAttention {
     }
 }
 
+/// `latent_attention`: absent, null and `false` are all ordinary attention (None).
+fn latent_or_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<LatentAttention>, D::Error> {
+    Ok(match Option::<LatentAttention>::deserialize(d)? {
+        None | Some(LatentAttention::Flag(false)) => None,
+        some => some,
+    })
+}
+
 /// MLA as the model builds it: dimensions plus which optional pieces exist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MlaSpec {
@@ -271,7 +279,13 @@ pub struct ModelConfig {
     pub scale_embeddings: bool,
     #[serde(default)]
     pub lm_head_bias: bool,
-    #[serde(default)]
+    /// MLA when set. `false` reads as absent and is never written: litgpt takes absent, null
+    /// or a mapping, so a config mla writes for ordinary attention loads in litgpt unchanged.
+    #[serde(
+        default,
+        deserialize_with = "latent_or_none",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub latent_attention: Option<LatentAttention>,
 
     // litgpt keys accepted only at their default (mla does not implement them).
@@ -717,6 +731,24 @@ mod tests {
         );
         assert!(!m.up_bias && !m.down_bias && m.latent_norm.is_none());
         assert_eq!(c.rope_n_elem(), 32);
+    }
+
+    /// litgpt takes `latent_attention` absent, null or a mapping: `false` reads as absent and
+    /// is never written back (issue 9: checkpoints' config.yaml carried `false`).
+    #[test]
+    fn latent_attention_false_is_ordinary_attention_and_is_never_written() {
+        for json in [
+            r#"{"n_head": 4, "latent_attention": false}"#,
+            r#"{"n_head": 4, "latent_attention": null}"#,
+            r#"{"n_head": 4}"#,
+        ] {
+            let c = parse(json);
+            assert_eq!(c.latent_attention, None, "{json}");
+            let written = serde_json::to_string(&c).unwrap();
+            assert!(!written.contains("latent_attention"), "{json} → {written}");
+        }
+        let seed = serde_json::to_string(&parse(r#"{"latent_attention": true}"#)).unwrap();
+        assert!(seed.contains(r#""latent_attention":true"#), "{seed}");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerate model/tests/goldens/ from litgpt 0.5.13 (MHA/GQA/MQA/MLA-mapping) and the plain
-# PyTorch reference gpt_ref.py (the seed's latent_attention: true). litgpt is installed into
-# .venv only here, with torch held at 2.11.0 by a constraint. CI never runs this: it compares
+# PyTorch reference gpt_ref.py (the seed's latent_attention: true). litgpt comes with
+# scripts/requirements.txt (the interop tests use it too); it is checked here, and installed
+# with torch held at 2.11.0 by a constraint when missing. CI never runs this: it compares
 # against the committed goldens (model/tests/parity.rs).
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -22,7 +22,14 @@ pub struct LoadedModel {
     pub vs: VarStore,
     /// Where it came from, for messages.
     pub source: String,
-    _tokenizer_dir: tempfile::TempDir,
+    tokenizer_files: tempfile::TempDir,
+}
+
+impl LoadedModel {
+    /// The directory holding the checkpoint's tokenizer files (a temp dir, alive with `self`).
+    pub fn tokenizer_dir(&self) -> &std::path::Path {
+        self.tokenizer_files.path()
+    }
 }
 
 /// Weights and compute dtype at inference (`--precision` of `mla generate` and `mla eval`,
@@ -104,6 +111,6 @@ pub fn load(step_dir: &str, device: Device, kind: Kind) -> anyhow::Result<Loaded
         tokenizer,
         vs,
         source: format!("{}/{}", store.url().trim_end_matches('/'), step),
-        _tokenizer_dir: tokenizer_dir,
+        tokenizer_files: tokenizer_dir,
     })
 }

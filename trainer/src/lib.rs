@@ -14,6 +14,7 @@ pub mod device;
 pub mod dist;
 pub mod error;
 pub mod inference;
+pub mod interop;
 pub mod logging;
 pub mod metrics;
 pub mod optim;

@@ -5,6 +5,7 @@ mod bench;
 mod ckpt;
 mod download;
 mod eval;
+mod export;
 mod generate;
 mod info;
 mod prepare;
@@ -41,6 +42,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Validation loss and perplexity of a checkpoint on a dataset.
     Eval(eval::EvalArgs),
+    /// Write a checkpoint as another program's model directory (litgpt).
+    Export(export::ExportArgs),
     /// Train one rank (what mla-launch spawns; run directly for a single rank or under srun/mpirun).
     Train(train::TrainArgs),
     /// List, verify and inspect checkpoints (an out_dir or step directory: path or s3:// URL).
@@ -84,6 +87,7 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
         Command::Download(a) => download::run(&a),
         Command::Generate(a) => generate::run(&a),
         Command::Eval(a) => eval::run(&a),
+        Command::Export(a) => export::run(&a),
         Command::Bench(a) => bench::run(&a, &overrides),
         Command::Study(a) => study::run(&a, &overrides),
         Command::Report(a) => report::run(&a),

@@ -1,12 +1,13 @@
 //! Safe Rust wrappers over shim.cpp, the C ABI to the libtorch ops tch 0.24 lacks: torch's
 //! fused AdamW kernel, the foreach global norm and in-place scale, setting or clearing a
-//! parameter's `.grad` (for optim.rs), and pinning host memory (train/loss.rs). Each wrapper passes tch handles (`at::Tensor*`) and turns the shim's
+//! parameter's `.grad` (for optim.rs), pinning host memory (train/loss.rs), and writing a state
+//! dict in `torch.save`'s format (interop/litgpt.rs). Each wrapper passes tch handles (`at::Tensor*`) and turns the shim's
 //! error string into an [`OptimError`]; no C++ exception and no panic crosses the boundary.
 //! Not here: which tensors or hyper-parameters (optim.rs). The autocast bindings are in
 //! autocast.rs.
 
 use crate::optim::OptimError;
-use std::ffi::{c_char, CStr};
+use std::ffi::{c_char, CStr, CString};
 use tch::Tensor;
 use torch_sys::C_tensor;
 
@@ -34,6 +35,12 @@ extern "C" {
         out: *mut *mut C_tensor,
     ) -> *mut c_char;
     fn mla_pin_memory(t: *const C_tensor, out: *mut *mut C_tensor) -> *mut c_char;
+    fn mla_save_state_dict(
+        names: *const *const c_char,
+        tensors: *const *const C_tensor,
+        n: usize,
+        path: *const c_char,
+    ) -> *mut c_char;
     fn mla_foreach_mul_tensor_(
         tensors: *const *const C_tensor,
         n: usize,
@@ -176,4 +183,34 @@ pub fn pin_memory(t: &Tensor) -> Result<Tensor, OptimError> {
     }
     // SAFETY: see above; ownership moves to the Tensor.
     Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// Write `tensors` (CPU, by name, in this order) to `path` as `torch.save` writes a dict of
+/// tensors: the file `torch.load` reads as a state dict (litgpt's lit_model.pth).
+pub fn save_state_dict(
+    tensors: &[(String, Tensor)],
+    path: &std::path::Path,
+) -> Result<(), OptimError> {
+    let bad = |what: String| OptimError::Torch {
+        op: "save_state_dict",
+        message: what,
+    };
+    let names = tensors
+        .iter()
+        .map(|(n, _)| CString::new(n.as_str()).map_err(|_| bad(format!("name {n:?} holds a NUL"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let path_c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| bad(format!("path {} holds a NUL", path.display())))?;
+    let name_ptrs: Vec<*const c_char> = names.iter().map(|c| c.as_ptr()).collect();
+    let handles: Vec<*const C_tensor> = tensors.iter().map(|(_, t)| t.as_ptr()).collect();
+    // SAFETY: n NUL-terminated names, n live tensor handles and a NUL-terminated path, all
+    // borrowed for the call; the shim only reads them.
+    check("save_state_dict", unsafe {
+        mla_save_state_dict(
+            name_ptrs.as_ptr(),
+            handles.as_ptr(),
+            handles.len(),
+            path_c.as_ptr(),
+        )
+    })
 }

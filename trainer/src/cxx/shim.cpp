@@ -2,8 +2,8 @@
 // for trainer/src/optim.rs (bindings in mod.rs): torch's fused AdamW kernel
 // (`at::_fused_adamw_`, the one `torch.optim.AdamW(fused=True)` runs), the foreach norm and
 // scale that `torch.nn.utils.clip_grad_norm_` uses, setting or clearing a parameter's
-// `.grad` (Python's `p.grad = g` / `p.grad = None`), pinning host memory, and the CUDA
-// autocast dtype
+// `.grad` (Python's `p.grad = g` / `p.grad = None`), pinning host memory, writing a state
+// dict as `torch.save` does (litgpt's lit_model.pth), and the CUDA autocast dtype
 // (`torch.autocast("cuda", dtype=torch.bfloat16)`; bindings in trainer/src/autocast.rs).
 //
 // Not here: any policy (which tensors, which hyper-parameters); that is optim.rs.
@@ -21,6 +21,9 @@
 #include <ATen/ops/_fused_adamw.h>
 #include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/ops/stack.h>
+#include <caffe2/serialize/inline_container.h>
+#include <torch/csrc/jit/serialization/export.h>
+#include <torch/csrc/jit/serialization/pickler.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -172,6 +175,37 @@ char* mla_pin_memory(const at::Tensor* t, at::Tensor** out) {
     TORCH_CHECK(t != nullptr && t->defined(), "pin_memory: undefined tensor");
     TORCH_CHECK(out != nullptr, "pin_memory: null output");
     *out = new at::Tensor(t->pin_memory());
+  });
+}
+
+// Write n named CPU tensors to `path` as Python's `torch.save({name: tensor, ...}, path)` does:
+// a zip archive of data.pkl and one record per tensor storage, which `torch.load` reads (with
+// weights_only and mmap too) as a plain dict, in this order. Not `torch::pickle_save`: it tags
+// typed dicts with `torch.jit._pickle.restore_type_tag`, a global weights_only refuses.
+char* mla_save_state_dict(const char* const* names, const at::Tensor* const* tensors, size_t n,
+                          const char* path) {
+  return guarded([&] {
+    TORCH_CHECK(path != nullptr, "save_state_dict: null path");
+    c10::impl::GenericDict dict(c10::StringType::get(), c10::TensorType::get());
+    const std::vector<at::Tensor> list = to_list(tensors, n);
+    for (size_t i = 0; i < n; ++i) {
+      TORCH_CHECK(names[i] != nullptr, "save_state_dict: name ", i, " is null");
+      TORCH_CHECK(list[i].device().is_cpu(), "save_state_dict: ", names[i], " is not on the CPU");
+      TORCH_CHECK(dict.insert(std::string(names[i]), list[i].contiguous()).second,
+                  "save_state_dict: duplicate name ", names[i]);
+    }
+    std::vector<char> pickled;
+    torch::jit::Pickler pickler(
+        [&](const char* bytes, size_t len) { pickled.insert(pickled.end(), bytes, bytes + len); },
+        /*tensor_table=*/nullptr, /*type_renamer=*/nullptr, /*memoized_class_types=*/nullptr,
+        /*get_tensor_id=*/nullptr, /*tag_aggregates=*/false);
+    pickler.protocol();
+    pickler.pushIValue(c10::IValue(dict));
+    pickler.stop();
+    caffe2::serialize::PyTorchStreamWriter archive{std::string(path)};
+    torch::jit::writeArchiveAndTensors("data", pickled.data(), pickled.size(),
+                                       pickler.tensorData(), archive);
+    archive.writeEndOfFile();
   });
 }
 

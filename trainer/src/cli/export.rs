@@ -1,0 +1,55 @@
+//! `mla export CHECKPOINT --to litgpt OUT`: a checkpoint (local path or URL) as another
+//! program's model directory. The formats are in interop/; this file parses and reports.
+
+use crate::error::BadInput;
+use crate::inference;
+use crate::interop;
+use crate::metrics::human_bytes;
+use std::path::PathBuf;
+use std::time::Instant;
+use tch::{Device, Kind};
+use tracing::info;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// litgpt 0.5.13: lit_model.pth, model_config.yaml, tokenizer files.
+    Litgpt,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// Checkpoint step directory or URL (e.g. out/pretrain/mha/final).
+    checkpoint: String,
+    /// The format to write.
+    #[arg(long, value_enum)]
+    to: Format,
+    /// Output directory (created; an existing one is replaced only with --overwrite).
+    out: PathBuf,
+    /// Replace an existing output directory (once the new one is complete).
+    #[arg(long)]
+    overwrite: bool,
+}
+
+pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
+    let start = Instant::now();
+    if args.out.as_os_str().is_empty() {
+        return Err(BadInput("OUT: empty path".into()).into());
+    }
+    // Weights as trained: fp32, on the CPU.
+    let m = inference::load(&args.checkpoint, Device::Cpu, Kind::Float)?;
+    match args.to {
+        Format::Litgpt => {
+            let e = interop::litgpt::export(&m, &args.out, args.overwrite)?;
+            info!(
+                "exported {} to {} for litgpt: {} tensors, {} in {:.1} s (try: litgpt generate {} --precision 32-true)",
+                m.source,
+                args.out.display(),
+                e.tensors,
+                human_bytes(e.weight_bytes),
+                start.elapsed().as_secs_f64(),
+                args.out.display()
+            );
+        }
+    }
+    Ok(())
+}
