@@ -2,5 +2,7 @@
 //! hold, their configs, and key/layout maps. No files here (trainer/src/interop/ writes them).
 //!
 //! * [`litgpt`]: litgpt 0.5.13 checkpoints (`lit_model.pth` + `model_config.yaml`).
+//! * [`hf`]: Hugging Face `transformers` models (GPTNeoX).
 
+pub mod hf;
 pub mod litgpt;

@@ -75,7 +75,7 @@ pub struct TrainState {
 
 // ---- tensors ↔ safetensors bytes ----------------------------------------------------------
 
-fn kind_to_dtype(kind: Kind) -> anyhow::Result<Dtype> {
+pub(crate) fn kind_to_dtype(kind: Kind) -> anyhow::Result<Dtype> {
     Ok(match kind {
         Kind::Float => Dtype::F32,
         Kind::BFloat16 => Dtype::BF16,

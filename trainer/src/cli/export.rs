@@ -1,4 +1,4 @@
-//! `mla export CHECKPOINT --to litgpt OUT`: a checkpoint (local path or URL) as another
+//! `mla export CHECKPOINT --to litgpt|hf OUT`: a checkpoint (local path or URL) as another
 //! program's model directory. The formats are in interop/; this file parses and reports.
 
 use crate::error::BadInput;
@@ -14,6 +14,8 @@ use tracing::info;
 pub enum Format {
     /// litgpt 0.5.13: lit_model.pth, model_config.yaml, tokenizer files.
     Litgpt,
+    /// Hugging Face transformers: config.json, model.safetensors, tokenizer files (GPTNeoX).
+    Hf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -37,19 +39,26 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
     }
     // Weights as trained: fp32, on the CPU.
     let m = inference::load(&args.checkpoint, Device::Cpu, Kind::Float)?;
-    match args.to {
-        Format::Litgpt => {
-            let e = interop::litgpt::export(&m, &args.out, args.overwrite)?;
-            info!(
-                "exported {} to {} for litgpt: {} tensors, {} in {:.1} s (try: litgpt generate {} --precision 32-true)",
-                m.source,
-                args.out.display(),
-                e.tensors,
-                human_bytes(e.weight_bytes),
-                start.elapsed().as_secs_f64(),
+    let (e, hint) = match args.to {
+        Format::Litgpt => (
+            interop::litgpt::export(&m, &args.out, args.overwrite)?,
+            format!("litgpt generate {} --precision 32-true", args.out.display()),
+        ),
+        Format::Hf => (
+            interop::hf::export(&m, &args.out, args.overwrite)?,
+            format!(
+                "AutoModelForCausalLM.from_pretrained(\"{}\")",
                 args.out.display()
-            );
-        }
-    }
+            ),
+        ),
+    };
+    info!(
+        "exported {} to {}: {} tensors, {} in {:.1} s (try: {hint})",
+        m.source,
+        args.out.display(),
+        e.tensors,
+        human_bytes(e.weight_bytes),
+        start.elapsed().as_secs_f64(),
+    );
     Ok(())
 }

@@ -42,7 +42,7 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Validation loss and perplexity of a checkpoint on a dataset.
     Eval(eval::EvalArgs),
-    /// Write a checkpoint as another program's model directory (litgpt).
+    /// Write a checkpoint as another program's model directory (litgpt, Hugging Face).
     Export(export::ExportArgs),
     /// Train one rank (what mla-launch spawns; run directly for a single rank or under srun/mpirun).
     Train(train::TrainArgs),

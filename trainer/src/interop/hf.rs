@@ -1,0 +1,75 @@
+//! Writing a Hugging Face model directory from an mla checkpoint (`mla export --to hf`), which
+//! `transformers` loads with `AutoModelForCausalLM.from_pretrained`:
+//!
+//! * `config.json` and `model.safetensors` of a `GPTNeoXForCausalLM` (pythia's architecture)
+//!   for MHA, GQA and MQA models of pythia's block (mla_model::formats::hf says which, and how
+//!   the weights are laid out);
+//! * `tokenizer.json`, `tokenizer_config.json` (bos = eos = mla's separator, prepended) and
+//!   `generation_config.json` with the same ids.
+//!
+//! Not here: the config and weight maps (mla_model::formats::hf); the staging directory and
+//! the tokenizer files (interop/mod.rs). Not yet: Llama and DeepSeek-V2 (MLA) forms.
+
+use super::{cpu_weights, weight_bytes, write_dir, write_tokenizer, Exported};
+use crate::checkpoint::kind_to_dtype;
+use crate::error::BadInput;
+use crate::inference::LoadedModel;
+use anyhow::Context;
+use mla_model::formats::hf;
+use safetensors::tensor::TensorView;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Write `m` as a Hugging Face GPTNeoX directory at `out`.
+pub fn export(m: &LoadedModel, out: &Path, overwrite: bool) -> anyhow::Result<Exported> {
+    let cfg = m.cfg.model();
+    let sep = m.tokenizer.separator_id();
+    let config = hf::gpt_neox_config(cfg, sep)
+        .map_err(|e| BadInput(format!("{}: Hugging Face GPTNeoX: {e}", m.source)))?;
+    let ours: HashMap<String, tch::Tensor> = cpu_weights(m).into_iter().collect();
+    let weights = hf::gpt_neox_weights(cfg, &ours)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", m.source))?
+        .into_iter()
+        .map(|(name, t)| (name, t.contiguous()))
+        .collect::<Vec<_>>();
+    write_dir(out, overwrite, |dir| {
+        std::fs::write(
+            dir.join("config.json"),
+            serde_json::to_string_pretty(&config)?,
+        )?;
+        write_safetensors(&weights, &dir.join("model.safetensors"))?;
+        write_tokenizer(m, dir)?;
+        let generation = serde_json::json!({ "bos_token_id": sep, "eos_token_id": sep });
+        std::fs::write(
+            dir.join("generation_config.json"),
+            serde_json::to_string_pretty(&generation)?,
+        )?;
+        Ok(Exported {
+            tensors: weights.len(),
+            weight_bytes: weight_bytes(&weights),
+        })
+    })
+}
+
+/// `model.safetensors` with `format: pt` in its metadata, as `transformers` expects.
+fn write_safetensors(tensors: &[(String, tch::Tensor)], path: &Path) -> anyhow::Result<()> {
+    let mut data = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let numel = t.numel();
+        let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut bytes, numel)?;
+        let shape = t.size().iter().map(|&d| d as usize).collect::<Vec<_>>();
+        data.push((name.clone(), kind_to_dtype(t.kind())?, shape, bytes));
+    }
+    let views = data
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            TensorView::new(*dtype, shape.clone(), bytes).map(|v| (name.as_str(), v))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .context("model.safetensors")?;
+    let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    safetensors::tensor::serialize_to_file(views, &meta, path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
