@@ -623,6 +623,71 @@ impl ModelConfig {
         self.intermediate_size.unwrap_or(4 * self.n_embd)
     }
 
+    /// The fields of two resolved configs that make their models compute differently, as
+    /// `(key, self's value, other's value)`: weights of one loaded into the other would run,
+    /// or fail on shapes, but not compute what they were trained to. Names and `hf_config`
+    /// are not compared; neither is `vocab_size` below the padded size (it masks nothing).
+    pub fn differences(&self, other: &ModelConfig) -> Vec<(&'static str, String, String)> {
+        let mut out = Vec::new();
+        let mut cmp = |key: &'static str, a: String, b: String| {
+            if a != b {
+                out.push((key, a, b));
+            }
+        };
+        macro_rules! field {
+            ($($f:ident),*) => {$(
+                cmp(stringify!($f), format!("{:?}", self.$f), format!("{:?}", other.$f));
+            )*};
+        }
+        field!(
+            block_size,
+            n_layer,
+            n_embd,
+            norm_class_name,
+            norm_eps,
+            norm_qk,
+            parallel_residual,
+            shared_attention_norm,
+            n_head,
+            attn_bias,
+            rope_base,
+            rotary_percentage,
+            rope_condense_ratio,
+            bias,
+            mlp_class_name,
+            gelu_approximate,
+            scale_embeddings,
+            lm_head_bias,
+            latent_attention
+        );
+        cmp(
+            "head_size",
+            self.head_size().to_string(),
+            other.head_size().to_string(),
+        );
+        cmp(
+            "n_query_groups",
+            self.n_query_groups().to_string(),
+            other.n_query_groups().to_string(),
+        );
+        cmp(
+            "padded_vocab_size",
+            self.padded_vocab_size().to_string(),
+            other.padded_vocab_size().to_string(),
+        );
+        cmp(
+            "intermediate_size",
+            self.intermediate_size().to_string(),
+            other.intermediate_size().to_string(),
+        );
+        cmp(
+            "attention_scores_scalar",
+            format!("{:?}", self.attention_scores_scalar),
+            format!("{:?}", other.attention_scores_scalar),
+        );
+        out
+    }
+
     /// The MLA the config builds, if any.
     pub fn mla(&self) -> Option<MlaSpec> {
         let hs = self.head_size();
@@ -731,6 +796,24 @@ mod tests {
         );
         assert!(!m.up_bias && !m.down_bias && m.latent_norm.is_none());
         assert_eq!(c.rope_n_elem(), 32);
+    }
+
+    #[test]
+    fn differences_name_what_changes_the_computation_and_nothing_else() {
+        let a = parse(r#"{"name": "a", "n_embd": 64, "n_head": 4, "rotary_percentage": 1.0}"#)
+            .resolve()
+            .unwrap();
+        let mut b = parse(r#"{"name": "b", "n_embd": 64, "n_head": 4}"#)
+            .resolve()
+            .unwrap();
+        assert_eq!(
+            a.differences(&b),
+            [("rotary_percentage", "1.0".to_string(), "0.25".to_string())]
+        );
+        b.rotary_percentage = 1.0;
+        assert!(a.differences(&b).is_empty(), "names differ only");
+        b.block_size = 128;
+        assert_eq!(a.differences(&b)[0].0, "block_size");
     }
 
     /// litgpt takes `latent_attention` absent, null or a mapping: `false` reads as absent and

@@ -1,6 +1,7 @@
 //! Loading a checkpoint for inference (`mla generate`, `mla eval`): the step is verified
 //! through the store (local path or URL), its resolved config rebuilds the model, weights are
-//! copied in by litgpt key, and its tokenizer files are materialised in a temp dir.
+//! copied in by litgpt key, and its tokenizer files are materialised in a temp dir. A litgpt or
+//! Hugging Face model directory is read through interop/import.rs instead.
 //!
 //! Not here: training resume (checkpoint.rs restores optimizer and loader state too).
 
@@ -8,11 +9,13 @@ use crate::checkpoint::{self, CONFIG_FILE, MODEL_FILE, TOKENIZER_FILES};
 use crate::config::RunConfig;
 use crate::data::Tokenizer;
 use crate::error::BadInput;
+use crate::interop::import;
 use anyhow::Context;
 use mla_model::Gpt;
 use mla_storage::BlockingCheckpointStore;
+use std::collections::HashMap;
 use tch::nn::VarStore;
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 /// A model ready for inference, with what came with it.
 pub struct LoadedModel {
@@ -56,8 +59,12 @@ pub fn kind(precision: Option<InferencePrecision>, device: Device) -> Kind {
 }
 
 /// Load `step_dir` (e.g. `out/pretrain/mla/final`, `s3://bucket/run/step-00000400`) onto
-/// `device` in `kind` (fp32 or bf16).
+/// `device` in `kind` (fp32 or bf16). A litgpt or Hugging Face model directory is read too
+/// (interop/import.rs).
 pub fn load(step_dir: &str, device: Device, kind: Kind) -> anyhow::Result<LoadedModel> {
+    if let Some(source) = import::detect(step_dir) {
+        return load_foreign(step_dir, source, device, kind);
+    }
     let (store, step) = BlockingCheckpointStore::resolve(step_dir)
         .map_err(|e| BadInput(format!("{step_dir}: not a checkpoint directory ({e})")))?;
     let loaded = store
@@ -79,19 +86,78 @@ pub fn load(step_dir: &str, device: Device, kind: Kind) -> anyhow::Result<Loaded
     let tokenizer = Tokenizer::from_dir(tokenizer_dir.path())
         .map_err(|e| BadInput(format!("{step_dir}: tokenizer: {e}")))?;
 
-    let mut vs = VarStore::new(device);
-    let model = Gpt::new(&vs.root(), cfg.model())?;
     let (tensors, _) =
         checkpoint::from_safetensors(object(MODEL_FILE)?, &format!("{step_dir}/{MODEL_FILE}"))?;
+    let (vs, model) = build(
+        &cfg,
+        &tensors,
+        &format!("{step_dir}/{MODEL_FILE}"),
+        device,
+        kind,
+    )?;
+    Ok(LoadedModel {
+        cfg,
+        model,
+        tokenizer,
+        vs,
+        source: format!("{}/{}", store.url().trim_end_matches('/'), step),
+        tokenizer_files: tokenizer_dir,
+    })
+}
+
+/// A litgpt or Hugging Face model directory, with its own tokenizer files.
+fn load_foreign(
+    location: &str,
+    source: import::Source,
+    device: Device,
+    kind: Kind,
+) -> anyhow::Result<LoadedModel> {
+    let foreign = import::read(location, source)?;
+    let what = format!("{} ({} model)", foreign.dir.display(), source.name());
+    // A run config around the model, validated as any other.
+    let yaml = serde_yaml_ng::to_string(&serde_json::json!({ "model_config": &foreign.model }))
+        .context("model config")?;
+    let cfg = RunConfig::from_yaml(&yaml, &what, &[])?;
+    let tokenizer_dir = tempfile::tempdir().context("temp dir for the tokenizer")?;
+    for name in TOKENIZER_FILES {
+        let from = foreign.dir.join(name);
+        if from.is_file() {
+            std::fs::copy(&from, tokenizer_dir.path().join(name))
+                .with_context(|| format!("copying {}", from.display()))?;
+        }
+    }
+    let tokenizer = Tokenizer::from_dir(tokenizer_dir.path())
+        .map_err(|e| BadInput(format!("{what}: tokenizer: {e}")))?;
+    let (vs, model) = build(&cfg, &foreign.weights, &what, device, kind)?;
+    Ok(LoadedModel {
+        cfg,
+        model,
+        tokenizer,
+        vs,
+        source: what,
+        tokenizer_files: tokenizer_dir,
+    })
+}
+
+/// The model of `cfg` with `tensors` (by litgpt name) copied in, on `device` in `kind`.
+fn build(
+    cfg: &RunConfig,
+    tensors: &HashMap<String, Tensor>,
+    what: &str,
+    device: Device,
+    kind: Kind,
+) -> anyhow::Result<(VarStore, Gpt)> {
+    let mut vs = VarStore::new(device);
+    let model = Gpt::new(&vs.root(), cfg.model())?;
     let vars = vs.variables();
     tch::no_grad(|| -> anyhow::Result<()> {
         for (name, var) in &vars {
-            let t = tensors.get(name).ok_or_else(|| {
-                BadInput(format!("{step_dir}/{MODEL_FILE}: missing tensor {name}"))
-            })?;
+            let t = tensors
+                .get(name)
+                .ok_or_else(|| BadInput(format!("{what}: missing tensor {name}")))?;
             if t.size() != var.size() {
                 return Err(BadInput(format!(
-                    "{step_dir}/{MODEL_FILE}: {name} has shape {:?}, config says {:?}",
+                    "{what}: {name} has shape {:?}, config says {:?}",
                     t.size(),
                     var.size()
                 ))
@@ -105,12 +171,5 @@ pub fn load(step_dir: &str, device: Device, kind: Kind) -> anyhow::Result<Loaded
         vs.bfloat16();
     }
     vs.freeze();
-    Ok(LoadedModel {
-        cfg,
-        model,
-        tokenizer,
-        vs,
-        source: format!("{}/{}", store.url().trim_end_matches('/'), step),
-        tokenizer_files: tokenizer_dir,
-    })
+    Ok((vs, model))
 }

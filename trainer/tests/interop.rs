@@ -1,11 +1,18 @@
 //! Models that travel (issue 9), end to end through the `mla` binary, litgpt 0.5.13 and
-//! transformers 4.57 in .venv: tiny MHA and mapping-form MLA runs exported with `mla export
-//! --to litgpt` load in litgpt (its own Config, a strict state dict from `torch.load`, its own
-//! tokenizer) and give mla's logits and loss, and `litgpt generate` writes mla's greedy text;
-//! MHA, GQA and MQA runs exported with `--to hf` load in transformers as GPTNeoX with mla's
-//! logits and loss; the seed's `latent_attention: true` is refused naming what to do instead;
-//! an existing directory is replaced only with `--overwrite`; every `config_hub/pretrain` model
-//! but the seed's MLA, and a checkpoint's config.yaml, is a litgpt `Config`.
+//! transformers 4.57 in .venv.
+//!
+//! Out: tiny MHA and mapping-form MLA runs exported with `mla export --to litgpt` load in litgpt
+//! (its own Config, a strict state dict from `torch.load`, its own tokenizer) and give mla's
+//! logits and loss, and `litgpt generate` writes mla's greedy text; MHA, GQA and MQA runs
+//! exported with `--to hf` load in transformers as GPTNeoX with mla's logits and loss; the
+//! seed's `latent_attention: true` is refused naming what to do instead; an existing directory
+//! is replaced only with `--overwrite`; every `config_hub/pretrain` model but the seed's MLA,
+//! and a checkpoint's config.yaml, is a litgpt `Config`.
+//!
+//! In: directories litgpt and transformers wrote themselves (a state dict and a training
+//! checkpoint; one safetensors file, shards and pytorch_model.bin) give their logits in mla;
+//! `initial_checkpoint_dir` takes mla's step and its litgpt and HF exports with the same
+//! losses, and refuses a model that computes differently, naming the field.
 //!
 //! Needs .venv with litgpt and transformers (scripts/setup.sh installs them).
 
@@ -307,4 +314,127 @@ print(f"litgpt Config: {len(checked)} ok, {len(seed)} seed MLA skipped")
         ok_count >= 4,
         "mha, gqa, mqa and the checkpoint at least: {report} ({n} files)"
     );
+}
+
+/// Tiny random models as litgpt and transformers save them (scripts/ref/make_foreign_models.py):
+/// lit, lit_fabric, hf, hf_sharded, hf_bin, made once per test process.
+fn foreign_models() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep().join("foreign");
+        let out = Command::new(venv("python"))
+            .arg(repo().join("scripts/ref/make_foreign_models.py"))
+            .arg(&dir)
+            .arg("--tokenizer-dir")
+            .arg(tokenizer_dir())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    })
+}
+
+/// litgpt's own checkpoints (a state dict, and a training checkpoint's {"model": …}) and
+/// transformers' own GPTNeoX (one safetensors file, shards, pytorch_model.bin) enter mla with
+/// their logits and loss; `mla generate` reads them as it reads a step.
+#[test]
+fn litgpt_and_hugging_face_directories_give_their_own_logits_in_mla() {
+    let root = foreign_models();
+    for (name, script, tol) in [
+        ("lit", "check_litgpt_export.py", "1e-4"),
+        ("lit_fabric", "check_litgpt_export.py", "1e-4"),
+        ("hf", "check_hf_export.py", "1e-5"),
+        ("hf_sharded", "check_hf_export.py", "1e-5"),
+        ("hf_bin", "check_hf_export.py", "1e-5"),
+    ] {
+        let model = root.join(name);
+        let dir = tempfile::tempdir().unwrap();
+        let theirs = mla_logits(&model, TOKENS, dir.path());
+        println!("{name}:");
+        let out = Command::new(venv("python"))
+            .arg(repo().join("scripts/ref").join(script))
+            .arg(&model)
+            .args(["--tokens", TOKENS, "--tol", tol, "--compare"])
+            .arg(&theirs)
+            .args(if name.starts_with("lit") {
+                &["--no-tokenizer-check"][..]
+            } else {
+                &[]
+            })
+            .output()
+            .unwrap();
+        let report = String::from_utf8_lossy(&out.stdout).to_string();
+        println!("{report}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{name}: {report}");
+        let (a, b) = losses_of(&report);
+        assert!(
+            (a - b).abs() <= 2.0 * tol.parse::<f64>().unwrap(),
+            "{report}"
+        );
+    }
+    let gen = mla(&[
+        "generate",
+        root.join("hf_sharded").to_str().unwrap(),
+        "--max-new-tokens",
+        "4",
+        "--temperature",
+        "0",
+        "--device",
+        "cpu",
+    ]);
+    ok(&gen);
+    assert!(
+        stderr(&gen).contains("(Hugging Face model)"),
+        "{}",
+        stderr(&gen)
+    );
+}
+
+/// `initial_checkpoint_dir` takes mla's step, its litgpt export and its Hugging Face export
+/// alike: the same losses step for step. A directory of a model that computes differently is
+/// refused naming the field, before anything is saved.
+#[test]
+fn initial_checkpoint_dir_takes_litgpt_and_hugging_face_directories() {
+    let ckpt = mha_checkpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let (lit, hf) = (dir.path().join("lit"), dir.path().join("hf"));
+    ok(&export(&ckpt, &lit, "litgpt", &[]));
+    ok(&export(&ckpt, &hf, "hf", &[]));
+    let run = |name: &str, init: &Path, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut args = MHA.to_vec();
+        args.extend(["--initial_checkpoint_dir", init.to_str().unwrap()]);
+        args.extend(["--train.max_steps", "3"]);
+        args.extend(extra);
+        (train(dir.path(), out.to_str().unwrap(), &args, &[]), out)
+    };
+    let mut seen = Vec::new();
+    for (name, init) in [("from-mla", &ckpt), ("from-lit", &lit), ("from-hf", &hf)] {
+        let (r, out) = run(name, init, &[]);
+        ok(&r);
+        assert!(
+            stderr(&r).contains("initial weights from"),
+            "{}",
+            stderr(&r)
+        );
+        seen.push(losses(&out.join("metrics.jsonl")));
+    }
+    assert_eq!(seen[0].len(), 3);
+    assert_eq!(seen[0], seen[1], "litgpt export");
+    assert_eq!(seen[0], seen[2], "Hugging Face export");
+
+    let (r, out) = run("other", &hf, &["--model_config.rotary_percentage", "1.0"]);
+    assert_bad(
+        &r,
+        &[
+            "initial_checkpoint_dir",
+            "Hugging Face model",
+            "rotary_percentage",
+        ],
+    );
+    assert!(!out.join("final").exists());
 }

@@ -7,15 +7,21 @@
 //! of its group's K/V rows (query head i reads group i / (H/G), as litgpt's repeat_interleave).
 //! GPTNeoX always has biases; where the mla model has none, zeros compute the same.
 //!
-//! Not here: files (trainer/src/interop/hf.rs). Not yet: Llama and DeepSeek-V2 (MLA) forms.
+//! Back from GPTNeoX (a pythia from the hub, or an export): the config becomes litgpt's pythia
+//! fields, each head's `[q_h; k_h; v_h]` rows go back to `[q | k | v]` (as MHA), and biases
+//! GPTNeoX leaves out (`attention_bias: false`) come in as zeros.
+//!
+//! Not here: files (trainer/src/interop/). Not yet: Llama and DeepSeek-V2 (MLA) forms.
 
 use crate::config::{GeluApproximate, MlpClass, ModelConfig, NormClass};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use tch::Tensor;
 
-/// `config.json` of a `GPTNeoXForCausalLM` (transformers 4.57 field names).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// `config.json` of a `GPTNeoXForCausalLM` (transformers 4.57 field names; absent fields take
+/// transformers' defaults, other fields are ignored when reading).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct GptNeoxConfig {
     pub architectures: Vec<String>,
     pub model_type: String,
@@ -37,6 +43,37 @@ pub struct GptNeoxConfig {
     pub eos_token_id: u32,
     pub torch_dtype: String,
     pub initializer_range: f64,
+    /// Read only: mla has no RoPE scaling, so a config that sets one is refused.
+    #[serde(skip_serializing)]
+    pub rope_scaling: Option<serde::de::IgnoredAny>,
+}
+
+impl Default for GptNeoxConfig {
+    /// transformers' `GPTNeoXConfig()` defaults.
+    fn default() -> Self {
+        GptNeoxConfig {
+            architectures: Vec::new(),
+            model_type: "gpt_neox".into(),
+            vocab_size: 50432,
+            hidden_size: 6144,
+            num_hidden_layers: 44,
+            num_attention_heads: 64,
+            intermediate_size: 24576,
+            hidden_act: "gelu".into(),
+            rotary_pct: 0.25,
+            rotary_emb_base: 10000.0,
+            max_position_embeddings: 2048,
+            layer_norm_eps: 1e-5,
+            use_parallel_residual: true,
+            attention_bias: true,
+            tie_word_embeddings: false,
+            bos_token_id: 0,
+            eos_token_id: 2,
+            torch_dtype: "float32".into(),
+            initializer_range: 0.02,
+            rope_scaling: None,
+        }
+    }
 }
 
 /// The GPTNeoX config of the resolved `cfg`, with `separator` as bos and eos (what mla puts
@@ -101,7 +138,141 @@ pub fn gpt_neox_config(cfg: &ModelConfig, separator: u32) -> Result<GptNeoxConfi
         eos_token_id: separator,
         torch_dtype: "float32".into(),
         initializer_range: 0.02,
+        rope_scaling: None,
     })
+}
+
+/// The mla model (litgpt's fields, resolved) of a GPTNeoX `config.json`, or one line naming
+/// what mla cannot build.
+pub fn from_gpt_neox_config(hf: &GptNeoxConfig, name: &str) -> Result<ModelConfig, String> {
+    if hf.model_type != "gpt_neox" {
+        return Err(format!(
+            "model_type {:?}: mla reads GPTNeoX (\"gpt_neox\") models only",
+            hf.model_type
+        ));
+    }
+    if hf.rope_scaling.is_some() {
+        return Err("rope_scaling: mla has no RoPE scaling".into());
+    }
+    let gelu_approximate = match hf.hidden_act.as_str() {
+        "gelu" => GeluApproximate::None,
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => GeluApproximate::Tanh,
+        other => {
+            return Err(format!(
+                "hidden_act {other:?}: mla has GELU (exact or tanh) only"
+            ))
+        }
+    };
+    let cfg = ModelConfig {
+        name: name.to_string(),
+        block_size: hf.max_position_embeddings,
+        n_layer: hf.num_hidden_layers,
+        n_embd: hf.hidden_size,
+        vocab_size: hf.vocab_size,
+        padded_vocab_size: Some(hf.vocab_size),
+        norm_class_name: NormClass::LayerNorm,
+        norm_eps: hf.layer_norm_eps,
+        parallel_residual: hf.use_parallel_residual,
+        n_head: hf.num_attention_heads,
+        n_query_groups: Some(hf.num_attention_heads),
+        rope_base: hf.rotary_emb_base,
+        rotary_percentage: hf.rotary_pct,
+        intermediate_size: Some(hf.intermediate_size),
+        bias: true,
+        mlp_class_name: MlpClass::GptNeoxMLP,
+        gelu_approximate,
+        ..ModelConfig::default()
+    };
+    cfg.resolve().map_err(|e| e.to_string())
+}
+
+/// GPTNeoX weights (by HF name) as mla's (by litgpt name) for `cfg` from
+/// [`from_gpt_neox_config`]; `tied` when the config ties the output to the input embedding.
+pub fn from_gpt_neox_weights(
+    cfg: &ModelConfig,
+    hf: &HashMap<String, Tensor>,
+    tied: bool,
+) -> Result<HashMap<String, Tensor>, String> {
+    let get = |name: &str| {
+        hf.get(name)
+            .map(Tensor::shallow_clone)
+            .ok_or_else(|| format!("no tensor {name}"))
+    };
+    let bias_or_zeros = |name: &str, weight: &Tensor| {
+        hf.get(name)
+            .map(Tensor::shallow_clone)
+            .unwrap_or_else(|| Tensor::zeros([weight.size()[0]], (weight.kind(), weight.device())))
+    };
+    let (h, hs) = (cfg.n_head as i64, cfg.head_size() as i64);
+    let mut out = HashMap::new();
+    out.insert(
+        "transformer.wte.weight".to_string(),
+        get("gpt_neox.embed_in.weight")?,
+    );
+    for i in 0..cfg.n_layer {
+        let ours = |s: &str| format!("transformer.h.{i}.{s}");
+        let theirs = |s: &str| format!("gpt_neox.layers.{i}.{s}");
+        for (to, from) in [
+            ("norm_1", "input_layernorm"),
+            ("norm_2", "post_attention_layernorm"),
+        ] {
+            for part in ["weight", "bias"] {
+                out.insert(
+                    ours(&format!("{to}.{part}")),
+                    get(&theirs(&format!("{from}.{part}")))?,
+                );
+            }
+        }
+        let qkv = get(&theirs("attention.query_key_value.weight"))?;
+        let qkv_bias = bias_or_zeros(&theirs("attention.query_key_value.bias"), &qkv);
+        for (part, t) in [("weight", &qkv), ("bias", &qkv_bias)] {
+            if t.size()[0] != 3 * h * hs {
+                return Err(format!(
+                    "{}: {} rows, not 3 × {h} heads × {hs}",
+                    theirs(&format!("attention.query_key_value.{part}")),
+                    t.size()[0]
+                ));
+            }
+            out.insert(ours(&format!("attn.qkv.{part}")), grouped_qkv(t, h, hs));
+        }
+        for (to, from) in [
+            ("attn.proj", "attention.dense"),
+            ("mlp.fc", "mlp.dense_h_to_4h"),
+            ("mlp.proj", "mlp.dense_4h_to_h"),
+        ] {
+            let w = get(&theirs(&format!("{from}.weight")))?;
+            let b = bias_or_zeros(&theirs(&format!("{from}.bias")), &w);
+            out.insert(ours(&format!("{to}.weight")), w);
+            out.insert(ours(&format!("{to}.bias")), b);
+        }
+    }
+    for part in ["weight", "bias"] {
+        out.insert(
+            format!("transformer.ln_f.{part}"),
+            get(&format!("gpt_neox.final_layer_norm.{part}"))?,
+        );
+    }
+    let head = match hf.get("embed_out.weight") {
+        Some(t) => t.shallow_clone(),
+        None if tied => get("gpt_neox.embed_in.weight")?,
+        None => return Err("no tensor embed_out.weight".into()),
+    };
+    out.insert("lm_head.weight".into(), head);
+    Ok(out)
+}
+
+/// GPTNeoX's per-head `[q_h; k_h; v_h]` rows back to `[q (H·hs) | k (H·hs) | v (H·hs)]`.
+fn grouped_qkv(t: &Tensor, h: i64, hs: i64) -> Tensor {
+    let rest: Vec<i64> = t.size()[1..].to_vec();
+    let mut shape = vec![h, 3, hs];
+    shape.extend(&rest);
+    let per_head = t.reshape(shape);
+    let mut flat = vec![h * hs];
+    flat.extend(&rest);
+    Tensor::cat(
+        &[0, 1, 2].map(|j| per_head.select(1, j).reshape(flat.as_slice())),
+        0,
+    )
 }
 
 /// mla's weights (by litgpt name) as GPTNeoX's, in HF's order of layers. `cfg` must have
@@ -220,5 +391,16 @@ mod tests {
         let out = per_head_qkv(&w, h, g, hs);
         assert_eq!(out.size(), [(3 * h * hs) as i64, 3]);
         assert!(out.select(1, 1).equal(&(out.select(1, 0) + 1.0)));
+    }
+
+    /// MHA rows survive the trip to GPTNeoX and back, exactly.
+    #[test]
+    fn per_head_rows_go_back_to_q_k_v() {
+        let (h, hs) = (3usize, 2usize);
+        let w = Tensor::arange((3 * h * hs * 5) as i64, (Kind::Float, Device::Cpu))
+            .reshape([(3 * h * hs) as i64, 5]);
+        let there = per_head_qkv(&w, h, h, hs);
+        assert!(!there.equal(&w), "the layouts differ");
+        assert!(grouped_qkv(&there, h as i64, hs as i64).equal(&w));
     }
 }

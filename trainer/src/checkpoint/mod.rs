@@ -31,6 +31,7 @@ pub(crate) mod contents;
 use crate::config::{OnSaveFailure, Resume, RunConfig};
 use crate::data::LoaderPosition;
 use crate::error::BadInput;
+use crate::interop::import;
 use crate::metrics::human_bytes;
 use crate::optim::{AdamW, FlatEntry, FlatParams};
 use anyhow::{bail, Context};
@@ -977,12 +978,28 @@ pub(crate) fn resume(
         return Ok(Some(restored));
     }
     if let Some(dir) = &cfg.initial_checkpoint_dir {
-        let (url, l) = load_location(dir, "initial_checkpoint_dir")?;
-        let bytes = l.object(MODEL_FILE).ok_or_else(|| {
-            BadInput(format!("initial_checkpoint_dir: {url} has no {MODEL_FILE}"))
-        })?;
-        load_model(flat, bytes, &format!("{url}/{MODEL_FILE}"))?;
-        let saved_tok = l.manifest.object(TOKENIZER_FILE).map(|o| o.sha256.clone());
+        let (url, saved_tok) = match import::detect(dir) {
+            Some(source) => initial_foreign(cfg, flat, dir, source)?,
+            None => {
+                let (url, l) = load_location(dir, "initial_checkpoint_dir")?;
+                let bytes = l.object(MODEL_FILE).ok_or_else(|| {
+                    BadInput(format!("initial_checkpoint_dir: {url} has no {MODEL_FILE}"))
+                })?;
+                if let Some(yaml) = l.object(CONFIG_FILE) {
+                    let theirs = RunConfig::from_yaml(
+                        &String::from_utf8_lossy(yaml),
+                        &format!("{url}/{CONFIG_FILE}"),
+                        &[],
+                    )?;
+                    same_model(cfg, theirs.model(), &url)?;
+                }
+                load_model(flat, bytes, &format!("{url}/{MODEL_FILE}"))?;
+                (
+                    url,
+                    l.manifest.object(TOKENIZER_FILE).map(|o| o.sha256.clone()),
+                )
+            }
+        };
         if let (Some(saved), Some(ours)) = (saved_tok, tokenizer_sha256(tokenizer_dir)?) {
             if !saved.eq_ignore_ascii_case(&ours) {
                 warn!("initial_checkpoint_dir: {url} was trained with another tokenizer than tokenizer_dir {}", tokenizer_dir.display());
@@ -991,6 +1008,39 @@ pub(crate) fn resume(
         info!("initial weights from {url} (weights only: optimizer, step and data position start fresh)");
     }
     Ok(None)
+}
+
+/// Weights from a litgpt or Hugging Face model directory; its name and its tokenizer's sha256.
+fn initial_foreign(
+    cfg: &RunConfig,
+    flat: &FlatParams,
+    dir: &str,
+    source: import::Source,
+) -> anyhow::Result<(String, Option<String>)> {
+    let foreign = import::read(dir, source)?;
+    let what = format!("{} ({} model)", foreign.dir.display(), source.name());
+    same_model(cfg, &foreign.model, &what)?;
+    let ordered = tensors_for(&flat.entries, &foreign.weights, &[""], &what)?;
+    copy_into_flat(&flat.entries, &[&flat.params], &ordered);
+    Ok((what, tokenizer_sha256(&foreign.dir)?))
+}
+
+/// Refuse initial weights of a model that computes differently from the run's, naming each
+/// field (shapes alone would let a different rotary fraction or norm through).
+fn same_model(cfg: &RunConfig, theirs: &mla_model::ModelConfig, what: &str) -> anyhow::Result<()> {
+    let diffs = cfg.model().differences(theirs);
+    if diffs.is_empty() {
+        return Ok(());
+    }
+    let list = diffs
+        .iter()
+        .map(|(k, ours, other)| format!("model_config.{k} is {ours} here, {other} there"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Err(BadInput(format!(
+        "initial_checkpoint_dir: {what} is another model: {list}"
+    ))
+    .into())
 }
 
 #[cfg(test)]

@@ -3,11 +3,15 @@
 //!
 //! * [`litgpt`]: writing a litgpt checkpoint directory (`mla export --to litgpt`);
 //! * [`hf`]: writing a Hugging Face model directory (`mla export --to hf`);
+//! * [`import`]: reading litgpt and Hugging Face model directories (generate, eval,
+//!   `initial_checkpoint_dir`), with `torch_pickle` reading `torch.save` files;
 //! * here: what both share: the directory written aside and renamed into place, and the
 //!   tokenizer files.
 
 pub mod hf;
+pub mod import;
 pub mod litgpt;
+mod torch_pickle;
 
 use crate::error::BadInput;
 use crate::inference::LoadedModel;
