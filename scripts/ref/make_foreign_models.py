@@ -3,7 +3,7 @@ models that enter mla). Each directory also gets the tokenizer files of --tokeni
 
     .venv/bin/python scripts/ref/make_foreign_models.py OUT --tokenizer-dir D
 
-writes, under OUT:
+writes, under OUT (each with tokenizer.json and pythia's tokenizer_config.json):
   lit/         lit_model.pth (torch.save of a litgpt GPT's state dict) + model_config.yaml
                (litgpt's save_config: every Config field)
   lit_fabric/  the same weights as litgpt's training checkpoints hold them: {"model": …, "iter_num": …}
@@ -13,6 +13,7 @@ writes, under OUT:
 """
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -22,10 +23,23 @@ from litgpt.utils import save_config
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 
+# EleutherAI/pythia-*'s tokenizer_config.json: bos = eos = <|endoftext|>, no add_bos_token, so
+# litgpt does not prepend the bos to prompts (and stops at the eos).
+PYTHIA_TOKENIZER_CONFIG = {
+    "add_prefix_space": False,
+    "bos_token": "<|endoftext|>",
+    "eos_token": "<|endoftext|>",
+    "unk_token": "<|endoftext|>",
+    "tokenizer_class": "GPTNeoXTokenizer",
+}
+
+
 def tokenizer_files(src: Path, dst: Path) -> None:
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (src / name).is_file():
-            shutil.copy(src / name, dst / name)
+    shutil.copy(src / "tokenizer.json", dst / "tokenizer.json")
+    if (src / "tokenizer_config.json").is_file():
+        shutil.copy(src / "tokenizer_config.json", dst / "tokenizer_config.json")
+    else:
+        (dst / "tokenizer_config.json").write_text(json.dumps(PYTHIA_TOKENIZER_CONFIG, indent=2))
 
 
 def main() -> None:

@@ -25,6 +25,9 @@ pub struct LoadedModel {
     pub vs: VarStore,
     /// Where it came from, for messages.
     pub source: String,
+    /// mla's steps: the separator before every prompt and as the stop token, as in training;
+    /// litgpt and Hugging Face directories: what litgpt's tokenizer does with them.
+    pub framing: Framing,
     tokenizer_files: tempfile::TempDir,
 }
 
@@ -42,20 +45,38 @@ pub enum InferencePrecision {
     /// bf16 weights, cache and compute.
     #[value(name = "bf16-true")]
     Bf16True,
+    /// fp32 weights, bf16 autocast on CUDA (as training's bf16-mixed; fp32 on the CPU, where
+    /// mla has no autocast).
+    #[value(name = "bf16-mixed")]
+    Bf16Mixed,
     /// fp32 throughout (bit-stable greedy decoding across attention paths).
     #[value(name = "32-true")]
     F32True,
 }
 
-/// The inference dtype: `precision` if given, else bf16 on CUDA (what training used under
-/// bf16-mixed) and fp32 on CPU.
+/// The inference dtype of the weights: `precision` if given, else bf16 on CUDA (what training
+/// used under bf16-mixed) and fp32 on CPU.
 pub fn kind(precision: Option<InferencePrecision>, device: Device) -> Kind {
     match precision {
         Some(InferencePrecision::Bf16True) => Kind::BFloat16,
-        Some(InferencePrecision::F32True) => Kind::Float,
+        Some(InferencePrecision::Bf16Mixed | InferencePrecision::F32True) => Kind::Float,
         None if device.is_cuda() => Kind::BFloat16,
         None => Kind::Float,
     }
+}
+
+/// Whether `precision` computes under bf16 autocast on `device`.
+pub fn autocast(precision: Option<InferencePrecision>, device: Device) -> bool {
+    precision == Some(InferencePrecision::Bf16Mixed) && device.is_cuda()
+}
+
+/// How prompts go to the model and where generation stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Framing {
+    /// Prepended to every prompt.
+    pub bos: Option<u32>,
+    /// Generation ends after it.
+    pub stop: Option<u32>,
 }
 
 /// Load `step_dir` (e.g. `out/pretrain/mla/final`, `s3://bucket/run/step-00000400`) onto
@@ -95,12 +116,17 @@ pub fn load(step_dir: &str, device: Device, kind: Kind) -> anyhow::Result<Loaded
         device,
         kind,
     )?;
+    let sep = tokenizer.separator_id();
     Ok(LoadedModel {
         cfg,
         model,
         tokenizer,
         vs,
         source: format!("{}/{}", store.url().trim_end_matches('/'), step),
+        framing: Framing {
+            bos: Some(sep),
+            stop: Some(sep),
+        },
         tokenizer_files: tokenizer_dir,
     })
 }
@@ -128,6 +154,7 @@ fn load_foreign(
     }
     let tokenizer = Tokenizer::from_dir(tokenizer_dir.path())
         .map_err(|e| BadInput(format!("{what}: tokenizer: {e}")))?;
+    let framing = import::litgpt_framing(&foreign.dir, &tokenizer)?;
     let (vs, model) = build(&cfg, &foreign.weights, &what, device, kind)?;
     Ok(LoadedModel {
         cfg,
@@ -135,6 +162,7 @@ fn load_foreign(
         tokenizer,
         vs,
         source: what,
+        framing,
         tokenizer_files: tokenizer_dir,
     })
 }

@@ -438,3 +438,68 @@ fn initial_checkpoint_dir_takes_litgpt_and_hugging_face_directories() {
     );
     assert!(!out.join("final").exists());
 }
+
+/// litgpt's own checkpoint of a pythia-style model (pythia's tokenizer_config: bos = eos =
+/// <|endoftext|>, no add_bos_token): `mla generate` frames the prompt as litgpt does (no bos,
+/// stop at the eos) and writes `litgpt generate`'s greedy text, with litgpt's flag spellings;
+/// `--precision bf16-mixed` is accepted.
+#[test]
+fn mla_generate_on_a_litgpt_directory_writes_litgpts_text() {
+    let lit = foreign_models().join("lit");
+    let prompt = "Once upon a time,";
+    let ours = ok(&mla(&[
+        "generate",
+        lit.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--max_new_tokens",
+        "12",
+        "--top_k",
+        "50",
+        "--num_samples",
+        "1",
+        "--temperature",
+        "0",
+        "--device",
+        "cpu",
+        "--precision",
+        "32-true",
+    ]));
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(venv("litgpt"))
+        .arg("generate")
+        .arg(&lit)
+        .args(["--prompt", prompt, "--max_new_tokens", "12"])
+        .args([
+            "--temperature",
+            "0",
+            "--top_p",
+            "0",
+            "--precision",
+            "32-true",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let theirs = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "litgpt generate failed:\n{theirs}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(ours.trim().len() > prompt.len(), "{ours:?}");
+    assert!(
+        theirs.trim_end().ends_with(ours.trim_end()),
+        "mla:    {ours:?}\nlitgpt: {theirs:?}"
+    );
+    ok(&mla(&[
+        "generate",
+        lit.to_str().unwrap(),
+        "--max_new_tokens",
+        "2",
+        "--device",
+        "cpu",
+        "--precision",
+        "bf16-mixed",
+    ]));
+}

@@ -47,7 +47,8 @@ pub struct EvalArgs {
     json: bool,
     #[arg(long, value_enum)]
     device: Option<DeviceKind>,
-    /// Weights and compute dtype (default: bf16-true on CUDA, 32-true on CPU).
+    /// Weights and compute dtype (default: bf16-true on CUDA, 32-true on CPU; bf16-mixed:
+    /// fp32 weights under bf16 autocast on CUDA).
     #[arg(long, value_enum)]
     precision: Option<InferencePrecision>,
 }
@@ -113,7 +114,8 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
                 t.narrow(1, 1, seq_len as i64),
             );
             // Chunked over the vocabulary projection: no (B·T, V) fp32 logits at once.
-            sum += crate::train::loss::mean_loss(&m.model, &x, &y, false).double_value(&[]);
+            let autocast = inference::autocast(args.precision, device);
+            sum += crate::train::loss::mean_loss(&m.model, &x, &y, autocast).double_value(&[]);
             n += 1;
         }
         Ok(())

@@ -1,5 +1,8 @@
-//! `mla generate <checkpoint_dir>`: sample text from a checkpoint (local path or URL).
-//! The prompt is prefixed by the tokenizer's story separator, as every training story is.
+//! `mla generate <checkpoint_dir>`: sample text from a checkpoint (local path or URL), or from a
+//! litgpt or Hugging Face model directory. The prompt of an mla checkpoint is prefixed by the
+//! tokenizer's story separator, as every training story is; a litgpt or HF directory's prompt
+//! is framed as litgpt frames it (inference::Framing). litgpt's flag spellings
+//! (`--max_new_tokens`, `--top_k`, `--top_p`, `--num_samples`) are accepted too.
 //! With `--temperature 0` the text is the greedy continuation and does not depend on
 //! `--attention` or `--no-cache`. Text goes to stdout; speed, cache size and memory to stderr.
 
@@ -26,7 +29,7 @@ pub struct GenerateArgs {
     checkpoint: String,
     #[arg(long, default_value = "Once upon a time,")]
     prompt: String,
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, alias = "max_new_tokens", default_value_t = 100)]
     max_new_tokens: usize,
     // Negative numbers parse (clap would take `-1` for a flag) so that `run` can say what the
     // valid range is.
@@ -34,14 +37,24 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
     temperature: f64,
     /// Keep the K most likely tokens (0 or less = off).
-    #[arg(long, default_value_t = 50, allow_negative_numbers = true)]
+    #[arg(
+        long,
+        alias = "top_k",
+        default_value_t = 50,
+        allow_negative_numbers = true
+    )]
     top_k: i64,
     /// Nucleus sampling mass, in (0, 1] (1 = off).
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    #[arg(
+        long,
+        alias = "top_p",
+        default_value_t = 1.0,
+        allow_negative_numbers = true
+    )]
     top_p: f64,
     #[arg(long, default_value_t = 1234)]
     seed: u64,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, alias = "num_samples", default_value_t = 1)]
     num_samples: usize,
     /// MLA attention path at inference (ignored for MHA/GQA/MQA).
     #[arg(long, value_enum, default_value_t = Attention::Absorbed)]
@@ -52,7 +65,8 @@ pub struct GenerateArgs {
     /// Compute device (default: CUDA when available, else CPU).
     #[arg(long, value_enum)]
     device: Option<DeviceKind>,
-    /// Weights, cache and compute dtype (default: bf16-true on CUDA, 32-true on CPU).
+    /// Weights, cache and compute dtype (default: bf16-true on CUDA, 32-true on CPU;
+    /// bf16-mixed: fp32 weights under bf16 autocast on CUDA).
     #[arg(long, value_enum)]
     precision: Option<InferencePrecision>,
 }
@@ -74,8 +88,14 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let device = device::select(args.device, 0)?;
     let kind = inference::kind(args.precision, device);
     let m = inference::load(&args.checkpoint, device, kind)?;
-    let mut prompt = vec![m.tokenizer.separator_id()];
+    let mut prompt: Vec<u32> = m.framing.bos.into_iter().collect();
     prompt.extend(m.tokenizer.encode(&args.prompt)?);
+    if prompt.is_empty() {
+        return Err(BadInput(
+            "--prompt is empty and the model has no bos token to start from".into(),
+        )
+        .into());
+    }
     let block = m.cfg.model().block_size;
     if prompt.len() + args.max_new_tokens > block {
         return Err(BadInput(format!(
@@ -96,19 +116,22 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         top_p: (args.top_p < 1.0).then_some(args.top_p),
     };
     let mut sampler = Sampler::new(params, args.seed);
-    let stop = m.tokenizer.separator_id() as i64;
+    let stop = m.framing.stop.map(i64::from);
     let started = Instant::now();
+    let autocast = inference::autocast(args.precision, device);
     let out = tch::no_grad(|| {
-        generate(
-            &m.model,
-            &prompt,
-            args,
-            &mut sampler,
-            decode,
-            kind,
-            device,
-            stop,
-        )
+        crate::autocast::bf16(autocast, || {
+            generate(
+                &m.model,
+                &prompt,
+                args,
+                &mut sampler,
+                decode,
+                kind,
+                device,
+                stop,
+            )
+        })
     })?;
     let secs = started.elapsed().as_secs_f64();
     let generated: usize = out.tokens.iter().map(Vec::len).sum();
@@ -162,7 +185,7 @@ fn generate(
     decode: MlaDecode,
     kind: Kind,
     device: Device,
-    stop: i64,
+    stop: Option<i64>,
 ) -> anyhow::Result<Generated> {
     let b = args.num_samples as i64;
     let prompt: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
@@ -188,7 +211,7 @@ fn generate(
         let next = sampler.sample(&last);
         for (i, &t) in next.iter().enumerate() {
             if !done[i] {
-                if t == stop {
+                if Some(t) == stop {
                     done[i] = true;
                 } else {
                     tokens[i].push(t);

@@ -14,7 +14,9 @@
 
 use super::torch_pickle;
 use crate::checkpoint::from_safetensors;
+use crate::data::Tokenizer;
 use crate::error::BadInput;
+use crate::inference::Framing;
 use anyhow::Context;
 use mla_model::formats::hf;
 use mla_model::ModelConfig;
@@ -154,4 +156,64 @@ fn hf_tensors(dir: &Path) -> anyhow::Result<HashMap<String, Tensor>> {
         out.extend(tensors);
     }
     Ok(out)
+}
+
+/// litgpt's prompt framing for a model directory (its `Tokenizer`): bos and eos from
+/// `tokenizer_config.json` (a string or `{"content": …}`), else `generation_config.json`'s
+/// ids; the bos prepended when `add_bos_token` says so (absent: only for `LlamaTokenizer`, and
+/// for Llama-3 directories). Generation stops at the eos, when there is one.
+pub fn litgpt_framing(dir: &Path, tokenizer: &Tokenizer) -> anyhow::Result<Framing> {
+    let read = |name: &str| -> anyhow::Result<Option<serde_json::Value>> {
+        let path = dir.join(name);
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                Ok(Some(serde_json::from_slice(&bytes).map_err(|e| {
+                    BadInput(format!("{}: {e}", path.display()))
+                })?))
+            }
+            Err(_) => Ok(None),
+        }
+    };
+    let config = read("tokenizer_config.json")?;
+    let generation = read("generation_config.json")?;
+    let token = |key: &str| -> Option<u32> {
+        let v = config.as_ref()?.get(key)?;
+        let text = v.as_str().or_else(|| v.get("content")?.as_str())?;
+        tokenizer.token_to_id(text)
+    };
+    let id = |key: &str| -> Option<u32> {
+        generation
+            .as_ref()?
+            .get(key)?
+            .as_u64()
+            .and_then(|i| u32::try_from(i).ok())
+    };
+    let bos = token("bos_token").or_else(|| id("bos_token_id"));
+    let stop = token("eos_token").or_else(|| id("eos_token_id"));
+    let stem = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let use_bos = match config.as_ref() {
+        None => false,
+        Some(_) if stem.starts_with("Meta-Llama-3") || stem.starts_with("Llama-3") => true,
+        Some(c) => match c.get("add_bos_token").and_then(serde_json::Value::as_bool) {
+            Some(b) => b,
+            None => {
+                c.get("tokenizer_class").and_then(serde_json::Value::as_str)
+                    == Some("LlamaTokenizer")
+            }
+        },
+    };
+    if use_bos && bos.is_none() {
+        return Err(BadInput(format!(
+            "{}: tokenizer_config.json asks for a bos token but names none in the vocabulary",
+            dir.display()
+        ))
+        .into());
+    }
+    Ok(Framing {
+        bos: if use_bos { bos } else { None },
+        stop,
+    })
 }
