@@ -217,11 +217,24 @@ pub fn tokenizer_dir(cfg: &RunConfig) -> anyhow::Result<PathBuf> {
             let repo = format!("{owner}/{name}");
             let cache: PathBuf = root.iter().collect();
             info!("tokenizer: {} missing, downloading {repo}", dir.display());
-            Ok(download_tokenizer(
-                &repo,
-                &cache,
-                &DownloadOptions::default(),
-            )?)
+            // What the download creates, it removes when it fails: a mistyped path must not
+            // leave an empty `<owner>/<name>` behind (issue 9), wherever it pointed.
+            let created = dir
+                .ancestors()
+                .take_while(|a| !a.exists())
+                .last()
+                .map(Path::to_path_buf);
+            download_tokenizer(&repo, &cache, &DownloadOptions::default()).map_err(|e| {
+                if let Some(c) = &created {
+                    let _ = std::fs::remove_dir_all(c);
+                }
+                BadInput(format!(
+                    "tokenizer_dir: {} does not exist, and downloading {repo} from the Hugging \
+                     Face hub into it failed: {e}",
+                    dir.display()
+                ))
+                .into()
+            })
         }
         _ => Err(BadInput(format!(
             "tokenizer_dir: {} has no tokenizer.json",

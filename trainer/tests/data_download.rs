@@ -395,3 +395,42 @@ fn train_downloads_tinystories_and_the_tokenizer_from_hf_endpoint() {
         .join("ckpts/EleutherAI/pythia-160m/tokenizer.json")
         .is_file());
 }
+
+/// A tokenizer_dir that does not exist and cannot be downloaded (here: an endpoint that refuses
+/// connections) is one line naming the key and the repo it tried, exit 2, and no directory is
+/// left where it pointed (issue 9: a mistyped relative path left an empty `<owner>/<name>`).
+#[test]
+fn a_missing_tokenizer_dir_that_cannot_be_downloaded_leaves_nothing_behind() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let tmp = tempfile::tempdir().unwrap();
+    let typo = tmp.path().join("tokenizerz/EleutherAI/pythia-160m");
+    let config = repo().join("config_hub/pretrain/debug.yaml");
+    let out = mla_in(
+        tmp.path(),
+        &[
+            "train",
+            "--device",
+            "cpu",
+            "--config",
+            config.to_str().unwrap(),
+            "--out_dir",
+            tmp.path().join("run").to_str().unwrap(),
+            "--tokenizer_dir",
+            typo.to_str().unwrap(),
+        ],
+        &[("HF_ENDPOINT", &format!("http://127.0.0.1:{port}"))],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let last = err.trim_end().lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: tokenizer_dir: ")
+            && last.contains("does not exist, and downloading EleutherAI/pythia-160m"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("tokenizerz").exists(), "left behind");
+}
