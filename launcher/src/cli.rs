@@ -37,7 +37,8 @@ impl Device {
                   WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT set (torchrun's contract)."
 )]
 pub struct LaunchArgs {
-    /// Run N ranks on this node, one per GPU (implies --device cuda). Default with CUDA: all visible GPUs.
+    /// Run N ranks on this node, one per GPU (implies --device cuda). Default with CUDA: the
+    /// config's `devices`, else all visible GPUs.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub gpus: Option<u32>,
 
@@ -45,13 +46,15 @@ pub struct LaunchArgs {
     #[arg(long, value_enum)]
     pub device: Option<Device>,
 
-    /// Ranks per node (CPU ranks with --device cpu; same as --gpus with cuda). Default 1 on CPU.
+    /// Ranks per node (CPU ranks with --device cpu; same as --gpus with cuda). Default on CPU:
+    /// the config's `devices`, else 1.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub nproc: Option<u32>,
 
-    /// Number of nodes (torchrun-style: start mla-launch once on every node).
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
-    pub nnodes: u32,
+    /// Number of nodes (torchrun-style: start mla-launch once on every node). Default: the
+    /// config's `num_nodes`, else 1.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub nnodes: Option<u32>,
 
     /// This node's index in 0..nnodes: RANK = node_rank * nproc + LOCAL_RANK.
     #[arg(long, value_name = "R", default_value_t = 0)]
@@ -253,7 +256,7 @@ mod tests {
         ]));
         let a = LaunchArgs::try_parse_from(std::iter::once(OsString::from("x")).chain(s.launcher))
             .unwrap();
-        assert_eq!((a.nnodes, a.node_rank, a.gpus), (2, 1, Some(8)));
+        assert_eq!((a.nnodes, a.node_rank, a.gpus), (Some(2), 1, Some(8)));
         assert_eq!(a.master_addr.as_deref(), Some("10.0.0.1"));
         assert_eq!(a.master_port, Some(29400));
         assert_eq!(a.grace_secs, 0.5);

@@ -163,9 +163,15 @@ pub fn select(
         (None, None) => {
             let p = probe()?;
             if p.count > 0 {
+                if let Some(n) = nproc.filter(|&n| n > p.count) {
+                    return Err(BadInput(format!(
+                        "{n} ranks per node asked (--nproc or the config's devices) but only {} GPUs are visible ({}); use --device cpu for CPU ranks",
+                        p.count, p.source
+                    )));
+                }
                 Ok(Selection {
                     device: Device::Cuda,
-                    nproc: nproc.unwrap_or(p.count).min(p.count),
+                    nproc: nproc.unwrap_or(p.count),
                     defaulted: true,
                 })
             } else {

@@ -8,6 +8,7 @@ pub mod device;
 pub mod output;
 pub mod plan;
 pub mod proctree;
+pub mod run_config;
 pub mod shim;
 pub mod status;
 pub mod supervise;
@@ -72,7 +73,24 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
 /// Run the launcher on argv (without the program name). Ok means every rank exited 0 (or was
 /// stopped cleanly on request).
 pub fn run(argv: Vec<OsString>) -> anyhow::Result<()> {
-    let (args, passthrough) = cli::parse(&argv);
+    let (mut args, passthrough) = cli::parse(&argv);
+    // litgpt's `devices` and `num_nodes` in the config are the defaults of --gpus/--nproc and
+    // --nnodes: never silently ignored.
+    let hints = run_config::read(&args.config, &passthrough)?;
+    if args.gpus.is_none() && args.nproc.is_none() {
+        if let Some(d) = hints.devices {
+            tracing::info!(
+                "{d} rank(s) per node from the config's devices: {d} (--gpus/--nproc override it)"
+            );
+            args.nproc = Some(d);
+        }
+    }
+    if args.nnodes.is_none() {
+        if let Some(n) = hints.num_nodes.filter(|&n| n > 1) {
+            tracing::info!("{n} nodes from the config's num_nodes: {n} (--nnodes overrides it)");
+        }
+        args.nnodes = Some(hints.num_nodes.unwrap_or(1));
+    }
     let sel = device::select(args.gpus, args.device, args.nproc, device::probe_gpus)?;
     if sel.defaulted {
         match sel.device {

@@ -116,16 +116,16 @@ impl Plan {
         omp_env_set: bool,
         cores: usize,
     ) -> Result<Plan, BadInput> {
-        if args.node_rank >= args.nnodes {
+        let nnodes = args.nnodes.unwrap_or(1);
+        if args.node_rank >= nnodes {
             return Err(BadInput(format!(
-                "--node-rank {} must be below --nnodes {}",
-                args.node_rank, args.nnodes
+                "--node-rank {} must be below --nnodes {nnodes}",
+                args.node_rank
             )));
         }
-        if args.nnodes > 1 && args.master_addr.is_none() {
+        if nnodes > 1 && args.master_addr.is_none() {
             return Err(BadInput(format!(
-                "--nnodes {} needs --master-addr (the address of node 0, reachable from every node)",
-                args.nnodes
+                "--nnodes {nnodes} needs --master-addr (the address of node 0, reachable from every node)"
             )));
         }
         if !args.config.is_file() {
@@ -135,7 +135,7 @@ impl Plan {
             )));
         }
         let launch = if sel.device == Device::Cpu && sel.nproc > 1 {
-            if args.nnodes > 1 {
+            if nnodes > 1 {
                 return Err(BadInput(
                     "multi-node CPU runs are not started by mla-launch: start `mla train --device cpu` \
                      on all nodes with mpirun or srun (see launcher/README.md)"
@@ -156,7 +156,7 @@ impl Plan {
         } else {
             Launch::Direct
         };
-        let master_port = match (args.master_port, args.nnodes) {
+        let master_port = match (args.master_port, nnodes) {
             (Some(p), _) => Some(p),
             (None, 1) => None,
             (None, _) => Some(DEFAULT_MULTI_NODE_PORT),
@@ -170,7 +170,7 @@ impl Plan {
             device: sel.device,
             launch,
             nproc: sel.nproc,
-            nnodes: args.nnodes,
+            nnodes,
             node_rank: args.node_rank,
             master_addr: args
                 .master_addr
@@ -192,8 +192,10 @@ impl Plan {
         self.nnodes * self.nproc
     }
 
-    /// The arguments after `<mla>`: `train --device D --config F <passthrough>`, and on a restart
-    /// `--resume auto` (replacing any `--resume` the user gave, so the newest checkpoint wins).
+    /// The arguments after `<mla>`: `train --device D --config F <passthrough>`, then `--devices
+    /// N --num_nodes M` (what was started, so the ranks' config and checkpoints say so), and on
+    /// a restart `--resume auto` (replacing any `--resume` the user gave, so the newest
+    /// checkpoint wins).
     pub fn rank_args(&self, resume: bool) -> Vec<OsString> {
         let mut args: Vec<OsString> = vec![
             "train".into(),
@@ -202,8 +204,15 @@ impl Plan {
             "--config".into(),
             self.config.clone().into_os_string(),
         ];
+        let started: [OsString; 4] = [
+            "--devices".into(),
+            self.nproc.to_string().into(),
+            "--num_nodes".into(),
+            self.nnodes.to_string().into(),
+        ];
         if !resume {
             args.extend(self.passthrough.iter().cloned());
+            args.extend(started);
             return args;
         }
         let mut it = self.passthrough.iter();
@@ -214,6 +223,7 @@ impl Plan {
                 args.push(a.clone());
             }
         }
+        args.extend(started);
         args.extend(["--resume".into(), "auto".into()]);
         args
     }
@@ -507,7 +517,11 @@ mod tests {
                 "out/step-1",
                 "--resume=x",
                 "--out_dir",
-                "o"
+                "o",
+                "--devices",
+                "1",
+                "--num_nodes",
+                "1"
             ]
             .map(OsString::from)
         );
@@ -523,6 +537,10 @@ mod tests {
                 "20",
                 "--out_dir",
                 "o",
+                "--devices",
+                "1",
+                "--num_nodes",
+                "1",
                 "--resume",
                 "auto"
             ]
@@ -555,7 +573,8 @@ mod tests {
         assert!(cmd.contains("-x MASTER_PORT"), "{cmd}");
         assert!(
             cmd.ends_with(&format!(
-                " /opt/mla-launch --mpi-rank-shim /opt/mla -- train --device cpu --config {f} --x 1"
+                " /opt/mla-launch --mpi-rank-shim /opt/mla -- train --device cpu --config {f} --x 1 \
+                 --devices 2 --num_nodes 1"
             )),
             "{cmd}"
         );

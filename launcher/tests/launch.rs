@@ -187,6 +187,11 @@ fn arguments_pass_through_verbatim() {
             "5",
             "--config",
             "other",
+            // What the launcher started, after everything passed through.
+            "--devices",
+            "1",
+            "--num_nodes",
+            "1",
         ]
     );
 }
@@ -449,7 +454,8 @@ fn max_restarts_restarts_with_resume_auto_and_stops_after_k() {
         .stderr_has("restart 2/2:")
         .stderr_has("rank 1 exited with code 1 (after 2 restart(s))");
     let cfg = f.config.to_str().unwrap();
-    let first = format!("train --device cuda --config {cfg} --train.max_steps 5");
+    let first =
+        format!("train --device cuda --config {cfg} --train.max_steps 5 --devices 2 --num_nodes 1");
     let resumed = format!("{first} --resume auto");
     assert_eq!(
         f.read("attempts").lines().collect::<Vec<_>>(),
@@ -520,7 +526,7 @@ fn no_device_flag_and_no_gpu_runs_one_cpu_rank_and_says_so() {
     let cfg = f.config.to_str().unwrap();
     assert_eq!(
         r.stdout.trim(),
-        format!("0/1 train --device cpu --config {cfg}")
+        format!("0/1 train --device cpu --config {cfg} --devices 1 --num_nodes 1")
     );
 }
 
@@ -570,4 +576,43 @@ fn bad_flags_and_input_exit_2_with_one_line() {
     let r = f.run(f.launch(&mla, &["--help"]));
     assert_eq!(r.code, Some(0));
     assert!(r.stdout.contains("--max-restarts"), "{}", r.stdout);
+}
+
+/// litgpt's `devices` and `num_nodes` in the config are the defaults of --gpus/--nproc and
+/// --nnodes, never silently ignored (issue 9): `devices: 2` on 3 visible GPUs starts 2 ranks
+/// (and tells them so); a flag wins; more devices than GPUs and `num_nodes: 2` without
+/// --master-addr are one-line errors.
+#[test]
+fn devices_and_num_nodes_of_the_config_are_the_defaults_of_the_flags() {
+    let f = Fixture::new();
+    let mla = f.script("mla", PRINT_ENV);
+    std::fs::write(&f.config, "devices: 2\nnum_nodes: 1\n").unwrap();
+    let mut cmd = f.launch(&mla, &[]);
+    cmd.env("MLA_GPU_COUNT", "3");
+    let r = f.run(cmd);
+    r.expect_code(0)
+        .stderr_has("2 rank(s) per node from the config's devices: 2");
+    let lines: Vec<_> = r.stdout.lines().map(parse_env_line).collect();
+    assert_eq!(lines.len(), 2, "{}", r.stdout);
+    assert!(lines.iter().all(|(_, env)| env["world"] == "2"));
+
+    let mut cmd = f.launch(&mla, &["--gpus", "3"]);
+    cmd.env("MLA_GPU_COUNT", "3");
+    let r = f.run(cmd);
+    r.expect_code(0);
+    assert_eq!(r.stdout.lines().count(), 3, "the flag wins: {}", r.stdout);
+
+    std::fs::write(&f.config, "devices: 8\n").unwrap();
+    let mut cmd = f.launch(&mla, &[]);
+    cmd.env("MLA_GPU_COUNT", "3");
+    f.run(cmd).expect_code(2).stderr_has(
+        "8 ranks per node asked (--nproc or the config's devices) but only 3 GPUs are visible",
+    );
+
+    std::fs::write(&f.config, "devices: 1\nnum_nodes: 2\n").unwrap();
+    let mut cmd = f.launch(&mla, &[]);
+    cmd.env("MLA_GPU_COUNT", "3");
+    f.run(cmd)
+        .expect_code(2)
+        .stderr_has("--nnodes 2 needs --master-addr");
 }

@@ -763,3 +763,20 @@ exec env RANK=$R WORLD_SIZE=$OMPI_COMM_WORLD_SIZE LOCAL_RANK=$((R % 2)) LOCAL_WO
     assert_eq!(index(0), index(1));
     assert_eq!(losses(&out).len(), 2, "{err}");
 }
+
+/// `devices`/`num_nodes` that ask for more ranks than the run has are said, not silently
+/// ignored (issue 9: `devices: 2` started one rank without a word); the run still trains.
+/// (mla-launch starts what they say, and passes what it started to the ranks.)
+#[test]
+fn devices_the_run_does_not_have_are_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let r = ok(one_rank(&run_args(&out, 1, &["--devices", "2"])));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains(
+            "the config's devices: 2 × num_nodes: 1 ask for 2 rank(s), but this run has 1"
+        ),
+        "{err}"
+    );
+}

@@ -187,6 +187,15 @@ impl Trainer {
         let comm = dist::connect(&cfg.dist, &rank, device)?;
         let (precision, autocast, param_kind) = precision_for(&cfg, device);
         let main = rank.is_main();
+        if let (true, crate::config::Devices::Count(d)) = (main, cfg.devices) {
+            let want = d * cfg.num_nodes;
+            if want != rank.world_size {
+                warn!(
+                    "the config's devices: {d} × num_nodes: {} ask for {want} rank(s), but this run has {}: mla-launch starts what they say; srun and mpirun start what they are told",
+                    cfg.num_nodes, rank.world_size
+                );
+            }
+        }
         signals::install();
 
         // Before any work: will it fit, and may this run write its out_dir (rank 0 probes it,
