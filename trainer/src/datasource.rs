@@ -1,7 +1,9 @@
 //! From the config's `data:` section to an opened, validated token dataset.
 //!
 //! * `TextFiles`: `train_data_path` is either a prepared dataset (index.json) or raw text,
-//!   tokenized on first use with `val_data_path` as validation data.
+//!   tokenized on first use with `val_data_path` as validation data; as litgpt's TextFiles, a
+//!   directory gives its top-level `*.txt` files only (without `val_data_path`, the first of
+//!   them is validation data).
 //! * `TinyStories`: `data_path` holds prepared shards, or litgpt's layout (the extracted
 //!   `TinyStories_all_data/` or `TinyStories_all_data.tar.gz`), tokenized on first use; when it
 //!   holds neither, the archive is downloaded from the Hugging Face hub (`HF_ENDPOINT` honoured)
@@ -98,13 +100,25 @@ pub fn open(cfg: &RunConfig, tokenizer_dir: &Path) -> anyhow::Result<Dataset> {
                 return open_remote_data(cfg, url, opts);
             }
             let train = PathBuf::from(args.train_data_path.as_deref().unwrap_or_default());
+            if is_prepared(&train) {
+                if args.val_data_path.is_some() {
+                    return Err(BadInput(format!(
+                        "data.init_args.val_data_path: must be unset when train_data_path is a \
+                         prepared dataset ({}: its val split is used)",
+                        train.display()
+                    ))
+                    .into());
+                }
+                return Ok(Dataset::open_dir(&train, opts)?);
+            }
+            let val = match args.val_data_path.as_deref() {
+                Some(v) => top_level_txt(Path::new(v), "data.init_args.val_data_path")?,
+                None => Vec::new(),
+            };
             (
                 "textfiles",
-                vec![train],
-                args.val_data_path
-                    .iter()
-                    .map(PathBuf::from)
-                    .collect::<Vec<_>>(),
+                top_level_txt(&train, "data.init_args.train_data_path")?,
+                val,
             )
         }
         Some(DataModule::TinyStories) => {
@@ -186,6 +200,30 @@ fn open_remote_data(cfg: &RunConfig, url: &str, opts: OpenOptions) -> anyhow::Re
         Some(cache_root(cfg).join("remote-sha256")),
         opts,
     )?)
+}
+
+/// TextFiles' inputs as litgpt's `TextFiles` reads them: a directory's top-level `*.txt` files,
+/// sorted (nothing below it: litgpt writes its own tokenized `train/` and `val/` there, and no
+/// `.json`); a file as given. A directory without any is an error naming `key`.
+fn top_level_txt(path: &Path, key: &str) -> anyhow::Result<Vec<PathBuf>> {
+    if !path.is_dir() {
+        return Ok(vec![path.to_path_buf()]); // a file; a missing path is reported by the caller
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .with_context(|| format!("{key}: reading {}", path.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "txt"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(BadInput(format!(
+            "{key}: {} has no .txt files (TextFiles reads the directory's top-level *.txt, as litgpt)",
+            path.display()
+        ))
+        .into());
+    }
+    Ok(files)
 }
 
 /// Whether `dir` directly holds text/json story files (a TinyStories data_path of raw files).

@@ -382,3 +382,50 @@ print(json.dumps({t: [[e.step, e.value] for e in acc.Scalars(t)] for t in tags})
     }
     assert_eq!(scalars["val/loss"].as_array().map(Vec::len), Some(1));
 }
+
+/// TextFiles reads a directory as litgpt's TextFiles does (issue 9): its top-level `*.txt`
+/// files only, the first of them as validation data without `val_data_path`; not a litgpt
+/// `train/` output below it, a nested folder, or `.json` beside it (which broke runs on a
+/// folder litgpt had used). A directory without any `.txt` is an error naming the key.
+#[test]
+fn text_files_reads_a_directorys_top_level_txt_files_as_litgpt() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("stories");
+    let text = std::fs::read_to_string(
+        shared_data().join("tinystories/valid/tinystories_v1_valid_head.txt"),
+    )
+    .unwrap();
+    let cut = text[..text.len().min(60_000)]
+        .rfind("<|endoftext|>")
+        .unwrap();
+    std::fs::create_dir_all(data.join("train")).unwrap();
+    std::fs::create_dir_all(data.join("nested")).unwrap();
+    for name in ["a.txt", "b.txt", "nested/c.txt"] {
+        std::fs::write(data.join(name), &text[..cut]).unwrap();
+    }
+    std::fs::write(data.join("notes.json"), "{\"not\": \"stories\"}").unwrap();
+    std::fs::write(data.join("train/index.json"), "{\"litgpt\": \"output\"}").unwrap();
+    let out = quick(
+        dir.path(),
+        &["--data.train_data_path", data.to_str().unwrap()],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.contains("data: tokenizing"))
+        .unwrap();
+    let (a, b) = (data.join("a.txt"), data.join("b.txt"));
+    assert!(
+        line.contains(&format!("tokenizing {}, {} into", a.display(), b.display())),
+        "{line}"
+    );
+    let empty = dir.path().join("no-txt");
+    std::fs::create_dir_all(&empty).unwrap();
+    std::fs::write(empty.join("notes.json"), "{}").unwrap();
+    let out = quick(
+        &dir.path().join("run2"),
+        &["--data.train_data_path", empty.to_str().unwrap()],
+    );
+    assert_bad(&out, "data.init_args.train_data_path");
+}
