@@ -37,7 +37,9 @@ printf 'half' >&2; sleep 0.1; printf ' a line\n' >&2"#,
     r.expect_code(0)
         .stderr_has("starting 2 CPU ranks under mpirun");
     let cfg = f.config.to_str().unwrap();
-    let args = format!("args=train --device cpu --config {cfg} --train.max_steps 3");
+    let args = format!(
+        "args=train --device cpu --config {cfg} --train.max_steps 3 --devices 2 --num_nodes 1"
+    );
     assert_eq!(
         r.sorted_stdout(),
         [
