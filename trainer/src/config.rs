@@ -943,29 +943,59 @@ impl RunConfig {
 
 /// Registry entry of `model_name` (or litgpt's defaults) overlaid by the `model_config`
 /// mapping, deserialized and resolved. Errors are (key, message) with keys under `model_config`.
+///
+/// litgpt ignores `model_name` when `model_config` is set (its missing fields take `Config`'s
+/// defaults). mla reads the same YAML the same way whenever that is unambiguous: an unknown
+/// `model_name` (litgpt's own configs name models like `stories15M`) or none with a
+/// `model_config` builds from litgpt's defaults. A registry name with a `model_config` keeps
+/// mla's overlay, and when the two readings build different models, a warning names every
+/// field that differs, so the same file never silently means two models.
 fn resolve_model(
     model_name: Option<&str>,
     overlay: Value,
 ) -> Result<ModelConfig, (String, String)> {
-    let base = match model_name {
-        Some(name) => registry::find(name).ok_or_else(|| {
-            (
+    let named = model_name.and_then(registry::find);
+    let base = match (model_name, &named) {
+        (_, Some(entry)) => entry.clone(),
+        (Some(name), None) if overlay.is_null() => {
+            return Err((
                 "model_name".to_string(),
                 format!(
-                    "unknown model `{name}` (known: {})",
+                    "unknown model `{name}` (known: {}; or give the whole model_config)",
                     registry::names().join(", ")
                 ),
-            )
-        })?,
-        None if overlay.is_null() => {
+            ))
+        }
+        (None, None) if overlay.is_null() => {
             return Err((
                 "model_name".to_string(),
                 "set model_name (e.g. pythia-160m) or model_config".to_string(),
             ))
         }
-        None => ModelConfig::default(),
+        _ => ModelConfig::default(),
     };
-    let mut tree = match serde_yaml_ng::to_value(&base) {
+    let cfg = overlay_model(&base, overlay.clone())?;
+    if let (Some(name), Some(_), false) = (model_name, &named, overlay.is_null()) {
+        if let Ok(litgpt) = overlay_model(&ModelConfig::default(), overlay) {
+            let diffs = cfg.differences(&litgpt);
+            if !diffs.is_empty() {
+                let list = diffs
+                    .iter()
+                    .map(|(k, ours, theirs)| format!("{k} {ours} (litgpt: {theirs})"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                tracing::warn!(
+                    "model_config overlays model_name {name} here, but litgpt ignores model_name when model_config is set and would build another model: {list}; write these fields into model_config so both read it alike"
+                );
+            }
+        }
+    }
+    Ok(cfg)
+}
+
+/// `overlay` (a `model_config` mapping) over `base`, deserialized and resolved.
+fn overlay_model(base: &ModelConfig, overlay: Value) -> Result<ModelConfig, (String, String)> {
+    let mut tree = match serde_yaml_ng::to_value(base) {
         Ok(Value::Mapping(m)) => m,
         _ => Mapping::new(),
     };

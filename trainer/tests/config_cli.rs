@@ -227,3 +227,47 @@ fn missing_config_file_and_unknown_override_section_exit_2() {
     assert_eq!(code, 2);
     assert!(err.contains("--trains.max_steps"), "{err}");
 }
+
+/// litgpt ignores `model_name` when `model_config` is set (issue 9): litgpt's own configs name
+/// models the registry does not list (`stories15M` in its tinystories.yaml), which mla now
+/// builds from the model_config with litgpt's defaults instead of refusing the name. A
+/// registry name with a partial model_config, which litgpt and mla would read as two models,
+/// is a warning naming the fields that differ.
+#[test]
+fn model_config_with_an_unknown_name_builds_and_a_known_name_that_differs_is_said() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stories = dir.path().join("tinystories.yaml");
+    std::fs::write(
+        &stories,
+        "model_name: stories15M\nmodel_config:\n  name: stories15M\n  block_size: 256\n  \
+         vocab_size: 32000\n  n_layer: 6\n  n_head: 6\n  n_embd: 288\n  rotary_percentage: 1.0\n  \
+         parallel_residual: false\n  bias: false\n  norm_class_name: RMSNorm\n  \
+         mlp_class_name: LLaMAMLP\n  intermediate_size: 768\n",
+    )
+    .expect("write");
+    let (code, out, err) = mla(&["info", "--config", stories.to_str().expect("utf8")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("stories15M — 6 layers, 288 wide, 6 heads"),
+        "{out}"
+    );
+    assert!(!err.contains("WARN"), "{err}");
+
+    let partial = dir.path().join("partial.yaml");
+    std::fs::write(
+        &partial,
+        "model_name: pythia-160m\nmodel_config:\n  n_layer: 2\n",
+    )
+    .expect("write");
+    let (code, out, err) = mla(&["info", "--config", partial.to_str().expect("utf8")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("pythia-160m — 2 layers, 768 wide"),
+        "mla's overlay: {out}"
+    );
+    assert!(
+        err.contains("litgpt ignores model_name when model_config is set")
+            && err.contains("n_embd 768 (litgpt: 4096)"),
+        "{err}"
+    );
+}

@@ -503,3 +503,49 @@ fn mla_generate_on_a_litgpt_directory_writes_litgpts_text() {
         "bf16-mixed",
     ]));
 }
+
+/// Every entry of mla's model registry is litgpt 0.5.13's `Config.from_name` of the same name,
+/// field for field (pythia with the -deduped twins, tiny-llama, micro-llama).
+#[test]
+fn the_model_registry_is_litgpts() {
+    let ours: Vec<serde_json::Value> = mla_model::registry::all()
+        .into_iter()
+        .map(|c| serde_json::to_value(c.resolve().unwrap()).unwrap())
+        .collect();
+    let script = r#"
+import dataclasses, json, sys
+from litgpt import Config
+bad = []
+ours = json.load(sys.stdin)
+for c in ours:
+    theirs = dataclasses.asdict(Config.from_name(c["name"]))
+    for k, v in c.items():
+        if theirs.get(k) != v:
+            bad.append(f'{c["name"]}.{k}: mla {v!r}, litgpt {theirs.get(k)!r}')
+print(f"{len(ours)} registry entries compared")
+print("\n".join(bad))
+sys.exit(1 if bad else 0)
+"#;
+    let mut child = Command::new(venv("python"))
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(serde_json::to_string(&ours).unwrap().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(report.starts_with(&format!("{} registry entries compared", ours.len())));
+}
