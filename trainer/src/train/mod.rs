@@ -476,8 +476,9 @@ impl Trainer {
             self.window.reduce_secs += reduce_start.elapsed().as_secs_f64();
         }
         if self.nan_grad_steps.contains(&(self.state.step + 1)) {
-            let grads = self.t.flat.grads_list()?;
-            let _ = tch::no_grad(|| grads[0].shallow_clone().fill_(f64::NAN));
+            if let Some(g) = self.t.flat.grads_list()?.first() {
+                let _ = tch::no_grad(|| g.shallow_clone().fill_(f64::NAN));
+            }
         }
         // Queued on the device, read back once at the end: this rank's mean loss and its stop
         // flags, summed over ranks in one small all-reduce; the gradient norm; the non-finite
