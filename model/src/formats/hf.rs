@@ -39,8 +39,9 @@ pub struct GptNeoxConfig {
     pub use_parallel_residual: bool,
     pub attention_bias: bool,
     pub tie_word_embeddings: bool,
-    pub bos_token_id: u32,
-    pub eos_token_id: u32,
+    /// Null in some hub configs.
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
     pub torch_dtype: String,
     pub initializer_range: f64,
     /// Read only: mla has no RoPE scaling, so a config that sets one is refused.
@@ -49,7 +50,8 @@ pub struct GptNeoxConfig {
 }
 
 impl Default for GptNeoxConfig {
-    /// transformers' `GPTNeoXConfig()` defaults.
+    /// transformers' `GPTNeoXConfig()` defaults (the token ids are read, never used: the
+    /// tokenizer files frame prompts).
     fn default() -> Self {
         GptNeoxConfig {
             architectures: Vec::new(),
@@ -67,8 +69,8 @@ impl Default for GptNeoxConfig {
             use_parallel_residual: true,
             attention_bias: true,
             tie_word_embeddings: false,
-            bos_token_id: 0,
-            eos_token_id: 2,
+            bos_token_id: Some(0),
+            eos_token_id: Some(2),
             torch_dtype: "float32".into(),
             initializer_range: 0.02,
             rope_scaling: None,
@@ -134,8 +136,8 @@ pub fn gpt_neox_config(cfg: &ModelConfig, separator: u32) -> Result<GptNeoxConfi
         use_parallel_residual: cfg.parallel_residual,
         attention_bias: true,
         tie_word_embeddings: false,
-        bos_token_id: separator,
-        eos_token_id: separator,
+        bos_token_id: Some(separator),
+        eos_token_id: Some(separator),
         torch_dtype: "float32".into(),
         initializer_range: 0.02,
         rope_scaling: None,
@@ -391,6 +393,30 @@ mod tests {
         let out = per_head_qkv(&w, h, g, hs);
         assert_eq!(out.size(), [(3 * h * hs) as i64, 3]);
         assert!(out.select(1, 1).equal(&(out.select(1, 0) + 1.0)));
+    }
+
+    /// A hub config with null token ids and only some fields reads with transformers'
+    /// defaults for the rest; another model_type is refused by name.
+    #[test]
+    fn a_sparse_hub_config_takes_transformers_defaults() {
+        let c: GptNeoxConfig = serde_json::from_str(
+            r#"{"model_type": "gpt_neox", "hidden_size": 64, "num_attention_heads": 4,
+                "num_hidden_layers": 2, "intermediate_size": 256, "vocab_size": 512,
+                "bos_token_id": null, "eos_token_id": null, "unknown_key": 1}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.bos_token_id, c.rotary_pct, c.max_position_embeddings),
+            (None, 0.25, 2048)
+        );
+        let m = from_gpt_neox_config(&c, "x").unwrap();
+        assert_eq!((m.n_embd, m.head_size(), m.rope_n_elem()), (64, 16, 4));
+        let llama = GptNeoxConfig {
+            model_type: "llama".into(),
+            ..c
+        };
+        let e = from_gpt_neox_config(&llama, "x").unwrap_err();
+        assert!(e.starts_with("model_type \"llama\""), "{e}");
     }
 
     /// MHA rows survive the trip to GPTNeoX and back, exactly.
