@@ -19,6 +19,7 @@
 mod common;
 
 use common::*;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -50,6 +51,8 @@ fn checkpoint(overrides: &'static [&'static str]) -> PathBuf {
     out.join("final")
 }
 
+/// The `common` run as it is: the seed's MLA (`latent_attention: true`).
+const SEED: &[&str] = &[];
 const MHA: &[&str] = &["--model_config.latent_attention", "null"];
 const GQA: &[&str] = &[
     "--model_config.latent_attention",
@@ -71,44 +74,81 @@ fn mha_checkpoint() -> PathBuf {
     checkpoint(MHA)
 }
 
-/// `mla ckpt logits` of `ckpt` on `tokens`, written to `dir/mla_logits.json`.
-fn mla_logits(ckpt: &Path, tokens: &str, dir: &Path) -> PathBuf {
+/// Run `python` with `args`; its stdout, asserting that it exited 0.
+fn python(args: &[&OsStr]) -> String {
+    let out = Command::new(venv("python")).args(args).output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "python {args:?}:\n{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    report
+}
+
+/// mla's logits of `ckpt` on [`TOKENS`] against `script`'s (a scripts/ref checker reading
+/// `model` with litgpt or transformers): within `tol`, and the losses within 2·`tol` (a loss
+/// is a log-sum-exp minus one logit). Returns the checker's report.
+fn check(script: &str, ckpt: &Path, model: &Path, tol: f64, extra: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let theirs = dir.path().join("mla_logits.json");
     let logits = ok(&mla(&[
         "ckpt",
         "logits",
         ckpt.to_str().unwrap(),
         "--tokens",
-        tokens,
+        TOKENS,
     ]));
-    let path = dir.join("mla_logits.json");
-    std::fs::write(&path, &logits).unwrap();
-    path
-}
-
-/// Run a scripts/ref checker; its report (stdout), asserting that it passed.
-fn check(script: &str, export: &Path, tokens: &str, tol: &str, theirs: &Path) -> String {
-    let out = Command::new(venv("python"))
-        .arg(repo().join("scripts/ref").join(script))
-        .arg(export)
-        .args(["--tokens", tokens, "--tol", tol, "--compare"])
-        .arg(theirs)
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&out.stdout).to_string();
-    println!("{report}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{script}: logits differ: {report}");
+    std::fs::write(&theirs, &logits).unwrap();
+    let script = repo().join("scripts/ref").join(script);
+    let tol_arg = tol.to_string();
+    let mut args: Vec<&OsStr> = vec![script.as_os_str(), model.as_os_str()];
+    args.extend(["--tokens", TOKENS, "--tol", &tol_arg, "--compare"].map(OsStr::new));
+    args.push(theirs.as_os_str());
+    args.extend(extra.iter().map(OsStr::new));
+    let report = python(&args);
+    println!("{}:\n{report}", model.display());
     assert!(report.contains("over 402432 logits"), "8 × 50304: {report}");
-    report
-}
-
-/// The two losses of a checker's `loss mla X other Y` line.
-fn losses_of(report: &str) -> (f64, f64) {
     let line = report.lines().find(|l| l.starts_with("loss mla")).unwrap();
     let v: Vec<f64> = line
         .split_whitespace()
         .filter_map(|w| w.parse().ok())
         .collect();
-    (v[0], v[1])
+    assert!((v[0] - v[1]).abs() <= 2.0 * tol, "{report}");
+    report
+}
+
+/// `litgpt generate`'s greedy continuation of `prompt` from `dir` (temperature 0 and top_p 0:
+/// top_p 1 would still sample) ends with mla's text `ours` (litgpt prints its arguments
+/// first, then the text).
+fn assert_litgpt_writes(dir: &Path, prompt: &str, ours: &str) {
+    let cwd = tempfile::tempdir().unwrap();
+    let out = Command::new(venv("litgpt"))
+        .arg("generate")
+        .arg(dir)
+        .args(["--prompt", prompt, "--max_new_tokens", "12"])
+        .args([
+            "--temperature",
+            "0",
+            "--top_p",
+            "0",
+            "--precision",
+            "32-true",
+        ])
+        .current_dir(cwd.path())
+        .output()
+        .unwrap();
+    let theirs = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "litgpt generate failed:\n{theirs}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(ours.trim().len() > prompt.len(), "{ours:?}");
+    assert!(
+        theirs.trim_end().ends_with(ours.trim_end()),
+        "mla:    {ours:?}\nlitgpt: {theirs:?}"
+    );
 }
 
 const TOKENS: &str = "7454,2069,247,673,13,50276,0,3";
@@ -133,15 +173,11 @@ fn exported_mha_and_mapping_mla_give_mlas_logits_and_loss_in_litgpt() {
         let dir = tempfile::tempdir().unwrap();
         let exp = dir.path().join("lit");
         ok(&export(&ckpt, &exp, "litgpt", &[]));
-        let theirs = mla_logits(&ckpt, TOKENS, dir.path());
         println!("{overrides:?}");
         // The same fp32 forward by another implementation (litgpt's): as for the plain
         // reference in ckpt_local.rs, ≈ 6,500 chained operations per logit add up to about
         // 2e-5 of the values carried: 1e-4.
-        let report = check("check_litgpt_export.py", &exp, TOKENS, "1e-4", &theirs);
-        // The loss is a log-sum-exp minus one logit: off by at most twice the logits' bound.
-        let (a, b) = losses_of(&report);
-        assert!((a - b).abs() <= 2e-4, "{report}");
+        check("check_litgpt_export.py", &ckpt, &exp, 1e-4, &[]);
     }
 }
 
@@ -154,18 +190,15 @@ fn exported_mha_gqa_and_mqa_give_mlas_logits_and_loss_in_transformers() {
         let dir = tempfile::tempdir().unwrap();
         let exp = dir.path().join("hf");
         ok(&export(&ckpt, &exp, "hf", &[]));
-        let theirs = mla_logits(&ckpt, TOKENS, dir.path());
         println!("{overrides:?}");
         // Another op order (GPTNeoX's fused per-head qkv, its rotary tables, eager softmax)
         // over 2 layers of 16-wide dot products and 64-wide MLPs: a few hundred roundings of
         // values O(1) per logit, √n·u ≈ 1e-6 of them; 1e-5 as the issue asks.
-        let report = check("check_hf_export.py", &exp, TOKENS, "1e-5", &theirs);
+        let report = check("check_hf_export.py", &ckpt, &exp, 1e-5, &[]);
         assert!(
             report.contains("architecture GPTNeoXForCausalLM"),
             "{report}"
         );
-        let (a, b) = losses_of(&report);
-        assert!((a - b).abs() <= 2e-5, "{report}");
     }
 }
 
@@ -190,47 +223,14 @@ fn litgpt_generate_on_an_export_writes_mlas_greedy_text() {
         "--precision",
         "32-true",
     ]));
-    // Greedy in litgpt: temperature 0 and top_p 0 (top_p 1 would still sample).
-    let out = Command::new(venv("litgpt"))
-        .arg("generate")
-        .arg(&exp)
-        .args(["--prompt", prompt, "--max_new_tokens", "12"])
-        .args([
-            "--temperature",
-            "0",
-            "--top_p",
-            "0",
-            "--precision",
-            "32-true",
-        ])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    let theirs = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "litgpt generate failed:\n{theirs}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(ours.trim().len() > prompt.len(), "{ours:?}");
-    // litgpt prints its arguments first, then the text.
-    assert!(
-        theirs.trim_end().ends_with(ours.trim_end()),
-        "mla:    {ours:?}\nlitgpt: {theirs:?}"
-    );
+    assert_litgpt_writes(&exp, prompt, &ours);
 }
 
 /// litgpt cannot build the seed's MLA and GPTNeoX has no MLA: one line each, nothing written.
 #[test]
 fn the_seeds_mla_is_refused_naming_what_to_do_and_nothing_is_written() {
+    let seed = checkpoint(SEED);
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("seed");
-    ok(&train(
-        dir.path(),
-        out.to_str().unwrap(),
-        &["--train.max_steps", "2"],
-        &[],
-    ));
     let exp = dir.path().join("exported");
     for (to, culprits) in [
         (
@@ -239,7 +239,7 @@ fn the_seeds_mla_is_refused_naming_what_to_do_and_nothing_is_written() {
         ),
         ("hf", &["latent_attention", "DeepSeek-V2"][..]),
     ] {
-        let err = assert_bad(&export(&out.join("final"), &exp, to, &[]), culprits);
+        let err = assert_bad(&export(&seed, &exp, to, &[]), culprits);
         assert!(!exp.exists(), "{err}");
     }
 }
@@ -293,17 +293,9 @@ print(f"litgpt Config: {len(checked)} ok, {len(seed)} seed MLA skipped")
     files.sort();
     let n = files.len();
     files.push(mha_checkpoint().join("config.yaml"));
-    let out = Command::new(venv("python"))
-        .args(["-c", script])
-        .args(&files)
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{report}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut args: Vec<&OsStr> = vec![OsStr::new("-c"), OsStr::new(script)];
+    args.extend(files.iter().map(|f| f.as_os_str()));
+    let report = python(&args);
     println!("{report}");
     let ok_count: usize = report
         .split_whitespace()
@@ -322,18 +314,14 @@ fn foreign_models() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap().keep().join("foreign");
-        let out = Command::new(venv("python"))
-            .arg(repo().join("scripts/ref/make_foreign_models.py"))
-            .arg(&dir)
-            .arg("--tokenizer-dir")
-            .arg(tokenizer_dir())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let script = repo().join("scripts/ref/make_foreign_models.py");
+        let tokenizer = tokenizer_dir();
+        python(&[
+            script.as_os_str(),
+            dir.as_os_str(),
+            OsStr::new("--tokenizer-dir"),
+            tokenizer.as_os_str(),
+        ]);
         dir
     })
 }
@@ -345,36 +333,20 @@ fn foreign_models() -> &'static PathBuf {
 fn litgpt_and_hugging_face_directories_give_their_own_logits_in_mla() {
     let root = foreign_models();
     for (name, script, tol) in [
-        ("lit", "check_litgpt_export.py", "1e-4"),
-        ("lit_fabric", "check_litgpt_export.py", "1e-4"),
-        ("hf", "check_hf_export.py", "1e-5"),
-        ("hf_sharded", "check_hf_export.py", "1e-5"),
-        ("hf_bin", "check_hf_export.py", "1e-5"),
+        ("lit", "check_litgpt_export.py", 1e-4),
+        ("lit_fabric", "check_litgpt_export.py", 1e-4),
+        ("hf", "check_hf_export.py", 1e-5),
+        ("hf_sharded", "check_hf_export.py", 1e-5),
+        ("hf_bin", "check_hf_export.py", 1e-5),
     ] {
         let model = root.join(name);
-        let dir = tempfile::tempdir().unwrap();
-        let theirs = mla_logits(&model, TOKENS, dir.path());
-        println!("{name}:");
-        let out = Command::new(venv("python"))
-            .arg(repo().join("scripts/ref").join(script))
-            .arg(&model)
-            .args(["--tokens", TOKENS, "--tol", tol, "--compare"])
-            .arg(&theirs)
-            .args(if name.starts_with("lit") {
-                &["--no-tokenizer-check"][..]
-            } else {
-                &[]
-            })
-            .output()
-            .unwrap();
-        let report = String::from_utf8_lossy(&out.stdout).to_string();
-        println!("{report}{}", String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success(), "{name}: {report}");
-        let (a, b) = losses_of(&report);
-        assert!(
-            (a - b).abs() <= 2.0 * tol.parse::<f64>().unwrap(),
-            "{report}"
-        );
+        // litgpt wrote these itself: no bos/eos convention of mla's export to check.
+        let extra: &[&str] = if name.starts_with("lit") {
+            &["--no-tokenizer-check"]
+        } else {
+            &[]
+        };
+        check(script, &model, &model, tol, extra);
     }
     let gen = mla(&[
         "generate",
@@ -465,33 +437,7 @@ fn mla_generate_on_a_litgpt_directory_writes_litgpts_text() {
         "--precision",
         "32-true",
     ]));
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(venv("litgpt"))
-        .arg("generate")
-        .arg(&lit)
-        .args(["--prompt", prompt, "--max_new_tokens", "12"])
-        .args([
-            "--temperature",
-            "0",
-            "--top_p",
-            "0",
-            "--precision",
-            "32-true",
-        ])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    let theirs = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "litgpt generate failed:\n{theirs}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(ours.trim().len() > prompt.len(), "{ours:?}");
-    assert!(
-        theirs.trim_end().ends_with(ours.trim_end()),
-        "mla:    {ours:?}\nlitgpt: {theirs:?}"
-    );
+    assert_litgpt_writes(&lit, prompt, &ours);
     ok(&mla(&[
         "generate",
         lit.to_str().unwrap(),
@@ -516,7 +462,7 @@ fn the_model_registry_is_litgpts() {
 import dataclasses, json, sys
 from litgpt import Config
 bad = []
-ours = json.load(sys.stdin)
+ours = json.load(open(sys.argv[1]))
 for c in ours:
     theirs = dataclasses.asdict(Config.from_name(c["name"]))
     for k, v in c.items():
@@ -526,26 +472,9 @@ print(f"{len(ours)} registry entries compared")
 print("\n".join(bad))
 sys.exit(1 if bad else 0)
 "#;
-    let mut child = Command::new(venv("python"))
-        .args(["-c", script])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(serde_json::to_string(&ours).unwrap().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let report = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{report}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("registry.json");
+    std::fs::write(&json, serde_json::to_string(&ours).unwrap()).unwrap();
+    let report = python(&[OsStr::new("-c"), OsStr::new(script), json.as_os_str()]);
     assert!(report.starts_with(&format!("{} registry entries compared", ours.len())));
 }
