@@ -10,35 +10,26 @@ on that directory (bos = eos = the separator, prepended to prompts), as `mla exp
 Exits 1 when the logits differ by more than --tol; prints both losses either way.
 """
 
-import argparse
-import json
+import os
 import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from litgpt import GPT, Config, Tokenizer
 
-
-def loss_of(logits: torch.Tensor, tokens: list[int]) -> float:
-    """Mean next-token cross-entropy of (T, V) logits over tokens[1:]."""
-    return F.cross_entropy(logits[:-1].double(), torch.tensor(tokens[1:])).item()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from logits_compare import compare_and_exit, parser  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("export_dir")
-    p.add_argument("--tokens", required=True, help="comma-separated token ids")
-    p.add_argument("--compare", required=True, help="JSON of `mla ckpt logits`")
-    p.add_argument("--tol", type=float, default=1e-4)
+    p = parser(__doc__, tol=1e-4)
     p.add_argument(
         "--no-tokenizer-check",
         action="store_true",
         help="a directory litgpt wrote itself: no bos/eos convention to check",
     )
     a = p.parse_args()
-    d = Path(a.export_dir)
-    tokens = [int(t) for t in a.tokens.split(",")]
+    d = Path(a.model_dir)
 
     config = Config.from_file(d / "model_config.yaml")
     model = GPT(config)
@@ -47,11 +38,7 @@ def main() -> None:
     model.load_state_dict(state, strict=True)  # every key and shape, nothing left over
     model.eval()
     with torch.no_grad():
-        ours = model(torch.tensor([tokens]))[0].float()  # (T, V)
-    with open(a.compare) as f:
-        theirs = torch.tensor(json.load(f)["logits"], dtype=torch.float32)
-    if theirs.shape != ours.shape:
-        sys.exit(f"shape {tuple(theirs.shape)} in {a.compare}, litgpt {tuple(ours.shape)}")
+        ours = model(torch.tensor([a.tokens]))[0].float()  # (T, V)
 
     if not a.no_tokenizer_check:
         tok = Tokenizer(d)
@@ -62,11 +49,7 @@ def main() -> None:
         if encoded[0] != sep:
             sys.exit(f"tokenizer: prompts do not start with the separator {sep}: {encoded}")
         print(f"separator {sep}")
-
-    diff = (theirs - ours).abs().max().item()
-    print(f"Δ logits, mla vs litgpt, over {ours.numel()} logits: {diff:.2e} (bound {a.tol:.1e})")
-    print(f"loss mla {loss_of(theirs, tokens):.8f} litgpt {loss_of(ours, tokens):.8f}")
-    sys.exit(0 if diff <= a.tol else 1)
+    compare_and_exit("litgpt", ours, a)
 
 
 if __name__ == "__main__":

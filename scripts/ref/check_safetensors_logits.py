@@ -14,7 +14,6 @@ With --compare (the JSON printed by `mla ckpt logits`) it prints the max |Δ| in
 when it exceeds --tol.
 """
 
-import argparse
 import dataclasses
 import json
 import os
@@ -26,6 +25,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpt_ref  # noqa: E402
+from logits_compare import compare_and_exit, parser  # noqa: E402
 
 # model_config fields gpt_ref does not implement, with the value that makes them no-ops.
 NEUTRAL = {"attention_scores_scalar": None, "rope_condense_ratio": 1, "scale_embeddings": False, "lm_head_bias": False}
@@ -46,26 +46,14 @@ def reference_model(step_dir: str) -> gpt_ref.GPT:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("step_dir")
-    p.add_argument("--tokens", required=True, help="comma-separated token ids")
-    p.add_argument("--compare", help="JSON of `mla ckpt logits` to compare with")
-    p.add_argument("--tol", type=float, default=1e-4)
-    a = p.parse_args()
-    tokens = [int(t) for t in a.tokens.split(",")]
-    model = reference_model(a.step_dir)
+    a = parser(__doc__, tol=1e-4, compare_required=False).parse_args()
+    model = reference_model(a.model_dir)
     with torch.no_grad():
-        logits = model(torch.tensor([tokens]))[0].float()  # (T, V)
+        logits = model(torch.tensor([a.tokens]))[0].float()  # (T, V)
     if a.compare is None:
-        print(json.dumps({"tokens": tokens, "logits": logits.tolist()}))
+        print(json.dumps({"tokens": a.tokens, "logits": logits.tolist()}))
         return
-    with open(a.compare) as f:
-        theirs = torch.tensor(json.load(f)["logits"], dtype=torch.float32)
-    if theirs.shape != logits.shape:
-        sys.exit(f"shape {tuple(theirs.shape)} in {a.compare}, reference {tuple(logits.shape)}")
-    diff = (theirs - logits).abs().max().item()
-    print(f"Δ logits, mla vs gpt_ref, over {logits.numel()} logits: {diff:.2e} (bound {a.tol:.1e})")
-    sys.exit(0 if diff <= a.tol else 1)
+    compare_and_exit("gpt_ref", logits, a)
 
 
 if __name__ == "__main__":
