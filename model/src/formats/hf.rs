@@ -195,71 +195,39 @@ pub fn from_gpt_neox_weights(
     hf: &HashMap<String, Tensor>,
     tied: bool,
 ) -> Result<HashMap<String, Tensor>, String> {
-    let get = |name: &str| {
-        hf.get(name)
-            .map(Tensor::shallow_clone)
-            .ok_or_else(|| format!("no tensor {name}"))
-    };
-    let bias_or_zeros = |name: &str, weight: &Tensor| {
-        hf.get(name)
-            .map(Tensor::shallow_clone)
-            .unwrap_or_else(|| Tensor::zeros([weight.size()[0]], (weight.kind(), weight.device())))
-    };
+    let hf = Lookup(hf);
     let (h, hs) = (cfg.n_head as i64, cfg.head_size() as i64);
     let mut out = HashMap::new();
-    out.insert(
-        "transformer.wte.weight".to_string(),
-        get("gpt_neox.embed_in.weight")?,
-    );
-    for i in 0..cfg.n_layer {
-        let ours = |s: &str| format!("transformer.h.{i}.{s}");
-        let theirs = |s: &str| format!("gpt_neox.layers.{i}.{s}");
-        for (to, from) in [
-            ("norm_1", "input_layernorm"),
-            ("norm_2", "post_attention_layernorm"),
-        ] {
-            for part in ["weight", "bias"] {
-                out.insert(
-                    ours(&format!("{to}.{part}")),
-                    get(&theirs(&format!("{from}.{part}")))?,
-                );
-            }
-        }
-        let qkv = get(&theirs("attention.query_key_value.weight"))?;
-        let qkv_bias = bias_or_zeros(&theirs("attention.query_key_value.bias"), &qkv);
-        for (part, t) in [("weight", &qkv), ("bias", &qkv_bias)] {
+    for (ours, theirs) in plain_pairs(cfg.n_layer) {
+        out.insert(ours, hf.get(&theirs)?);
+    }
+    for (ours, theirs) in linear_pairs(cfg.n_layer) {
+        let w = hf.get(&format!("{theirs}.weight"))?;
+        out.insert(
+            format!("{ours}.bias"),
+            hf.bias_or_zeros(&format!("{theirs}.bias"), &w),
+        );
+        out.insert(format!("{ours}.weight"), w);
+    }
+    for (ours, theirs) in qkv_pairs(cfg.n_layer) {
+        let w = hf.get(&format!("{theirs}.weight"))?;
+        let b = hf.bias_or_zeros(&format!("{theirs}.bias"), &w);
+        for (part, t) in [("weight", &w), ("bias", &b)] {
             if t.size()[0] != 3 * h * hs {
                 return Err(format!(
-                    "{}: {} rows, not 3 × {h} heads × {hs}",
-                    theirs(&format!("attention.query_key_value.{part}")),
+                    "{theirs}.{part}: {} rows, not 3 × {h} heads × {hs}",
                     t.size()[0]
                 ));
             }
-            out.insert(ours(&format!("attn.qkv.{part}")), grouped_qkv(t, h, hs));
-        }
-        for (to, from) in [
-            ("attn.proj", "attention.dense"),
-            ("mlp.fc", "mlp.dense_h_to_4h"),
-            ("mlp.proj", "mlp.dense_4h_to_h"),
-        ] {
-            let w = get(&theirs(&format!("{from}.weight")))?;
-            let b = bias_or_zeros(&theirs(&format!("{from}.bias")), &w);
-            out.insert(ours(&format!("{to}.weight")), w);
-            out.insert(ours(&format!("{to}.bias")), b);
+            out.insert(format!("{ours}.{part}"), grouped_qkv(t, h, hs));
         }
     }
-    for part in ["weight", "bias"] {
-        out.insert(
-            format!("transformer.ln_f.{part}"),
-            get(&format!("gpt_neox.final_layer_norm.{part}"))?,
-        );
-    }
-    let head = match hf.get("embed_out.weight") {
+    let head = match hf.0.get(HEAD.1) {
         Some(t) => t.shallow_clone(),
-        None if tied => get("gpt_neox.embed_in.weight")?,
-        None => return Err("no tensor embed_out.weight".into()),
+        None if tied => hf.get(EMBEDDING.1)?,
+        None => return Err(format!("no tensor {}", HEAD.1)),
     };
-    out.insert("lm_head.weight".into(), head);
+    out.insert(HEAD.0.into(), head);
     Ok(out)
 }
 
@@ -277,73 +245,116 @@ fn grouped_qkv(t: &Tensor, h: i64, hs: i64) -> Tensor {
     )
 }
 
-/// mla's weights (by litgpt name) as GPTNeoX's, in HF's order of layers. `cfg` must have
-/// passed [`gpt_neox_config`].
+/// mla's weights (by litgpt name) as GPTNeoX's. `cfg` must have passed [`gpt_neox_config`].
 pub fn gpt_neox_weights(
     cfg: &ModelConfig,
     weights: &HashMap<String, Tensor>,
 ) -> Result<Vec<(String, Tensor)>, String> {
-    let get = |name: &str| {
-        weights
-            .get(name)
-            .map(Tensor::shallow_clone)
-            .ok_or_else(|| format!("no tensor {name}"))
-    };
-    // A bias mla does not have: zeros of the output width, which add nothing.
-    let bias_or_zeros = |name: &str, weight: &Tensor| {
-        weights
-            .get(name)
-            .map(Tensor::shallow_clone)
-            .unwrap_or_else(|| Tensor::zeros([weight.size()[0]], (weight.kind(), weight.device())))
-    };
+    let ours = Lookup(weights);
     let (h, g, hs) = (cfg.n_head, cfg.n_query_groups(), cfg.head_size());
-    let mut out = vec![(
-        "gpt_neox.embed_in.weight".to_string(),
-        get("transformer.wte.weight")?,
+    let mut out = Vec::new();
+    for (mine, theirs) in plain_pairs(cfg.n_layer) {
+        out.push((theirs, ours.get(&mine)?));
+    }
+    for (mine, theirs) in linear_pairs(cfg.n_layer) {
+        let w = ours.get(&format!("{mine}.weight"))?;
+        out.push((
+            format!("{theirs}.bias"),
+            ours.bias_or_zeros(&format!("{mine}.bias"), &w),
+        ));
+        out.push((format!("{theirs}.weight"), w));
+    }
+    for (mine, theirs) in qkv_pairs(cfg.n_layer) {
+        let w = ours.get(&format!("{mine}.weight"))?;
+        let b = ours.bias_or_zeros(&format!("{mine}.bias"), &w);
+        out.push((format!("{theirs}.weight"), per_head_qkv(&w, h, g, hs)));
+        out.push((format!("{theirs}.bias"), per_head_qkv(&b, h, g, hs)));
+    }
+    out.push((HEAD.1.into(), ours.get(HEAD.0)?));
+    Ok(out)
+}
+
+/// (mla, GPTNeoX) names of the embeddings.
+const EMBEDDING: (&str, &str) = ("transformer.wte.weight", "gpt_neox.embed_in.weight");
+const HEAD: (&str, &str) = ("lm_head.weight", "embed_out.weight");
+
+/// (mla, GPTNeoX) names of the tensors that travel as they are: the input embedding and every
+/// LayerNorm's weight and bias.
+fn plain_pairs(n_layer: usize) -> Vec<(String, String)> {
+    let mut norms = vec![(
+        "transformer.ln_f".to_string(),
+        "gpt_neox.final_layer_norm".to_string(),
     )];
-    for i in 0..cfg.n_layer {
-        let ours = |s: &str| format!("transformer.h.{i}.{s}");
-        let theirs = |s: &str| format!("gpt_neox.layers.{i}.{s}");
-        for (from, to) in [
+    for i in 0..n_layer {
+        for (ours, theirs) in [
             ("norm_1", "input_layernorm"),
             ("norm_2", "post_attention_layernorm"),
         ] {
-            for part in ["weight", "bias"] {
-                out.push((
-                    theirs(&format!("{to}.{part}")),
-                    get(&ours(&format!("{from}.{part}")))?,
-                ));
-            }
-        }
-        let qkv = get(&ours("attn.qkv.weight"))?;
-        let qkv_bias = bias_or_zeros(&ours("attn.qkv.bias"), &qkv);
-        out.push((
-            theirs("attention.query_key_value.weight"),
-            per_head_qkv(&qkv, h, g, hs),
-        ));
-        out.push((
-            theirs("attention.query_key_value.bias"),
-            per_head_qkv(&qkv_bias, h, g, hs),
-        ));
-        for (from, to) in [
-            ("attn.proj", "attention.dense"),
-            ("mlp.fc", "mlp.dense_h_to_4h"),
-            ("mlp.proj", "mlp.dense_4h_to_h"),
-        ] {
-            let w = get(&ours(&format!("{from}.weight")))?;
-            let b = bias_or_zeros(&ours(&format!("{from}.bias")), &w);
-            out.push((theirs(&format!("{to}.weight")), w));
-            out.push((theirs(&format!("{to}.bias")), b));
+            norms.push((
+                format!("transformer.h.{i}.{ours}"),
+                format!("gpt_neox.layers.{i}.{theirs}"),
+            ));
         }
     }
-    for part in ["weight", "bias"] {
-        out.push((
-            format!("gpt_neox.final_layer_norm.{part}"),
-            get(&format!("transformer.ln_f.{part}"))?,
-        ));
+    let mut out = vec![(EMBEDDING.0.to_string(), EMBEDDING.1.to_string())];
+    for (ours, theirs) in norms {
+        for part in ["weight", "bias"] {
+            out.push((format!("{ours}.{part}"), format!("{theirs}.{part}")));
+        }
     }
-    out.push(("embed_out.weight".into(), get("lm_head.weight")?));
-    Ok(out)
+    out
+}
+
+/// (mla, GPTNeoX) prefixes of the linear layers other than qkv: same layout on both sides, a
+/// bias one side may lack (zeros where it does, which add nothing).
+fn linear_pairs(n_layer: usize) -> Vec<(String, String)> {
+    (0..n_layer)
+        .flat_map(|i| {
+            [
+                ("attn.proj", "attention.dense"),
+                ("mlp.fc", "mlp.dense_h_to_4h"),
+                ("mlp.proj", "mlp.dense_4h_to_h"),
+            ]
+            .map(|(ours, theirs)| {
+                (
+                    format!("transformer.h.{i}.{ours}"),
+                    format!("gpt_neox.layers.{i}.{theirs}"),
+                )
+            })
+        })
+        .collect()
+}
+
+/// (mla, GPTNeoX) prefixes of the fused qkv projections, laid out differently on each side.
+fn qkv_pairs(n_layer: usize) -> Vec<(String, String)> {
+    (0..n_layer)
+        .map(|i| {
+            (
+                format!("transformer.h.{i}.attn.qkv"),
+                format!("gpt_neox.layers.{i}.attention.query_key_value"),
+            )
+        })
+        .collect()
+}
+
+/// Tensors by name, with the errors and fallbacks both directions need.
+struct Lookup<'a>(&'a HashMap<String, Tensor>);
+
+impl Lookup<'_> {
+    fn get(&self, name: &str) -> Result<Tensor, String> {
+        self.0
+            .get(name)
+            .map(Tensor::shallow_clone)
+            .ok_or_else(|| format!("no tensor {name}"))
+    }
+
+    /// The bias `name`, or zeros of `weight`'s output width where the model has none.
+    fn bias_or_zeros(&self, name: &str, weight: &Tensor) -> Tensor {
+        self.0
+            .get(name)
+            .map(Tensor::shallow_clone)
+            .unwrap_or_else(|| Tensor::zeros([weight.size()[0]], (weight.kind(), weight.device())))
+    }
 }
 
 /// litgpt's `[q (H·hs) | k (G·hs) | v (G·hs)]` rows (weight or bias) as GPTNeoX's per-head
