@@ -658,32 +658,20 @@ impl ModelConfig {
             gelu_approximate,
             scale_embeddings,
             lm_head_bias,
-            latent_attention
+            latent_attention,
+            attention_scores_scalar
         );
-        cmp(
-            "head_size",
-            self.head_size().to_string(),
-            other.head_size().to_string(),
-        );
-        cmp(
-            "n_query_groups",
-            self.n_query_groups().to_string(),
-            other.n_query_groups().to_string(),
-        );
-        cmp(
-            "padded_vocab_size",
-            self.padded_vocab_size().to_string(),
-            other.padded_vocab_size().to_string(),
-        );
-        cmp(
-            "intermediate_size",
-            self.intermediate_size().to_string(),
-            other.intermediate_size().to_string(),
-        );
-        cmp(
-            "attention_scores_scalar",
-            format!("{:?}", self.attention_scores_scalar),
-            format!("{:?}", other.attention_scores_scalar),
+        // Derived when unset: compared as resolved.
+        macro_rules! derived {
+            ($($f:ident),*) => {$(
+                cmp(stringify!($f), self.$f().to_string(), other.$f().to_string());
+            )*};
+        }
+        derived!(
+            head_size,
+            n_query_groups,
+            padded_vocab_size,
+            intermediate_size
         );
         out
     }

@@ -141,19 +141,28 @@ pub fn fused_adamw(
 /// fp32 tensor on their device, not synchronised to the host.
 pub fn grad_norm(grads: &[Tensor]) -> Result<Tensor, OptimError> {
     let g = handles(grads);
+    // SAFETY: an array of live handles borrowed for the call.
+    new_tensor("grad_norm", |out| unsafe {
+        mla_grad_norm(g.as_ptr(), g.len(), out)
+    })
+}
+
+/// Run a shim call that returns a new tensor through `out` (a heap `at::Tensor` on success),
+/// and take ownership of it.
+fn new_tensor(
+    op: &'static str,
+    call: impl FnOnce(*mut *mut C_tensor) -> *mut c_char,
+) -> Result<Tensor, OptimError> {
     let mut out: *mut C_tensor = std::ptr::null_mut();
-    // SAFETY: an array of live handles borrowed for the call; on success `out` is a new
-    // heap `at::Tensor` that the returned tch Tensor owns (freed by its Drop).
-    check("grad_norm", unsafe {
-        mla_grad_norm(g.as_ptr(), g.len(), &mut out)
-    })?;
+    check(op, call(&mut out))?;
     if out.is_null() {
         return Err(OptimError::Torch {
-            op: "grad_norm",
+            op,
             message: "no result".into(),
         });
     }
-    // SAFETY: see above; ownership moves to the Tensor.
+    // SAFETY: on success the shim stored a new heap `at::Tensor` in `out`, which nothing else
+    // owns; the tch Tensor takes it over (freed by its Drop).
     Ok(unsafe { Tensor::from_ptr(out) })
 }
 
@@ -169,20 +178,10 @@ pub fn foreach_mul_(tensors: &[Tensor], scale: &Tensor) -> Result<(), OptimError
 
 /// A copy of the CPU tensor `t` in page-locked memory, for an asynchronous copy to the GPU.
 pub fn pin_memory(t: &Tensor) -> Result<Tensor, OptimError> {
-    let mut out: *mut C_tensor = std::ptr::null_mut();
-    // SAFETY: a live handle borrowed for the call; on success `out` is a new heap `at::Tensor`
-    // that the returned tch Tensor owns (freed by its Drop).
-    check("pin_memory", unsafe {
-        mla_pin_memory(t.as_ptr(), &mut out)
-    })?;
-    if out.is_null() {
-        return Err(OptimError::Torch {
-            op: "pin_memory",
-            message: "no result".into(),
-        });
-    }
-    // SAFETY: see above; ownership moves to the Tensor.
-    Ok(unsafe { Tensor::from_ptr(out) })
+    // SAFETY: a live handle borrowed for the call.
+    new_tensor("pin_memory", |out| unsafe {
+        mla_pin_memory(t.as_ptr(), out)
+    })
 }
 
 /// Write `tensors` (CPU, by name, in this order) to `path` as `torch.save` writes a dict of
