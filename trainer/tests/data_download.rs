@@ -187,6 +187,16 @@ fn tinystories_archive() -> Vec<u8> {
 const ARCHIVE_PATH: &str =
     "/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz";
 
+/// `http://127.0.0.1:<port>` where nothing listens (the port was free a moment ago).
+fn refusing_endpoint() -> String {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("http://127.0.0.1:{port}")
+}
+
 fn dir_names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
@@ -306,14 +316,8 @@ fn interrupted_download_leaves_no_file_in_the_cache() {
 
 #[test]
 fn unreachable_endpoint_is_a_clear_offline_error() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let tmp = tempfile::tempdir().unwrap();
-    let e =
-        download_tinystories(tmp.path(), &opts(&format!("http://127.0.0.1:{port}"))).unwrap_err();
+    let e = download_tinystories(tmp.path(), &opts(&refusing_endpoint())).unwrap_err();
     let msg = e.to_string();
     assert!(msg.starts_with("download http://127.0.0.1:"), "{msg}");
     assert!(msg.contains("offline?"), "{msg}");
@@ -401,29 +405,13 @@ fn train_downloads_tinystories_and_the_tokenizer_from_hf_endpoint() {
 /// left where it pointed (issue 9: a mistyped relative path left an empty `<owner>/<name>`).
 #[test]
 fn a_missing_tokenizer_dir_that_cannot_be_downloaded_leaves_nothing_behind() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let tmp = tempfile::tempdir().unwrap();
     let typo = tmp.path().join("tokenizerz/EleutherAI/pythia-160m");
-    let config = repo().join("config_hub/pretrain/debug.yaml");
-    let out = mla_in(
-        tmp.path(),
-        &[
-            "train",
-            "--device",
-            "cpu",
-            "--config",
-            config.to_str().unwrap(),
-            "--out_dir",
-            tmp.path().join("run").to_str().unwrap(),
-            "--tokenizer_dir",
-            typo.to_str().unwrap(),
-        ],
-        &[("HF_ENDPOINT", &format!("http://127.0.0.1:{port}"))],
-    );
+    let run = tmp.path().join("run");
+    let mut args = common::train_args(run.to_str().unwrap(), &["--tokenizer_dir"]);
+    args.push(typo.to_str().unwrap().to_string());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = mla_in(tmp.path(), &args, &[("HF_ENDPOINT", &refusing_endpoint())]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     let last = err.trim_end().lines().last().unwrap_or_default();
