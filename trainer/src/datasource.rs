@@ -151,9 +151,6 @@ pub fn open(cfg: &RunConfig, tokenizer_dir: &Path) -> anyhow::Result<Dataset> {
             .into())
         }
     };
-    if val.is_empty() && is_prepared(&inputs[0]) {
-        return Ok(Dataset::open_dir(&inputs[0], opts)?);
-    }
     for p in inputs.iter().chain(&val) {
         if !p.exists() {
             let key = match data.module() {
