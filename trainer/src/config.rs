@@ -723,7 +723,7 @@ impl RunConfig {
                 .unwrap_or_default()
         };
 
-        // model_config is resolved separately (registry base + overlay), so take it out.
+        // model_config is resolved separately (litgpt's Config defaults or the registry), so take it out.
         let model_overlay = root.remove("model_config").unwrap_or(Value::Null);
         let mut cfg: RunConfig =
             serde_path_to_error::deserialize(Value::Mapping(root)).map_err(|e| {
@@ -941,51 +941,46 @@ impl RunConfig {
     }
 }
 
-/// Registry entry of `model_name` (or litgpt's defaults) overlaid by the `model_config`
-/// mapping, deserialized and resolved. Errors are (key, message) with keys under `model_config`.
-///
-/// litgpt ignores `model_name` when `model_config` is set (its missing fields take `Config`'s
-/// defaults). mla reads the same YAML the same way whenever that is unambiguous: an unknown
-/// `model_name` (litgpt's own configs name models like `stories15M`) or none with a
-/// `model_config` builds from litgpt's defaults. A registry name with a `model_config` keeps
-/// mla's overlay, and when the two readings build different models, a warning names every
-/// field that differs, so the same file never silently means two models.
+/// The model of a run, read as litgpt 0.5.13's `pretrain` reads it: `model_config` present →
+/// litgpt's `Config` defaults under the `model_config` mapping (`model_name` is then only a
+/// label, and need not be in the registry: litgpt's own configs name `stories15M`); absent →
+/// the registry entry of `model_name`. When `model_name` names a registry model and the
+/// `model_config` leaves out fields in which that model differs from litgpt's defaults, a
+/// warning names each one, since whoever wrote the file likely meant the named model's values.
+/// Errors are (key, message) with keys under `model_config`.
 fn resolve_model(
     model_name: Option<&str>,
-    overlay: Value,
+    model_config: Value,
 ) -> Result<ModelConfig, (String, String)> {
-    let named = model_name.and_then(registry::find);
-    let base = match (model_name, &named) {
-        (_, Some(entry)) => entry.clone(),
-        (Some(name), None) if overlay.is_null() => {
-            return Err((
-                "model_name".to_string(),
-                format!(
-                    "unknown model `{name}` (known: {}; or give the whole model_config)",
-                    registry::names().join(", ")
-                ),
-            ))
-        }
-        (None, None) if overlay.is_null() => {
-            return Err((
+    if model_config.is_null() {
+        return match model_name {
+            Some(name) => registry::find(name).ok_or_else(|| {
+                (
+                    "model_name".to_string(),
+                    format!(
+                        "unknown model `{name}` (known: {}; or give the whole model_config)",
+                        registry::names().join(", ")
+                    ),
+                )
+            }),
+            None => Err((
                 "model_name".to_string(),
                 "set model_name (e.g. pythia-160m) or model_config".to_string(),
-            ))
-        }
-        _ => ModelConfig::default(),
-    };
-    let cfg = overlay_model(&base, overlay.clone())?;
-    if let (Some(name), Some(_), false) = (model_name, &named, overlay.is_null()) {
-        if let Ok(litgpt) = overlay_model(&ModelConfig::default(), overlay) {
-            let diffs = cfg.differences(&litgpt);
+            )),
+        };
+    }
+    let cfg = overlay_model(&ModelConfig::default(), model_config.clone())?;
+    if let Some((name, named)) = model_name.and_then(|n| Some((n, registry::find(n)?))) {
+        if let Ok(meant) = overlay_model(&named, model_config) {
+            let diffs = cfg.differences(&meant);
             if !diffs.is_empty() {
                 let list = diffs
                     .iter()
-                    .map(|(k, ours, theirs)| format!("{k} {ours} (litgpt: {theirs})"))
+                    .map(|(k, ours, theirs)| format!("{k} {ours} ({name}: {theirs})"))
                     .collect::<Vec<_>>()
                     .join(", ");
                 tracing::warn!(
-                    "model_config overlays model_name {name} here, but litgpt ignores model_name when model_config is set and would build another model: {list}; write these fields into model_config so both read it alike"
+                    "model_config replaces model_name {name}, as in litgpt: the fields it leaves out take litgpt's Config defaults, so this model differs from {name} in {list}; write those fields into model_config, or drop model_config to train {name}"
                 );
             }
         }

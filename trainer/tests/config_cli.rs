@@ -180,7 +180,7 @@ fn n_embd_not_divisible_by_n_head_is_an_error() {
 #[test]
 fn odd_rope_dim_is_an_error() {
     assert_bad(
-        "model_name: pythia-14m\nmodel_config:\n  rotary_percentage: 0.3\n",
+        "model_name: pythia-14m\nmodel_config:\n  n_embd: 128\n  n_head: 4\n  rotary_percentage: 0.3\n",
         "model_config.rotary_percentage",
         "even dimension",
     );
@@ -229,10 +229,10 @@ fn missing_config_file_and_unknown_override_section_exit_2() {
 }
 
 /// litgpt ignores `model_name` when `model_config` is set (issue 9): litgpt's own configs name
-/// models the registry does not list (`stories15M` in its tinystories.yaml), which mla now
-/// builds from the model_config with litgpt's defaults instead of refusing the name. A
-/// registry name with a partial model_config, which litgpt and mla would read as two models,
-/// is a warning naming the fields that differ.
+/// models the registry does not list (`stories15M` in its tinystories.yaml), which mla builds
+/// from the model_config with litgpt's defaults instead of refusing the name. A registry name
+/// with a partial model_config builds what litgpt builds (its Config defaults, not the named
+/// model, fill the gaps), and a warning names each field that differs from the named model.
 #[test]
 fn model_config_with_an_unknown_name_builds_and_a_known_name_that_differs_is_said() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -262,12 +262,13 @@ fn model_config_with_an_unknown_name_builds_and_a_known_name_that_differs_is_sai
     let (code, out, err) = mla(&["info", "--config", partial.to_str().expect("utf8")]);
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains("pythia-160m — 2 layers, 768 wide"),
-        "mla's overlay: {out}"
+        out.contains("2 layers, 4096 wide, 32 heads"),
+        "litgpt's reading: {out}"
     );
     assert!(
-        err.contains("litgpt ignores model_name when model_config is set")
-            && err.contains("n_embd 768 (litgpt: 4096)"),
+        err.contains("model_config replaces model_name pythia-160m, as in litgpt")
+            && err.contains("n_embd 4096 (pythia-160m: 768)")
+            && !err.contains("n_layer"),
         "{err}"
     );
 }
