@@ -645,22 +645,34 @@ impl ModelConfig {
             n_embd,
             norm_class_name,
             norm_eps,
-            norm_qk,
             parallel_residual,
             shared_attention_norm,
             n_head,
             attn_bias,
             rope_base,
-            rotary_percentage,
             rope_condense_ratio,
             bias,
             mlp_class_name,
             gelu_approximate,
             scale_embeddings,
             lm_head_bias,
-            latent_attention,
             attention_scores_scalar
         );
+        // An MLA takes its rope dims and latent norms from its spec alone: rotary_percentage and
+        // norm_qk change its computation only through it.
+        match (self.mla(), other.mla()) {
+            (Some(a), Some(b)) => {
+                if a != b {
+                    field!(latent_attention);
+                    if self.latent_attention == other.latent_attention {
+                        field!(norm_qk);
+                    }
+                }
+            }
+            _ => {
+                field!(latent_attention, rotary_percentage, norm_qk);
+            }
+        }
         // Derived when unset: compared as resolved.
         macro_rules! derived {
             ($($f:ident),*) => {$(
@@ -802,6 +814,28 @@ mod tests {
         assert!(a.differences(&b).is_empty(), "names differ only");
         b.block_size = 128;
         assert_eq!(a.differences(&b)[0].0, "block_size");
+        // Two MLAs of one spec compute alike whatever rotary_percentage and norm_qk say.
+        let mla = r#""latent_attention": {"kv_lora_rank": 8, "qk_rope_head_dim": 4,
+            "qk_nope_head_dim": 4, "v_head_dim": 8}"#;
+        let c = parse(&format!(
+            r#"{{"n_embd": 64, "n_head": 4, "norm_qk": true, {mla}}}"#
+        ))
+        .resolve()
+        .unwrap();
+        let d = parse(&format!(
+            r#"{{"n_embd": 64, "n_head": 4, "rotary_percentage": 1.0, {mla}}}"#
+        ))
+        .resolve()
+        .unwrap();
+        assert!(c.differences(&d).is_empty(), "{:?}", c.differences(&d));
+        // The seed's `true` differs from its own dims in the latent norms (none without norm_qk).
+        let seed = parse(r#"{"n_embd": 64, "n_head": 4, "latent_attention": true}"#)
+            .resolve()
+            .unwrap();
+        let mut normed = seed.clone();
+        normed.norm_qk = true;
+        assert_eq!(seed.differences(&normed)[0].0, "norm_qk");
+        assert_eq!(seed.differences(&c)[0].0, "latent_attention");
     }
 
     /// litgpt takes `latent_attention` absent, null or a mapping: `false` reads as absent and

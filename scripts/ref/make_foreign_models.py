@@ -10,6 +10,7 @@ writes, under OUT (each with tokenizer.json and pythia's tokenizer_config.json):
   hf/          GPTNeoXForCausalLM.save_pretrained: config.json + model.safetensors
   hf_sharded/  the same, sharded: model.safetensors.index.json + model-0000N-of-0000M.safetensors
   hf_bin/      the same as pytorch_model.bin (safe_serialization=False)
+  hf_llama/    LlamaForCausalLM.save_pretrained (GQA, tied embeddings: no lm_head.weight saved)
 """
 
 import argparse
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from litgpt import GPT, Config
 from litgpt.utils import save_config
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
 
 # EleutherAI/pythia-*'s tokenizer_config.json: bos = eos = <|endoftext|>, no add_bos_token, so
@@ -83,6 +84,19 @@ def main() -> None:
         d = out / name
         hf.save_pretrained(d, **kwargs)
         tokenizer_files(tok, d)
+
+    llama_config = LlamaConfig(
+        vocab_size=50304, hidden_size=32, intermediate_size=88, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        rms_norm_eps=1e-5, tie_word_embeddings=True,
+    )
+    llama = LlamaForCausalLM(llama_config)
+    with torch.no_grad():
+        for p_ in llama.parameters():
+            p_.normal_(0, 0.5)
+    d = out / "hf_llama"
+    llama.save_pretrained(d)
+    tokenizer_files(tok, d)
     print(f"wrote {', '.join(sorted(x.name for x in out.iterdir()))} under {out}")
 
 

@@ -14,7 +14,8 @@ use tracing::info;
 pub enum Format {
     /// litgpt 0.5.13: lit_model.pth, model_config.yaml, tokenizer files.
     Litgpt,
-    /// Hugging Face transformers: config.json, model.safetensors, tokenizer files (GPTNeoX).
+    /// Hugging Face transformers: config.json, model.safetensors, tokenizer files (GPTNeoX for
+    /// pythia's block, Llama for the LLaMA block, DeepSeek-V2 for MLA of the LLaMA block).
     Hf,
 }
 
@@ -53,9 +54,10 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
         ),
     };
     info!(
-        "exported {} to {}: {} tensors, {} in {:.1} s (try: {hint})",
+        "exported {} to {} ({}): {} tensors, {} in {:.1} s (try: {hint})",
         m.source,
         args.out.display(),
+        e.form,
         e.tensors,
         human_bytes(e.weight_bytes),
         start.elapsed().as_secs_f64(),

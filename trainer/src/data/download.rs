@@ -83,14 +83,9 @@ pub fn download_tinystories(
     Ok(dest)
 }
 
-/// Download `tokenizer.json` (required) and `tokenizer_config.json` (if the repo has one) of
-/// `repo` into `cache_dir/<repo>/` unless present; returns that directory, ready for
-/// [`Tokenizer::from_dir`](super::Tokenizer::from_dir).
-pub fn download_tokenizer(
-    repo: &str,
-    cache_dir: &Path,
-    opts: &DownloadOptions,
-) -> Result<PathBuf, DataError> {
+/// `cache_dir/<owner>/<name>` for hub repository `repo` (`owner/name`), litgpt's layout; a name
+/// that could leave `cache_dir` is refused.
+pub fn repo_dir(repo: &str, cache_dir: &Path) -> Result<PathBuf, DataError> {
     let valid =
         |part: &str| !part.is_empty() && part != "." && part != ".." && !part.contains('\\');
     let parts: Vec<&str> = repo.split('/').collect();
@@ -100,7 +95,18 @@ pub fn download_tokenizer(
             message: format!("{repo:?} is not of the form owner/name"),
         });
     }
-    let dir = cache_dir.join(parts[0]).join(parts[1]);
+    Ok(cache_dir.join(parts[0]).join(parts[1]))
+}
+
+/// Download `tokenizer.json` (required) and `tokenizer_config.json` (if the repo has one) of
+/// `repo` into `cache_dir/<repo>/` unless present; returns that directory, ready for
+/// [`Tokenizer::from_dir`](super::Tokenizer::from_dir).
+pub fn download_tokenizer(
+    repo: &str,
+    cache_dir: &Path,
+    opts: &DownloadOptions,
+) -> Result<PathBuf, DataError> {
+    let dir = repo_dir(repo, cache_dir)?;
     let tokenizer = dir.join("tokenizer.json");
     if !tokenizer.is_file() {
         // The config first: once tokenizer.json exists the directory counts as complete.
@@ -145,10 +151,9 @@ fn download_error(url: &str, status: Option<u16>, message: String) -> DataError 
     }
 }
 
-/// Download `url` to `dest` (atomically: `dest` appears only when complete). Returns the bytes.
-pub fn download_file(url: &str, dest: &Path, opts: &DownloadOptions) -> Result<u64, DataError> {
-    let dir = dest.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+/// GET `url` (with `HF_TOKEN` as a bearer token when set); an answer other than 200 is an error
+/// naming the status.
+fn get(url: &str) -> Result<ureq::http::Response<ureq::Body>, DataError> {
     let mut req = agent().get(url);
     if let Ok(token) = std::env::var("HF_TOKEN") {
         if !token.trim().is_empty() {
@@ -180,6 +185,35 @@ pub fn download_file(url: &str, dest: &Path, opts: &DownloadOptions) -> Result<u
             format!("HTTP {status}{what}"),
         ));
     }
+    Ok(resp)
+}
+
+/// The body of a small file at `url` (a config or an index: at most 64 MiB), in memory.
+pub fn fetch_bytes(url: &str) -> Result<Vec<u8>, DataError> {
+    const LIMIT: u64 = 64 << 20;
+    let mut bytes = Vec::new();
+    get(url)?
+        .into_body()
+        .into_reader()
+        .take(LIMIT + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| download_error(url, Some(200), format!("interrupted: {e}")))?;
+    if bytes.len() as u64 > LIMIT {
+        return Err(download_error(
+            url,
+            Some(200),
+            format!("larger than {LIMIT} bytes, not a config or an index"),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Download `url` to `dest` (atomically: `dest` appears only when complete). Returns the bytes.
+pub fn download_file(url: &str, dest: &Path, opts: &DownloadOptions) -> Result<u64, DataError> {
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+    let resp = get(url)?;
+    let status = 200;
     let expected = resp.body().content_length();
     let mut body = resp.into_body().into_reader();
 

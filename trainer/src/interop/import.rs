@@ -3,8 +3,9 @@
 //!
 //! * litgpt: `lit_model.pth` (a `torch.save` state dict, or litgpt's training checkpoint whose
 //!   `model` entry is one) with `model_config.yaml`;
-//! * Hugging Face: `config.json` of a GPTNeoX (pythia) with `model.safetensors`, a sharded
-//!   `model.safetensors.index.json`, or `pytorch_model.bin`.
+//! * Hugging Face: `config.json` of a GPTNeoX (pythia), a Llama or a dense DeepSeek-V2 (MLA)
+//!   with `model.safetensors`, a sharded `model.safetensors.index.json`, `pytorch_model.bin`
+//!   or its shards (`pytorch_model.bin.index.json`).
 //!
 //! Both bring their tokenizer files along (tokenizer.json, tokenizer_config.json). Weights come
 //! in as fp32, by litgpt name. Local directories only; an mla step (manifest.json) is never
@@ -18,7 +19,7 @@ use crate::data::Tokenizer;
 use crate::error::BadInput;
 use crate::inference::Framing;
 use anyhow::Context;
-use mla_model::formats::hf;
+use mla_model::formats::hf::HfConfig;
 use mla_model::ModelConfig;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -63,12 +64,7 @@ pub fn detect(location: &str) -> Option<Source> {
     if dir.join("lit_model.pth").is_file() && dir.join("model_config.yaml").is_file() {
         return Some(Source::Litgpt);
     }
-    let weights = [
-        "model.safetensors",
-        "model.safetensors.index.json",
-        "pytorch_model.bin",
-    ];
-    if dir.join("config.json").is_file() && weights.iter().any(|w| dir.join(w).is_file()) {
+    if dir.join("config.json").is_file() && HF_WEIGHTS.iter().any(|w| dir.join(w).is_file()) {
         return Some(Source::HuggingFace);
     }
     None
@@ -111,49 +107,111 @@ fn read_hf(dir: &Path) -> anyhow::Result<(ModelConfig, HashMap<String, Tensor>)>
     let path = dir.join("config.json");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let config: hf::GptNeoxConfig =
-        serde_json::from_str(&text).map_err(|e| BadInput(format!("{}: {e}", path.display())))?;
     let name = dir
         .file_name()
         .map_or("hf".into(), |n| n.to_string_lossy().into_owned());
-    let model = hf::from_gpt_neox_config(&config, &name)
-        .map_err(|e| BadInput(format!("{}: {e}", path.display())))?;
+    let (config, model) =
+        hf_model(&text, &name).map_err(|e| BadInput(format!("{}: {e}", path.display())))?;
+    if let Some(caveat) = config.caveat() {
+        tracing::warn!("{}: {caveat}", path.display());
+    }
     let theirs = hf_tensors(dir)?;
-    let weights = hf::from_gpt_neox_weights(&model, &theirs, config.tie_word_embeddings)
-        .map_err(|e| BadInput(format!("{}: {e}", dir.display())))?;
+    let weights = config.weights_in(&model, &theirs).map_err(|e| {
+        BadInput(format!(
+            "{}: {config_form}: {e}",
+            dir.display(),
+            config_form = config.form()
+        ))
+    })?;
     Ok((model, weights))
 }
 
-/// Every tensor of a Hugging Face directory by HF name, from its one safetensors file, its
-/// shards (model.safetensors.index.json), or pytorch_model.bin.
+/// The form and the mla model of a Hugging Face `config.json`'s text, or one line naming what
+/// mla cannot read or build.
+pub fn hf_model(config_json: &str, name: &str) -> Result<(HfConfig, ModelConfig), String> {
+    let config = HfConfig::parse(config_json)?;
+    let model = config
+        .model_config(name)
+        .map_err(|e| format!("{}: {e}", config.form()))?;
+    Ok((config, model))
+}
+
+/// The weight files a Hugging Face directory may hold, in the order they are looked for: one
+/// safetensors file, safetensors shards, one `torch.save` file, `torch.save` shards. The
+/// indexes name their shards in `weight_map`.
+pub const HF_WEIGHTS: [&str; 4] = [
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+];
+
+/// The shard file names of a Hugging Face weight index (`weight_map`'s values), sorted, each a
+/// plain file name (nothing that could leave the directory).
+pub fn index_shards(index_json: &[u8]) -> Result<Vec<String>, String> {
+    let doc: serde_json::Value = serde_json::from_slice(index_json).map_err(|e| e.to_string())?;
+    let map = doc["weight_map"]
+        .as_object()
+        .ok_or_else(|| "no weight_map".to_string())?;
+    let mut shards = Vec::new();
+    for v in map.values() {
+        let name = v
+            .as_str()
+            .ok_or_else(|| format!("weight_map value {v} is not a file name"))?;
+        let plain = !name.is_empty()
+            && !name.starts_with('.')
+            && !name.contains(['/', '\\'])
+            && name != "..";
+        if !plain {
+            return Err(format!(
+                "weight_map names {name:?}, not a file of this directory"
+            ));
+        }
+        shards.push(name.to_string());
+    }
+    shards.sort();
+    shards.dedup();
+    Ok(shards)
+}
+
+/// Every tensor of a Hugging Face directory by HF name, from the first of [`HF_WEIGHTS`] it
+/// holds.
 fn hf_tensors(dir: &Path) -> anyhow::Result<HashMap<String, Tensor>> {
-    let single = dir.join("model.safetensors");
-    let index = dir.join("model.safetensors.index.json");
-    let files: Vec<PathBuf> = if single.is_file() {
-        vec![single]
-    } else if index.is_file() {
-        let text = std::fs::read_to_string(&index)?;
-        let doc: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| BadInput(format!("{}: {e}", index.display())))?;
-        let map = doc["weight_map"]
-            .as_object()
-            .ok_or_else(|| BadInput(format!("{}: no weight_map", index.display())))?;
-        let mut shards: Vec<String> = map
-            .values()
-            .filter_map(|v| v.as_str().map(String::from))
-            .collect();
-        shards.sort();
-        shards.dedup();
-        shards.iter().map(|s| dir.join(s)).collect()
+    let found = HF_WEIGHTS
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            BadInput(format!(
+                "{}: no weights ({})",
+                dir.display(),
+                HF_WEIGHTS.join(", ")
+            ))
+        })?;
+    let name = found
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let files: Vec<PathBuf> = if name.ends_with(".index.json") {
+        let bytes =
+            std::fs::read(&found).with_context(|| format!("reading {}", found.display()))?;
+        index_shards(&bytes)
+            .map_err(|e| BadInput(format!("{}: {e}", found.display())))?
+            .iter()
+            .map(|s| dir.join(s))
+            .collect()
     } else {
-        let bin = dir.join("pytorch_model.bin");
-        return Ok(torch_pickle::load_state_dict(&bin)?.into_iter().collect());
+        vec![found]
     };
     let mut out = HashMap::new();
     for f in files {
-        let bytes = std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?;
-        let (tensors, _) = from_safetensors(&bytes, &f.display().to_string())?;
-        out.extend(tensors);
+        if f.extension().is_some_and(|e| e == "safetensors") {
+            let bytes = std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?;
+            let (tensors, _) = from_safetensors(&bytes, &f.display().to_string())?;
+            out.extend(tensors);
+        } else {
+            out.extend(torch_pickle::load_state_dict(&f)?);
+        }
     }
     Ok(out)
 }

@@ -31,6 +31,7 @@ pub fn export(m: &LoadedModel, out: &Path, overwrite: bool) -> anyhow::Result<Ex
         std::fs::write(dir.join("prompt_style.yaml"), PROMPT_STYLE)?;
         write_tokenizer(m, dir)?;
         Ok(Exported {
+            form: "litgpt",
             tensors: weights.len(),
             weight_bytes: weight_bytes(&weights),
         })

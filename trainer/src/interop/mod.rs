@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 
 /// What an export wrote.
 pub struct Exported {
+    /// The format's architecture: "litgpt", or the Hugging Face form ("GPTNeoX", "Llama").
+    pub form: &'static str,
     pub tensors: usize,
     pub weight_bytes: u64,
 }

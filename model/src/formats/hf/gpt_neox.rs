@@ -1,5 +1,5 @@
-//! Hugging Face `transformers` formats as data: the GPTNeoX (pythia) form of mla's ordinary
-//! attention models, its `config.json` and its weights by HF name.
+//! The GPTNeoX (pythia) form of mla's ordinary attention models with pythia's block (LayerNorm,
+//! GELU MLP): its `config.json` and its weights by HF name.
 //!
 //! GPTNeoX fuses q, k and v per head (`attention.query_key_value`, rows `[q_h; k_h; v_h]` for
 //! each head h), where litgpt (and mla) keep `[q (H·hs) | k (G·hs) | v (G·hs)]`. GPTNeoX has no
@@ -11,8 +11,9 @@
 //! fields, each head's `[q_h; k_h; v_h]` rows go back to `[q | k | v]` (as MHA), and biases
 //! GPTNeoX leaves out (`attention_bias: false`) come in as zeros.
 //!
-//! Not here: files (trainer/src/interop/). Not yet: Llama and DeepSeek-V2 (MLA) forms.
+//! Not here: files (trainer/src/interop/); the other forms (hf/).
 
+use super::{check_shared_options, Lookup};
 use crate::config::{GeluApproximate, MlpClass, ModelConfig, NormClass};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -80,42 +81,28 @@ impl Default for GptNeoxConfig {
 
 /// The GPTNeoX config of the resolved `cfg`, with `separator` as bos and eos (what mla puts
 /// before every story and prompt), or one line naming what GPTNeoX cannot express.
-pub fn gpt_neox_config(cfg: &ModelConfig, separator: u32) -> Result<GptNeoxConfig, String> {
+pub fn config(cfg: &ModelConfig, separator: u32) -> Result<GptNeoxConfig, String> {
     let refuse = |key: &str, why: &str| Err(format!("model_config.{key}: {why}"));
     if cfg.latent_attention.is_some() {
         return refuse(
             "latent_attention",
-            "MLA goes to Hugging Face as DeepSeek-V2, which mla does not write yet",
+            "GPTNeoX has no latent attention (MLA goes to Hugging Face as DeepSeek-V2)",
         );
     }
     if cfg.norm_class_name != NormClass::LayerNorm {
         return refuse("norm_class_name", "GPTNeoX has LayerNorm only");
     }
     if cfg.mlp_class_name != MlpClass::GptNeoxMLP {
-        return refuse(
-            "mlp_class_name",
-            "GPTNeoX has GptNeoxMLP only (LLaMA-style models go out as Llama, not written yet)",
-        );
+        return refuse("mlp_class_name", "GPTNeoX has GptNeoxMLP only");
     }
     let (h, hs) = (cfg.n_head, cfg.head_size());
     if h * hs != cfg.n_embd {
         return refuse("head_size", "GPTNeoX needs n_head × head_size = n_embd");
     }
-    for (key, unsupported) in [
-        ("norm_qk", cfg.norm_qk),
-        ("shared_attention_norm", cfg.shared_attention_norm),
-        ("lm_head_bias", cfg.lm_head_bias),
-        ("scale_embeddings", cfg.scale_embeddings),
-        ("rope_condense_ratio", cfg.rope_condense_ratio != 1),
-        (
-            "attention_scores_scalar",
-            cfg.attention_scores_scalar.is_some_and(|s| s != hs),
-        ),
-    ] {
-        if unsupported {
-            return refuse(key, "GPTNeoX has no such option");
-        }
+    if cfg.norm_qk {
+        return refuse("norm_qk", "GPTNeoX has no such option");
     }
+    check_shared_options(cfg, "GPTNeoX")?;
     Ok(GptNeoxConfig {
         architectures: vec!["GPTNeoXForCausalLM".into()],
         model_type: "gpt_neox".into(),
@@ -146,7 +133,7 @@ pub fn gpt_neox_config(cfg: &ModelConfig, separator: u32) -> Result<GptNeoxConfi
 
 /// The mla model (litgpt's fields, resolved) of a GPTNeoX `config.json`, or one line naming
 /// what mla cannot build.
-pub fn from_gpt_neox_config(hf: &GptNeoxConfig, name: &str) -> Result<ModelConfig, String> {
+pub fn model_config(hf: &GptNeoxConfig, name: &str) -> Result<ModelConfig, String> {
     if hf.model_type != "gpt_neox" {
         return Err(format!(
             "model_type {:?}: mla reads GPTNeoX (\"gpt_neox\") models only",
@@ -189,8 +176,8 @@ pub fn from_gpt_neox_config(hf: &GptNeoxConfig, name: &str) -> Result<ModelConfi
 }
 
 /// GPTNeoX weights (by HF name) as mla's (by litgpt name) for `cfg` from
-/// [`from_gpt_neox_config`]; `tied` when the config ties the output to the input embedding.
-pub fn from_gpt_neox_weights(
+/// [`model_config`]; `tied` when the config ties the output to the input embedding.
+pub fn weights_in(
     cfg: &ModelConfig,
     hf: &HashMap<String, Tensor>,
     tied: bool,
@@ -245,8 +232,8 @@ fn grouped_qkv(t: &Tensor, h: i64, hs: i64) -> Tensor {
     )
 }
 
-/// mla's weights (by litgpt name) as GPTNeoX's. `cfg` must have passed [`gpt_neox_config`].
-pub fn gpt_neox_weights(
+/// mla's weights (by litgpt name) as GPTNeoX's. `cfg` must have passed [`config`].
+pub fn weights_out(
     cfg: &ModelConfig,
     weights: &HashMap<String, Tensor>,
 ) -> Result<Vec<(String, Tensor)>, String> {
@@ -337,26 +324,6 @@ fn qkv_pairs(n_layer: usize) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Tensors by name, with the errors and fallbacks both directions need.
-struct Lookup<'a>(&'a HashMap<String, Tensor>);
-
-impl Lookup<'_> {
-    fn get(&self, name: &str) -> Result<Tensor, String> {
-        self.0
-            .get(name)
-            .map(Tensor::shallow_clone)
-            .ok_or_else(|| format!("no tensor {name}"))
-    }
-
-    /// The bias `name`, or zeros of `weight`'s output width where the model has none.
-    fn bias_or_zeros(&self, name: &str, weight: &Tensor) -> Tensor {
-        self.0
-            .get(name)
-            .map(Tensor::shallow_clone)
-            .unwrap_or_else(|| Tensor::zeros([weight.size()[0]], (weight.kind(), weight.device())))
-    }
-}
-
 /// litgpt's `[q (H·hs) | k (G·hs) | v (G·hs)]` rows (weight or bias) as GPTNeoX's per-head
 /// `[q_h; k_h; v_h]`, K/V rows repeated for the H/G query heads of each group.
 fn per_head_qkv(t: &Tensor, h: usize, g: usize, hs: usize) -> Tensor {
@@ -420,13 +387,13 @@ mod tests {
             (c.bos_token_id, c.rotary_pct, c.max_position_embeddings),
             (None, 0.25, 2048)
         );
-        let m = from_gpt_neox_config(&c, "x").unwrap();
+        let m = model_config(&c, "x").unwrap();
         assert_eq!((m.n_embd, m.head_size(), m.rope_n_elem()), (64, 16, 4));
         let llama = GptNeoxConfig {
             model_type: "llama".into(),
             ..c
         };
-        let e = from_gpt_neox_config(&llama, "x").unwrap_err();
+        let e = model_config(&llama, "x").unwrap_err();
         assert!(e.starts_with("model_type \"llama\""), "{e}");
     }
 
