@@ -3,22 +3,27 @@
 //!
 //! Out: tiny MHA and mapping-form MLA runs exported with `mla export --to litgpt` load in litgpt
 //! (its own Config, a strict state dict from `torch.load`, its own tokenizer) and give mla's
-//! logits and loss, and `litgpt generate` writes mla's greedy text; MHA, GQA and MQA runs
-//! exported with `--to hf` load in transformers as GPTNeoX with mla's logits and loss; the
-//! seed's `latent_attention: true` is refused naming what to do instead; an existing directory
+//! logits and loss, and `litgpt generate` writes mla's greedy text; runs exported with `--to hf`
+//! load in transformers with mla's logits and loss (MHA, GQA and MQA of pythia's block as
+//! GPTNeoX, the LLaMA block as Llama, its MLA as DeepSeek-V2); the seed's
+//! `latent_attention: true` is refused naming what to do instead; an existing directory
 //! is replaced only with `--overwrite`; every `config_hub/pretrain` model but the seed's MLA,
 //! and a checkpoint's config.yaml, is a litgpt `Config`.
 //!
 //! In: directories litgpt and transformers wrote themselves (a state dict and a training
-//! checkpoint; one safetensors file, shards and pytorch_model.bin) give their logits in mla;
-//! `initial_checkpoint_dir` takes mla's step and its litgpt and HF exports with the same
-//! losses, and refuses a model that computes differently, naming the field.
+//! checkpoint; one safetensors file, shards, pytorch_model.bin, a tied Llama) give their logits
+//! in mla; `initial_checkpoint_dir` takes mla's step and its litgpt and HF exports with the same
+//! losses, and refuses a model that computes differently, naming the field; `mla download`
+//! fetches such directories from HF_ENDPOINT (a local server) and refuses one it cannot build
+//! before fetching any weight.
 //!
 //! Needs .venv with litgpt and transformers (scripts/setup.sh installs them).
 
 mod common;
 
+use common::http::{Reply, Server};
 use common::*;
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -572,4 +577,91 @@ sys.exit(1 if bad else 0)
     std::fs::write(&json, serde_json::to_string(&ours).unwrap()).unwrap();
     let report = python(&[OsStr::new("-c"), OsStr::new(script), json.as_os_str()]);
     assert!(report.starts_with(&format!("{} registry entries compared", ours.len())));
+}
+
+/// `mla download OWNER/NAME` from HF_ENDPOINT (a local server holding transformers' own
+/// directories): sharded safetensors, a pytorch_model.bin and a tied Llama arrive whole, in
+/// litgpt's `<checkpoint_dir>/<owner>/<name>`, and give transformers' logits in mla. A second
+/// download fetches nothing; a model mla cannot build is refused from its config.json before
+/// any weight is fetched, and nothing is left.
+#[test]
+fn mla_download_fetches_hub_models_that_mla_reads() {
+    let root = foreign_models();
+    let repos = [
+        ("tiny/sharded", "hf_sharded"),
+        ("tiny/bin", "hf_bin"),
+        ("tiny/llama", "hf_llama"),
+    ];
+    let mut routes = HashMap::new();
+    for (repo, dir) in repos {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_str().unwrap().to_string();
+            routes.insert(
+                format!("/{repo}/resolve/main/{name}"),
+                Reply::Ok(std::fs::read(&path).unwrap()),
+            );
+        }
+    }
+    let mistral = "/tiny/mistral/resolve/main/";
+    routes.insert(
+        format!("{mistral}config.json"),
+        Reply::Ok(br#"{"model_type": "mistral", "sliding_window": 8}"#.to_vec()),
+    );
+    routes.insert(format!("{mistral}model.safetensors"), Reply::Ok(vec![0; 8]));
+    let server = Server::start(routes);
+    let dest = tempfile::tempdir().unwrap();
+    let download = |repo: &str| {
+        mla_in(
+            dest.path(),
+            &["download", repo, "--checkpoint_dir", "checkpoints"],
+            &[("HF_ENDPOINT", server.addr.as_str())],
+        )
+    };
+    // Every download first: the server stops after 60 s, and the checks below take longer.
+    for (repo, _) in repos {
+        let out = download(repo);
+        assert_eq!(ok(&out).trim(), format!("checkpoints/{repo}"));
+        assert!(stderr(&out).contains("downloaded"), "{}", stderr(&out));
+    }
+    let shard = "/tiny/sharded/resolve/main/model-00001-of-00003.safetensors";
+    assert_eq!(
+        server.hits(shard),
+        1,
+        "the shards are named as transformers names them"
+    );
+    let again = download("tiny/sharded");
+    ok(&again);
+    assert!(
+        stderr(&again).contains(": 0 files, 0 B, "),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(server.hits(shard), 1, "nothing fetched twice");
+    let refused = download("tiny/mistral");
+    assert_bad(
+        &refused,
+        &[
+            "tiny/mistral",
+            "model_type \"mistral\"",
+            "nothing was downloaded",
+        ],
+    );
+    assert_eq!(server.hits(&format!("{mistral}model.safetensors")), 0);
+    assert!(!dest.path().join("checkpoints/tiny/mistral").exists());
+    drop(server);
+
+    for (repo, dir) in repos {
+        let got = dest.path().join("checkpoints").join(repo);
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap();
+            assert_eq!(
+                std::fs::read(got.join(name)).unwrap(),
+                std::fs::read(&path).unwrap(),
+                "{repo}: {name:?}"
+            );
+        }
+        check("check_hf_export.py", &got, &root.join(dir), 1e-5, &[]);
+    }
 }

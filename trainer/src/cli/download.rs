@@ -1,18 +1,20 @@
-//! `mla download <owner/name> --tokenizer-only [--checkpoint-dir checkpoints]`: fetch a
-//! model's tokenizer files from the Hugging Face hub (`HF_ENDPOINT` honoured) into
-//! `<checkpoint_dir>/<owner>/<name>`, litgpt's layout, ready for `tokenizer_dir`.
-//! Weights are not downloaded: mla pretrains from scratch, and `initial_checkpoint_dir`
-//! takes an mla checkpoint.
+//! `mla download OWNER/NAME [--tokenizer_only] [--checkpoint_dir checkpoints]`: a model from the
+//! Hugging Face hub (`HF_ENDPOINT` and `HF_TOKEN` honoured) into `<checkpoint_dir>/<owner>/<name>`,
+//! litgpt's layout: its config, weights and tokenizer files (interop/download.rs), or with
+//! `--tokenizer_only` the tokenizer files alone (ready for `tokenizer_dir`). Prints the
+//! directory; a summary line goes to the log.
 
 use crate::data::{download_tokenizer, DownloadOptions};
-use crate::error::BadInput;
+use crate::interop;
+use crate::metrics::human_bytes;
 use std::path::PathBuf;
+use std::time::Instant;
 
 #[derive(Debug, clap::Args)]
 pub struct DownloadArgs {
     /// Hub repository, e.g. EleutherAI/pythia-160m.
     repo: String,
-    /// Fetch tokenizer.json (and tokenizer_config.json); required.
+    /// Fetch only tokenizer.json and tokenizer_config.json.
     #[arg(long, alias = "tokenizer_only")]
     tokenizer_only: bool,
     /// Root of the litgpt-style checkpoint tree.
@@ -21,17 +23,33 @@ pub struct DownloadArgs {
 }
 
 pub fn run(args: &DownloadArgs) -> anyhow::Result<()> {
-    if !args.tokenizer_only {
-        return Err(BadInput(
-            "mla download fetches tokenizers only (pass --tokenizer-only): mla pretrains from scratch and loads mla checkpoints".into(),
-        )
-        .into());
+    let start = Instant::now();
+    let opts = DownloadOptions::default();
+    if args.tokenizer_only {
+        let dir = download_tokenizer(&args.repo, &args.checkpoint_dir, &opts)?;
+        println!("{}", dir.display());
+        return Ok(());
     }
-    let dir = download_tokenizer(
-        &args.repo,
-        &args.checkpoint_dir,
-        &DownloadOptions::default(),
-    )?;
-    println!("{}", dir.display());
+    let d = interop::download::model(&args.repo, &args.checkpoint_dir, &opts)?;
+    let m = &d.model;
+    let kept = match d.kept {
+        0 => String::new(),
+        n => format!(", {n} already there"),
+    };
+    tracing::info!(
+        "downloaded {} to {} ({}: {} layers, {} wide, {} heads): {} files, {}{kept} in {:.1} s \
+         (try: mla generate {})",
+        args.repo,
+        d.dir.display(),
+        d.form,
+        m.n_layer,
+        m.n_embd,
+        m.n_head,
+        d.fetched,
+        human_bytes(d.bytes),
+        start.elapsed().as_secs_f64(),
+        d.dir.display()
+    );
+    println!("{}", d.dir.display());
     Ok(())
 }

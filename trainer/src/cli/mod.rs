@@ -36,7 +36,8 @@ enum Command {
     Info(info::InfoArgs),
     /// Tokenize text (.txt/.json/.jsonl, directories, .tar.gz) into token shards.
     Prepare(crate::data::PrepareArgs),
-    /// Download a model's tokenizer from the Hugging Face hub (litgpt layout).
+    /// Download a model (config, weights, tokenizer) or its tokenizer alone from the Hugging
+    /// Face hub (litgpt layout).
     Download(download::DownloadArgs),
     /// Sample text from a checkpoint.
     Generate(generate::GenerateArgs),

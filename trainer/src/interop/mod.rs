@@ -5,9 +5,11 @@
 //! * [`hf`]: writing a Hugging Face model directory (`mla export --to hf`);
 //! * [`import`]: reading litgpt and Hugging Face model directories (generate, eval,
 //!   `initial_checkpoint_dir`), with `torch_pickle` reading `torch.save` files;
+//! * [`download`]: fetching a Hugging Face model directory from the hub (`mla download`);
 //! * here: what both share: the directory written aside and renamed into place, and the
 //!   tokenizer files.
 
+pub mod download;
 pub mod hf;
 pub mod import;
 pub mod litgpt;

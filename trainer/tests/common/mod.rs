@@ -7,6 +7,8 @@
 //! `MLA_REQUIRE_S3=1` (scripts/test.sh) a missing environment is a failure, not a skip.
 #![allow(dead_code)]
 
+pub mod http;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
