@@ -279,6 +279,11 @@ pub struct ModelConfig {
     pub scale_embeddings: bool,
     #[serde(default)]
     pub lm_head_bias: bool,
+    /// The LM head reuses the input embedding's matrix (one parameter). Not a litgpt `Config`
+    /// field but its `train.tie_embeddings`, so never read from or written to `model_config`:
+    /// the run config sets it from its train section.
+    #[serde(skip)]
+    pub tie_embeddings: bool,
     /// MLA when set. `false` reads as absent and is never written: litgpt takes absent, null
     /// or a mapping, so a config mla writes for ordinary attention loads in litgpt unchanged.
     #[serde(

@@ -113,13 +113,24 @@ impl Gpt {
         let h = &tr / "h";
         let blocks = (0..cfg.n_layer).map(|i| Block::new(&h / i, &cfg)).collect();
         let ln_f = Norm::new(&tr / "ln_f", cfg.norm_class_name, cfg.n_embd, cfg.norm_eps);
-        let lm_head = linear(
-            root / "lm_head",
-            cfg.n_embd,
-            cfg.padded_vocab_size(),
-            cfg.lm_head_bias,
-            std,
-        );
+        let lm_head = if cfg.tie_embeddings {
+            // One tensor for both uses (litgpt's `wte.weight = lm_head.weight`): the gradients
+            // of both add up in it, and the store holds it once, as the embedding.
+            nn::Linear {
+                ws: wte.ws.shallow_clone(),
+                bs: cfg
+                    .lm_head_bias
+                    .then(|| (root / "lm_head").zeros("bias", &[cfg.padded_vocab_size() as i64])),
+            }
+        } else {
+            linear(
+                root / "lm_head",
+                cfg.n_embd,
+                cfg.padded_vocab_size(),
+                cfg.lm_head_bias,
+                std,
+            )
+        };
         let rope = RopeCache::new(
             cfg.block_size,
             cfg.rope_n_elem(),

@@ -59,21 +59,28 @@ fn mlp_parameters(cfg: &ModelConfig) -> usize {
     }
 }
 
-/// Parameters of the whole model (embedding and LM head untied, as litgpt's default).
+/// Parameters of the whole model (the LM head's matrix counted once more unless tied to the
+/// embedding's).
 pub fn parameters(cfg: &ModelConfig) -> usize {
     let (c, v) = (cfg.n_embd, cfg.padded_vocab_size());
     let norms_per_block = if cfg.shared_attention_norm { 1 } else { 2 };
     let block = norms_per_block * norm(cfg.norm_class_name, c)
         + attention_parameters(cfg)
         + mlp_parameters(cfg);
-    v * c + cfg.n_layer * block + norm(cfg.norm_class_name, c) + linear(c, v, cfg.lm_head_bias)
+    let head = linear(c, v, cfg.lm_head_bias) - if cfg.tie_embeddings { v * c } else { 0 };
+    v * c + cfg.n_layer * block + norm(cfg.norm_class_name, c) + head
 }
 
 /// Training FLOPs per token (forward + backward), PaLM appendix B: 6·N + 6·L·H·T·(Dqk + Dv),
-/// N = parameters except the input embedding, T = block_size, the attention term without
-/// causal halving (12·L·H·Q·T for Dqk = Dv = Q).
+/// N = parameters except the input embedding (a tied LM head's matrix still multiplies), T =
+/// block_size, the attention term without causal halving (12·L·H·Q·T for Dqk = Dv = Q).
 pub fn flops_per_token(cfg: &ModelConfig) -> f64 {
-    let n = (parameters(cfg) - cfg.padded_vocab_size() * cfg.n_embd) as f64;
+    let embedding = if cfg.tie_embeddings {
+        0
+    } else {
+        cfg.padded_vocab_size() * cfg.n_embd
+    };
+    let n = (parameters(cfg) - embedding) as f64;
     let (dqk, dv) = cfg.sdpa_head_dims();
     let attn = 6.0 * (cfg.n_layer * cfg.n_head * cfg.block_size * (dqk + dv)) as f64;
     6.0 * n + attn

@@ -74,6 +74,15 @@ fn analytic_count_equals_built_model_for_every_variant() {
             shared_attention_norm: true,
             ..tiny(4)
         },
+        ModelConfig {
+            tie_embeddings: true,
+            ..tiny(2)
+        },
+        ModelConfig {
+            tie_embeddings: true,
+            lm_head_bias: true,
+            ..tiny_mla_dims(None)
+        },
     ];
     cfgs.extend(["pythia-14m", "pythia-31m"].map(|n| registry::find(n).expect("registered")));
     for cfg in cfgs {

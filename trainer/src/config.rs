@@ -261,6 +261,7 @@ pub struct TrainConfig {
     pub max_time: Option<f64>,
     /// Training window length (default: block_size).
     pub max_seq_length: Option<usize>,
+    /// The LM head reuses the embedding's matrix (litgpt's; default false).
     pub tie_embeddings: Option<bool>,
     pub max_norm: Option<f64>,
     pub min_lr: f64,
@@ -731,11 +732,12 @@ impl RunConfig {
                 let msg = format!("{}{}", yaml_message(e.inner()), from_override(&key));
                 err(&key, msg)
             })?;
-        let model =
+        let mut model =
             resolve_model(cfg.model_name.as_deref(), model_overlay).map_err(|(key, msg)| {
                 let msg = format!("{msg}{}", from_override(&key));
                 err(&key, msg)
             })?;
+        model.tie_embeddings = cfg.train.tie_embeddings == Some(true);
         cfg.model_config = Some(model);
         cfg.validate(source_name)?;
         Ok(cfg)
@@ -779,12 +781,6 @@ impl RunConfig {
                     format!("must be in [0, 1], got {f}"),
                 );
             }
-        }
-        if t.tie_embeddings == Some(true) {
-            bad(
-                "train.tie_embeddings",
-                "tied embeddings are not supported (litgpt's pythia configs are untied)".into(),
-            );
         }
         if let Some(n) = t.max_norm {
             if !(n.is_finite() && n > 0.0) {

@@ -409,6 +409,44 @@ mod tests {
         );
     }
 
+    /// A tied LM head is the embedding's tensor: once the variables live in the flat buffer,
+    /// new values written into the embedding's slice are the head's (an untied head keeps its
+    /// own), and the buffer holds the matrix once.
+    #[test]
+    fn a_tied_head_follows_the_embedding_into_the_flat_buffer() {
+        for tied in [false, true] {
+            let cfg = mla_model::ModelConfig {
+                n_layer: 1,
+                n_embd: 16,
+                n_head: 2,
+                block_size: 4,
+                padded_vocab_size: Some(16),
+                tie_embeddings: tied,
+                ..Default::default()
+            };
+            let vs = VarStore::new(Device::Cpu);
+            let gpt = mla_model::Gpt::new(&vs.root(), &cfg).unwrap();
+            let flat = FlatParams::new(&vs, Kind::Float).unwrap();
+            let names: Vec<&str> = flat.entries.iter().map(|e| e.name.as_str()).collect();
+            assert_eq!(names.contains(&"lm_head.weight"), !tied, "{names:?}");
+            let wte = flat
+                .entries
+                .iter()
+                .find(|e| e.name == "transformer.wte.weight")
+                .unwrap();
+            // An identity embedding: the head then gives back the hidden state it is fed.
+            let eye = Tensor::eye(16, (Kind::Float, Device::Cpu));
+            tch::no_grad(|| {
+                flat.params
+                    .narrow(0, wte.offset, wte.numel())
+                    .copy_(&eye.view([-1]));
+            });
+            let hidden = Tensor::randn([3, 16], (Kind::Float, Device::Cpu));
+            let same = gpt.logits(&hidden).equal(&hidden);
+            assert_eq!(same, tied, "tied {tied}");
+        }
+    }
+
     #[test]
     fn warmup_then_cosine_to_min_lr() {
         // f64 (u ≈ 1.1e-16) through one cos and a few products: ≤ 1e-15; 1e-12 is far above

@@ -665,3 +665,40 @@ fn mla_download_fetches_hub_models_that_mla_reads() {
         check("check_hf_export.py", &got, &root.join(dir), 1e-5, &[]);
     }
 }
+
+/// litgpt's `train.tie_embeddings: true`: one matrix for the embedding and the LM head. The run
+/// trains; its step holds the matrix once (no `lm_head.weight`) and verifies; its litgpt export
+/// (both keys, as litgpt's own state dict of a tied model) gives mla's logits in litgpt; an
+/// untied step is refused as its initial weights, naming the key.
+#[test]
+fn tied_embeddings_train_verify_and_travel() {
+    const TIED: &[&str] = &[
+        "--model_config.latent_attention",
+        "null",
+        "--train.tie_embeddings",
+        "true",
+    ];
+    let ckpt = checkpoint(TIED);
+    let bytes = std::fs::read(ckpt.join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8_lossy(&bytes[8..8 + n]);
+    assert!(header.contains("transformer.wte.weight"), "{header}");
+    assert!(!header.contains("lm_head.weight"), "one matrix: {header}");
+    ok(&mla(&["ckpt", "verify", ckpt.to_str().unwrap()]));
+
+    let dir = tempfile::tempdir().unwrap();
+    let exp = dir.path().join("lit");
+    ok(&export(&ckpt, &exp, "litgpt", &[]));
+    check("check_litgpt_export.py", &ckpt, &exp, 1e-4, &[]);
+
+    let mut args = TIED.to_vec();
+    let untied = mha_checkpoint();
+    args.extend(["--initial_checkpoint_dir", untied.to_str().unwrap()]);
+    let out = dir.path().join("from-untied");
+    let r = train(dir.path(), out.to_str().unwrap(), &args, &[]);
+    assert_bad(
+        &r,
+        &["initial_checkpoint_dir", "untied", "train.tie_embeddings"],
+    );
+    assert!(!out.join("final").exists());
+}

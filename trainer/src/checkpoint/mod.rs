@@ -1028,6 +1028,15 @@ fn initial_foreign(
 /// Refuse initial weights of a model that computes differently from the run's, naming each
 /// field (shapes alone would let a different rotary fraction or norm through).
 fn same_model(cfg: &RunConfig, theirs: &mla_model::ModelConfig, what: &str) -> anyhow::Result<()> {
+    let tied = |t: bool| if t { "tied" } else { "untied" };
+    if cfg.model().tie_embeddings != theirs.tie_embeddings {
+        return Err(BadInput(format!(
+            "initial_checkpoint_dir: {what} has {} embeddings, and train.tie_embeddings asks for {} ones",
+            tied(theirs.tie_embeddings),
+            tied(cfg.model().tie_embeddings)
+        ))
+        .into());
+    }
     let diffs = cfg.model().differences(theirs);
     if diffs.is_empty() {
         return Ok(());

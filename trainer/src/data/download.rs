@@ -3,8 +3,9 @@
 //! `tokenizer_config.json`. Files land in a cache directory through a `.partial` file that is
 //! renamed into place only when complete, so a file in the cache is always whole.
 //!
-//! Not here: model weights, hub API listing, resumable ranges. An `HF_TOKEN` in the environment is
-//! sent as a bearer token (gated repos) and never printed.
+//! Not here: which model files to fetch (interop/download.rs, which uses these), hub API listing,
+//! resumable ranges. An `HF_TOKEN` in the environment is sent as a bearer token (gated repos)
+//! and never printed.
 
 use std::fs::File;
 use std::io::{IsTerminal, Read, Write};

@@ -118,6 +118,14 @@ pub(crate) fn cpu_weights(m: &LoadedModel) -> Vec<(String, tch::Tensor)> {
             .into_iter()
             .map(|(name, t)| (name, t.to_device(tch::Device::Cpu).contiguous()))
             .collect();
+    if m.cfg.model().tie_embeddings {
+        // The store holds the tied matrix once, as the embedding; every format mla writes
+        // has the head as a tensor of its own (litgpt's state dict holds both keys too).
+        if let Some((_, wte)) = vars.iter().find(|(n, _)| n == "transformer.wte.weight") {
+            let head = wte.copy();
+            vars.push(("lm_head.weight".into(), head));
+        }
+    }
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     vars
 }
