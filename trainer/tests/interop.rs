@@ -3,7 +3,8 @@
 //!
 //! Out: tiny MHA and mapping-form MLA runs exported with `mla export --to litgpt` load in litgpt
 //! (its own Config, a strict state dict from `torch.load`, its own tokenizer) and give mla's
-//! logits and loss, and `litgpt generate` writes mla's greedy text; runs exported with `--to hf`
+//! logits and loss, and `litgpt generate` and `litgpt chat` write mla's greedy text (a tied
+//! run's too: both keys); runs exported with `--to hf`
 //! load in transformers with mla's logits and loss (MHA, GQA and MQA of pythia's block as
 //! GPTNeoX, the LLaMA block as Llama, its MLA as DeepSeek-V2); the seed's
 //! `latent_attention: true` is refused naming what to do instead; an existing directory
@@ -300,8 +301,10 @@ fn deepseek_v2_export_says_what_it_cannot_hold_exactly() {
     assert!(!exp.exists(), "{err}");
 }
 
+/// `litgpt generate` and `litgpt chat` (its prompt on stdin) on an export write mla's greedy
+/// text.
 #[test]
-fn litgpt_generate_on_an_export_writes_mlas_greedy_text() {
+fn litgpt_generate_and_chat_on_an_export_write_mlas_greedy_text() {
     let ckpt = &mha_checkpoint();
     let dir = tempfile::tempdir().unwrap();
     let exp = dir.path().join("lit");
@@ -322,6 +325,43 @@ fn litgpt_generate_on_an_export_writes_mlas_greedy_text() {
         "32-true",
     ]));
     assert_litgpt_writes(&exp, prompt, &ours);
+
+    let cwd = tempfile::tempdir().unwrap();
+    let mut chat = Command::new(venv("litgpt"))
+        .arg("chat")
+        .arg(&exp)
+        .args([
+            "--max_new_tokens",
+            "12",
+            "--temperature",
+            "0",
+            "--top_p",
+            "0",
+        ])
+        .current_dir(cwd.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = chat.stdin.take().unwrap();
+        writeln!(stdin, "{prompt}").unwrap();
+        writeln!(stdin).unwrap(); // an empty prompt ends the chat
+    }
+    let out = chat.wait_with_output().unwrap();
+    let theirs = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "litgpt chat failed:\n{theirs}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let continuation = ours.trim_end().strip_prefix(prompt).unwrap();
+    assert!(
+        theirs.contains(&format!(">> Reply: {continuation}")),
+        "mla:    {ours:?}\nlitgpt chat: {theirs:?}"
+    );
 }
 
 /// litgpt cannot build the seed's MLA and GPTNeoX has no MLA: one line each, nothing written.
