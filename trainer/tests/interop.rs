@@ -75,6 +75,16 @@ const MQA: &[&str] = &[
     "1",
 ];
 const MLA_MAPPING: &[&str] = &["--model_config.latent_attention", MAPPING];
+/// The seed's `latent_attention: true` where it computes its mapping: RMS-normed latents
+/// (`norm_qk` with RMSNorm), no bias.
+const SEED_EXACT: &[&str] = &[
+    "--model_config.norm_qk",
+    "true",
+    "--model_config.norm_class_name",
+    "RMSNorm",
+    "--model_config.bias",
+    "false",
+];
 /// litgpt's LLaMA block with the mapping form's MLA and without biases: what DeepSeek-V2 holds
 /// (norm_eps 1e-6 as its latent norms have it, for exact logits); `q_lora_rank` as MAPPING's,
 /// or none (DeepSeek-V2-Lite's plain q_proj).
@@ -228,10 +238,11 @@ fn export(ckpt: &Path, out: &Path, to: &str, extra: &[&str]) -> Output {
     mla(&args)
 }
 
-/// Exported, then read by litgpt: mla's logits and loss for MHA and for mapping-form MLA.
+/// Exported, then read by litgpt: mla's logits and loss for MHA, for mapping-form MLA, and for
+/// the seed's MLA where it computes its mapping (written as that mapping).
 #[test]
 fn exported_mha_and_mapping_mla_give_mlas_logits_and_loss_in_litgpt() {
-    for overrides in [MHA, MLA_MAPPING] {
+    for overrides in [MHA, MLA_MAPPING, SEED_EXACT] {
         let ckpt = checkpoint(overrides);
         let dir = tempfile::tempdir().unwrap();
         let exp = dir.path().join("lit");

@@ -4,29 +4,44 @@
 //!
 //! litgpt builds MHA/GQA/MQA and the mapping form of `latent_attention` (RMSNorm on both
 //! latents, biases per `bias`/`attn_bias`). The seed's `latent_attention: true` (latent norms
-//! of `norm_class_name` only with `norm_qk`, no bias in any MLA linear) has no litgpt form.
+//! of `norm_class_name` only with `norm_qk`, no bias in any MLA linear) has a litgpt form only
+//! where it computes what its mapping would (`norm_qk` with RMSNorm, no bias): it goes out as
+//! that mapping.
 
-use crate::config::{LatentAttention, ModelConfig};
+use crate::config::{LatentAttention, MlaDims, ModelConfig};
 
 /// The litgpt `Config` of the resolved `cfg` (every derived field written out, nothing litgpt
 /// would not accept), or one line saying why litgpt cannot build it.
 pub fn model_config(cfg: &ModelConfig) -> Result<ModelConfig, String> {
     if cfg.latent_attention == Some(LatentAttention::Flag(true)) {
-        let dims = cfg.mla().map_or_else(String::new, |m| {
-            format!(
-                " (these dimensions: latent_attention: {{q_lora_rank: {}, kv_lora_rank: {}, \
-                 qk_rope_head_dim: {}, qk_nope_head_dim: {}, v_head_dim: {}}})",
-                m.q_lora_rank.map_or("null".into(), |r| r.to_string()),
-                m.kv_lora_rank,
-                m.qk_rope_head_dim,
-                m.qk_nope_head_dim,
-                m.v_head_dim
-            )
-        });
+        let Some(m) = cfg.mla() else {
+            unreachable!("latent_attention: true builds an MLA")
+        };
+        let dims = MlaDims {
+            q_lora_rank: m.q_lora_rank,
+            kv_lora_rank: m.kv_lora_rank,
+            qk_rope_head_dim: m.qk_rope_head_dim,
+            qk_nope_head_dim: m.qk_nope_head_dim,
+            v_head_dim: m.v_head_dim,
+        };
+        let mapping = ModelConfig {
+            latent_attention: Some(LatentAttention::Dims(dims)),
+            ..cfg.clone()
+        };
+        if mapping.mla() == cfg.mla() {
+            return Ok(mapping);
+        }
         return Err(format!(
             "model_config.latent_attention: true is the seed's MLA, which litgpt cannot build \
-             (its latents have no RMSNorm and its MLA linears no biases); train the mapping form \
-             instead{dims}"
+             (its latents have no RMSNorm and its MLA linears no biases, where litgpt's have \
+             both); train the mapping form instead (these dimensions: latent_attention: \
+             {{q_lora_rank: {}, kv_lora_rank: {}, qk_rope_head_dim: {}, qk_nope_head_dim: {}, \
+             v_head_dim: {}}})",
+            m.q_lora_rank.map_or("null".into(), |r| r.to_string()),
+            m.kv_lora_rank,
+            m.qk_rope_head_dim,
+            m.qk_nope_head_dim,
+            m.v_head_dim
         ));
     }
     Ok(cfg.clone())
@@ -61,5 +76,16 @@ mod tests {
                 && e.contains("q_lora_rank: 384"),
             "{e}"
         );
+        // With RMS-normed latents and no bias it computes its mapping, and goes out as that.
+        let exact = resolved(
+            r#"{"n_embd": 768, "n_head": 12, "latent_attention": true, "norm_qk": true,
+                "norm_class_name": "RMSNorm", "bias": false}"#,
+        );
+        let out = model_config(&exact).unwrap();
+        assert!(
+            matches!(out.latent_attention, Some(LatentAttention::Dims(d))
+            if d.kv_lora_rank == 512 && d.q_lora_rank == Some(384))
+        );
+        assert_eq!(out.mla(), exact.mla());
     }
 }
