@@ -85,12 +85,9 @@ const SEED_EXACT: &[&str] = &[
     "--model_config.bias",
     "false",
 ];
-/// litgpt's LLaMA block with the mapping form's MLA and without biases: what DeepSeek-V2 holds
-/// (norm_eps 1e-6 as its latent norms have it, for exact logits); `q_lora_rank` as MAPPING's,
-/// or none (DeepSeek-V2-Lite's plain q_proj).
-const DEEPSEEK: &[&str] = &[
-    "--model_config.latent_attention",
-    MAPPING,
+/// litgpt's LLaMA block (TinyLlama's: RMSNorm, SwiGLU, sequential residual, no bias) at the
+/// tiny run's width, norm_eps 1e-6 as DeepSeek-V2's latent norms have it.
+const LLAMA_BLOCK: &[&str] = &[
     "--model_config.norm_class_name",
     "RMSNorm",
     "--model_config.norm_eps",
@@ -104,44 +101,30 @@ const DEEPSEEK: &[&str] = &[
     "--model_config.bias",
     "false",
 ];
-const DEEPSEEK_LITE: &[&str] = &[
-    "--model_config.latent_attention",
-    "{q_lora_rank: null, kv_lora_rank: 8, qk_rope_head_dim: 4, qk_nope_head_dim: 4, v_head_dim: 8}",
-    "--model_config.norm_class_name",
-    "RMSNorm",
-    "--model_config.norm_eps",
-    "1e-6",
-    "--model_config.mlp_class_name",
-    "LLaMAMLP",
-    "--model_config.intermediate_size",
-    "40",
-    "--model_config.parallel_residual",
-    "false",
-    "--model_config.bias",
-    "false",
-];
-/// litgpt's LLaMA block (TinyLlama's: RMSNorm, SwiGLU, sequential residual, full rotary, no
-/// bias) with GQA, at the tiny run's width.
-const LLAMA: &[&str] = &[
-    "--model_config.latent_attention",
-    "null",
-    "--model_config.norm_class_name",
-    "RMSNorm",
-    "--model_config.mlp_class_name",
-    "LLaMAMLP",
-    "--model_config.intermediate_size",
-    "40",
-    "--model_config.parallel_residual",
-    "false",
-    "--model_config.bias",
-    "false",
-    "--model_config.rotary_percentage",
-    "1.0",
-    "--model_config.n_head",
-    "4",
-    "--model_config.n_query_groups",
-    "2",
-];
+
+/// [`LLAMA_BLOCK`] with `latent_attention` (a mapping: what DeepSeek-V2 holds; or null) and
+/// `extra` overrides, as a [`checkpoint`] key.
+fn llama_block(latent: &'static str, extra: &[&'static str]) -> &'static [&'static str] {
+    let mut args = vec!["--model_config.latent_attention", latent];
+    args.extend(LLAMA_BLOCK);
+    args.extend(extra);
+    Box::leak(args.into_boxed_slice())
+}
+
+/// The LLaMA block's ordinary attention as TinyLlama has it: full rotary, GQA.
+fn llama() -> &'static [&'static str] {
+    llama_block(
+        "null",
+        &[
+            "--model_config.rotary_percentage",
+            "1.0",
+            "--model_config.n_head",
+            "4",
+            "--model_config.n_query_groups",
+            "2",
+        ],
+    )
+}
 
 fn mha_checkpoint() -> PathBuf {
     checkpoint(MHA)
@@ -266,9 +249,17 @@ fn exported_models_give_mlas_logits_and_loss_in_transformers() {
         (MHA, "GPTNeoXForCausalLM"),
         (GQA, "GPTNeoXForCausalLM"),
         (MQA, "GPTNeoXForCausalLM"),
-        (LLAMA, "LlamaForCausalLM"),
-        (DEEPSEEK, "DeepseekV2ForCausalLM"),
-        (DEEPSEEK_LITE, "DeepseekV2ForCausalLM"),
+        (llama(), "LlamaForCausalLM"),
+        (llama_block(MAPPING, &[]), "DeepseekV2ForCausalLM"),
+        // DeepSeek-V2-Lite's plain q_proj.
+        (
+            llama_block(
+                "{q_lora_rank: null, kv_lora_rank: 8, qk_rope_head_dim: 4, \
+                 qk_nope_head_dim: 4, v_head_dim: 8}",
+                &[],
+            ),
+            "DeepseekV2ForCausalLM",
+        ),
     ] {
         let ckpt = checkpoint(overrides);
         let dir = tempfile::tempdir().unwrap();
@@ -293,9 +284,7 @@ fn exported_models_give_mlas_logits_and_loss_in_transformers() {
 /// warning that says so; the seed's MLA and an MLA with biases are refused naming the field.
 #[test]
 fn deepseek_v2_export_says_what_it_cannot_hold_exactly() {
-    let mut eps = DEEPSEEK.to_vec();
-    eps.extend(["--model_config.norm_eps", "1e-5"]);
-    let eps: &'static [&'static str] = Box::leak(eps.into_boxed_slice());
+    let eps = llama_block(MAPPING, &["--model_config.norm_eps", "1e-5"]);
     let dir = tempfile::tempdir().unwrap();
     let out = export(&checkpoint(eps), &dir.path().join("eps"), "hf", &[]);
     ok(&out);

@@ -17,8 +17,8 @@
 //!
 //! Not here: files (trainer/src/interop/); the other forms (hf/).
 
-use super::{check_shared_options, Lookup};
-use crate::config::{LatentAttention, MlaDims, MlpClass, ModelConfig, NormClass};
+use super::{check_llama_block, check_shared_options, llama_block, Lookup};
+use crate::config::{LatentAttention, MlaDims, ModelConfig, NormClass};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use tch::Tensor;
@@ -129,15 +129,7 @@ pub fn config(cfg: &ModelConfig, separator: u32) -> Result<DeepseekV2Config, Str
         let key = if spec.up_bias { "bias" } else { "attn_bias" };
         return refuse(key, "DeepSeek-V2's MLA linears have no biases");
     }
-    if cfg.norm_class_name != NormClass::RMSNorm {
-        return refuse("norm_class_name", "DeepSeek-V2 has RMSNorm only");
-    }
-    if cfg.mlp_class_name != MlpClass::LLaMAMLP {
-        return refuse("mlp_class_name", "DeepSeek-V2 has LLaMAMLP (SwiGLU) only");
-    }
-    if cfg.parallel_residual {
-        return refuse("parallel_residual", "DeepSeek-V2's residual is sequential");
-    }
+    check_llama_block(cfg, "DeepSeek-V2")?;
     check_shared_options(cfg, "DeepSeek-V2")?;
     Ok(DeepseekV2Config {
         architectures: vec!["DeepseekV2ForCausalLM".into()],
@@ -167,9 +159,6 @@ pub fn config(cfg: &ModelConfig, separator: u32) -> Result<DeepseekV2Config, Str
 /// The mla model (litgpt's fields, resolved, `latent_attention` as a mapping) of a
 /// DeepSeek-V2 `config.json`, or one line naming what mla cannot build.
 pub fn model_config(hf: &DeepseekV2Config, name: &str) -> Result<ModelConfig, String> {
-    if hf.rope_scaling.is_some() {
-        return Err("rope_scaling: mla has no RoPE scaling".into());
-    }
     if hf.partial_rotary_factor.is_some_and(|f| f != 1.0) {
         return Err("partial_rotary_factor: mla rotates every qk_rope_head_dim dim".into());
     }
@@ -178,12 +167,6 @@ pub fn model_config(hf: &DeepseekV2Config, name: &str) -> Result<ModelConfig, St
             "first_k_dense_replace {} of {} layers: layers from there on are mixtures of \
              experts, and mla's MLPs are dense",
             hf.first_k_dense_replace, hf.num_hidden_layers
-        ));
-    }
-    if hf.hidden_act != "silu" {
-        return Err(format!(
-            "hidden_act {:?}: mla's LLaMAMLP is SwiGLU (silu)",
-            hf.hidden_act
         ));
     }
     if hf.attention_bias || hf.mlp_bias {
@@ -197,21 +180,9 @@ pub fn model_config(hf: &DeepseekV2Config, name: &str) -> Result<ModelConfig, St
     {
         return Err("num_key_value_heads: MLA has one K/V head per query head".into());
     }
+    let block = llama_block!(hf).model_config(name)?;
     let cfg = ModelConfig {
-        name: name.to_string(),
-        block_size: hf.max_position_embeddings,
-        n_layer: hf.num_hidden_layers,
-        n_embd: hf.hidden_size,
-        vocab_size: hf.vocab_size,
-        padded_vocab_size: Some(hf.vocab_size),
-        norm_class_name: NormClass::RMSNorm,
-        norm_eps: hf.rms_norm_eps,
-        parallel_residual: false,
-        n_head: hf.num_attention_heads,
-        rope_base: hf.rope_theta,
-        intermediate_size: Some(hf.intermediate_size),
         bias: false,
-        mlp_class_name: MlpClass::LLaMAMLP,
         latent_attention: Some(LatentAttention::Dims(MlaDims {
             q_lora_rank: hf.q_lora_rank,
             kv_lora_rank: hf.kv_lora_rank,
@@ -219,7 +190,7 @@ pub fn model_config(hf: &DeepseekV2Config, name: &str) -> Result<ModelConfig, St
             qk_nope_head_dim: hf.qk_nope_head_dim,
             v_head_dim: hf.v_head_dim,
         })),
-        ..ModelConfig::default()
+        ..block
     };
     cfg.resolve().map_err(|e| e.to_string())
 }
@@ -382,9 +353,9 @@ pub fn weights_in(
     let q_lora = cfg.mla().is_some_and(|m| m.q_lora_rank.is_some());
     let mut out = HashMap::new();
     for (ours, name) in pairs(cfg, q_lora) {
-        let t = match hf.get(&name) {
-            None if tied && name == HEAD.1 => theirs.get(EMBEDDING.1)?,
-            _ => theirs.get(&name)?,
+        let t = match name.as_str() {
+            n if n == HEAD.1 => theirs.head(HEAD.1, EMBEDDING.1, tied)?,
+            n => theirs.get(n)?,
         };
         out.insert(ours, t);
     }

@@ -209,12 +209,7 @@ pub fn weights_in(
             out.insert(format!("{ours}.{part}"), grouped_qkv(t, h, hs));
         }
     }
-    let head = match hf.0.get(HEAD.1) {
-        Some(t) => t.shallow_clone(),
-        None if tied => hf.get(EMBEDDING.1)?,
-        None => return Err(format!("no tensor {}", HEAD.1)),
-    };
-    out.insert(HEAD.0.into(), head);
+    out.insert(HEAD.0.into(), hf.head(HEAD.1, EMBEDDING.1, tied)?);
     Ok(out)
 }
 

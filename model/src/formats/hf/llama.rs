@@ -10,8 +10,8 @@
 //!
 //! Not here: files (trainer/src/interop/); the other forms (hf/).
 
-use super::{check_shared_options, Lookup};
-use crate::config::{MlpClass, ModelConfig, NormClass};
+use super::{check_llama_block, check_shared_options, llama_block, Lookup};
+use crate::config::ModelConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use tch::Tensor;
@@ -89,15 +89,7 @@ pub fn config(cfg: &ModelConfig, separator: u32) -> Result<LlamaConfig, String> 
             "Llama has no latent attention (MLA goes to Hugging Face as DeepSeek-V2)",
         );
     }
-    if cfg.norm_class_name != NormClass::RMSNorm {
-        return refuse("norm_class_name", "Llama has RMSNorm only");
-    }
-    if cfg.mlp_class_name != MlpClass::LLaMAMLP {
-        return refuse("mlp_class_name", "Llama has LLaMAMLP (SwiGLU) only");
-    }
-    if cfg.parallel_residual {
-        return refuse("parallel_residual", "Llama's residual is sequential");
-    }
+    check_llama_block(cfg, "Llama")?;
     if cfg.rope_n_elem() != cfg.head_size() {
         return refuse(
             "rotary_percentage",
@@ -137,43 +129,19 @@ pub fn config(cfg: &ModelConfig, separator: u32) -> Result<LlamaConfig, String> 
 /// The mla model (litgpt's fields, resolved) of a Llama `config.json`, or one line naming what
 /// mla cannot build.
 pub fn model_config(hf: &LlamaConfig, name: &str) -> Result<ModelConfig, String> {
-    if hf.rope_scaling.is_some() {
-        return Err("rope_scaling: mla has no RoPE scaling".into());
-    }
-    if hf.hidden_act != "silu" {
-        return Err(format!(
-            "hidden_act {:?}: mla's LLaMAMLP is SwiGLU (silu)",
-            hf.hidden_act
-        ));
-    }
     if hf.attention_bias != hf.mlp_bias {
         return Err("attention_bias and mlp_bias differ: litgpt's `bias` sets both alike".into());
     }
-    if hf.num_attention_heads == 0 {
-        return Err("num_attention_heads: must be positive".into());
-    }
+    let block = llama_block!(hf).model_config(name)?;
     let cfg = ModelConfig {
-        name: name.to_string(),
-        block_size: hf.max_position_embeddings,
-        n_layer: hf.num_hidden_layers,
-        n_embd: hf.hidden_size,
-        vocab_size: hf.vocab_size,
-        padded_vocab_size: Some(hf.vocab_size),
-        norm_class_name: NormClass::RMSNorm,
-        norm_eps: hf.rms_norm_eps,
-        parallel_residual: false,
-        n_head: hf.num_attention_heads,
         n_query_groups: Some(hf.num_key_value_heads.unwrap_or(hf.num_attention_heads)),
         head_size: Some(
             hf.head_dim
                 .unwrap_or(hf.hidden_size / hf.num_attention_heads),
         ),
-        rope_base: hf.rope_theta,
         rotary_percentage: 1.0,
-        intermediate_size: Some(hf.intermediate_size),
         bias: hf.attention_bias,
-        mlp_class_name: MlpClass::LLaMAMLP,
-        ..ModelConfig::default()
+        ..block
     };
     cfg.resolve().map_err(|e| e.to_string())
 }
@@ -284,12 +252,7 @@ pub fn weights_in(
             );
         }
     }
-    let head = match hf.get(HEAD.1) {
-        Some(t) => t.shallow_clone(),
-        None if tied => theirs.get(EMBEDDING.1)?,
-        None => return Err(format!("no tensor {}", HEAD.1)),
-    };
-    out.insert(HEAD.0.into(), head);
+    out.insert(HEAD.0.into(), theirs.head(HEAD.1, EMBEDDING.1, tied)?);
     Ok(out)
 }
 

@@ -12,7 +12,7 @@ pub mod deepseek_v2;
 pub mod gpt_neox;
 pub mod llama;
 
-use crate::config::{MlpClass, ModelConfig};
+use crate::config::{MlpClass, ModelConfig, NormClass};
 use std::collections::HashMap;
 use tch::Tensor;
 
@@ -151,6 +151,96 @@ pub(crate) fn check_shared_options(cfg: &ModelConfig, form: &str) -> Result<(), 
     Ok(())
 }
 
+/// The LLaMA block's checks, for Llama and DeepSeek-V2 alike: RMSNorm, SwiGLU, sequential
+/// residual, or one line naming the field `cfg` sets otherwise.
+pub(crate) fn check_llama_block(cfg: &ModelConfig, form: &str) -> Result<(), String> {
+    let refuse = |key: &str, why: String| Err(format!("model_config.{key}: {why}"));
+    if cfg.norm_class_name != NormClass::RMSNorm {
+        return refuse("norm_class_name", format!("{form} has RMSNorm only"));
+    }
+    if cfg.mlp_class_name != MlpClass::LLaMAMLP {
+        return refuse(
+            "mlp_class_name",
+            format!("{form} has LLaMAMLP (SwiGLU) only"),
+        );
+    }
+    if cfg.parallel_residual {
+        return refuse(
+            "parallel_residual",
+            format!("{form}'s residual is sequential"),
+        );
+    }
+    Ok(())
+}
+
+/// The [`LlamaBlock`] of a Llama or DeepSeek-V2 config (their fields share names).
+macro_rules! llama_block {
+    ($hf:expr) => {
+        $crate::formats::hf::LlamaBlock {
+            hidden_act: &$hf.hidden_act,
+            rope_scaling: $hf.rope_scaling.is_some(),
+            max_position_embeddings: $hf.max_position_embeddings,
+            num_hidden_layers: $hf.num_hidden_layers,
+            hidden_size: $hf.hidden_size,
+            vocab_size: $hf.vocab_size,
+            rms_norm_eps: $hf.rms_norm_eps,
+            num_attention_heads: $hf.num_attention_heads,
+            rope_theta: $hf.rope_theta,
+            intermediate_size: $hf.intermediate_size,
+        }
+    };
+}
+pub(crate) use llama_block;
+
+/// What a LLaMA-block `config.json` (Llama, DeepSeek-V2) says of the model, by its fields.
+pub(crate) struct LlamaBlock<'a> {
+    pub hidden_act: &'a str,
+    pub rope_scaling: bool,
+    pub max_position_embeddings: usize,
+    pub num_hidden_layers: usize,
+    pub hidden_size: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f64,
+    pub num_attention_heads: usize,
+    pub rope_theta: f64,
+    pub intermediate_size: usize,
+}
+
+impl LlamaBlock<'_> {
+    /// litgpt's fields of this block (the form adds its attention's), or one line naming what
+    /// mla cannot build.
+    pub fn model_config(&self, name: &str) -> Result<ModelConfig, String> {
+        if self.rope_scaling {
+            return Err("rope_scaling: mla has no RoPE scaling".into());
+        }
+        if self.hidden_act != "silu" {
+            return Err(format!(
+                "hidden_act {:?}: mla's LLaMAMLP is SwiGLU (silu)",
+                self.hidden_act
+            ));
+        }
+        if self.num_attention_heads == 0 {
+            return Err("num_attention_heads: must be positive".into());
+        }
+        Ok(ModelConfig {
+            name: name.to_string(),
+            block_size: self.max_position_embeddings,
+            n_layer: self.num_hidden_layers,
+            n_embd: self.hidden_size,
+            vocab_size: self.vocab_size,
+            padded_vocab_size: Some(self.vocab_size),
+            norm_class_name: NormClass::RMSNorm,
+            norm_eps: self.rms_norm_eps,
+            parallel_residual: false,
+            n_head: self.num_attention_heads,
+            rope_base: self.rope_theta,
+            intermediate_size: Some(self.intermediate_size),
+            mlp_class_name: MlpClass::LLaMAMLP,
+            ..ModelConfig::default()
+        })
+    }
+}
+
 /// Tensors by name, with the errors and fallbacks both directions need.
 pub(crate) struct Lookup<'a>(pub &'a HashMap<String, Tensor>);
 
@@ -160,6 +250,16 @@ impl Lookup<'_> {
             .get(name)
             .map(Tensor::shallow_clone)
             .ok_or_else(|| format!("no tensor {name}"))
+    }
+
+    /// The LM head `head`, or the input embedding `embedding` where the config ties them
+    /// (`tied`) and the file leaves the head out.
+    pub fn head(&self, head: &str, embedding: &str, tied: bool) -> Result<Tensor, String> {
+        match self.0.get(head) {
+            Some(t) => Ok(t.shallow_clone()),
+            None if tied => self.get(embedding),
+            None => Err(format!("no tensor {head}")),
+        }
     }
 
     /// The bias `name`, or zeros of `weight`'s output width where the model has none.
