@@ -923,13 +923,32 @@ impl RunConfig {
         serde_yaml_ng::to_string(self).unwrap_or_else(|e| format!("# unserializable config: {e}\n"))
     }
 
+    /// The world sizes (numbers of ranks) that split `train.global_batch_size` into whole
+    /// micro-batches of `train.micro_batch_size`: those a run, or its resume, can have.
+    pub fn world_sizes(&self) -> Vec<usize> {
+        let t = &self.train;
+        if t.micro_batch_size == 0 || !t.global_batch_size.is_multiple_of(t.micro_batch_size) {
+            return Vec::new();
+        }
+        let n = t.global_batch_size / t.micro_batch_size;
+        (1..=n).filter(|w| n.is_multiple_of(*w)).collect()
+    }
+
     /// Gradient-accumulation steps per optimizer step for `world_size` ranks.
     pub fn grad_accum_steps(&self, world_size: usize) -> Result<usize, String> {
         let t = &self.train;
         let per_step = t.micro_batch_size * world_size;
         if per_step == 0 || !t.global_batch_size.is_multiple_of(per_step) {
+            let can = match self.world_sizes() {
+                w if w.is_empty() => "none".to_string(),
+                w => w
+                    .iter()
+                    .map(|w| w.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            };
             return Err(format!(
-                "train.global_batch_size ({}) must be divisible by micro_batch_size × world size ({} × {world_size})",
+                "train.global_batch_size ({}) must be divisible by micro_batch_size × world size ({} × {world_size}); world sizes that can with this micro_batch_size: {can}",
                 t.global_batch_size, t.micro_batch_size
             ));
         }

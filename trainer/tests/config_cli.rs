@@ -128,7 +128,13 @@ fn litgpt_text_files_yaml_loads_unchanged() {
     assert_eq!(cfg.model().name, "pythia-14m");
     assert_eq!(cfg.grad_accum_steps(1), Ok(4));
     assert_eq!(cfg.grad_accum_steps(2), Ok(2));
-    assert!(cfg.grad_accum_steps(3).is_err());
+    // A world size that cannot split the global batch names those that can (issue 15).
+    assert_eq!(cfg.world_sizes(), [1, 2, 4]);
+    let e = cfg.grad_accum_steps(3).unwrap_err();
+    assert!(
+        e.ends_with("world sizes that can with this micro_batch_size: 1, 2, 4"),
+        "{e}"
+    );
 }
 
 /// A bad config: exit 2, one line on stderr naming the file and the key, no panic.

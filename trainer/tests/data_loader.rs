@@ -379,3 +379,59 @@ fn missing_index_says_to_run_prepare() {
         "{e}"
     );
 }
+
+/// The windows of each global batch after a resume, from a position a 2-rank run saved at a
+/// step boundary, whatever world size and micro-batch size continue it (issue 15): steps 21-40
+/// of 1 rank (4 micro-batches of 2), 2 ranks as saved, and 4 ranks (1 micro-batch of 2) hold
+/// the same set of windows as the straight 2-rank run's, across an epoch boundary.
+#[test]
+fn every_global_batch_after_a_resume_holds_the_same_windows_on_any_world_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 8 windows of 8 tokens per global batch, 29 windows per epoch: 40 steps span 11 epochs.
+    synthetic(tmp.path(), 8 * 29, 64, 1000, 70_000);
+    let ds = open(tmp.path());
+    let (block, global) = (7usize, 8usize);
+    // (micro, accum, world): every split of the 8-window global batch.
+    let step = |loaders: &mut Vec<TrainLoader>, accum: usize| -> Vec<u64> {
+        let mut windows = Vec::new();
+        for l in loaders.iter_mut() {
+            for _ in 0..accum {
+                windows.extend(windows_of(&l.next_micro_batch().unwrap(), block));
+            }
+        }
+        windows.sort_unstable();
+        windows
+    };
+    let ranks = |micro: usize, accum: usize, world: usize| -> Vec<TrainLoader> {
+        assert_eq!(micro * accum * world, global);
+        (0..world)
+            .map(|r| {
+                TrainLoader::new(ds.split(Split::Train), cfg(block, micro, accum, r, world))
+                    .unwrap()
+            })
+            .collect()
+    };
+    let mut straight = ranks(2, 2, 2);
+    let mut want = Vec::new();
+    let mut saved = None;
+    for s in 1..=40 {
+        let w = step(&mut straight, 2);
+        assert_eq!(w.len(), global);
+        if s > 20 {
+            want.push(w);
+        }
+        if s == 20 {
+            saved = Some(straight[0].state());
+            assert!(straight.iter().all(|l| l.state() == straight[0].state()));
+        }
+    }
+    let saved = saved.unwrap();
+    for (micro, accum, world) in [(2, 4, 1), (2, 2, 2), (2, 1, 4), (1, 2, 4)] {
+        let mut resumed = ranks(micro, accum, world);
+        for l in &mut resumed {
+            l.restore(&saved).unwrap();
+        }
+        let got: Vec<Vec<u64>> = (21..=40).map(|_| step(&mut resumed, accum)).collect();
+        assert_eq!(got, want, "{world} rank(s) × {accum} × {micro}");
+    }
+}

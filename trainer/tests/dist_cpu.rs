@@ -2,7 +2,9 @@
 //! shrunk (16-wide, 32-token blocks) with global batch 8 = micro 2 × accumulation × ranks:
 //! two ranks under `mla-launch` match one rank with 4× accumulation (losses and gradient norms
 //! to fp32 rounding, final weights within AdamW's bounds: see the test for why); `mpirun -np 2 mla train` without the launcher trains identically; a
-//! two-rank run stopped and resumed (`resume: auto`) is bit-exact; `kill -9` of rank 1 ends the
+//! two-rank run stopped and resumed (`resume: auto`) is bit-exact; a step-20 checkpoint resumes
+//! on another number of ranks (2 → 1, 1 → 2, local and s3://) with the straight run's losses to
+//! rounding, and 3 ranks that cannot split the global batch are refused; `kill -9` of rank 1 ends the
 //! launcher within 10 s naming rank 1 and leaves no process; SIGTERM to the launcher leaves a
 //! verified checkpoint of the step the ranks agreed on; a stalled peer becomes a timeout error;
 //! impossible backend choices are one-line errors (exit 2).
@@ -183,7 +185,11 @@ struct Record {
 }
 
 fn records(out_dir: &Path) -> Vec<Record> {
-    std::fs::read_to_string(out_dir.join("metrics.jsonl"))
+    records_in(&out_dir.join("metrics.jsonl"))
+}
+
+fn records_in(metrics: &Path) -> Vec<Record> {
+    std::fs::read_to_string(metrics)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
@@ -251,48 +257,15 @@ fn state(step_dir: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(step_dir.join("state.json")).unwrap()).unwrap()
 }
 
-/// The two-rank launcher run of 20 steps, shared by the tests that compare against it.
-struct LauncherRun {
-    _dir: tempfile::TempDir,
-    out: PathBuf,
-    secs: f64,
-}
-
-fn launcher_run(launcher: &Path) -> &'static LauncherRun {
-    static RUN: OnceLock<LauncherRun> = OnceLock::new();
-    RUN.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("launch");
-        let t0 = Instant::now();
-        ok(launch(launcher, &run_args(&out, STEPS, &[])));
-        LauncherRun {
-            secs: t0.elapsed().as_secs_f64(),
-            _dir: dir,
-            out,
-        }
-    })
-}
-
-#[test]
-fn two_launcher_ranks_match_one_rank_with_four_times_the_accumulation() {
-    let Some(launcher) = launcher() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let single = dir.path().join("single");
-    let t0 = Instant::now();
-    ok(one_rank(&run_args(&single, STEPS, &[])));
-    let single_secs = t0.elapsed().as_secs_f64();
-    let two = launcher_run(&launcher);
-    println!(
-        "{STEPS} steps: 1 rank {single_secs:.1} s, 2 ranks (mla-launch) {:.1} s",
-        two.secs
-    );
-
+/// The training records of two runs of the same global batches on other numbers of ranks (or
+/// other accumulation): the same steps, `steps` of them, with losses and gradient norms equal
+/// to fp32 rounding.
+fn assert_same_training_to_rounding(a: &[Record], b: &[Record], steps: u64) {
     // Why the bounds are what they are. One rank adds the four micro-batch gradients as
     // ((g1+g2)+g3)+g4, two ranks as (g1+g2)+(g3+g4), and the ranks run their kernels on other
     // thread counts: the same arithmetic in another order, so every gradient differs from the
     // other run's in its last bits (relative u = 2^-24 of the terms it sums), and nothing more.
-    let (a, b) = (records(&single), records(&two.out));
-    assert_eq!(a.len(), STEPS as usize);
+    assert_eq!(a.len(), steps as usize);
     assert_eq!(
         a.iter().map(|r| r.step).collect::<Vec<_>>(),
         b.iter().map(|r| r.step).collect::<Vec<_>>()
@@ -300,12 +273,12 @@ fn two_launcher_ranks_match_one_rank_with_four_times_the_accumulation() {
     let rel = |x: f64, y: f64| ((x - y) / x).abs();
     let worst_loss = a
         .iter()
-        .zip(&b)
+        .zip(b)
         .map(|(x, y)| rel(x.loss, y.loss))
         .fold(0.0, f64::max);
     let worst_norm = a
         .iter()
-        .zip(&b)
+        .zip(b)
         .map(|(x, y)| rel(x.grad_norm, y.grad_norm))
         .fold(0.0, f64::max);
     // Losses and pre-clip gradient norms: the same windows through weights that agree to
@@ -314,25 +287,20 @@ fn two_launcher_ranks_match_one_rank_with_four_times_the_accumulation() {
     // norm also catches what the weights cannot: AdamW is blind to the gradient's scale, so a
     // sum-instead-of-average bug leaves the weights alone but doubles the norm.
     const REL_TOL: f64 = 1e-5;
-    println!("Δ loss, relative, largest of {STEPS} steps: {worst_loss:.2e} (bound {REL_TOL:.1e})");
+    println!("Δ loss, relative, largest of {steps} steps: {worst_loss:.2e} (bound {REL_TOL:.1e})");
     println!(
-        "Δ gradient norm, relative, largest of {STEPS} steps: {worst_norm:.2e} (bound {REL_TOL:.1e})"
+        "Δ gradient norm, relative, largest of {steps} steps: {worst_norm:.2e} (bound {REL_TOL:.1e})"
     );
-    assert!(
-        worst_loss <= REL_TOL,
-        "losses differ: 1 rank {a:?}\n2 ranks {b:?}"
-    );
-    assert!(
-        worst_norm <= REL_TOL,
-        "gradient norms differ: 1 rank {a:?}\n2 ranks {b:?}"
-    );
+    assert!(worst_loss <= REL_TOL, "losses differ: {a:?}\n{b:?}");
+    assert!(worst_norm <= REL_TOL, "gradient norms differ: {a:?}\n{b:?}");
+}
 
-    let (wa, wb) = (
-        weights(&single.join("final")),
-        weights(&two.out.join("final")),
-    );
+/// The final weights of two such runs (`a`'s records for its learning rates), within what
+/// AdamW can make of gradients that differ in their last bits.
+fn assert_weights_within_adamw_bounds(a_step: &Path, b_step: &Path, a: &[Record]) {
+    let (wa, wb) = (weights(a_step), weights(b_step));
     assert_eq!(wa.len(), wb.len());
-    let (beta1, beta2) = adam_betas(&single.join("final"));
+    let (beta1, beta2) = adam_betas(a_step);
     // AdamW moves an element by lr_t·m̂/(√v̂ + eps) plus a decay that shrinks any difference;
     // |m̂/√v̂| ≤ A_t (Cauchy–Schwarz over the moments' sums) whatever the gradients. So an
     // element whose second moment sits at the rounding level (a rare token's embedding) can
@@ -373,6 +341,50 @@ fn two_launcher_ranks_match_one_rank_with_four_times_the_accumulation() {
     assert!(
         share <= APART_SHARE,
         "{apart} of {n} final weights differ by more than 1% of a step ({a_step_apart:e})"
+    );
+}
+
+/// The two-rank launcher run of 20 steps, shared by the tests that compare against it.
+struct LauncherRun {
+    _dir: tempfile::TempDir,
+    out: PathBuf,
+    secs: f64,
+}
+
+fn launcher_run(launcher: &Path) -> &'static LauncherRun {
+    static RUN: OnceLock<LauncherRun> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("launch");
+        let t0 = Instant::now();
+        ok(launch(launcher, &run_args(&out, STEPS, &[])));
+        LauncherRun {
+            secs: t0.elapsed().as_secs_f64(),
+            _dir: dir,
+            out,
+        }
+    })
+}
+
+#[test]
+fn two_launcher_ranks_match_one_rank_with_four_times_the_accumulation() {
+    let Some(launcher) = launcher() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let single = dir.path().join("single");
+    let t0 = Instant::now();
+    ok(one_rank(&run_args(&single, STEPS, &[])));
+    let single_secs = t0.elapsed().as_secs_f64();
+    let two = launcher_run(&launcher);
+    println!(
+        "{STEPS} steps: 1 rank {single_secs:.1} s, 2 ranks (mla-launch) {:.1} s",
+        two.secs
+    );
+
+    assert_same_training_to_rounding(&records(&single), &records(&two.out), STEPS);
+    assert_weights_within_adamw_bounds(
+        &single.join("final"),
+        &two.out.join("final"),
+        &records(&single),
     );
 
     let s = state(&two.out.join("final"));
@@ -462,6 +474,119 @@ fn a_two_rank_run_stopped_and_resumed_continues_bit_exactly() {
     assert_eq!(
         sha256(&resumed.join("final/model.safetensors")),
         sha256(&straight.join("final/model.safetensors"))
+    );
+}
+
+/// Elastic resume (issue 15): a run stopped at its step-20 checkpoint and resumed with
+/// `--resume auto` on another number of ranks, 2 → 1 and 1 → 2, in `out` (a local directory or
+/// an s3:// URL; `cwd` holds the metrics of an s3:// run). Returns both runs' records.
+fn stop_at_20_and_resume_elsewhere(
+    launcher: &Path,
+    cwd: &Path,
+    out: &str,
+    first_on_two: bool,
+) -> (Vec<Record>, String) {
+    let args = |extra: &[&str]| {
+        let mut a = run_args(Path::new(out), ELASTIC_STEPS, extra);
+        a.extend(["--train.save_interval".to_string(), "20".to_string()]);
+        a
+    };
+    let on = |two: bool, a: &[String]| {
+        let mut c = if two {
+            launch(launcher, a)
+        } else {
+            one_rank(a)
+        };
+        c.current_dir(cwd);
+        c
+    };
+    let mut first = on(first_on_two, &args(&[]));
+    first.env("MLA_TEST_STOP_AT_STEP", "20");
+    ok(first);
+    let second = ok(on(!first_on_two, &args(&["--resume", "auto"])));
+    let log = String::from_utf8_lossy(&second.stderr).into_owned();
+    let metrics = common::metrics_file(cwd, out);
+    let records = records_in(&metrics);
+    (records, log)
+}
+
+const ELASTIC_STEPS: u64 = 40;
+
+/// A 2-rank run's step-20 checkpoint resumes on 1 rank, and a 1-rank run's on 2 ranks, from a
+/// local out_dir and from s3:// (issue 15): steps 1-20 are the 2-rank straight run's bit for
+/// bit where they ran on 2 ranks, steps 21-40 (and the 1-rank halves) its losses and gradient
+/// norms to fp32 rounding with the same learning rates, the final weights within AdamW's bounds;
+/// the start-up log says what changed. A world size that cannot split the global batch is
+/// refused naming those that can.
+#[test]
+fn a_checkpoint_resumes_on_another_number_of_ranks_with_the_same_global_batches() {
+    let Some(launcher) = launcher() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let straight = dir.path().join("straight");
+    ok(launch(&launcher, &run_args(&straight, ELASTIC_STEPS, &[])));
+    let want = records(&straight);
+
+    let mut outs = vec![
+        (
+            dir.path()
+                .join("two-then-one")
+                .to_str()
+                .unwrap()
+                .to_string(),
+            true,
+        ),
+        (
+            dir.path()
+                .join("one-then-two")
+                .to_str()
+                .unwrap()
+                .to_string(),
+            false,
+        ),
+    ];
+    if let Some(s3) = common::s3_out_dir("elastic") {
+        outs.push((s3, true));
+    }
+    for (out, first_on_two) in outs {
+        println!(
+            "{out}: first half on {} rank(s)",
+            if first_on_two { 2 } else { 1 }
+        );
+        let (got, log) = stop_at_20_and_resume_elsewhere(&launcher, dir.path(), &out, first_on_two);
+        let (from, to) = if first_on_two { (2, 1) } else { (1, 2) };
+        assert!(
+            log.contains(&format!("was saved by {from} rank(s), this run has {to}")),
+            "{log}"
+        );
+        assert_same_training_to_rounding(&want, &got, ELASTIC_STEPS);
+        for (w, g) in want.iter().zip(&got) {
+            assert_eq!(w.lr, g.lr, "step {}: the schedule carries over", w.step);
+            if first_on_two && w.step <= 20 {
+                assert_eq!(w, g, "step {}: the same 2-rank run so far", w.step);
+            }
+        }
+        if !out.starts_with("s3://") {
+            let fin = Path::new(&out).join("final");
+            assert_weights_within_adamw_bounds(&straight.join("final"), &fin, &want);
+            let s = state(&fin);
+            assert_eq!(s["world_size"], to);
+            assert_eq!(s["loaders"].as_array().unwrap().len(), to);
+        }
+    }
+
+    // 3 ranks cannot split 8 sequences into micro-batches of 2.
+    let three = dir.path().join("three");
+    let mut c = clean(Command::new(&launcher));
+    c.args(["--device", "cpu", "--nproc", "3", "--mla"])
+        .arg(mla())
+        .args(["--config", &config()])
+        .args(run_args(&three, ELASTIC_STEPS, &[]));
+    let out = c.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("world sizes that can with this micro_batch_size: 1, 2, 4"),
+        "{err}"
     );
 }
 

@@ -818,20 +818,25 @@ fn warn_skipped(what: &str, skipped: &[mla_storage::SkippedStep]) {
     }
 }
 
-/// Refuse a checkpoint this run cannot continue: another world size, model or tokenizer.
+/// Refuse a checkpoint this run cannot continue: another model (embedding tying included) or
+/// tokenizer. Another world size is not one: the state is the same on any (issue 15).
 fn check_compatible(
     cfg: &RunConfig,
     loaded: &LoadedStep,
     url: &str,
-    world_size: usize,
     tokenizer_dir: &Path,
 ) -> anyhow::Result<()> {
-    let saved_world = loaded.manifest.world_size as usize;
-    if saved_world != world_size {
-        return Err(BadInput(format!(
-            "resume: {url} was saved by {saved_world} rank(s) but this run has {world_size}; resume with {saved_world} rank(s), or start a new run from its weights with initial_checkpoint_dir: {url}"
-        ))
-        .into());
+    let saved = loaded
+        .object(CONFIG_FILE)
+        .and_then(|b| RunConfig::from_yaml(&String::from_utf8_lossy(b), CONFIG_FILE, &[]).ok());
+    if let Some(saved) = &saved {
+        let (there, here) = (saved.model().tie_embeddings, cfg.model().tie_embeddings);
+        if there != here {
+            return Err(BadInput(format!(
+                "resume: {url} was trained with train.tie_embeddings {there}, this run has {here}; use the checkpoint's setting (its config.yaml)"
+            ))
+            .into());
+        }
     }
     if loaded.manifest.config_digest != config_digest(cfg) {
         let yaml = loaded
@@ -879,15 +884,14 @@ fn check_compatible(
 /// valid manifest, with an object that fails its checksum, or whose objects verify but do not
 /// load (an unparsable safetensors, a missing tensor) is passed over with a warning naming
 /// why, and the one before it is tried (issue 14: one bad step must not stop a resume, nor
-/// burn every restart of `mla-launch --max-restarts`). A step of another model, tokenizer or
-/// world size is refused (exit 2): an older step of the same run would be no different.
+/// burn every restart of `mla-launch --max-restarts`). A step of another model or tokenizer is
+/// refused (exit 2): an older step of the same run would be no different.
 /// Returns the step restored (URL and state) and how many were passed over.
 fn restore_newest(
     cfg: &RunConfig,
     store: &BlockingCheckpointStore,
     flat: &FlatParams,
     opt: &mut AdamW,
-    world_size: usize,
     tokenizer_dir: &Path,
 ) -> anyhow::Result<(Option<(String, Restored)>, usize)> {
     let steps = store
@@ -908,7 +912,7 @@ fn restore_newest(
         };
         let why = match loaded {
             Ok(l) => {
-                check_compatible(cfg, &l, &url, world_size, tokenizer_dir)?;
+                check_compatible(cfg, &l, &url, tokenizer_dir)?;
                 match restore(&l.objects, &url, flat, opt) {
                     Ok(r) => return Ok((Some((url, r)), skipped)),
                     Err(e) => format!("its objects verify but do not load: {e:#}"),
@@ -934,8 +938,7 @@ pub(crate) fn resume(
     let restored = match &cfg.resume {
         Resume::No => None,
         Resume::Auto | Resume::Latest => {
-            let (found, skipped) =
-                restore_newest(cfg, store, flat, opt, world_size, tokenizer_dir)?;
+            let (found, skipped) = restore_newest(cfg, store, flat, opt, tokenizer_dir)?;
             match found {
                 Some(found) => Some(found),
                 None if cfg.resume == Resume::Latest => {
@@ -963,7 +966,7 @@ pub(crate) fn resume(
         }
         Resume::Path(p) => {
             let (url, l) = load_location(p, "resume")?;
-            check_compatible(cfg, &l, &url, world_size, tokenizer_dir)?;
+            check_compatible(cfg, &l, &url, tokenizer_dir)?;
             Some((url.clone(), restore(&l.objects, &url, flat, opt)?))
         }
     };
@@ -972,6 +975,23 @@ pub(crate) fn resume(
             "resume: loaded {url} (step {}, {} tokens)",
             restored.state.step, restored.state.tokens_seen
         );
+        let saved_world = restored.state.world_size;
+        if saved_world != world_size {
+            info!(
+                "resume: {url} was saved by {saved_world} rank(s), this run has {world_size}: the step, schedule, optimizer state and global batches carry over; sums run in another order, so losses agree to rounding, not bit for bit"
+            );
+        }
+        let saved_batch = restored
+            .state
+            .loaders
+            .first()
+            .map(|p| p.global_batch_windows);
+        let batch = cfg.train.global_batch_size as u64;
+        if let Some(saved_batch) = saved_batch.filter(|&b| b != batch) {
+            warn!(
+                "resume: {url} was trained with train.global_batch_size {saved_batch}, this run has {batch}: the data position carries over, but the global batches and the schedule from here are not the straight run's"
+            );
+        }
         if let Some(dir) = &cfg.initial_checkpoint_dir {
             info!("initial_checkpoint_dir {dir} ignored: resuming from {url}");
         }

@@ -183,6 +183,7 @@ fn list(out_dir: &str, verify: bool, as_json: bool) -> anyhow::Result<()> {
                 "dir": i.step.to_string(),
                 "step": i.optimizer_step(),
                 "tokens": i.tokens_seen(),
+                "world_size": i.manifest.as_ref().map(|m| m.world_size),
                 "size_bytes": i.total_bytes,
                 "objects": i.object_count,
                 "status": status,
@@ -201,8 +202,8 @@ fn list(out_dir: &str, verify: bool, as_json: bool) -> anyhow::Result<()> {
     }
     writeln!(
         out,
-        "  {:<15} {:>9} {:>13} {:>11} {:>7}  status",
-        "dir", "step", "tokens", "size", "objects"
+        "  {:<15} {:>9} {:>13} {:>5} {:>11} {:>7}  status",
+        "dir", "step", "tokens", "ranks", "size", "objects"
     )?;
     for (info, row) in infos.iter().zip(&rows) {
         let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
@@ -212,10 +213,11 @@ fn list(out_dir: &str, verify: bool, as_json: bool) -> anyhow::Result<()> {
         }
         writeln!(
             out,
-            "  {:<15} {:>9} {:>13} {:>11} {:>7}  {status}",
+            "  {:<15} {:>9} {:>13} {:>5} {:>11} {:>7}  {status}",
             info.step.to_string(),
             opt(info.optimizer_step()),
             opt(info.tokens_seen()),
+            opt(info.manifest.as_ref().map(|m| u64::from(m.world_size))),
             human_bytes(info.total_bytes),
             info.object_count,
         )?;
@@ -301,6 +303,7 @@ fn inspect(step_dir: &str, as_json: bool) -> anyhow::Result<()> {
             "manifest": m,
             "state": state,
             "config": cfg,
+            "resumes_on_world_sizes": cfg.as_ref().map(RunConfig::world_sizes),
         });
         for (name, tensors, meta) in &files {
             doc[*name] = tensors_json(tensors, meta);
@@ -319,6 +322,16 @@ fn inspect(step_dir: &str, as_json: bool) -> anyhow::Result<()> {
         "  step {}, {} tokens, world size {}, created {}, config digest {}",
         m.step, m.tokens_seen, m.world_size, m.created, m.config_digest
     )?;
+    if let Some(cfg) = &cfg {
+        let sizes: Vec<String> = cfg.world_sizes().iter().map(|w| w.to_string()).collect();
+        writeln!(
+            out,
+            "  resumes on {} rank(s) at micro_batch_size {} (global batch {}; another micro_batch_size that divides it allows others)",
+            sizes.join(", "),
+            cfg.train.micro_batch_size,
+            cfg.train.global_batch_size
+        )?;
+    }
     for o in &m.objects {
         writeln!(
             out,

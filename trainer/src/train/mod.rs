@@ -297,7 +297,7 @@ impl Trainer {
             &tokenizer_dir,
         )? {
             let s = restored.state;
-            loader.restore(rank_position(&s.loaders, rank.rank)?)?;
+            loader.restore(step_position(&s.loaders, rank.world_size)?)?;
             state = TrainState {
                 world_size: rank.world_size,
                 ..s
@@ -777,21 +777,32 @@ fn loader_positions(
         .collect())
 }
 
-/// This rank's position from a checkpoint's `loaders`, which must hold one per rank, all equal.
-fn rank_position(loaders: &[LoaderPosition], rank: usize) -> Result<&LoaderPosition, BadInput> {
-    let mine = loaders.get(rank).ok_or_else(|| {
-        BadInput(format!(
-            "checkpoint state has {} loader position(s), rank {rank} needs its own",
-            loaders.len()
-        ))
-    })?;
-    if let Some((r, other)) = loaders.iter().enumerate().find(|(_, p)| *p != mine) {
+/// The data position a checkpoint's `loaders` (one per rank that saved it, all equal at a step
+/// boundary) give every rank of a run of `world_size`: the position counts global batches, so
+/// any world size that splits the global batch continues it (issue 15). A position inside a
+/// step (never saved, but refused) only continues on the world size that saved it.
+fn step_position(
+    loaders: &[LoaderPosition],
+    world_size: usize,
+) -> Result<&LoaderPosition, BadInput> {
+    let first = loaders
+        .first()
+        .ok_or_else(|| BadInput("checkpoint state has no loader position".into()))?;
+    if let Some((r, other)) = loaders.iter().enumerate().find(|(_, p)| *p != first) {
         return Err(BadInput(format!(
-            "checkpoint state: loader position of rank {r} (epoch {}, cursor {}, micro-step {}) differs from rank {rank}'s (epoch {}, cursor {}, micro-step {}); the checkpoint was not taken at a step boundary",
-            other.epoch, other.cursor, other.micro_step, mine.epoch, mine.cursor, mine.micro_step
+            "checkpoint state: loader position of rank {r} (epoch {}, cursor {}, micro-step {}) differs from rank 0's (epoch {}, cursor {}, micro-step {}); the checkpoint was not taken at a step boundary",
+            other.epoch, other.cursor, other.micro_step, first.epoch, first.cursor, first.micro_step
         )));
     }
-    Ok(mine)
+    if first.micro_step != 0 && loaders.len() != world_size {
+        return Err(BadInput(format!(
+            "checkpoint state: saved by {} rank(s) inside a step (micro-step {}); resume it with {} rank(s)",
+            loaders.len(),
+            first.micro_step,
+            loaders.len()
+        )));
+    }
+    Ok(first)
 }
 
 const NAN_GRAD_STEPS_ENV: &str = "MLA_TEST_NAN_GRAD_STEPS";
@@ -824,5 +835,40 @@ fn local_metrics_dir(cfg: &RunConfig) -> PathBuf {
         None => PathBuf::from(out),
         Some(("file", path)) => PathBuf::from(path),
         Some((_, rest)) => PathBuf::from(".cache/mla/runs").join(rest.replace('/', "_")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(cursor: u64, micro_step: u64) -> LoaderPosition {
+        LoaderPosition {
+            version: 1,
+            epoch: 0,
+            cursor,
+            micro_step,
+            seed: 7,
+            block_size: 8,
+            windows_per_epoch: 100,
+            global_batch_windows: 8,
+        }
+    }
+
+    /// A step-boundary position of 2 ranks continues on 1 or 4; one inside a step only on 2;
+    /// ranks that disagree are refused.
+    #[test]
+    fn a_step_position_continues_on_any_world_size_at_a_step_boundary() {
+        let two = [at(16, 0), at(16, 0)];
+        for world in [1, 2, 4] {
+            assert_eq!(step_position(&two, world).unwrap(), &at(16, 0));
+        }
+        let inside = [at(16, 1), at(16, 1)];
+        assert!(step_position(&inside, 2).is_ok());
+        let e = step_position(&inside, 4).unwrap_err().0;
+        assert!(e.contains("resume it with 2 rank(s)"), "{e}");
+        let e = step_position(&[at(16, 0), at(24, 0)], 2).unwrap_err().0;
+        assert!(e.contains("not taken at a step boundary"), "{e}");
+        assert!(step_position(&[], 1).is_err());
     }
 }
