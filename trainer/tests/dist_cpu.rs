@@ -544,15 +544,21 @@ fn a_checkpoint_resumes_on_another_number_of_ranks_with_the_same_global_batches(
             false,
         ),
     ];
-    if let Some(s3) = common::s3_out_dir("elastic") {
+    if let Some(s3) = common::s3_out_dir("elastic-2-1") {
         outs.push((s3, true));
     }
-    for (out, first_on_two) in outs {
+    if let Some(s3) = common::s3_out_dir("elastic-1-2") {
+        outs.push((s3, false));
+    }
+    for (i, (out, first_on_two)) in outs.into_iter().enumerate() {
         println!(
             "{out}: first half on {} rank(s)",
             if first_on_two { 2 } else { 1 }
         );
-        let (got, log) = stop_at_20_and_resume_elsewhere(&launcher, dir.path(), &out, first_on_two);
+        // Each run's own working directory: an s3:// run keeps its metrics under it.
+        let cwd = dir.path().join(format!("cwd-{i}"));
+        std::fs::create_dir(&cwd).unwrap();
+        let (got, log) = stop_at_20_and_resume_elsewhere(&launcher, &cwd, &out, first_on_two);
         let (from, to) = if first_on_two { (2, 1) } else { (1, 2) };
         assert!(
             log.contains(&format!("was saved by {from} rank(s), this run has {to}")),
