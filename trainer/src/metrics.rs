@@ -201,8 +201,74 @@ pub fn train_line(r: &TrainRecord, total_steps: Option<u64>) -> String {
     } else {
         String::new()
     };
+    // Time left at the window's speed: the steps to go × the tokens of one step ÷ tokens/s.
+    let eta = match total_steps {
+        Some(n) if n > r.step && r.step > 0 && r.tokens_per_sec > 0.0 => {
+            let secs_per_step = r.tokens as f64 / r.step as f64 / r.tokens_per_sec;
+            format!(
+                " | ETA {}",
+                short_duration((n - r.step) as f64 * secs_per_step)
+            )
+        }
+        _ => String::new(),
+    };
     format!(
-        "{step} | loss {:.4} | lr {:.3e} | grad norm {:.3} | {:.0} tok/s{mfu}{mem}{data}",
+        "{step} | loss {:.4} | lr {:.3e} | grad norm {:.3} | {:.0} tok/s{eta}{mfu}{mem}{data}",
         r.loss, r.lr, r.grad_norm, r.tokens_per_sec
     )
+}
+
+/// A duration for a log line: "45s", "3m07s", "1h02m", "2d03h".
+pub fn short_duration(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    match s {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s if s < 86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        s => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(step: u64, tokens_per_sec: f64) -> TrainRecord {
+        TrainRecord {
+            step,
+            tokens: step * 1000,
+            loss: 2.0,
+            lr: 1e-3,
+            grad_norm: 0.5,
+            tokens_per_sec,
+            mfu: None,
+            peak_memory_bytes: None,
+            elapsed_secs: 1.0,
+            skipped_steps: 0,
+            data_wait_frac: 0.0,
+        }
+    }
+
+    /// 1000 tokens a step at 100 tok/s is 10 s a step: 30 steps to go are 5 minutes. No total,
+    /// the last step or no speed yet: no ETA.
+    #[test]
+    fn the_line_says_the_time_left_at_the_windows_speed() {
+        let line = train_line(&record(10, 100.0), Some(40));
+        assert!(
+            line.contains("step 10/40") && line.contains("| ETA 5m00s"),
+            "{line}"
+        );
+        assert!(!train_line(&record(10, 100.0), None).contains("ETA"));
+        assert!(!train_line(&record(40, 100.0), Some(40)).contains("ETA"));
+        assert!(!train_line(&record(10, 0.0), Some(40)).contains("ETA"));
+    }
+
+    #[test]
+    fn durations_are_short() {
+        assert_eq!(short_duration(44.6), "45s");
+        assert_eq!(short_duration(187.0), "3m07s");
+        assert_eq!(short_duration(3720.0), "1h02m");
+        assert_eq!(short_duration(183_600.0), "2d03h");
+        assert_eq!(short_duration(-1.0), "0s");
+    }
 }
