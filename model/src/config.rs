@@ -79,6 +79,19 @@ pub struct MlaDims {
     pub qk_rope_head_dim: usize,
     pub qk_nope_head_dim: usize,
     pub v_head_dim: usize,
+    /// mla's own key (litgpt has no such field): `false` leaves out the RMSNorms on the latents,
+    /// which a model converted from MHA/GQA by a factorisation computes without (issue 11).
+    /// Default true; written only when false, so the mapping stays litgpt's otherwise.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub latent_norm: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 /// The `latent_attention` key: `true`/`false`, or the DeepSeek-named mapping.
@@ -716,7 +729,7 @@ impl ModelConfig {
                 v_head_dim: d.v_head_dim,
                 down_bias: self.attn_bias,
                 up_bias: self.bias,
-                latent_norm: Some(NormClass::RMSNorm),
+                latent_norm: d.latent_norm.then_some(NormClass::RMSNorm),
             }),
         }
     }
@@ -759,6 +772,31 @@ impl ModelConfig {
 
 #[cfg(test)]
 mod tests {
+
+    /// `latent_norm: false` (mla's own key) drops both latent norms; the mapping without it
+    /// keeps them and is written exactly as litgpt's, with no `latent_norm` key.
+    #[test]
+    fn latent_norm_false_drops_the_latent_norms_and_is_written_only_when_false() {
+        let dims = r#""kv_lora_rank": 8, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4,
+            "v_head_dim": 8"#;
+        let plain: ModelConfig = serde_json::from_str(&format!(
+            r#"{{"n_embd": 32, "n_head": 4, "latent_attention": {{{dims}}}}}"#
+        ))
+        .unwrap();
+        let bare: ModelConfig = serde_json::from_str(&format!(
+            r#"{{"n_embd": 32, "n_head": 4, "latent_attention": {{{dims}, "latent_norm": false}}}}"#
+        ))
+        .unwrap();
+        assert_eq!(plain.mla().unwrap().latent_norm, Some(NormClass::RMSNorm));
+        assert_eq!(bare.mla().unwrap().latent_norm, None);
+        assert!(!serde_json::to_string(&plain)
+            .unwrap()
+            .contains("latent_norm"));
+        assert!(serde_json::to_string(&bare)
+            .unwrap()
+            .contains(r#""latent_norm":false"#));
+        assert_eq!(plain.differences(&bare)[0].0, "latent_attention");
+    }
     use super::*;
 
     fn parse(json: &str) -> ModelConfig {

@@ -88,6 +88,7 @@ fn mla_compressed_cache_naive_and_absorbed_equal_uncached_forward() {
         tiny_mla_seed(true),
         tiny_mla_dims(Some(16)),
         tiny_mla_dims(None),
+        tiny_mla_dims_without_latent_norm(),
     ] {
         let naive = check(&cfg, MlaDecode::Naive);
         let absorbed = check(&cfg, MlaDecode::Absorbed);

@@ -99,9 +99,20 @@ pub fn tiny_mla_dims(q_lora_rank: Option<usize>) -> ModelConfig {
             qk_rope_head_dim: 4,
             qk_nope_head_dim: 6,
             v_head_dim: 10,
+            latent_norm: true,
         })),
         ..tiny(4)
     }
+}
+
+/// The mapping without latent norms (`latent_norm: false`, mla's own key: what a model
+/// converted from MHA computes), with biases.
+pub fn tiny_mla_dims_without_latent_norm() -> ModelConfig {
+    let mut cfg = tiny_mla_dims(Some(16));
+    if let Some(LatentAttention::Dims(d)) = &mut cfg.latent_attention {
+        d.latent_norm = false;
+    }
+    cfg
 }
 
 /// A model on [`test_device`] with every parameter drawn from N(0, NOISE_STD²) (norm weights

@@ -47,6 +47,7 @@ fn mla_mapping_pythia_160m_counts_as_litgpt_0_5_13() {
         qk_rope_head_dim: 32,
         qk_nope_head_dim: 32,
         v_head_dim: 64,
+        latent_norm: true,
     })));
     assert_eq!(parameters(&cfg), 160_264_704);
 }
@@ -61,6 +62,7 @@ fn analytic_count_equals_built_model_for_every_variant() {
         tiny_mla_seed(true),
         tiny_mla_dims(Some(16)),
         tiny_mla_dims(None),
+        tiny_mla_dims_without_latent_norm(),
         ModelConfig {
             mlp_class_name: mla_model::config::MlpClass::LLaMAMLP,
             norm_class_name: mla_model::config::NormClass::RMSNorm,

@@ -23,6 +23,7 @@ pub fn model_config(cfg: &ModelConfig) -> Result<ModelConfig, String> {
             qk_rope_head_dim: m.qk_rope_head_dim,
             qk_nope_head_dim: m.qk_nope_head_dim,
             v_head_dim: m.v_head_dim,
+            latent_norm: true,
         };
         let mapping = ModelConfig {
             latent_attention: Some(LatentAttention::Dims(dims)),
@@ -43,6 +44,16 @@ pub fn model_config(cfg: &ModelConfig) -> Result<ModelConfig, String> {
             m.qk_nope_head_dim,
             m.v_head_dim
         ));
+    }
+    if let Some(LatentAttention::Dims(d)) = cfg.latent_attention {
+        if !d.latent_norm {
+            return Err(
+                "model_config.latent_attention.latent_norm: false is mla's own (latents without \
+                 RMSNorm, as a model converted from MHA has them); litgpt's MLA always normalizes \
+                 its latents"
+                    .into(),
+            );
+        }
     }
     Ok(cfg.clone())
 }
@@ -87,5 +98,14 @@ mod tests {
             if d.kv_lora_rank == 512 && d.q_lora_rank == Some(384))
         );
         assert_eq!(out.mla(), exact.mla());
+        // mla's own latent_norm: false has no litgpt form.
+        let bare = resolved(
+            r#"{"n_embd": 64, "n_head": 4, "latent_attention": {"q_lora_rank": null,
+                "kv_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+                "v_head_dim": 16, "latent_norm": false}}"#,
+        );
+        assert!(model_config(&bare)
+            .unwrap_err()
+            .contains("latent_norm: false"));
     }
 }

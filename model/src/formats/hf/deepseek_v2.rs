@@ -122,7 +122,8 @@ pub fn config(cfg: &ModelConfig, separator: u32) -> Result<DeepseekV2Config, Str
         return refuse(
             "latent_attention",
             "DeepSeek-V2 RMS-normalizes both latents, which the seed's `true` does only with \
-             norm_qk and RMSNorm; train the mapping form to export",
+             norm_qk and RMSNorm (and the mapping only without latent_norm: false); train the \
+             mapping form to export",
         );
     }
     if spec.down_bias || spec.up_bias {
@@ -189,6 +190,7 @@ pub fn model_config(hf: &DeepseekV2Config, name: &str) -> Result<ModelConfig, St
             qk_rope_head_dim: hf.qk_rope_head_dim,
             qk_nope_head_dim: hf.qk_nope_head_dim,
             v_head_dim: hf.v_head_dim,
+            latent_norm: true,
         })),
         ..block
     };
