@@ -50,8 +50,21 @@ pub fn model(repo: &str, root: &Path, opts: &DownloadOptions) -> anyhow::Result<
         .map_err(|e| BadInput(format!("{repo}: config.json: {e}; nothing was downloaded")))?;
 
     let mut got = Tally::default();
+    let tokenizer_files = ["tokenizer.json", "tokenizer_config.json"].map(|f| dir.join(f));
+    let before = tokenizer_files.clone().map(|f| f.is_file());
     match download_tokenizer(repo, root, opts) {
-        Ok(_) => {}
+        Ok(_) => {
+            for (file, was) in tokenizer_files.iter().zip(before) {
+                match (was, std::fs::metadata(file)) {
+                    (true, _) => got.kept += 1,
+                    (false, Ok(m)) => {
+                        got.fetched += 1;
+                        got.bytes += m.len();
+                    }
+                    (false, Err(_)) => {} // the repository has no tokenizer_config.json
+                }
+            }
+        }
         Err(DataError::Download {
             status: Some(404), ..
         }) => tracing::warn!(
