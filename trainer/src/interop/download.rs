@@ -97,8 +97,8 @@ struct Tally {
 }
 
 impl Tally {
-    /// `file` of `url` into `dir` unless it is there. `Ok(false)`: the repository has no such
-    /// file (404).
+    /// `url` into `dest` unless `dest` is there. `Ok(false)`: the repository has no such file
+    /// (404).
     fn fetch(&mut self, url: &str, dest: &Path, opts: &DownloadOptions) -> Result<bool, DataError> {
         if dest.is_file() {
             self.kept += 1;
@@ -117,6 +117,7 @@ impl Tally {
         }
     }
 
+    /// `url`'s file into `dir` if the repository has it.
     fn fetch_optional(
         &mut self,
         url: &str,

@@ -273,8 +273,8 @@ enum RopeRows {
     AfterLatent,
 }
 
-/// Rotate-half order → adjacent pairs (`to_pairs`), or back: of the `dr` rows starting at
-/// `start` of `t`'s `rows`-row blocks (each head's, or the one block of kv_a).
+/// Rotate-half order → adjacent pairs (`to_pairs`), or back: the `dr` rows from `start` of each
+/// of `t`'s `block`-row blocks (each query head's, or kv_a's one block); other rows stay.
 fn permute_rope(t: &Tensor, block: i64, start: i64, dr: i64, to_pairs: bool) -> Tensor {
     let cols = t.size()[1];
     let blocks = t.size()[0] / block;
