@@ -146,17 +146,22 @@ pub fn model_config(hf: &LlamaConfig, name: &str) -> Result<ModelConfig, String>
     cfg.resolve().map_err(|e| e.to_string())
 }
 
+/// The tensors of each linear layer: litgpt's `bias` gives every one a bias or none.
+fn parts(cfg: &ModelConfig) -> &'static [&'static str] {
+    if cfg.bias {
+        &["weight", "bias"]
+    } else {
+        &["weight"]
+    }
+}
+
 /// (mla, Llama) names of the tensors that travel as they are (norms and plain linears).
 fn pairs(cfg: &ModelConfig) -> Vec<(String, String)> {
     let mut out = vec![
         (EMBEDDING.0.to_string(), EMBEDDING.1.to_string()),
         ("transformer.ln_f.weight".into(), "model.norm.weight".into()),
     ];
-    let parts: &[&str] = if cfg.bias {
-        &["weight", "bias"]
-    } else {
-        &["weight"]
-    };
+    let parts = parts(cfg);
     for i in 0..cfg.n_layer {
         let (ours, theirs) = (format!("transformer.h.{i}"), format!("model.layers.{i}"));
         for (a, b) in [
@@ -199,11 +204,7 @@ pub fn weights_out(
     for (mine, theirs) in pairs(cfg) {
         out.push((theirs, ours.get(&mine)?));
     }
-    let parts: &[&str] = if cfg.bias {
-        &["weight", "bias"]
-    } else {
-        &["weight"]
-    };
+    let parts = parts(cfg);
     for i in 0..cfg.n_layer {
         for part in parts {
             let qkv = ours.get(&format!("transformer.h.{i}.attn.qkv.{part}"))?;
@@ -229,11 +230,7 @@ pub fn weights_in(
     for (ours, name) in pairs(cfg) {
         out.insert(ours, theirs.get(&name)?);
     }
-    let parts: &[&str] = if cfg.bias {
-        &["weight", "bias"]
-    } else {
-        &["weight"]
-    };
+    let parts = parts(cfg);
     let rows = qkv_rows(cfg);
     for i in 0..cfg.n_layer {
         for part in parts {
