@@ -177,6 +177,26 @@ impl Gpt {
         self.ln_f.forward(&x)
     }
 
+    /// Each block's attention input, norm_1(x) (B, T, C), for token ids (B, T): what the
+    /// MHA → MLA conversion calibrates on ([`crate::convert::Calibration`]). Run under
+    /// `tch::no_grad`. Panics if T > block_size, as [`Gpt::hidden`].
+    pub fn attention_inputs(&self, idx: &Tensor) -> Vec<Tensor> {
+        let t = idx.size()[1];
+        let (cos, sin) = self.rope.slice(0, t);
+        let mut x = self.embed(idx);
+        let mut inputs = Vec::with_capacity(self.blocks.len());
+        for block in &self.blocks {
+            x = block.forward_with(&x, |xn| {
+                inputs.push(xn.shallow_clone());
+                match &block.attn {
+                    Attention::Standard(a) => a.forward(xn, &cos, &sin),
+                    Attention::Latent(a) => a.forward(xn, &cos, &sin),
+                }
+            });
+        }
+        inputs
+    }
+
     /// Logits (…, V) for hidden states (…, C).
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
         self.lm_head.forward(hidden)

@@ -9,6 +9,7 @@
 mod attention;
 pub mod cache;
 pub mod config;
+pub mod convert;
 pub mod formats;
 mod gpt;
 mod layers;
