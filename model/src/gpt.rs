@@ -153,6 +153,11 @@ impl Gpt {
         &self.cfg
     }
 
+    /// The device the parameters live on.
+    pub fn device(&self) -> tch::Device {
+        self.lm_head.ws.device()
+    }
+
     fn embed(&self, idx: &Tensor) -> Tensor {
         let x = self.wte.forward(idx); // (B, T, C)
         if self.cfg.scale_embeddings {
@@ -225,7 +230,7 @@ impl Gpt {
         kind: Kind,
     ) -> Result<InferenceCache, ModelError> {
         self.check_len(capacity)?;
-        let device = self.lm_head.ws.device();
+        let device = self.device();
         let layers = self
             .blocks
             .iter()

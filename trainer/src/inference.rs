@@ -168,7 +168,7 @@ fn load_foreign(
 }
 
 /// The model of `cfg` with `tensors` (by litgpt name) copied in, on `device` in `kind`.
-fn build(
+pub(crate) fn build(
     cfg: &RunConfig,
     tensors: &HashMap<String, Tensor>,
     what: &str,

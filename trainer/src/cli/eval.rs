@@ -13,7 +13,8 @@ use crate::device::{self, DeviceKind};
 use crate::error::BadInput;
 use crate::inference::{self, InferencePrecision};
 use anyhow::Context;
-use std::path::PathBuf;
+use mla_model::Gpt;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::Tensor;
 
@@ -64,19 +65,13 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         SplitArg::Train => Split::Train,
         SplitArg::Val => Split::Val,
     };
-    let data = args.data.to_string_lossy();
-    let remote = remote_url(&data);
-    if remote.is_none() && !args.data.exists() {
+    if remote_url(&args.data.to_string_lossy()).is_none() && !args.data.exists() {
         return Err(BadInput(format!("--data {}: does not exist", args.data.display())).into());
     }
     // Outlives the dataset read from it.
     let tmp = tempfile::tempdir().context("temp dir for the tokenized --data")?;
-    let (dataset, split) = if let Some(url) = remote {
-        // Shard checksums remembered as for runs whose out_dir is on object storage.
-        let memo = PathBuf::from(".cache/mla/data/remote-sha256");
-        (open_remote(url, Some(memo), OpenOptions::default())?, split)
-    } else if is_prepared(&args.data) {
-        (Dataset::open(&args.data)?, split)
+    let (dataset, split) = if let Some(d) = open_prepared(&args.data)? {
+        (d, split)
     } else {
         // The checkpoint's own tokenizer (with its tokenizer_config.json: the same separator
         // as in training), and the text as the val split only: nothing is tokenized twice.
@@ -103,24 +98,8 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         args.max_iters,
     )?;
     let started = Instant::now();
-    let (mut sum, mut n) = (0.0, 0u64);
-    tch::no_grad(|| -> anyhow::Result<()> {
-        for batch in loader.iter() {
-            let t = Tensor::from_slice(&batch?)
-                .view([args.micro_batch_size as i64, seq_len as i64 + 1])
-                .to_device(device);
-            let (x, y) = (
-                t.narrow(1, 0, seq_len as i64),
-                t.narrow(1, 1, seq_len as i64),
-            );
-            // Chunked over the vocabulary projection: no (B·T, V) fp32 logits at once.
-            let autocast = inference::autocast(args.precision, device);
-            sum += crate::train::loss::mean_loss(&m.model, &x, &y, autocast).double_value(&[]);
-            n += 1;
-        }
-        Ok(())
-    })?;
-    let loss = sum / n.max(1) as f64;
+    let autocast = inference::autocast(args.precision, device);
+    let (loss, n) = mean_loss(&m.model, &loader, args.micro_batch_size, seq_len, autocast)?;
     let tokens = n * (args.micro_batch_size * seq_len) as u64;
     if args.json {
         println!(
@@ -136,4 +115,44 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A prepared dataset at `data`: an object-store URL, or a local directory `mla prepare` wrote
+/// (`None` for anything else: text files to tokenize).
+pub(super) fn open_prepared(data: &Path) -> anyhow::Result<Option<Dataset>> {
+    if let Some(url) = remote_url(&data.to_string_lossy()) {
+        // Shard checksums remembered as for runs whose out_dir is on object storage.
+        let memo = PathBuf::from(".cache/mla/data/remote-sha256");
+        return Ok(Some(open_remote(url, Some(memo), OpenOptions::default())?));
+    }
+    Ok(is_prepared(data).then(|| Dataset::open(data)).transpose()?)
+}
+
+/// Mean next-token loss of `model` over the windows of `loader` (each `micro_batch_size` rows
+/// of `seq_len` + 1 tokens), and how many batches it took.
+pub(super) fn mean_loss(
+    model: &Gpt,
+    loader: &EvalLoader,
+    micro_batch_size: usize,
+    seq_len: usize,
+    autocast: bool,
+) -> anyhow::Result<(f64, u64)> {
+    let device = model.device();
+    let (mut sum, mut n) = (0.0, 0u64);
+    tch::no_grad(|| -> anyhow::Result<()> {
+        for batch in loader.iter() {
+            let t = Tensor::from_slice(&batch?)
+                .view([micro_batch_size as i64, seq_len as i64 + 1])
+                .to_device(device);
+            let (x, y) = (
+                t.narrow(1, 0, seq_len as i64),
+                t.narrow(1, 1, seq_len as i64),
+            );
+            // Chunked over the vocabulary projection: no (B·T, V) fp32 logits at once.
+            sum += crate::train::loss::mean_loss(model, &x, &y, autocast).double_value(&[]);
+            n += 1;
+        }
+        Ok(())
+    })?;
+    Ok((sum / n.max(1) as f64, n))
 }

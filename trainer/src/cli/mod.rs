@@ -3,6 +3,7 @@
 
 mod bench;
 mod ckpt;
+mod convert;
 mod download;
 mod eval;
 mod export;
@@ -45,6 +46,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Write a checkpoint as another program's model directory (litgpt, Hugging Face).
     Export(export::ExportArgs),
+    /// Convert a trained MHA/GQA/MQA model into MLA (`--to-mla`), ready to continue pretraining.
+    Convert(convert::ConvertArgs),
     /// Train one rank (what mla-launch spawns; run directly for a single rank or under srun/mpirun).
     Train(train::TrainArgs),
     /// List, verify and inspect checkpoints (an out_dir or step directory: path or s3:// URL).
@@ -89,6 +92,7 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(&a),
         Command::Eval(a) => eval::run(&a),
         Command::Export(a) => export::run(&a),
+        Command::Convert(a) => convert::run(&a),
         Command::Bench(a) => bench::run(&a, &overrides),
         Command::Study(a) => study::run(&a, &overrides),
         Command::Report(a) => report::run(&a),

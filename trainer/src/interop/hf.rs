@@ -12,12 +12,10 @@
 //! the tokenizer files (interop/mod.rs).
 
 use super::{cpu_weights, weight_bytes, write_dir, write_tokenizer, Exported};
-use crate::checkpoint::kind_to_dtype;
 use crate::error::BadInput;
 use crate::inference::LoadedModel;
 use anyhow::Context;
 use mla_model::formats::hf::HfConfig;
-use safetensors::tensor::TensorView;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -56,23 +54,6 @@ pub fn export(m: &LoadedModel, out: &Path, overwrite: bool) -> anyhow::Result<Ex
 
 /// `model.safetensors` with `format: pt` in its metadata, as `transformers` expects.
 fn write_safetensors(tensors: &[(String, tch::Tensor)], path: &Path) -> anyhow::Result<()> {
-    let mut data = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
-        let numel = t.numel();
-        let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
-        t.f_copy_data_u8(&mut bytes, numel)?;
-        let shape = t.size().iter().map(|&d| d as usize).collect::<Vec<_>>();
-        data.push((name.clone(), kind_to_dtype(t.kind())?, shape, bytes));
-    }
-    let views = data
-        .iter()
-        .map(|(name, dtype, shape, bytes)| {
-            TensorView::new(*dtype, shape.clone(), bytes).map(|v| (name.as_str(), v))
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .context("model.safetensors")?;
-    let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
-    safetensors::tensor::serialize_to_file(views, &meta, path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    let bytes = super::safetensors_bytes(tensors)?;
+    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
 }

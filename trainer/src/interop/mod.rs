@@ -15,9 +15,12 @@ pub mod import;
 pub mod litgpt;
 mod torch_pickle;
 
+use crate::checkpoint::kind_to_dtype;
 use crate::error::BadInput;
 use crate::inference::LoadedModel;
 use anyhow::Context;
+use safetensors::tensor::TensorView;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// What an export wrote.
@@ -136,4 +139,27 @@ pub(crate) fn weight_bytes(tensors: &[(String, tch::Tensor)]) -> u64 {
         .iter()
         .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
         .sum()
+}
+
+/// `tensors` as safetensors bytes, with `format: pt` in the metadata (as `transformers`
+/// expects; mla's own reader ignores it).
+pub(crate) fn safetensors_bytes(tensors: &[(String, tch::Tensor)]) -> anyhow::Result<Vec<u8>> {
+    let mut data = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let t = t.contiguous();
+        let numel = t.numel();
+        let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut bytes, numel)?;
+        let shape = t.size().iter().map(|&d| d as usize).collect::<Vec<_>>();
+        data.push((name.clone(), kind_to_dtype(t.kind())?, shape, bytes));
+    }
+    let views = data
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            TensorView::new(*dtype, shape.clone(), bytes).map(|v| (name.as_str(), v))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .context("model.safetensors")?;
+    let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    safetensors::tensor::serialize(views, &meta).context("model.safetensors")
 }
