@@ -62,7 +62,7 @@ for r in "${ranks[@]}"; do
   train "$work/finetune-$r" "$cfg" --initial_checkpoint_dir "$work/convert-$r-activations/final" \
     --train.max_steps "$ft" --train.lr_warmup_steps 10 --optimizer.init_args.lr 1.0e-3
   # The converted architecture from scratch, with the MHA run's recipe and all the tokens.
-  train "$work/scratch-$r" "$cfg" --train.max_steps $((steps + ft))
+  train "$work/scratch-$r" "$cfg" --initial_checkpoint_dir null --train.max_steps $((steps + ft))
 done
 
 tokens() { echo $(($1 * 16 * 128)); }

@@ -115,8 +115,8 @@ fn an_mqa_checkpoint_converts_without_changing_its_loss_and_trains_on() {
     let cfg = step.join("config.yaml");
     let yaml = std::fs::read_to_string(&cfg).unwrap();
     assert!(yaml.starts_with("# Converted from "), "{yaml}");
-    let run = dir.path().join("finetune");
-    // The converted config is the source run's with the converted model: a run config.
+    // The converted config is the source run's around the converted model, set to continue
+    // from the converted weights into OUT/pretrain.
     let trained_on = mla_in(
         dir.path(),
         &[
@@ -125,10 +125,6 @@ fn an_mqa_checkpoint_converts_without_changing_its_loss_and_trains_on() {
             "cpu",
             "--config",
             cfg.to_str().unwrap(),
-            "--initial_checkpoint_dir",
-            step.to_str().unwrap(),
-            "--out_dir",
-            run.to_str().unwrap(),
             "--train.max_steps",
             "2",
         ],
@@ -136,7 +132,7 @@ fn an_mqa_checkpoint_converts_without_changing_its_loss_and_trains_on() {
     );
     ok(&trained_on);
     assert!(stderr(&trained_on).contains("initial weights from"));
-    assert!(run.join("final/model.safetensors").exists());
+    assert!(out.join("pretrain/final/model.safetensors").exists());
 }
 
 #[test]

@@ -9,7 +9,7 @@
 
 use super::eval::{mean_loss, open_prepared};
 use crate::checkpoint::{config_digest, CONFIG_FILE, MODEL_FILE};
-use crate::config::RunConfig;
+use crate::config::{Resume, RunConfig};
 use crate::data::{EvalLoader, Split};
 use crate::device::{self, DeviceKind};
 use crate::error::BadInput;
@@ -63,9 +63,9 @@ pub struct ConvertArgs {
     /// Calibration batches of --data's train split.
     #[arg(long, default_value_t = 16)]
     calib_batches: u64,
-    /// Val batches for the loss before and after (default: all windows).
-    #[arg(long)]
-    eval_batches: Option<u64>,
+    /// Val batches for the loss before and after (0: every window of the val split).
+    #[arg(long, default_value_t = 50)]
+    eval_batches: u64,
     #[arg(long, default_value_t = 8)]
     micro_batch_size: usize,
     /// Replace an existing OUT/final.
@@ -109,6 +109,10 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
     let moments = match &data {
         Some(d) => {
             let t = Instant::now();
+            info!(
+                "calibrating on up to {} batches of {}…",
+                args.calib_batches, d.name
+            );
             let mut cal = Calibration::new(plan.source.n_layer, plan.source.n_embd);
             for batch in d.calibration.iter() {
                 let x = d.inputs(&batch?, device);
@@ -124,7 +128,10 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let loss_before = data.as_ref().map(|d| d.val_loss(&m.model)).transpose()?;
+    let before = data
+        .as_ref()
+        .map(|d| d.val_loss(&m.model, "before"))
+        .transpose()?;
 
     let weights =
         m.vs.variables()
@@ -135,13 +142,21 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
         .convert(&weights, moments.as_ref().map(|(m, _)| m.as_slice()))
         .map_err(|e| BadInput(format!("{}: {e}", m.source)))?;
 
+    // The source run's config around the converted model, set to continue pretraining from
+    // the converted weights into OUT/pretrain (a rerun resumes it).
+    let out = out_location(&args.out)?;
+    let what = format!("{out}/{}", StepName::Final);
     let mut cfg: RunConfig = m.cfg.clone();
     cfg.model_name = None;
     cfg.model_config = Some(plan.target.clone());
-    cfg.initial_checkpoint_dir = None;
-    let what = format!("{}/{}", store.url().trim_end_matches('/'), StepName::Final);
+    cfg.initial_checkpoint_dir = Some(what.clone());
+    cfg.out_dir = format!("{out}/pretrain");
+    cfg.resume = Resume::Auto;
     let (_vs, model) = inference::build(&cfg, &converted.weights, &what, device, Kind::Float)?;
-    let loss_after = data.as_ref().map(|d| d.val_loss(&model)).transpose()?;
+    let after = data
+        .as_ref()
+        .map(|d| d.val_loss(&model, "after"))
+        .transpose()?;
 
     let report = Report {
         source: &m.source,
@@ -149,8 +164,9 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
         plan: &plan,
         factor,
         calibration_tokens: moments.as_ref().map(|(_, tokens)| *tokens),
-        loss_before,
-        loss_after,
+        loss_before: before.map(|(l, _)| l),
+        loss_after: after.map(|(l, _)| l),
+        val_tokens: before.map(|(_, t)| t),
         layers: &converted.layers,
     };
     let json = report.json();
@@ -161,9 +177,10 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
         report.print();
     }
     info!(
-        "converted {} to MLA in {:.1} s: {what} (continue pretraining with initial_checkpoint_dir: {what}, model_config as in its {CONFIG_FILE})",
+        "converted {} to MLA in {:.1} s: {what}; continue pretraining with `mla-launch --config {what}/{CONFIG_FILE}` (initial_checkpoint_dir {what}, out_dir {})",
         m.source,
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        cfg.out_dir
     );
     Ok(())
 }
@@ -185,6 +202,17 @@ fn open_out(args: &ConvertArgs) -> anyhow::Result<BlockingCheckpointStore> {
         .into());
     }
     Ok(store)
+}
+
+/// OUT as the converted config names it: a URL as given, a local path made absolute (the
+/// config may be used from another directory).
+fn out_location(out: &str) -> anyhow::Result<String> {
+    let out = out.trim_end_matches('/');
+    if out.contains("://") {
+        return Ok(out.to_string());
+    }
+    let abs = std::path::absolute(out).with_context(|| format!("OUT {out}"))?;
+    Ok(abs.to_string_lossy().into_owned())
 }
 
 /// `--data`: the calibration and val windows.
@@ -227,7 +255,10 @@ impl Data {
         };
         Ok(Data {
             calibration: loader(Split::Train, Some(args.calib_batches))?,
-            val: loader(Split::Val, args.eval_batches)?,
+            val: loader(
+                Split::Val,
+                (args.eval_batches > 0).then_some(args.eval_batches),
+            )?,
             name,
             micro_batch_size: args.micro_batch_size,
             seq_len,
@@ -242,8 +273,17 @@ impl Data {
             .to_device(device)
     }
 
-    fn val_loss(&self, model: &mla_model::Gpt) -> anyhow::Result<f64> {
-        Ok(mean_loss(model, &self.val, self.micro_batch_size, self.seq_len, false)?.0)
+    /// Mean val loss of `model` and the positions it covered.
+    fn val_loss(&self, model: &mla_model::Gpt, which: &str) -> anyhow::Result<(f64, u64)> {
+        let t = Instant::now();
+        let (loss, batches) =
+            mean_loss(model, &self.val, self.micro_batch_size, self.seq_len, false)?;
+        let tokens = batches * (self.micro_batch_size * self.seq_len) as u64;
+        info!(
+            "val loss {which}: {loss:.4} over {tokens} positions ({:.1} s)",
+            t.elapsed().as_secs_f64()
+        );
+        Ok((loss, tokens))
     }
 }
 
@@ -309,6 +349,7 @@ struct Report<'a> {
     calibration_tokens: Option<u64>,
     loss_before: Option<f64>,
     loss_after: Option<f64>,
+    val_tokens: Option<u64>,
     layers: &'a [convert::LayerReport],
 }
 
@@ -340,7 +381,7 @@ impl Report<'_> {
                 "before": stats::parameters(src),
                 "after": stats::parameters(dst),
             },
-            "val_loss": { "before": self.loss_before, "after": self.loss_after },
+            "val_loss": { "before": self.loss_before, "after": self.loss_after, "tokens": self.val_tokens },
             "layers": self.layers.iter().map(|l| serde_json::json!({
                 "rope_energy_kept": l.rope_energy_kept,
                 "kv_energy_kept": l.kv_energy_kept,
@@ -383,7 +424,11 @@ impl Report<'_> {
             stats::parameters(dst)
         );
         match (self.loss_before, self.loss_after) {
-            (Some(b), Some(a)) => println!("val loss: {b:.4} → {a:.4} ({:+.4})", a - b),
+            (Some(b), Some(a)) => println!(
+                "val loss: {b:.4} → {a:.4} ({:+.4}) over {} positions",
+                a - b,
+                self.val_tokens.unwrap_or_default()
+            ),
             _ => println!("val loss: not measured (no --data)"),
         }
     }
