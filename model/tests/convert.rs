@@ -98,8 +98,15 @@ fn an_mqa_source_converts_exactly_at_full_rank() {
 
 #[test]
 fn mha_and_gqa_factor_exactly_at_full_rank_by_weights_and_by_activations() {
-    for groups in [4, 2] {
-        let cfg = tiny(groups);
+    // MHA and GQA with biases; GQA without (LLaMA-style) and with a fixed softmax scale
+    // (attention_scores_scalar: no query scaling).
+    let unbiased = ModelConfig {
+        bias: false,
+        attention_scores_scalar: Some(8),
+        ..tiny(2)
+    };
+    for cfg in [tiny(4), tiny(2), unbiased] {
+        let groups = cfg.n_query_groups();
         let (vs, src) = random_model(&cfg, 12);
         let w = weights(&vs);
         let moments = calibrate(&src, &cfg);

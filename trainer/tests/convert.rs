@@ -43,13 +43,19 @@ fn data() -> &'static str {
     prepared_data().to_str().unwrap()
 }
 
-/// The report `--json` prints, which is also the step's conversion.json.
-fn report(out: &std::process::Output, dir: &Path) -> Value {
-    let printed: Value = serde_json::from_str(&ok(out)).expect("--json prints JSON");
+/// Convert `src` into a new temp dir's `mla` with `extra` flags and `--json`: the dir, the
+/// out_dir and the report, which `--json` prints and the step keeps as conversion.json.
+fn converted(src: &Path, extra: &[&str]) -> (tempfile::TempDir, PathBuf, Value) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("mla");
+    let mut flags = extra.to_vec();
+    flags.push("--json");
+    let printed: Value =
+        serde_json::from_str(&ok(&convert(src, &out, &flags))).expect("--json prints JSON");
     let saved: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("final/conversion.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(out.join("final/conversion.json")).unwrap()).unwrap();
     assert_eq!(printed, saved);
-    printed
+    (dir, out, printed)
 }
 
 fn eval_loss(step: &Path, batches: &str) -> f64 {
@@ -70,16 +76,7 @@ fn eval_loss(step: &Path, batches: &str) -> f64 {
 #[test]
 fn an_mqa_checkpoint_converts_without_changing_its_loss_and_trains_on() {
     let src = trained(MQA);
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("mla");
-    let r = report(
-        &convert(
-            &src,
-            &out,
-            &["--data", data(), "--eval-batches", "4", "--json"],
-        ),
-        &out,
-    );
+    let (dir, out, r) = converted(&src, &["--data", data(), "--eval-batches", "4"]);
     assert_eq!(r["source_attention"], "MQA");
     // 2 layers; MQA's cache 2·1·8 per layer; MLA's C + Dr = min(2·1·8, 16) + 4.
     assert_eq!(r["kv_cache_values_per_token"]["before"], 32);
@@ -138,23 +135,16 @@ fn an_mqa_checkpoint_converts_without_changing_its_loss_and_trains_on() {
 #[test]
 fn an_mha_checkpoint_converts_to_a_smaller_cache_without_data() {
     let src = trained(MHA);
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("mla");
-    let r = report(
-        &convert(
-            &src,
-            &out,
-            &[
-                "--kv-lora-rank",
-                "8",
-                "--q-lora-rank",
-                "8",
-                "--rope-dims",
-                "2",
-                "--json",
-            ],
-        ),
-        &out,
+    let (_dir, out, r) = converted(
+        &src,
+        &[
+            "--kv-lora-rank",
+            "8",
+            "--q-lora-rank",
+            "8",
+            "--rope-dims",
+            "2",
+        ],
     );
     assert_eq!(r["source_attention"], "MHA");
     assert_eq!(r["kv_cache_values_per_token"]["before"], 2 * 2 * 2 * 8);
