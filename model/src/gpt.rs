@@ -79,6 +79,14 @@ impl Block {
     }
 }
 
+/// One block's uncached forward over positions 0..T with the RoPE tables (T, n).
+fn block_forward(block: &Block, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    block.forward_with(x, |xn| match &block.attn {
+        Attention::Standard(a) => a.forward(xn, cos, sin),
+        Attention::Latent(a) => a.forward(xn, cos, sin),
+    })
+}
+
 /// A litgpt-compatible GPT. Build it under a `VarStore` root path.
 #[derive(Debug)]
 pub struct Gpt {
@@ -174,12 +182,35 @@ impl Gpt {
         let (cos, sin) = self.rope.slice(0, t);
         let mut x = self.embed(idx);
         for block in &self.blocks {
-            x = block.forward_with(&x, |xn| match &block.attn {
-                Attention::Standard(a) => a.forward(xn, &cos, &sin),
-                Attention::Latent(a) => a.forward(xn, &cos, &sin),
-            });
+            x = block_forward(block, &x, &cos, &sin);
         }
         self.ln_f.forward(&x)
+    }
+
+    // The trunk of `hidden` in pieces, embedding → blocks → final norm, for a backward run
+    // in stages (the trainer's activation recomputation): the same operations in the same
+    // order, so the pieces chained give `hidden`'s values.
+
+    /// The scaled token embedding (B, T, C) of token ids (B, T).
+    pub fn embed_tokens(&self, idx: &Tensor) -> Tensor {
+        self.embed(idx)
+    }
+
+    /// Blocks in the trunk.
+    pub fn n_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Block `i` on hidden states (B, T, C) at positions 0..T. Panics if i ≥ n_blocks or
+    /// T > block_size.
+    pub fn block(&self, i: usize, x: &Tensor) -> Tensor {
+        let (cos, sin) = self.rope.slice(0, x.size()[1]);
+        block_forward(&self.blocks[i], x, &cos, &sin)
+    }
+
+    /// The final norm of the last block's output.
+    pub fn final_norm(&self, x: &Tensor) -> Tensor {
+        self.ln_f.forward(x)
     }
 
     /// Each block's attention input, norm_1(x) (B, T, C), for token ids (B, T): what the

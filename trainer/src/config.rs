@@ -268,6 +268,84 @@ pub struct TrainConfig {
     /// mla extension: abort after this many optimizer steps in a row skipped for a
     /// non-finite loss or gradient.
     pub max_nonfinite_steps: usize,
+    /// mla extension: which blocks run their forward again in the backward instead of keeping
+    /// their activations (train/recompute.rs). Written only when not `none`.
+    #[serde(skip_serializing_if = "ActivationCheckpointing::is_none")]
+    pub activation_checkpointing: ActivationCheckpointing,
+}
+
+/// `train.activation_checkpointing`: `none`, `blocks` (every block), or `{every_k: K}` (blocks
+/// 0, K, 2K, …; the others keep their activations, as torchtitan's selective layer option).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ActivationCheckpointing {
+    #[default]
+    None,
+    Blocks,
+    EveryK(usize),
+}
+
+impl Serialize for ActivationCheckpointing {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            ActivationCheckpointing::None => s.serialize_str("none"),
+            ActivationCheckpointing::Blocks => s.serialize_str("blocks"),
+            ActivationCheckpointing::EveryK(k) => {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("every_k", k)?;
+                m.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ActivationCheckpointing {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ActivationCheckpointing;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("`none`, `blocks` or `{every_k: K}`")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                match v {
+                    "none" => Ok(ActivationCheckpointing::None),
+                    "blocks" => Ok(ActivationCheckpointing::Blocks),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+                }
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut k = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "every_k" => k = Some(map.next_value::<usize>()?),
+                        other => return Err(serde::de::Error::unknown_field(other, &["every_k"])),
+                    }
+                }
+                k.map(ActivationCheckpointing::EveryK)
+                    .ok_or_else(|| serde::de::Error::missing_field("every_k"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl ActivationCheckpointing {
+    pub fn is_none(&self) -> bool {
+        *self == ActivationCheckpointing::None
+    }
+
+    /// Whether block `i` is recomputed.
+    pub fn recomputes(&self, i: usize) -> bool {
+        match *self {
+            ActivationCheckpointing::None => false,
+            ActivationCheckpointing::Blocks => true,
+            ActivationCheckpointing::EveryK(k) => i.is_multiple_of(k.max(1)),
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -288,6 +366,7 @@ impl Default for TrainConfig {
             max_norm: None,
             min_lr: 6e-5,
             max_nonfinite_steps: 10,
+            activation_checkpointing: ActivationCheckpointing::None,
         }
     }
 }
@@ -807,6 +886,12 @@ impl RunConfig {
         }
         if t.max_nonfinite_steps == 0 {
             bad("train.max_nonfinite_steps", "must be at least 1".into());
+        }
+        if t.activation_checkpointing == ActivationCheckpointing::EveryK(0) {
+            bad(
+                "train.activation_checkpointing.every_k",
+                "must be at least 1 (1 recomputes every block, as `blocks`)".into(),
+            );
         }
         if self.eval.interval == 0 {
             bad("eval.interval", "must be at least 1".into());

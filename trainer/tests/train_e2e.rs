@@ -1,7 +1,8 @@
 //! End-to-end training on CPU with the real TinyStories sample and the GPT-NeoX tokenizer
 //! (../shared/data): the debug config trains, evaluates and writes final/ with validation
 //! loss falling by ≥ 3 nats; greedy generation is identical for the naive, absorbed and
-//! uncached paths; two runs with one seed give identical losses; bad data and tokenizer
+//! uncached paths; two runs with one seed give identical losses, with activation recomputation
+//! too; bad data and tokenizer
 //! inputs end in one-line errors with exit code 2.
 
 use serde_json::Value;
@@ -178,23 +179,25 @@ fn debug_config_trains_evaluates_saves_and_generates_the_same_text_on_every_path
     assert!(bf16.split_whitespace().count() >= 20, "{bf16}");
 }
 
+/// One seed, one loss sequence; recomputing blocks in the backward
+/// (`train.activation_checkpointing`) changes memory and time, not a bit of the training
+/// (its gradients are the plain backward's: train::loss tests).
 #[test]
-fn same_seed_gives_identical_loss_sequences() {
-    let run = || {
+fn same_seed_gives_identical_loss_sequences_with_and_without_recomputation() {
+    let run = |extra: &[&str]| {
         let dir = tempfile::tempdir().unwrap();
-        ok(&train(
-            dir.path(),
-            &[
-                "--train.max_steps",
-                "6",
-                "--train.log_interval",
-                "1",
-                "--eval.initial_validation",
-                "false",
-                "--eval.max_iters",
-                "2",
-            ],
-        ));
+        let mut args = vec![
+            "--train.max_steps",
+            "6",
+            "--train.log_interval",
+            "1",
+            "--eval.initial_validation",
+            "false",
+            "--eval.max_iters",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        ok(&train(dir.path(), &args));
         let losses: Vec<f64> = metrics(dir.path())
             .iter()
             .filter_map(|r| r["loss"].as_f64())
@@ -202,8 +205,12 @@ fn same_seed_gives_identical_loss_sequences() {
         assert_eq!(losses.len(), 6);
         losses
     };
-    let (a, b) = (run(), run());
-    assert_eq!(a, b, "bit-identical losses for the same seed");
+    let a = run(&[]);
+    assert_eq!(a, run(&[]), "bit-identical losses for the same seed");
+    for policy in ["blocks", "{every_k: 2}"] {
+        let b = run(&["--train.activation_checkpointing", policy]);
+        assert_eq!(a, b, "activation_checkpointing {policy}");
+    }
 }
 
 /// Bad input: exit 2, one line on stderr naming `culprit`, no panic.

@@ -3,6 +3,8 @@
 //!
 //! Not here: accumulation, scaling across ranks and the optimizer step (train/mod.rs).
 
+use super::recompute::Staged;
+use crate::config::ActivationCheckpointing;
 use mla_model::Gpt;
 use tch::{Device, Kind, Reduction, Tensor};
 
@@ -64,8 +66,9 @@ pub(super) fn loss_and_backward(
     y: &Tensor,
     autocast: bool,
     scale: f64,
+    recompute: ActivationCheckpointing,
 ) -> Tensor {
-    chunked_loss_and_backward(model, x, y, autocast, scale, LOGITS_CHUNK_BYTES)
+    chunked_loss_and_backward(model, x, y, autocast, scale, LOGITS_CHUNK_BYTES, recompute)
 }
 
 /// [`loss_and_backward`] with the chunk size as a parameter (tests force several chunks).
@@ -76,16 +79,27 @@ fn chunked_loss_and_backward(
     autocast: bool,
     scale: f64,
     chunk_bytes: i64,
+    recompute: ActivationCheckpointing,
 ) -> Tensor {
-    let hidden = crate::autocast::bf16(autocast, || model.hidden(x)); // (B, T, C)
-                                                                      // A leaf cut from the trunk: the chunks' backward passes accumulate into its .grad.
+    // The trunk, whole or in stages (recompute.rs).
+    let (hidden, staged) = if recompute.is_none() {
+        let hidden = crate::autocast::bf16(autocast, || model.hidden(x)); // (B, T, C)
+        (hidden, None)
+    } else {
+        let staged = Staged::forward(model, x, autocast, recompute);
+        (staged.hidden.shallow_clone(), Some(staged))
+    };
+    // A leaf cut from the trunk: the chunks' backward passes accumulate into its .grad.
     let cut = hidden.detach().set_requires_grad(true);
     let rows = y.numel() as f64;
     let mean = chunk_losses(model, &cut, y, autocast, chunk_bytes, |chunk_sum| {
         (chunk_sum * (scale / rows)).backward();
     });
     // d(loss)/d(hidden) is in cut.grad; push it through the trunk.
-    (hidden * cut.grad()).sum(Kind::Float).backward();
+    match staged {
+        Some(staged) => staged.backward(&cut.grad()),
+        None => (hidden * cut.grad()).sum(Kind::Float).backward(),
+    }
     mean
 }
 
@@ -192,7 +206,15 @@ mod tests {
         (&reference * scale).backward();
         let expected = grads(&vs);
         // 48 rows of 128 padded logits (512 B each): chunks of 5 rows leave a remainder of 3.
-        let loss = chunked_loss_and_backward(&model, &x, &y, false, scale, 5 * 128 * 4);
+        let loss = chunked_loss_and_backward(
+            &model,
+            &x,
+            &y,
+            false,
+            scale,
+            5 * 128 * 4,
+            ActivationCheckpointing::None,
+        );
         let got = grads(&vs);
 
         // fp32 unit roundoff.
@@ -240,5 +262,59 @@ mod tests {
         println!(
             "Δ chunked loss's gradients, of their largest entry: {worst:.2e} (bound {grad_tol:.2e})"
         );
+    }
+
+    /// Recomputing blocks in the backward gives the plain backward's loss and gradients: the
+    /// recomputed forward repeats the first on the same input, and the staged backward pushes
+    /// the same gradients through the same graphs, so fp32 agrees to the last bit here (the
+    /// issue allows 1e-6 relative; a CPU kernel that chose another algorithm without autograd
+    /// would show as a difference at rounding level).
+    #[test]
+    fn recomputed_blocks_give_the_plain_backwards_gradients() {
+        for latent in [None, Some(LatentAttention::Flag(true))] {
+            let cfg = ModelConfig {
+                name: "t".into(),
+                block_size: 16,
+                n_layer: 4,
+                n_embd: 48,
+                n_head: 4,
+                vocab_size: 100,
+                padding_multiple: 64,
+                rotary_percentage: 0.5,
+                latent_attention: latent,
+                ..ModelConfig::default()
+            };
+            let vs = VarStore::new(Device::Cpu);
+            let model = Gpt::new(&vs.root(), &cfg).unwrap();
+            let x = Tensor::randint(100, [3, 16], (Kind::Int64, Device::Cpu));
+            let y = Tensor::randint(100, [3, 16], (Kind::Int64, Device::Cpu));
+            let run = |policy| {
+                let loss = loss_and_backward(&model, &x, &y, false, 0.5, policy);
+                (loss.double_value(&[]), grads(&vs))
+            };
+            let (loss, expected) = run(ActivationCheckpointing::None);
+            for policy in [
+                ActivationCheckpointing::Blocks,
+                ActivationCheckpointing::EveryK(2),
+                ActivationCheckpointing::EveryK(3),
+            ] {
+                let (l, got) = run(policy);
+                assert_eq!(l, loss, "{policy:?}: loss");
+                for ((name, e), (_, g)) in expected.iter().zip(&got) {
+                    let diff = (e - g).abs().max().double_value(&[]);
+                    let size = e.abs().max().double_value(&[]);
+                    assert!(size > 0.0, "{name} gets a gradient");
+                    assert!(
+                        diff <= 1e-6 * size,
+                        "{policy:?} {name}: max |diff| {diff:e} of {size:e}"
+                    );
+                }
+                let exact = expected.iter().zip(&got).all(|((_, e), (_, g))| e.equal(g));
+                println!(
+                    "{policy:?} (MLA: {}): gradients bit-identical: {exact}",
+                    latent.is_some()
+                );
+            }
+        }
     }
 }

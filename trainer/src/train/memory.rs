@@ -62,8 +62,22 @@ pub(crate) fn estimate(cfg: &RunConfig, param_kind: Kind, autocast: bool) -> Est
     );
     // Kept for the backward by every block, at least: its input and the normed input, the
     // attention output and the residual after it (4 × C), and the MLP's hidden state before
-    // and after the activation (2 × intermediate).
-    let activations = l * tokens * (4 * c + 2 * i) * a;
+    // and after the activation (2 × intermediate). A recomputed block keeps only its input
+    // (C) between the passes (recompute.rs). The backward frees each block's activations as
+    // it passes, so the peak is either at its start (every kept block, every input) or when
+    // the topmost recomputed block runs again (its activations, the inputs, and the kept
+    // blocks below it).
+    let per_block = tokens * (4 * c + 2 * i) * a;
+    let input = tokens * c * a;
+    let policy = cfg.train.activation_checkpointing;
+    let recomputed: Vec<u64> = (0..l).filter(|&b| policy.recomputes(b as usize)).collect();
+    let n_recomputed = recomputed.len() as u64;
+    let at_start = (l - n_recomputed) * per_block + n_recomputed * input;
+    let at_top = recomputed.last().map_or(0, |&top| {
+        let kept_below = top - recomputed.iter().filter(|&&b| b < top).count() as u64;
+        kept_below * per_block + n_recomputed * input + per_block
+    });
+    let activations = at_start.max(at_top);
     // One chunk of fp32 logits, its log-softmax and its gradient (loss.rs caps a chunk).
     let vocab = m.padded_vocab_size() as u64;
     let chunk = (tokens * vocab * 4).min(super::loss::LOGITS_CHUNK_BYTES as u64);
@@ -109,6 +123,28 @@ mod tests {
         let half = estimate(&cfg, Kind::BFloat16, false);
         assert_eq!(half.weights, 2 * n);
         assert_eq!(half.activations * 2, e.activations);
+        // Recomputing every block: 12 inputs (768 per token) and block 11's activations again;
+        // every 3rd block (0, 3, 6, 9): at the backward's start 8 kept blocks and 4 inputs
+        // (more than block 9 again over the 6 kept blocks below it).
+        let with = |policy: &str| {
+            let yaml =
+                format!("model_name: pythia-160m\ntrain: {{activation_checkpointing: {policy}}}\n");
+            let cfg = RunConfig::from_yaml(&yaml, "t.yaml", &[]).unwrap();
+            estimate(&cfg, Kind::Float, false).activations
+        };
+        let (tokens, block) = (4 * 2048, (4 * 768 + 2 * 3072) * 4);
+        assert_eq!(with("blocks"), tokens * (12 * 768 * 4 + block));
+        assert_eq!(with("{every_k: 3}"), tokens * (8 * block + 4 * 768 * 4));
+        let bad = RunConfig::from_yaml(
+            "model_name: pythia-160m\ntrain: {activation_checkpointing: {every_k: 0}}\n",
+            "t.yaml",
+            &[],
+        );
+        let err = format!("{:#}", bad.err().unwrap());
+        assert!(
+            err.contains("train.activation_checkpointing.every_k"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -25,6 +25,7 @@
 pub(crate) mod loss;
 pub(crate) mod memory;
 mod outdir;
+mod recompute;
 mod validation;
 
 use crate::budget::Budget;
@@ -464,7 +465,14 @@ impl Trainer {
             self.window.data_secs += data_start.elapsed().as_secs_f64();
             let (x, y) = tokens_to_batch(&tokens, self.micro, self.seq_len, device)?;
             let scale = 1.0 / (self.accum * world) as f64;
-            loss_sum += loss_and_backward(&self.t.model, &x, &y, self.autocast, scale);
+            loss_sum += loss_and_backward(
+                &self.t.model,
+                &x,
+                &y,
+                self.autocast,
+                scale,
+                self.cfg.train.activation_checkpointing,
+            );
         }
         if all_reduces(world, self.comm.as_ref()) {
             // One flat buffer for the bucketed all-reduce: gather (copy) the gradients into it.
