@@ -178,6 +178,31 @@ fn a_hugging_face_export_converts_to_the_bytes_its_checkpoint_does() {
     ok(&convert(&hf, &b, &["--kv-lora-rank", "12"]));
     let sha = |d: &Path| sha256_file(&d.join("final/model.safetensors"));
     assert_eq!(sha(&a), sha(&b));
+    // A foreign source has no run config: the converted one names the step's own tokenizer,
+    // and the data is named on the command line.
+    let cfg = b.join("final/config.yaml");
+    ok(&mla_in(
+        dir.path(),
+        &[
+            "train",
+            "--device",
+            "cpu",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--data",
+            "TinyStories",
+            "--data.data_path",
+            data(),
+            "--train.max_steps",
+            "1",
+            "--train.global_batch_size",
+            "2",
+            "--train.micro_batch_size",
+            "2",
+        ],
+        &[],
+    ));
+    assert!(b.join("pretrain/final/model.safetensors").exists());
 }
 
 #[test]

@@ -152,6 +152,10 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
     cfg.initial_checkpoint_dir = Some(what.clone());
     cfg.out_dir = format!("{out}/pretrain");
     cfg.resume = Resume::Auto;
+    if cfg.tokenizer_dir.is_none() && !out.contains("://") {
+        // A litgpt or HF source's run config names no tokenizer; the step carries its files.
+        cfg.tokenizer_dir = Some(what.clone());
+    }
     let (_vs, model) = inference::build(&cfg, &converted.weights, &what, device, Kind::Float)?;
     let after = data
         .as_ref()
