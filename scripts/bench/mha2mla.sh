@@ -48,6 +48,13 @@ loss() {
 
 start=$(date +%s)
 train "$work/mha" scripts/bench/mha2mla.yaml --train.max_steps "$steps"
+# Controls: the MHA model continued as the conversions are, and converted at full rank (exact
+# but for RoRoPE: what the positions alone cost).
+train "$work/mha-continued" scripts/bench/mha2mla.yaml --initial_checkpoint_dir "$work/mha/final" \
+  --train.max_steps "$ft" --train.lr_warmup_steps 10 --optimizer.init_args.lr 1.0e-4
+if [ ! -f "$work/convert-full/final/manifest.json" ]; then
+  "$MLA" convert "$work/mha/final" --to-mla "$work/convert-full" --data "$data" --calib-batches 16 --eval-batches 50
+fi
 for r in "${ranks[@]}"; do
   for f in activations weights; do
     c=$work/convert-$r-$f
@@ -58,9 +65,10 @@ for r in "${ranks[@]}"; do
     fi
   done
   cfg=$work/convert-$r-activations/final/config.yaml
-  # Continued pretraining: a short warmup to a third of the MHA run's peak rate, then cosine.
+  # Continued pretraining at the MHA run's final rate (its min_lr, 1e-4), after a short warmup:
+  # of 1e-4, 3e-4, 1e-3 and 3e-3 it recovered most (BENCHMARKS.md).
   train "$work/finetune-$r" "$cfg" --initial_checkpoint_dir "$work/convert-$r-activations/final" \
-    --train.max_steps "$ft" --train.lr_warmup_steps 10 --optimizer.init_args.lr 1.0e-3
+    --train.max_steps "$ft" --train.lr_warmup_steps 10 --optimizer.init_args.lr 1.0e-4
   # The converted architecture from scratch, with the MHA run's recipe and all the tokens.
   train "$work/scratch-$r" "$cfg" --initial_checkpoint_dir null --train.max_steps $((steps + ft))
 done
@@ -71,6 +79,11 @@ tokens() { echo $(($1 * 16 * 128)); }
   echo "|---|---|---|---|---|"
   mha=$(loss "$work/mha/final")
   printf '| MHA (4 × 128, 4 heads) | %d (100%%) | %s | %.4f | |\n' $((4 * 256)) "$(tokens "$steps")" "$mha"
+  printf '| MHA + %s steps as the fine-tunes | %d (100%%) | %s | %.4f | %+.4f |\n' "$ft" $((4 * 256)) \
+    "$(tokens $((steps + ft)))" "$(loss "$work/mha-continued/final")" "$("$PY" -c "print($(loss "$work/mha-continued/final") - $mha)")"
+  full=$(loss "$work/convert-full/final")
+  printf '| converted at full rank C=128 (exact but for RoRoPE), no fine-tune | %d (56%%) | %s | %.4f | %+.4f |\n' \
+    $((4 * 144)) "$(tokens "$steps")" "$full" "$("$PY" -c "print($full - $mha)")"
   for r in "${ranks[@]}"; do
     kv=$((4 * (r + 16)))
     pct=$((100 * (r + 16) / 256))
