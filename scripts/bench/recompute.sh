@@ -32,7 +32,7 @@ fi
 resize=()
 [ -n "$layers" ] && resize+=(--model_config.n_layer "$layers")
 [ -n "$width" ] && resize+=(--model_config.n_embd "$width")
-[ -n "$heads" ] && resize+=(--model_config.n_head "$heads")
+[ -n "$heads" ] && resize+=(--model_config.n_head "$heads" --model_config.n_query_groups "$heads")
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
