@@ -22,7 +22,7 @@ use mla_storage::{BlockingCheckpointStore, Bytes, ManifestMeta, StepName};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Kind, Tensor};
-use tracing::info;
+use tracing::{info, warn};
 
 /// The factorisation of the latent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -106,28 +106,10 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
         None => None,
     };
 
-    let moments = match &data {
-        Some(d) => {
-            let t = Instant::now();
-            info!(
-                "calibrating on up to {} batches of {}…",
-                args.calib_batches, d.name
-            );
-            let mut cal = Calibration::new(plan.source.n_layer, plan.source.n_embd);
-            for batch in d.calibration.iter() {
-                let x = d.inputs(&batch?, device);
-                cal.add(&tch::no_grad(|| m.model.attention_inputs(&x)));
-            }
-            info!(
-                "calibrated on {} positions of {} (train split) in {:.1} s",
-                cal.tokens(),
-                d.name,
-                t.elapsed().as_secs_f64()
-            );
-            Some((cal.moments(), cal.tokens()))
-        }
-        None => None,
-    };
+    let moments = data
+        .as_ref()
+        .map(|d| d.calibrate(&m, plan.source.n_layer, plan.source.n_embd))
+        .transpose()?;
     let before = data
         .as_ref()
         .map(|d| d.val_loss(&m.model, "before"))
@@ -142,20 +124,7 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
         .convert(&weights, moments.as_ref().map(|(m, _)| m.as_slice()))
         .map_err(|e| BadInput(format!("{}: {e}", m.source)))?;
 
-    // The source run's config around the converted model, set to continue pretraining from
-    // the converted weights into OUT/pretrain (a rerun resumes it).
-    let out = out_location(&args.out)?;
-    let what = format!("{out}/{}", StepName::Final);
-    let mut cfg: RunConfig = m.cfg.clone();
-    cfg.model_name = None;
-    cfg.model_config = Some(plan.target.clone());
-    cfg.initial_checkpoint_dir = Some(what.clone());
-    cfg.out_dir = format!("{out}/pretrain");
-    cfg.resume = Resume::Auto;
-    if cfg.tokenizer_dir.is_none() && !out.contains("://") {
-        // A litgpt or HF source's run config names no tokenizer; the step carries its files.
-        cfg.tokenizer_dir = Some(what.clone());
-    }
+    let (cfg, what) = converted_config(&m, &plan, &args.out)?;
     let (_vs, model) = inference::build(&cfg, &converted.weights, &what, device, Kind::Float)?;
     let after = data
         .as_ref()
@@ -189,6 +158,28 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The source run's config around the converted model, set to continue pretraining from the
+/// converted weights (`OUT/final`, returned too) into `OUT/pretrain` (a rerun resumes it).
+fn converted_config(
+    m: &LoadedModel,
+    plan: &convert::Plan,
+    out: &str,
+) -> anyhow::Result<(RunConfig, String)> {
+    let out = out_location(out)?;
+    let step = format!("{out}/{}", StepName::Final);
+    let mut cfg: RunConfig = m.cfg.clone();
+    cfg.model_name = None;
+    cfg.model_config = Some(plan.target.clone());
+    cfg.initial_checkpoint_dir = Some(step.clone());
+    cfg.out_dir = format!("{out}/pretrain");
+    cfg.resume = Resume::Auto;
+    if cfg.tokenizer_dir.is_none() && !out.contains("://") {
+        // A litgpt or HF source's run config names no tokenizer; the step carries its files.
+        cfg.tokenizer_dir = Some(step.clone());
+    }
+    Ok((cfg, step))
+}
+
 /// The output store, refusing an existing `final` unless `--overwrite`.
 fn open_out(args: &ConvertArgs) -> anyhow::Result<BlockingCheckpointStore> {
     let store = BlockingCheckpointStore::open(&args.out)
@@ -204,6 +195,14 @@ fn open_out(args: &ConvertArgs) -> anyhow::Result<BlockingCheckpointStore> {
             store.url()
         ))
         .into());
+    }
+    // The continued pretraining of an earlier conversion: with resume: auto the new config
+    // would resume it instead of starting from the new weights.
+    let pretrain = format!("{}/pretrain", args.out.trim_end_matches('/'));
+    if let Ok(earlier) = BlockingCheckpointStore::open(&pretrain) {
+        if earlier.list().is_ok_and(|steps| !steps.is_empty()) {
+            warn!("{pretrain} holds checkpoints of an earlier continued pretraining: a run of the new config resumes them (resume: auto); delete them, or give the run another out_dir");
+        }
     }
     Ok(store)
 }
@@ -223,6 +222,7 @@ fn out_location(out: &str) -> anyhow::Result<String> {
 struct Data {
     name: String,
     calibration: EvalLoader,
+    max_calibration: u64,
     val: EvalLoader,
     micro_batch_size: usize,
     seq_len: usize,
@@ -259,6 +259,7 @@ impl Data {
         };
         Ok(Data {
             calibration: loader(Split::Train, Some(args.calib_batches))?,
+            max_calibration: args.calib_batches,
             val: loader(
                 Split::Val,
                 (args.eval_batches > 0).then_some(args.eval_batches),
@@ -267,6 +268,32 @@ impl Data {
             micro_batch_size: args.micro_batch_size,
             seq_len,
         })
+    }
+
+    /// The per-layer input moments of the calibration batches, and the positions they cover.
+    fn calibrate(
+        &self,
+        m: &LoadedModel,
+        n_layer: usize,
+        n_embd: usize,
+    ) -> anyhow::Result<(Vec<Tensor>, u64)> {
+        let t = Instant::now();
+        info!(
+            "calibrating on up to {} batches of {}…",
+            self.max_calibration, self.name
+        );
+        let mut cal = Calibration::new(n_layer, n_embd);
+        for batch in self.calibration.iter() {
+            let x = self.inputs(&batch?, m.model.device());
+            cal.add(&tch::no_grad(|| m.model.attention_inputs(&x)));
+        }
+        info!(
+            "calibrated on {} positions of {} (train split) in {:.1} s",
+            cal.tokens(),
+            self.name,
+            t.elapsed().as_secs_f64()
+        );
+        Ok((cal.moments(), cal.tokens()))
     }
 
     /// The input tokens (B, T) of a batch of windows.
