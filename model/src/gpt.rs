@@ -57,6 +57,14 @@ impl Block {
         }
     }
 
+    /// The uncached attention of normed inputs (B, T, C) at positions 0..T.
+    fn attention(&self, xn: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+        match &self.attn {
+            Attention::Standard(a) => a.forward(xn, cos, sin),
+            Attention::Latent(a) => a.forward(xn, cos, sin),
+        }
+    }
+
     /// Residual wiring around an attention output computed by `attn` from norm_1(x).
     fn forward_with(&self, x: &Tensor, attn: impl FnOnce(&Tensor) -> Tensor) -> Tensor {
         let x_normed = self.norm_1.forward(x);
@@ -81,10 +89,7 @@ impl Block {
 
 /// One block's uncached forward over positions 0..T with the RoPE tables (T, n).
 fn block_forward(block: &Block, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-    block.forward_with(x, |xn| match &block.attn {
-        Attention::Standard(a) => a.forward(xn, cos, sin),
-        Attention::Latent(a) => a.forward(xn, cos, sin),
-    })
+    block.forward_with(x, |xn| block.attention(xn, cos, sin))
 }
 
 /// A litgpt-compatible GPT. Build it under a `VarStore` root path.
@@ -224,10 +229,7 @@ impl Gpt {
         for block in &self.blocks {
             x = block.forward_with(&x, |xn| {
                 inputs.push(xn.shallow_clone());
-                match &block.attn {
-                    Attention::Standard(a) => a.forward(xn, &cos, &sin),
-                    Attention::Latent(a) => a.forward(xn, &cos, &sin),
-                }
+                block.attention(xn, &cos, &sin)
             });
         }
         inputs

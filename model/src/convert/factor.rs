@@ -72,7 +72,7 @@ fn factorize(
             LowRank {
                 down: top.tr().matmul(&scaled),
                 up: top / scale.unsqueeze(1),
-                energy_kept: if total > 0.0 { kept / total } else { 1.0 },
+                energy_kept: super::fraction(kept, total),
             }
         }
         Factor::Weights | Factor::Identity => {
@@ -83,7 +83,7 @@ fn factorize(
             LowRank {
                 down: v.narrow(1, 0, r).tr(),
                 up: u.narrow(1, 0, r) * s.narrow(0, 0, r),
-                energy_kept: if total > 0.0 { kept / total } else { 1.0 },
+                energy_kept: super::fraction(kept, total),
             }
         }
     }

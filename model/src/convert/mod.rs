@@ -131,6 +131,15 @@ impl Dims {
     }
 }
 
+/// `kept` of `total` energy as a fraction (all of nothing is all of it).
+pub(crate) fn fraction(kept: f64, total: f64) -> f64 {
+    if total > 0.0 {
+        kept / total
+    } else {
+        1.0
+    }
+}
+
 /// Check `source` and `opts` and derive the converted config.
 pub fn plan(source: &ModelConfig, opts: &Options) -> Result<Plan, ConvertError> {
     let source = source.clone().resolve().map_err(ConvertError::Source)?;

@@ -93,6 +93,6 @@ pub(crate) fn split(src: &Source, moment: &Tensor, d: &Dims) -> Rope {
         q,
         k_nope: k_nope.reshape([g * hs, e1]),
         k_rope,
-        energy_kept: if total > 0.0 { kept / total } else { 1.0 },
+        energy_kept: super::fraction(kept, total),
     }
 }

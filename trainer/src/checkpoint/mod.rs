@@ -434,7 +434,7 @@ pub fn snapshot(
 }
 
 /// The tokenizer files of `tokenizer_dir` that a checkpoint carries.
-fn read_tokenizer_files(tokenizer_dir: &Path) -> anyhow::Result<Vec<(String, Bytes)>> {
+pub(crate) fn read_tokenizer_files(tokenizer_dir: &Path) -> anyhow::Result<Vec<(String, Bytes)>> {
     let mut out = Vec::new();
     for name in TOKENIZER_FILES {
         let path = tokenizer_dir.join(name);

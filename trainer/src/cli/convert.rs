@@ -8,13 +8,14 @@
 //! conversion by the model's real inputs, and the val loss is measured before and after.
 
 use super::eval::{mean_loss, open_prepared};
-use crate::checkpoint::{config_digest, CONFIG_FILE, MODEL_FILE};
+use crate::checkpoint::{config_digest, read_tokenizer_files, CONFIG_FILE, MODEL_FILE};
 use crate::config::{Resume, RunConfig};
 use crate::data::{EvalLoader, Split};
 use crate::device::{self, DeviceKind};
 use crate::error::BadInput;
 use crate::inference::{self, LoadedModel};
 use crate::interop;
+use crate::train::loss::tokens_to_batch;
 use anyhow::Context;
 use mla_model::convert::{self, Calibration, Factor, Options};
 use mla_model::stats;
@@ -222,7 +223,6 @@ fn out_location(out: &str) -> anyhow::Result<String> {
 struct Data {
     name: String,
     calibration: EvalLoader,
-    max_calibration: u64,
     val: EvalLoader,
     micro_batch_size: usize,
     seq_len: usize,
@@ -259,7 +259,6 @@ impl Data {
         };
         Ok(Data {
             calibration: loader(Split::Train, Some(args.calib_batches))?,
-            max_calibration: args.calib_batches,
             val: loader(
                 Split::Val,
                 (args.eval_batches > 0).then_some(args.eval_batches),
@@ -278,13 +277,15 @@ impl Data {
         n_embd: usize,
     ) -> anyhow::Result<(Vec<Tensor>, u64)> {
         let t = Instant::now();
-        info!(
-            "calibrating on up to {} batches of {}…",
-            self.max_calibration, self.name
-        );
+        info!("calibrating on the train split of {}…", self.name);
         let mut cal = Calibration::new(n_layer, n_embd);
         for batch in self.calibration.iter() {
-            let x = self.inputs(&batch?, m.model.device());
+            let (x, _) = tokens_to_batch(
+                &batch?,
+                self.micro_batch_size,
+                self.seq_len,
+                m.model.device(),
+            )?;
             cal.add(&tch::no_grad(|| m.model.attention_inputs(&x)));
         }
         info!(
@@ -294,14 +295,6 @@ impl Data {
             t.elapsed().as_secs_f64()
         );
         Ok((cal.moments(), cal.tokens()))
-    }
-
-    /// The input tokens (B, T) of a batch of windows.
-    fn inputs(&self, batch: &[i64], device: tch::Device) -> Tensor {
-        Tensor::from_slice(batch)
-            .view([self.micro_batch_size as i64, self.seq_len as i64 + 1])
-            .narrow(1, 0, self.seq_len as i64)
-            .to_device(device)
     }
 
     /// Mean val loss of `model` and the positions it covered.
@@ -350,14 +343,7 @@ fn write_step(
             Bytes::from(serde_json::to_vec_pretty(report)?),
         ),
     ];
-    for name in crate::checkpoint::TOKENIZER_FILES {
-        let path = m.tokenizer_dir().join(name);
-        if path.exists() {
-            let bytes =
-                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            objects.push((name.to_string(), Bytes::from(bytes)));
-        }
-    }
+    objects.extend(read_tokenizer_files(m.tokenizer_dir())?);
     let meta = ManifestMeta {
         step: 0,
         tokens_seen: 0,

@@ -12,11 +12,11 @@ use crate::data::{
 use crate::device::{self, DeviceKind};
 use crate::error::BadInput;
 use crate::inference::{self, InferencePrecision};
+use crate::train::loss::tokens_to_batch;
 use anyhow::Context;
 use mla_model::Gpt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::Tensor;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SplitArg {
@@ -141,13 +141,7 @@ pub(super) fn mean_loss(
     let (mut sum, mut n) = (0.0, 0u64);
     tch::no_grad(|| -> anyhow::Result<()> {
         for batch in loader.iter() {
-            let t = Tensor::from_slice(&batch?)
-                .view([micro_batch_size as i64, seq_len as i64 + 1])
-                .to_device(device);
-            let (x, y) = (
-                t.narrow(1, 0, seq_len as i64),
-                t.narrow(1, 1, seq_len as i64),
-            );
+            let (x, y) = tokens_to_batch(&batch?, micro_batch_size, seq_len, device)?;
             // Chunked over the vocabulary projection: no (B·T, V) fp32 logits at once.
             sum += crate::train::loss::mean_loss(model, &x, &y, autocast).double_value(&[]);
             n += 1;

@@ -9,7 +9,7 @@ use mla_model::Gpt;
 use tch::{Device, Kind, Reduction, Tensor};
 
 /// The inputs (B, T) and targets (B, T) of `micro` windows of `seq_len + 1` tokens, on `device`.
-pub(super) fn tokens_to_batch(
+pub(crate) fn tokens_to_batch(
     tokens: &[i64],
     micro: usize,
     seq_len: usize,
