@@ -58,6 +58,19 @@ fn converted(src: &Path, extra: &[&str]) -> (tempfile::TempDir, PathBuf, Value) 
     (dir, out, printed)
 }
 
+/// `mla train` on the CPU of a converted step's config.yaml, with `extra` overrides.
+fn train_converted(cwd: &Path, cfg: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "train",
+        "--device",
+        "cpu",
+        "--config",
+        cfg.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    mla_in(cwd, &args, &[])
+}
+
 fn eval_loss(step: &Path, batches: &str) -> f64 {
     let out = ok(&mla(&[
         "eval",
@@ -114,19 +127,7 @@ fn an_mqa_checkpoint_converts_without_changing_its_loss_and_trains_on() {
     assert!(yaml.starts_with("# Converted from "), "{yaml}");
     // The converted config is the source run's around the converted model, set to continue
     // from the converted weights into OUT/pretrain.
-    let trained_on = mla_in(
-        dir.path(),
-        &[
-            "train",
-            "--device",
-            "cpu",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--train.max_steps",
-            "2",
-        ],
-        &[],
-    );
+    let trained_on = train_converted(dir.path(), &cfg, &["--train.max_steps", "2"]);
     ok(&trained_on);
     assert!(stderr(&trained_on).contains("initial weights from"));
     assert!(out.join("pretrain/final/model.safetensors").exists());
@@ -181,14 +182,10 @@ fn a_hugging_face_export_converts_to_the_bytes_its_checkpoint_does() {
     // A foreign source has no run config: the converted one names the step's own tokenizer,
     // and the data is named on the command line.
     let cfg = b.join("final/config.yaml");
-    ok(&mla_in(
+    ok(&train_converted(
         dir.path(),
+        &cfg,
         &[
-            "train",
-            "--device",
-            "cpu",
-            "--config",
-            cfg.to_str().unwrap(),
             "--data",
             "TinyStories",
             "--data.data_path",
@@ -200,7 +197,6 @@ fn a_hugging_face_export_converts_to_the_bytes_its_checkpoint_does() {
             "--train.micro_batch_size",
             "2",
         ],
-        &[],
     ));
     assert!(b.join("pretrain/final/model.safetensors").exists());
 }
