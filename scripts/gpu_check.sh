@@ -25,7 +25,9 @@
 #      (standard cache, compressed MLA cache naive and absorbed) equal to the uncached forward.
 #   a. CUDA + NCCL smoke: the debug model (fp32) trained 40 steps on cuda:0 with backend single
 #      and with backend nccl (world size 1: the parameter broadcast and every step's gradient
-#      all-reduce go through NCCL, a copy on stream 0) gives the
+#      all-reduce go through NCCL, a copy on stream 0), and with backend nccl and
+#      dist.shard gradients (ZeRO-2: the gradient reduce-scatter, the parameter all-gather and
+#      the moments' gather for the checkpoint go through NCCL) gives the
 #      same losses within 1e-3 relative (not bit-exact: CUDA backward kernels with atomics differ
 #      run to run); a stream-ordering bug would show as garbage or NaN, not as rounding.
 #   b. Decode parity on the GPU: greedy `mla generate --device cuda --precision 32-true` of that
@@ -148,26 +150,30 @@ done
 # a. single vs nccl on the debug model ------------------------------------------------------
 debug=(--config config_hub/pretrain/debug.yaml "${data[@]}" --precision 32-true --train.max_steps 40
   --train.log_interval 1 --train.save_interval 1000 --eval.initial_validation false --eval.final_validation false)
-for b in single nccl; do
-  if ! timeout 300 "$MLA" train --device cuda "${debug[@]}" --dist.backend "$b" --out_dir "$out/debug-$b" >"$out/debug-$b.log" 2>&1; then
+for b in single nccl zero; do
+  case $b in
+    zero) how=(--dist.backend nccl --dist.shard gradients) ;;
+    *) how=(--dist.backend "$b") ;;
+  esac
+  if ! timeout 300 "$MLA" train --device cuda "${debug[@]}" "${how[@]}" --out_dir "$out/debug-$b" >"$out/debug-$b.log" 2>&1; then
     tail -5 "$out/debug-$b.log"
   fi
 done
-if [ -f "$out/debug-single/final/manifest.json" ] && [ -f "$out/debug-nccl/final/manifest.json" ]; then
-  grep -h "dist:" "$out/debug-nccl.log" | sed 's/\x1b\[[0-9;]*m//g; s/^/  /' || true
+if [ -f "$out/debug-single/final/manifest.json" ] && [ -f "$out/debug-nccl/final/manifest.json" ] && [ -f "$out/debug-zero/final/manifest.json" ]; then
+  grep -h "dist:\|dist.shard" "$out/debug-nccl.log" "$out/debug-zero.log" | sed 's/\x1b\[[0-9;]*m//g; s/^/  /' || true
   worst=$(python3 -c "
 import math,sys
-a=[float(x) for x in sys.argv[1].split()]; b=[float(x) for x in sys.argv[2].split()]
-ok=len(a)==len(b)==40 and all(math.isfinite(x) for x in a+b)
-print(max(abs(x-y)/abs(x) for x,y in zip(a,b)) if ok else 'inf')" "$(losses "$out/debug-single")" "$(losses "$out/debug-nccl")")
+a=[float(x) for x in sys.argv[1].split()]; runs=[[float(x) for x in r.split()] for r in sys.argv[2:]]
+ok=all(len(a)==len(b)==40 for b in runs) and all(math.isfinite(x) for x in a+sum(runs,[]))
+print(max(abs(x-y)/abs(x) for b in runs for x,y in zip(a,b)) if ok else 'inf')" "$(losses "$out/debug-single")" "$(losses "$out/debug-nccl")" "$(losses "$out/debug-zero")")
   # Atomics make each run's gradients differ in the last bits (~u = 6e-8 relative); on CPU
   # the same kind of difference leaves 20 steps' losses within 1e-7 (trainer/tests/dist_cpu.rs),
   # while other gradients (half the batch) part them by 2.6e-2. 1e-3 sits between the two:
   # any amount of rounding passes, garbage, NaN or a lost gradient does not.
   if python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) <= 1e-3 else 1)" "$worst"; then
-    pass "a. debug model on cuda: backend nccl (world 1) = backend single over 40 steps (largest relative loss difference $worst; losses $(losses "$out/debug-nccl" | awk '{print $1" … "$NF}'))"
+    pass "a. debug model on cuda: backend nccl (world 1) and nccl with dist.shard gradients (ZeRO-2: reduce-scatter, all-gather) = backend single over 40 steps (largest relative loss difference $worst; losses $(losses "$out/debug-nccl" | awk '{print $1" … "$NF}'))"
   else
-    fail "a. losses differ (largest relative difference $worst): single [$(losses "$out/debug-single")] nccl [$(losses "$out/debug-nccl")]"
+    fail "a. losses differ (largest relative difference $worst): single [$(losses "$out/debug-single")] nccl [$(losses "$out/debug-nccl")] nccl+shard [$(losses "$out/debug-zero")]"
   fi
 else
   fail "a. debug training on cuda failed (logs: $out/debug-*.log)"

@@ -7,7 +7,10 @@
 //! rounding, and 3 ranks that cannot split the global batch are refused; `kill -9` of rank 1 ends the
 //! launcher within 10 s naming rank 1 and leaves no process; SIGTERM to the launcher leaves a
 //! verified checkpoint of the step the ranks agreed on; a stalled peer becomes a timeout error;
-//! impossible backend choices are one-line errors (exit 2).
+//! impossible backend choices are one-line errors (exit 2). ZeRO (`dist.shard: optimizer |
+//! gradients`, issue 12): two sharded ranks train as unsharded DDP (losses within 1e-6
+//! relative, weights within 1e-5), resume bit-exactly, and their checkpoints resume on one rank
+//! and with the other sharding.
 //!
 //! Needs mpirun (OpenMPI) and `mla-launch` next to `mla` (`cargo test --workspace` builds it);
 //! without them the tests are skipped with a note, except under CI=true, where that fails.
@@ -209,7 +212,12 @@ fn losses(out_dir: &Path) -> Vec<(u64, f64)> {
 }
 
 fn weights(step_dir: &Path) -> Vec<(String, Vec<f32>)> {
-    let bytes = std::fs::read(step_dir.join("model.safetensors")).unwrap();
+    fp32_tensors(&step_dir.join("model.safetensors"))
+}
+
+/// The fp32 tensors of a safetensors file, by name.
+fn fp32_tensors(file: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(file).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut out: Vec<(String, Vec<f32>)> = st
         .tensors()
@@ -910,4 +918,159 @@ fn devices_the_run_does_not_have_are_a_warning() {
         ),
         "{err}"
     );
+}
+
+/// The largest |Δ| between two checkpoints' tensors of one file (the same names and shapes).
+fn max_abs_difference(a: &Path, b: &Path) -> f64 {
+    let (wa, wb) = (fp32_tensors(a), fp32_tensors(b));
+    let names = |w: &[(String, Vec<f32>)]| w.iter().map(|(n, v)| (n.clone(), v.len())).collect();
+    let (na, nb): (Vec<_>, Vec<_>) = (names(&wa), names(&wb));
+    assert_eq!(
+        na,
+        nb,
+        "{} and {} hold other tensors",
+        a.display(),
+        b.display()
+    );
+    wa.iter()
+        .zip(&wb)
+        .flat_map(|((_, x), (_, y))| x.iter().zip(y).map(|(p, q)| f64::from((p - q).abs())))
+        .fold(0.0, f64::max)
+}
+
+/// Clipping that acts at every step of the shrunk debug run (its gradient norms stay above
+/// 0.6 over 20 steps), so the sharded runs' global norm is what scales every update.
+const CLIP: [&str; 2] = ["--train.max_norm", "0.5"];
+
+/// ZeRO (issue 12): 2 ranks with `dist.shard: optimizer` and with `gradients` train as
+/// unsharded DDP over 20 steps — losses within 1e-6 relative, final weights within 1e-5 — and
+/// save the optimizer state whole, in the unsharded layout.
+#[test]
+fn sharded_ranks_train_as_unsharded_ddp() {
+    let Some(launcher) = launcher() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let ddp = dir.path().join("ddp");
+    ok(launch(&launcher, &run_args(&ddp, STEPS, &CLIP)));
+    let want = records(&ddp);
+    assert!(
+        want.iter().all(|r| r.grad_norm > 0.5),
+        "clipping acts at every step: {want:?}"
+    );
+    // Why the bounds hold. With 2 ranks every gradient element is the same sum of two terms
+    // (a reduce-scatter adds them as the all-reduce does), and AdamW is the same elementwise
+    // formula on the same values; what differs is the global norm: DDP takes torch's norm of
+    // the per-parameter norms, ZeRO the root of the two slices' squared norms summed, two
+    // fp32 evaluations of one sum of n ≈ 1.6M squares, each within log2(n)·u ≈ 1.3e-6 of it.
+    // The norm only sets the clipping coefficient c, a common scale of all gradients, and
+    // AdamW's step m̂/(√v̂ + ε) sees a common scale only through ε; with a scale that differs
+    // from step to step by δ ≤ 2.6e-6 (both norms' errors) the step differs by ≤ 2δ of itself.
+    // After 20 steps of lr ≤ 3e-3 and |m̂/√v̂| ≤ 3 the weights agree to 20 · 3e-3 · 3 · 5.2e-6
+    // ≈ 1e-6, and the losses (the same windows through those weights) to ~1e-7 relative: the
+    // issue's bounds, 1e-6 and 1e-5, hold with margin.
+    for shard in ["optimizer", "gradients"] {
+        let out = dir.path().join(shard);
+        let mut args = run_args(&out, STEPS, &CLIP);
+        args.extend(["--dist.shard".to_string(), shard.to_string()]);
+        let run = ok(launch(&launcher, &args));
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(err.contains(&format!("dist.shard {shard} (ZeRO-")), "{err}");
+        let got = records(&out);
+        assert_eq!(got.len(), want.len());
+        let rel = |x: f64, y: f64| ((x - y) / x).abs();
+        let worst = |f: fn(&Record) -> f64| {
+            want.iter()
+                .zip(&got)
+                .map(|(a, b)| rel(f(a), f(b)))
+                .fold(0.0, f64::max)
+        };
+        let (loss, norm) = (worst(|r| r.loss), worst(|r| r.grad_norm));
+        println!(
+            "shard {shard}: Δ loss, relative, largest of {STEPS} steps: {loss:.2e} (bound 1e-6)"
+        );
+        println!("shard {shard}: Δ gradient norm, relative, largest: {norm:.2e} (bound 1e-5)");
+        assert!(loss <= 1e-6, "{want:?}\n{got:?}");
+        assert!(norm <= 1e-5, "{want:?}\n{got:?}");
+        for (a, b) in want.iter().zip(&got) {
+            assert_eq!((a.step, a.lr), (b.step, b.lr));
+        }
+        let (fa, fb) = (ddp.join("final"), out.join("final"));
+        let dw = max_abs_difference(&fa.join("model.safetensors"), &fb.join("model.safetensors"));
+        println!("shard {shard}: Δ final weights, largest: {dw:.2e} (bound 1e-5)");
+        assert!(dw <= 1e-5);
+        // The whole moments, under the unsharded names and shapes, gathered from both ranks.
+        let dm = max_abs_difference(
+            &fa.join("optimizer.safetensors"),
+            &fb.join("optimizer.safetensors"),
+        );
+        println!("shard {shard}: Δ final AdamW moments, largest: {dm:.2e}");
+        assert!(dm <= 1e-5);
+    }
+}
+
+/// A sharded checkpoint is an ordinary one: a 2-rank `shard: gradients` run stopped at step 4
+/// and resumed continues bit-exactly; its step-4 checkpoint resumes on 1 rank (another world
+/// size) and as `shard: optimizer`, with the straight run's losses to rounding; a NaN gradient
+/// on one rank skips the update on both (the norm they share is NaN).
+#[test]
+fn a_sharded_run_resumes_bit_exactly_and_on_another_world_size() {
+    let Some(launcher) = launcher() else { return };
+    let (n, half) = (8u64, 4u64);
+    let dir = tempfile::tempdir().unwrap();
+    let args = |out: &Path, shard: &str, extra: &[&str]| {
+        let mut a = run_args(out, n, &CLIP);
+        a.extend(["--dist.shard", shard].iter().map(|s| s.to_string()));
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let straight = dir.path().join("straight");
+    ok(launch(&launcher, &args(&straight, "gradients", &[])));
+    let resumed = dir.path().join("resumed");
+    let mut first = launch(&launcher, &args(&resumed, "gradients", &[]));
+    first.env("MLA_TEST_STOP_AT_STEP", half.to_string());
+    ok(first);
+    let stop = resumed.join(format!("step-{half:08}"));
+    assert!(stop.join("manifest.json").exists());
+    ok(launch(
+        &launcher,
+        &args(&resumed, "gradients", &["--resume", "auto"]),
+    ));
+    assert_eq!(losses(&resumed), losses(&straight));
+    assert_eq!(
+        sha256(&resumed.join("final/model.safetensors")),
+        sha256(&straight.join("final/model.safetensors"))
+    );
+    assert_eq!(
+        sha256(&resumed.join("final/optimizer.safetensors")),
+        sha256(&straight.join("final/optimizer.safetensors"))
+    );
+
+    // The step-4 checkpoint on 1 rank, and on 2 ranks sharded otherwise.
+    let want = records(&straight);
+    let from = stop.to_str().unwrap();
+    let one = dir.path().join("one");
+    let run = ok(one_rank(&args(&one, "gradients", &["--resume", from])));
+    let log = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        log.contains("was saved by 2 rank(s), this run has 1"),
+        "{log}"
+    );
+    let other = dir.path().join("optimizer");
+    ok(launch(
+        &launcher,
+        &args(&other, "optimizer", &["--resume", from]),
+    ));
+    for got in [records(&one), records(&other)] {
+        assert_same_training_to_rounding(&want[half as usize..], &got, n - half);
+    }
+
+    // A NaN gradient at step 3 (the test hook poisons it on every rank before the reduction).
+    let nan = dir.path().join("nan");
+    let mut c = launch(&launcher, &args(&nan, "gradients", &[]));
+    c.env("MLA_TEST_NAN_GRAD_STEPS", "3");
+    let run = ok(c);
+    let log = String::from_utf8_lossy(&run.stderr);
+    assert!(log.contains("step 3: non-finite"), "{log}");
+    let s = state(&nan.join("final"));
+    assert_eq!(s["skipped_steps"], 1, "{s}");
+    assert_eq!(s["step"], n, "{s}");
 }

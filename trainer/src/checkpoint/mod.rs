@@ -22,7 +22,9 @@
 //! Resuming ([`resume`]): `auto` takes the newest step whose manifest and checksums verify,
 //! warning about each newer one passed over (naming the bad object); `true` requires one;
 //! a path or URL names a step (or an out_dir, whose newest valid step is taken). A checkpoint
-//! of another model shape, tokenizer or world size is refused with one line and a hint (exit 2).
+//! of another model shape or tokenizer is refused with one line and a hint (exit 2); another
+//! world size or `dist.shard` resumes it: the moments are always saved whole (a sharded run
+//! gathers them on rank 0 first, optim/zero.rs) and each rank takes its slice on resume.
 //!
 //! Not here: the manifest protocol and uploads (mla-storage), when to save (train.rs).
 
@@ -33,7 +35,7 @@ use crate::data::LoaderPosition;
 use crate::error::BadInput;
 use crate::interop::import;
 use crate::metrics::human_bytes;
-use crate::optim::{AdamW, FlatEntry, FlatParams};
+use crate::optim::{copy_flat_range, AdamW, FlatEntry, FlatParams, Moments};
 use anyhow::{bail, Context};
 use mla_storage::{BackgroundSaver, BlockingCheckpointStore, LoadedStep, SaveReport};
 use mla_storage::{Bytes, BytesMut, ManifestMeta, SaveJob, StepName};
@@ -214,12 +216,12 @@ pub fn model_bytes(flat: &FlatParams, reuse: Option<BytesMut>) -> anyhow::Result
 /// AdamW moments by `exp_avg.<key>` / `exp_avg_sq.<key>`, the step count in the metadata.
 pub fn optimizer_bytes(
     flat: &FlatParams,
-    opt: &AdamW,
+    opt: Moments,
     reuse: Option<BytesMut>,
 ) -> anyhow::Result<BytesMut> {
     let meta = HashMap::from([("step".to_string(), opt.step.to_string())]);
     flat_safetensors(
-        &[("exp_avg.", &opt.exp_avg), ("exp_avg_sq.", &opt.exp_avg_sq)],
+        &[("exp_avg.", opt.exp_avg), ("exp_avg_sq.", opt.exp_avg_sq)],
         &flat.entries,
         &meta,
         reuse,
@@ -514,7 +516,7 @@ impl Saver {
         &mut self,
         name: StepName,
         flat: &FlatParams,
-        opt: &AdamW,
+        opt: Moments,
         state: &TrainState,
     ) -> anyhow::Result<()> {
         if !self.main {
@@ -607,7 +609,7 @@ impl Saver {
         &mut self,
         name: StepName,
         flat: &FlatParams,
-        opt: &AdamW,
+        opt: Moments,
         state: &TrainState,
     ) -> anyhow::Result<()> {
         self.finishing = true;
@@ -770,9 +772,22 @@ pub fn restore(
     }
     let config_yaml = String::from_utf8_lossy(get(CONFIG_FILE)?).into_owned();
     copy_into_flat(&flat.entries, &[&flat.params], &weights);
-    copy_into_flat(&flat.entries, &[&opt.exp_avg, &opt.exp_avg_sq], &moments);
+    copy_moments(flat, opt, &moments);
     opt.step = step;
     Ok(Restored { state, config_yaml })
+}
+
+/// Copy the whole moments of a checkpoint ([`parse_optimizer`]'s, `entries` order, exp_avg
+/// then exp_avg_sq) into `opt`: all of them, or this rank's slice when sharded (ZeRO).
+fn copy_moments(flat: &FlatParams, opt: &AdamW, moments: &[Tensor]) {
+    let (lo, hi) = flat.owned();
+    let n = flat.entries.len();
+    for (buf, saved) in [
+        (&opt.exp_avg, &moments[..n]),
+        (&opt.exp_avg_sq, &moments[n..]),
+    ] {
+        copy_flat_range(&flat.entries, saved, lo, &buf.narrow(0, 0, hi - lo));
+    }
 }
 
 /// A storage error as exit-2 input when it is about the checkpoint itself (missing, corrupt).
@@ -1075,6 +1090,7 @@ fn same_model(cfg: &RunConfig, theirs: &mla_model::ModelConfig, what: &str) -> a
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Sharding;
 
     fn flat_of(shapes: &[(&str, &[i64])], kind: Kind) -> FlatParams {
         let vs = tch::nn::VarStore::new(tch::Device::Cpu);
@@ -1104,15 +1120,15 @@ mod tests {
             last_val_loss: None,
         };
         saver
-            .save(StepName::Step(1), &flat, &opt, &state(1))
+            .save(StepName::Step(1), &flat, opt.moments(), &state(1))
             .unwrap();
         let _ = flat.params.narrow(0, 5, 1).fill_(f64::NAN);
         saver
-            .save(StepName::Step(2), &flat, &opt, &state(2))
+            .save(StepName::Step(2), &flat, opt.moments(), &state(2))
             .unwrap();
         let _ = flat.params.narrow(0, 5, 1).fill_(f64::INFINITY);
         saver
-            .save_last(StepName::Final, &flat, &opt, &state(3))
+            .save_last(StepName::Final, &flat, opt.moments(), &state(3))
             .unwrap();
         let err = saver.finish().unwrap_err().to_string();
         assert!(
@@ -1161,7 +1177,7 @@ mod tests {
         let _ = flat.grads.shallow_clone().fill_(0.5);
         opt.step(&flat, 1e-3).unwrap();
         opt.step(&flat, 1e-3).unwrap();
-        let bytes = optimizer_bytes(&flat, &opt, None).unwrap();
+        let bytes = optimizer_bytes(&flat, opt.moments(), None).unwrap();
         let other = AdamW::new(&flat, (0.9, 0.95), 1e-8, 0.1);
         let (moments, step) = parse_optimizer(&flat, &bytes, "opt").unwrap();
         copy_into_flat(
@@ -1174,11 +1190,49 @@ mod tests {
         assert!(other.exp_avg_sq.equal(&opt.exp_avg_sq));
     }
 
+    /// A sharded rank restores its slice of the whole moments an unsharded run saved (and a
+    /// sharded one gathers): every rank of 3, the last one's slice cut short by the padding.
+    #[test]
+    fn a_sharded_rank_restores_its_slice_of_the_whole_moments() {
+        let shapes: [(&str, &[i64]); 2] = [("w", &[3, 4]), ("b", &[4])];
+        let flat = flat_of(&shapes, Kind::Float);
+        let mut opt = AdamW::new(&flat, (0.9, 0.95), 1e-8, 0.1);
+        flat.grads
+            .shallow_clone()
+            .copy_(&Tensor::arange(16, (Kind::Float, tch::Device::Cpu)));
+        opt.step(&flat, 1e-3).unwrap();
+        let bytes = optimizer_bytes(&flat, opt.moments(), None).unwrap();
+        for rank in 0..3 {
+            let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+            for (name, shape) in shapes {
+                let _ = vs.root().zeros(name, shape);
+            }
+            let sharded =
+                FlatParams::sharded(&vs, Kind::Float, Sharding::Gradients, rank, 3).unwrap();
+            let mine = AdamW::new(&sharded, (0.9, 0.95), 1e-8, 0.1);
+            assert_eq!(mine.exp_avg.size(), [6], "⌈16 / 3⌉ elements per rank");
+            let (moments, _) = parse_optimizer(&sharded, &bytes, "opt").unwrap();
+            copy_moments(&sharded, &mine, &moments);
+            let (lo, hi) = sharded.owned();
+            assert_eq!((lo, hi), (6 * rank as i64, (6 * rank as i64 + 6).min(16)));
+            for (got, whole) in [
+                (&mine.exp_avg, &opt.exp_avg),
+                (&mine.exp_avg_sq, &opt.exp_avg_sq),
+            ] {
+                assert!(got
+                    .narrow(0, 0, hi - lo)
+                    .equal(&whole.narrow(0, lo, hi - lo)));
+                let pad = got.narrow(0, hi - lo, 6 - (hi - lo));
+                assert_eq!(pad.abs().sum(Kind::Float).double_value(&[]), 0.0);
+            }
+        }
+    }
+
     #[test]
     fn a_reused_buffer_gives_the_same_bytes_as_a_fresh_one() {
         let flat = flat_of(&[("w", &[3, 4]), ("b", &[4])], Kind::Float);
         let mut opt = AdamW::new(&flat, (0.9, 0.95), 1e-8, 0.1);
-        let first = optimizer_bytes(&flat, &opt, None).unwrap();
+        let first = optimizer_bytes(&flat, opt.moments(), None).unwrap();
         let ptr = first.as_ptr();
         for steps in [1, 10] {
             // A longer step number in the metadata changes the header length.
@@ -1186,13 +1240,13 @@ mod tests {
                 let _ = flat.grads.shallow_clone().fill_(0.5);
                 opt.step(&flat, 1e-3).unwrap();
             }
-            let fresh = optimizer_bytes(&flat, &opt, None).unwrap();
+            let fresh = optimizer_bytes(&flat, opt.moments(), None).unwrap();
             let mut dirty = BytesMut::from(&vec![0xAB; fresh.len() + 64][..]);
             dirty.truncate(fresh.len() - 8);
-            let reused = optimizer_bytes(&flat, &opt, Some(dirty)).unwrap();
+            let reused = optimizer_bytes(&flat, opt.moments(), Some(dirty)).unwrap();
             assert_eq!(reused, fresh, "after {steps} steps");
         }
-        let again = optimizer_bytes(&flat, &opt, Some(first)).unwrap();
+        let again = optimizer_bytes(&flat, opt.moments(), Some(first)).unwrap();
         assert_eq!(again.as_ptr(), ptr, "written in place");
     }
 

@@ -39,7 +39,12 @@ pub fn run(args: &InfoArgs, overrides: &[Override]) -> anyhow::Result<()> {
         Precision::Bf16Mixed => (tch::Kind::Float, true),
         Precision::Bf16True => (tch::Kind::BFloat16, false),
     };
-    let memory = crate::train::memory::estimate(&cfg, param_kind, autocast);
+    // Per rank of the ranks the config asks for (devices × num_nodes).
+    let world = match cfg.devices {
+        crate::config::Devices::Count(d) => d * cfg.num_nodes,
+        crate::config::Devices::Auto => 1,
+    };
+    let memory = crate::train::memory::estimate(&cfg, param_kind, autocast, world);
     if args.json {
         let obj = serde_json::json!({
             "model": m.name,

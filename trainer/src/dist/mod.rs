@@ -143,6 +143,13 @@ pub trait Communicator {
     fn backend(&self) -> &'static str;
     /// Element-wise sum over ranks, in place (contiguous tensor on the backend's device).
     fn all_reduce_sum(&self, t: &mut Tensor) -> Result<(), DistError>;
+    /// ZeRO's gradient reduction: `send` holds `world_size` equal chunks (contiguous, on the
+    /// backend's device); `recv` (one chunk's length, same dtype, not overlapping `send`) gets
+    /// the sum over ranks of chunk `rank`.
+    fn reduce_scatter_sum(&self, send: &Tensor, recv: &mut Tensor) -> Result<(), DistError>;
+    /// ZeRO's parameter gather: `recv` (`world_size` × `send`'s length, same dtype, not
+    /// overlapping `send`) gets every rank's `send`, by rank.
+    fn all_gather(&self, send: &Tensor, recv: &mut Tensor) -> Result<(), DistError>;
     /// Overwrite `t` on every rank with rank `root`'s values.
     fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<(), DistError>;
     fn barrier(&self) -> Result<(), DistError>;
@@ -216,6 +223,43 @@ pub fn all_gather_host(
     Ok(all.chunks(n.max(1)).map(<[f64]>::to_vec).collect())
 }
 
+/// Check the shapes of a reduce-scatter or all-gather over `world` ranks: `big` holds `world`
+/// chunks of `small`'s length, both contiguous and of one dtype.
+pub(crate) fn check_chunks(
+    op: &'static str,
+    rank: usize,
+    world: usize,
+    big: &Tensor,
+    small: &Tensor,
+) -> Result<(), DistError> {
+    let fail = |message: String| DistError::Collective { rank, op, message };
+    if !big.is_contiguous() || !small.is_contiguous() {
+        return Err(fail("tensors must be contiguous".into()));
+    }
+    if big.kind() != small.kind() {
+        return Err(fail(format!(
+            "dtypes differ: {:?} and {:?}",
+            big.kind(),
+            small.kind()
+        )));
+    }
+    if big.numel() != small.numel() * world {
+        return Err(fail(format!(
+            "{} elements are not {world} chunks of {}",
+            big.numel(),
+            small.numel()
+        )));
+    }
+    Ok(())
+}
+
+/// A reduce-scatter or all-gather over one rank: a copy.
+fn copy_one_rank(op: &'static str, from: &Tensor, to: &mut Tensor) -> Result<(), DistError> {
+    check_chunks(op, 0, 1, from, to)?;
+    tch::no_grad(|| to.copy_(from));
+    Ok(())
+}
+
 /// One process, nothing to communicate.
 #[derive(Debug, Default)]
 pub struct Single;
@@ -232,6 +276,12 @@ impl Communicator for Single {
     }
     fn all_reduce_sum(&self, _t: &mut Tensor) -> Result<(), DistError> {
         Ok(())
+    }
+    fn reduce_scatter_sum(&self, send: &Tensor, recv: &mut Tensor) -> Result<(), DistError> {
+        copy_one_rank("reduce_scatter", send, recv)
+    }
+    fn all_gather(&self, send: &Tensor, recv: &mut Tensor) -> Result<(), DistError> {
+        copy_one_rank("all_gather", send, recv)
     }
     fn broadcast(&self, _t: &mut Tensor, _root: usize) -> Result<(), DistError> {
         Ok(())

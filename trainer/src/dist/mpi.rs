@@ -4,6 +4,9 @@
 //! * all-reduce (sum) in buckets of `dist.bucket_mb`: fp32/fp64 CPU tensors are reduced in
 //!   place (the bucket is copied out as the send buffer: MPI_IN_PLACE is not portable through
 //!   rsmpi); bf16/fp16 and CUDA tensors are staged per bucket through a host fp32 buffer;
+//! * ZeRO's reduce-scatter (`MPI_Reduce_scatter_block`, fp32/fp64; others staged through
+//!   host fp32 as above) and all-gather (`MPI_Allgather` of raw bytes, any dtype), one call
+//!   each: the caller (optim/zero.rs) hands them bucket-sized pieces;
 //! * broadcast of raw bytes (any dtype), barrier, and a host all-reduce for small values;
 //! * every collective runs under the [`Watchdog`]: past `dist.timeout_secs` the process ends
 //!   with one line naming the rank and the collective;
@@ -162,6 +165,77 @@ impl Communicator for MpiComm {
             let staged = chunk.to_device(Device::Cpu).to_kind(wire);
             self.reduce_host(&staged, wire);
             tch::no_grad(|| chunk.copy_(&staged));
+        }
+        Ok(())
+    }
+
+    fn reduce_scatter_sum(&self, send: &Tensor, recv: &mut Tensor) -> Result<(), DistError> {
+        const OP: &str = "reduce_scatter";
+        let _armed = self.watchdog.arm(OP);
+        super::check_chunks(OP, self.rank, self.size, send, recv)?;
+        let kind = send.kind();
+        let wire = match kind {
+            Kind::Double => Kind::Double,
+            Kind::Float | Kind::BFloat16 | Kind::Half => Kind::Float,
+            k => return Err(self.error(OP, format!("unsupported dtype {k:?}"))),
+        };
+        let direct = send.device() == Device::Cpu && recv.device() == Device::Cpu && kind == wire;
+        // fp32/fp64 host tensors are reduced where they lie; others through host copies.
+        let (s, r) = if direct {
+            (send.shallow_clone(), recv.shallow_clone())
+        } else {
+            (
+                send.to_device(Device::Cpu).to_kind(wire).contiguous(),
+                Tensor::zeros([recv.numel() as i64], (wire, Device::Cpu)),
+            )
+        };
+        let (n_send, n_recv) = (s.numel(), r.numel());
+        // SAFETY: `s` and `r` are contiguous CPU tensors of `wire` with these element counts,
+        // distinct (checked by the caller's contract: `recv` does not overlap `send`), and
+        // borrowed for the duration of the collective.
+        unsafe {
+            match wire {
+                Kind::Double => self.world.reduce_scatter_block_into(
+                    std::slice::from_raw_parts(s.data_ptr() as *const f64, n_send),
+                    std::slice::from_raw_parts_mut(r.data_ptr() as *mut f64, n_recv),
+                    SystemOperation::sum(),
+                ),
+                _ => self.world.reduce_scatter_block_into(
+                    std::slice::from_raw_parts(s.data_ptr() as *const f32, n_send),
+                    std::slice::from_raw_parts_mut(r.data_ptr() as *mut f32, n_recv),
+                    SystemOperation::sum(),
+                ),
+            }
+        }
+        if !direct {
+            tch::no_grad(|| recv.copy_(&r));
+        }
+        Ok(())
+    }
+
+    fn all_gather(&self, send: &Tensor, recv: &mut Tensor) -> Result<(), DistError> {
+        const OP: &str = "all_gather";
+        let _armed = self.watchdog.arm(OP);
+        super::check_chunks(OP, self.rank, self.size, recv, send)?;
+        let elt = send.kind().elt_size_in_bytes();
+        let host = |t: &Tensor| {
+            if t.device() == Device::Cpu {
+                t.shallow_clone()
+            } else {
+                t.to_device(Device::Cpu)
+            }
+        };
+        let (s, r) = (host(send), host(recv));
+        // SAFETY: contiguous CPU tensors of `numel × elt` bytes each, distinct (the caller's
+        // contract), borrowed for the duration of the collective; any dtype travels as bytes.
+        unsafe {
+            self.world.all_gather_into(
+                std::slice::from_raw_parts(s.data_ptr() as *const u8, s.numel() * elt),
+                std::slice::from_raw_parts_mut(r.data_ptr() as *mut u8, r.numel() * elt),
+            );
+        }
+        if recv.device() != Device::Cpu {
+            tch::no_grad(|| recv.copy_(&r));
         }
         Ok(())
     }

@@ -68,6 +68,25 @@ pub struct NcclLib {
         ncclComm_t,
         Stream,
     ) -> NcclResult,
+    /// (send, recv, recv count, dtype, op, comm, stream)
+    reduce_scatter: unsafe extern "C" fn(
+        *const c_void,
+        *mut c_void,
+        usize,
+        c_int,
+        c_int,
+        ncclComm_t,
+        Stream,
+    ) -> NcclResult,
+    /// (send, recv, send count, dtype, comm, stream)
+    all_gather: unsafe extern "C" fn(
+        *const c_void,
+        *mut c_void,
+        usize,
+        c_int,
+        ncclComm_t,
+        Stream,
+    ) -> NcclResult,
     comm_destroy: unsafe extern "C" fn(ncclComm_t) -> NcclResult,
     comm_abort: unsafe extern "C" fn(ncclComm_t) -> NcclResult,
     comm_get_async_error: unsafe extern "C" fn(ncclComm_t, *mut NcclResult) -> NcclResult,
@@ -112,6 +131,8 @@ impl NcclLib {
             comm_init_rank: sym!(b"ncclCommInitRank\0"),
             all_reduce: sym!(b"ncclAllReduce\0"),
             broadcast: sym!(b"ncclBroadcast\0"),
+            reduce_scatter: sym!(b"ncclReduceScatter\0"),
+            all_gather: sym!(b"ncclAllGather\0"),
             comm_destroy: sym!(b"ncclCommDestroy\0"),
             comm_abort: sym!(b"ncclCommAbort\0"),
             comm_get_async_error: sym!(b"ncclCommGetAsyncError\0"),
@@ -521,6 +542,49 @@ impl Communicator for NcclComm {
                 )
             }
         })
+    }
+
+    fn reduce_scatter_sum(&self, send: &Tensor, recv: &mut Tensor) -> Result<(), DistError> {
+        const OP: &str = "reduce_scatter";
+        super::check_chunks(OP, self.rank, self.size, send, recv)?;
+        let (s, kind) = self.flat(send, OP)?;
+        let (r, _) = self.flat(recv, OP)?;
+        // SAFETY: contiguous device buffers of `send` (size × n) and `recv` (n elements) of
+        // `kind`, borrowed by the caller until `wait` returns; stream 0 (module docs).
+        let result = unsafe {
+            (self.lib.reduce_scatter)(
+                s.data_ptr() as *const c_void,
+                r.data_ptr(),
+                r.numel(),
+                kind,
+                ncclRedOp_t::ncclSum as c_int,
+                self.comm,
+                std::ptr::null_mut(),
+            )
+        };
+        self.enqueue(OP, result)?;
+        self.wait(OP)
+    }
+
+    fn all_gather(&self, send: &Tensor, recv: &mut Tensor) -> Result<(), DistError> {
+        const OP: &str = "all_gather";
+        super::check_chunks(OP, self.rank, self.size, recv, send)?;
+        let (s, kind) = self.flat(send, OP)?;
+        let (r, _) = self.flat(recv, OP)?;
+        // SAFETY: contiguous device buffers of `send` (n) and `recv` (size × n elements) of
+        // `kind`, borrowed by the caller until `wait` returns; stream 0 (module docs).
+        let result = unsafe {
+            (self.lib.all_gather)(
+                s.data_ptr() as *const c_void,
+                r.data_ptr(),
+                s.numel(),
+                kind,
+                self.comm,
+                std::ptr::null_mut(),
+            )
+        };
+        self.enqueue(OP, result)?;
+        self.wait(OP)
     }
 
     fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<(), DistError> {

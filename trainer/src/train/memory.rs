@@ -2,15 +2,16 @@
 //! against what the device has free before anything is allocated (issue 14: `--model_config
 //! .n_layer 100000` grew to 15 GB for minutes before it was killed). `mla info` prints it too.
 //!
-//! The estimate is deliberately low: exact counts for what is exact (weights, the flat
-//! gradient buffer, the AdamW moments, one chunk of fp32 logits) and, for the activations, only
+//! The estimate is deliberately low: exact counts for what is exact (weights, gradients and
+//! the flat gradient buffer, the AdamW moments — per rank, as `dist.shard` divides them — one
+//! chunk of fp32 logits) and, for the activations, only
 //! the tensors every block is sure to keep for its backward. A run it refuses cannot fit; a
 //! run it passes may still not (measured: pythia-160m at 4 × 2048 in fp32 on CPU peaks at
 //! 16.1 GiB, estimated ≥ 6.5 GiB; BENCHMARKS.md). `mla train --force` skips the check.
 //!
 //! Not here: measuring memory (device.rs), the chunked loss that bounds the logits (loss.rs).
 
-use crate::config::RunConfig;
+use crate::config::{Backend, RunConfig, Sharding};
 use crate::device;
 use crate::error::BadInput;
 use crate::metrics::human_bytes;
@@ -46,12 +47,35 @@ impl Estimate {
     }
 }
 
-/// The estimate for `cfg` with parameters of `param_kind` and activations in bf16 when
-/// `autocast` (else in the parameters' kind).
-pub(crate) fn estimate(cfg: &RunConfig, param_kind: Kind, autocast: bool) -> Estimate {
+/// The estimate for one of `world` ranks training `cfg` with parameters of `param_kind` and
+/// activations in bf16 when `autocast` (else in the parameters' kind).
+///
+/// Gradients: autograd's own (N values, alive from the first backward to the reduction), plus
+/// where gradients are reduced (several ranks, or a real communicator alone) the flat buffer
+/// they are gathered into: N values, or with `dist.shard: gradients` only this rank's slice,
+/// S = ⌈N / world⌉. AdamW's two fp32 moments: N values each, or S sharded (optim/zero.rs).
+pub(crate) fn estimate(
+    cfg: &RunConfig,
+    param_kind: Kind,
+    autocast: bool,
+    world: usize,
+) -> Estimate {
     let m = cfg.model();
     let n = stats::parameters(m) as u64;
     let w = param_kind.elt_size_in_bytes() as u64;
+    let reduces = world > 1 || matches!(cfg.dist.backend, Backend::Mpi | Backend::Nccl);
+    let sharding = if reduces {
+        cfg.dist.shard
+    } else {
+        Sharding::None
+    };
+    let slice = n.div_ceil(world.max(1) as u64);
+    let buffer = match sharding {
+        _ if !reduces => 0,
+        Sharding::Gradients => slice,
+        Sharding::None | Sharding::Optimizer => n,
+    };
+    let moments = if sharding == Sharding::None { n } else { slice };
     let a = if autocast { 2 } else { w };
     let tokens =
         (cfg.train.micro_batch_size * cfg.train.max_seq_length.unwrap_or(m.block_size)) as u64;
@@ -83,8 +107,8 @@ pub(crate) fn estimate(cfg: &RunConfig, param_kind: Kind, autocast: bool) -> Est
     let chunk = (tokens * vocab * 4).min(super::loss::LOGITS_CHUNK_BYTES as u64);
     Estimate {
         weights: n * w,
-        gradients: n * w, // the flat gradient buffer
-        optimizer: 2 * n * 4,
+        gradients: (n + buffer) * w,
+        optimizer: 2 * moments * 4,
         activations,
         logits: 3 * chunk,
     }
@@ -114,13 +138,13 @@ mod tests {
     #[test]
     fn estimate_counts_weights_gradients_and_moments_exactly() {
         let cfg = RunConfig::from_yaml("model_name: pythia-160m\n", "t.yaml", &[]).unwrap();
-        let e = estimate(&cfg, Kind::Float, false);
+        let e = estimate(&cfg, Kind::Float, false, 1);
         let n = stats::parameters(cfg.model()) as u64;
         assert_eq!((e.weights, e.gradients, e.optimizer), (4 * n, 4 * n, 8 * n));
         // micro 4 × 2048 tokens, 12 layers of (4·768 + 2·3072) fp32 values per token.
         assert_eq!(e.activations, 12 * 4 * 2048 * (4 * 768 + 2 * 3072) * 4);
         assert_eq!(e.logits, 3 * (256 << 20));
-        let half = estimate(&cfg, Kind::BFloat16, false);
+        let half = estimate(&cfg, Kind::BFloat16, false, 1);
         assert_eq!(half.weights, 2 * n);
         assert_eq!(half.activations * 2, e.activations);
         // Recomputing every block: 12 inputs (768 per token) and block 11's activations again;
@@ -130,7 +154,7 @@ mod tests {
             let yaml =
                 format!("model_name: pythia-160m\ntrain: {{activation_checkpointing: {policy}}}\n");
             let cfg = RunConfig::from_yaml(&yaml, "t.yaml", &[]).unwrap();
-            estimate(&cfg, Kind::Float, false).activations
+            estimate(&cfg, Kind::Float, false, 1).activations
         };
         let (tokens, block) = (4 * 2048, (4 * 768 + 2 * 3072) * 4);
         assert_eq!(with("blocks"), tokens * (12 * 768 * 4 + block));
@@ -147,6 +171,32 @@ mod tests {
         );
     }
 
+    /// Per rank of 8: DDP keeps autograd's gradients and the flat buffer (2N) and all moments;
+    /// ZeRO-1 divides the moments by 8; ZeRO-2 the flat buffer too (N + ⌈N/8⌉).
+    #[test]
+    fn sharding_divides_the_moments_and_the_gradient_buffer_by_the_world_size() {
+        let at = |shard: &str, world: usize| {
+            let yaml = format!("model_name: pythia-160m\ndist: {{shard: {shard}}}\n");
+            let cfg = RunConfig::from_yaml(&yaml, "t.yaml", &[]).unwrap();
+            estimate(&cfg, Kind::Float, false, world)
+        };
+        let cfg = RunConfig::from_yaml("model_name: pythia-160m\n", "t.yaml", &[]).unwrap();
+        let n = stats::parameters(cfg.model()) as u64;
+        let s = n.div_ceil(8);
+        let parts = |e: Estimate| (e.weights, e.gradients, e.optimizer);
+        assert_eq!(parts(at("none", 1)), (4 * n, 4 * n, 8 * n));
+        assert_eq!(
+            parts(at("gradients", 1)),
+            (4 * n, 4 * n, 8 * n),
+            "one rank: no sharding"
+        );
+        assert_eq!(parts(at("none", 8)), (4 * n, 8 * n, 8 * n));
+        assert_eq!(parts(at("optimizer", 8)), (4 * n, 8 * n, 8 * s));
+        assert_eq!(parts(at("gradients", 8)), (4 * n, 4 * (n + s), 8 * s));
+        let e = at("gradients", 8);
+        assert_eq!(e.activations, at("none", 8).activations);
+    }
+
     #[test]
     fn a_model_that_cannot_fit_is_refused_unless_forced() {
         let cfg = RunConfig::from_yaml(
@@ -155,7 +205,7 @@ mod tests {
             &[],
         )
         .unwrap();
-        let e = estimate(&cfg, Kind::Float, false);
+        let e = estimate(&cfg, Kind::Float, false, 1);
         assert!(e.total() > 1 << 40, "{}", e.describe());
         let err = check(&e, Device::Cpu, false).unwrap_err();
         assert!(

@@ -30,13 +30,13 @@ mod validation;
 
 use crate::budget::Budget;
 use crate::checkpoint::{self, TrainState};
-use crate::config::{Precision, RunConfig};
+use crate::config::{Precision, RunConfig, Sharding};
 use crate::data::{EvalLoader, LoaderConfig, LoaderPosition, Split, TrainLoader};
 use crate::device::{self, DeviceKind};
 use crate::dist::{self, Communicator, RankInfo};
 use crate::error::BadInput;
 use crate::metrics::{self, MetricsWriter, TrainRecord};
-use crate::optim::{self, AdamW, FlatParams};
+use crate::optim::{self, zero, AdamW, FlatParams};
 use crate::{datasource, signals};
 use anyhow::{bail, Context};
 use loss::{loss_and_backward, tokens_to_batch};
@@ -201,7 +201,7 @@ impl Trainer {
 
         // Before any work: will it fit, and may this run write its out_dir (rank 0 probes it,
         // takes its lease, refuses to overwrite another run, clears crashed saves' leftovers).
-        let estimate = memory::estimate(&cfg, param_kind, autocast);
+        let estimate = memory::estimate(&cfg, param_kind, autocast, rank.world_size);
         let free = memory::check(&estimate, device, opts.force)?;
         // A location that cannot be opened (a local path under a file, a read-only disk) is
         // the user's choice of out_dir: one line, exit 2, before any work.
@@ -259,11 +259,20 @@ impl Trainer {
         if param_kind == Kind::BFloat16 {
             vs.bfloat16();
         }
-        // The flat gradient buffer exists only where gradients are all-reduced.
-        let flat = if all_reduces(rank.world_size, comm.as_ref()) {
-            FlatParams::new(&vs, param_kind)?
-        } else {
-            FlatParams::without_grad_buffer(&vs, param_kind)?
+        // The flat gradient buffer exists only where gradients are all-reduced; sharded (ZeRO)
+        // only with `dist.shard: optimizer`.
+        let reduces = all_reduces(rank.world_size, comm.as_ref());
+        let sharding = cfg.dist.shard;
+        if sharding != Sharding::None && !reduces && main {
+            info!(
+                "dist.shard {}: one rank without a communicator holds everything anyway; not sharded",
+                sharding.as_str()
+            );
+        }
+        let flat = match sharding {
+            Sharding::None if reduces => FlatParams::new(&vs, param_kind)?,
+            _ if !reduces => FlatParams::without_grad_buffer(&vs, param_kind)?,
+            s => FlatParams::sharded(&vs, param_kind, s, rank.rank, rank.world_size)?,
         };
         // p.grad = None: the first backward of each step hands its gradients over (optim.rs).
         flat.clear_grads()?;
@@ -334,6 +343,7 @@ impl Trainer {
                 &budget,
                 &state,
                 flops_per_token,
+                &t.flat,
             );
             match free {
                 Some(free) => info!(
@@ -474,43 +484,65 @@ impl Trainer {
                 self.cfg.train.activation_checkpointing,
             );
         }
-        if all_reduces(world, self.comm.as_ref()) {
-            // One flat buffer for the bucketed all-reduce: gather (copy) the gradients into it.
-            // A real communicator reduces even alone (one GPU under `--dist.backend nccl`), so
-            // scripts/gpu_check.sh passes gradients through NCCL on a single card.
-            let reduce_start = Instant::now();
-            self.t.flat.gather_grads()?;
-            self.comm.all_reduce_sum(&mut self.t.flat.grads)?;
-            self.window.reduce_secs += reduce_start.elapsed().as_secs_f64();
-        }
         if self.nan_grad_steps.contains(&(self.state.step + 1)) {
+            // Before the reduction, so it reaches every rank as a real NaN gradient would.
             if let Some(g) = self.t.flat.grads_list()?.first() {
                 let _ = tch::no_grad(|| g.shallow_clone().fill_(f64::NAN));
             }
         }
+        let sharded = self.t.flat.shard.is_some();
+        let bucket_mb = self.cfg.dist.bucket_mb;
+        let reduce_start = Instant::now();
+        if sharded {
+            // ZeRO: each rank gets the sum of its own slice only (optim/zero.rs).
+            zero::reduce_scatter_grads(&self.t.flat, self.comm.as_ref(), bucket_mb)?;
+            self.window.reduce_secs += reduce_start.elapsed().as_secs_f64();
+        } else if all_reduces(world, self.comm.as_ref()) {
+            // One flat buffer for the bucketed all-reduce: gather (copy) the gradients into it.
+            // A real communicator reduces even alone (one GPU under `--dist.backend nccl`), so
+            // scripts/gpu_check.sh passes gradients through NCCL on a single card.
+            self.t.flat.gather_grads()?;
+            self.comm.all_reduce_sum(&mut self.t.flat.grads)?;
+            self.window.reduce_secs += reduce_start.elapsed().as_secs_f64();
+        }
         // Queued on the device, read back once at the end: this rank's mean loss and its stop
-        // flags, summed over ranks in one small all-reduce; the gradient norm; the non-finite
-        // flag that skips AdamW on the device; clipping by a coefficient that stays there.
+        // flags (and, sharded, its slice's squared gradient norm), summed over ranks in one
+        // small all-reduce; the gradient norm; the non-finite flag that skips AdamW on the
+        // device; clipping by a coefficient that stays there.
         let time_up = self.cfg.train.max_time.is_some_and(|m| self.elapsed() >= m);
         let stop = signals::stop_requested() || self.stop_at_step == Some(self.state.step + 1);
         let flag = |on: bool| Tensor::full([], f64::from(u8::from(on)), (Kind::Double, device));
+        let norm_sq = if sharded {
+            zero::norm_sq(&self.t.flat)?
+        } else {
+            flag(false)
+        };
         let mut shared = Tensor::stack(
             &[
                 loss_sum.to_kind(Kind::Double) / self.accum as f64,
                 flag(stop),
                 flag(time_up),
+                norm_sq,
             ],
             0,
         );
         self.comm.all_reduce_sum(&mut shared)?;
-        let norm = optim::grad_norm(&self.t.flat)?;
+        let norm = if sharded {
+            tch::no_grad(|| shared.get(3).sqrt().to_kind(Kind::Float))
+        } else {
+            optim::grad_norm(&self.t.flat)?
+        };
         let found_inf = tch::no_grad(|| {
             (shared.get(0).isfinite().logical_and(&norm.isfinite()))
                 .logical_not()
                 .to_kind(Kind::Float)
         });
         if let Some(max_norm) = self.cfg.train.max_norm {
-            optim::clip_grads(&self.t.flat, &norm, max_norm)?;
+            if sharded {
+                zero::clip(&self.t.flat, &norm, max_norm)?;
+            } else {
+                optim::clip_grads(&self.t.flat, &norm, max_norm)?;
+            }
         }
         let lr = optim::lr_at(
             self.state.step,
@@ -520,6 +552,12 @@ impl Trainer {
             self.budget.total_steps,
         );
         self.t.opt.step_unless(&self.t.flat, lr, &found_inf)?;
+        if sharded {
+            // Every rank's updated slice to every rank (unchanged slices when skipped).
+            let gather_start = Instant::now();
+            zero::all_gather_params(&self.t.flat, self.comm.as_ref(), bucket_mb)?;
+            self.window.reduce_secs += gather_start.elapsed().as_secs_f64();
+        }
         // The step's one host sync, with all of the step's work already queued.
         let host = Vec::<f64>::try_from(
             Tensor::cat(
@@ -535,8 +573,8 @@ impl Trainer {
         let loss = host[0] / world as f64;
         self.stop_agreed = host[1] > 0.0;
         self.time_agreed = host[2] > 0.0;
-        let norm = host[3];
-        if host[4] > 0.0 {
+        let norm = host[4];
+        if host[5] > 0.0 {
             self.consecutive_nonfinite += 1;
             self.state.skipped_steps += 1;
             let n = self.consecutive_nonfinite;
@@ -620,10 +658,26 @@ impl Trainer {
         self.state.loaders = loader_positions(self.comm.as_ref(), &self.loader)?;
         self.state.elapsed_secs = self.elapsed();
         let (flat, opt) = (&self.t.flat, &self.t.opt);
+        // Sharded, the whole moments are gathered on rank 0 (every rank takes part); only
+        // rank 0 writes, so the others' slices never reach the saver.
+        let gathered = match &flat.shard {
+            Some(_) => {
+                zero::gather_moments(flat, opt, self.comm.as_ref(), self.cfg.dist.bucket_mb)?
+            }
+            None => None,
+        };
+        let moments = match &gathered {
+            Some((exp_avg, exp_avg_sq)) => optim::Moments {
+                exp_avg,
+                exp_avg_sq,
+                step: opt.step,
+            },
+            None => opt.moments(),
+        };
         if last {
-            self.saver.save_last(name, flat, opt, &self.state)
+            self.saver.save_last(name, flat, moments, &self.state)
         } else {
-            self.saver.save(name, flat, opt, &self.state)
+            self.saver.save(name, flat, moments, &self.state)
         }
     }
 
@@ -687,6 +741,7 @@ fn report_start(
     budget: &Budget,
     state: &TrainState,
     flops_per_token: f64,
+    flat: &FlatParams,
 ) {
     let m = cfg.model();
     let (micro, seq_len) = (
@@ -710,6 +765,21 @@ fn report_start(
             comm.backend(),
             cfg.dist.bucket_mb,
             cfg.dist.timeout_secs
+        );
+    }
+    if let Some(s) = &flat.shard {
+        let (lo, hi) = s.owned();
+        let what = match s.sharding {
+            Sharding::Gradients => "AdamW moments and gradients",
+            _ => "AdamW moments",
+        };
+        info!(
+            "dist.shard {} (ZeRO-{}): each rank keeps the {what} of its 1/{} slice ({} parameters here, [{lo}, {hi}) of {}); gradients are reduce-scattered, parameters all-gathered after each step",
+            s.sharding.as_str(),
+            if s.sharding == Sharding::Gradients { 2 } else { 1 },
+            s.world,
+            hi - lo,
+            s.numel
         );
     }
     if precision == Precision::Bf16Mixed && !device.is_cuda() {

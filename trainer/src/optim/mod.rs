@@ -13,9 +13,15 @@
 //!
 //! Layout: parameters with ≥ 2 dims (weights, embeddings) first, then 1-D ones (biases, norms),
 //! each group in name order, so decoupled weight decay applies to one contiguous prefix.
+//! Sharded (ZeRO, `dist.shard`, zero.rs): the buffers are padded to world × S elements, rank r
+//! owns [r·S, (r+1)·S), AdamW's moments exist for that slice only, and its gradient lives in
+//! the [`Shard`]; every rank still holds all parameters.
 //! Also here: the LR schedule (linear warmup, cosine to min_lr, by optimizer step) and
 //! global-norm clipping. Not here: the loop that calls them (train.rs).
 
+pub mod zero;
+
+use crate::config::Sharding;
 use crate::cxx;
 use std::collections::HashMap;
 use tch::nn::VarStore;
@@ -50,12 +56,21 @@ impl FlatEntry {
 /// The model's parameters as one flat tensor, and a flat gradient buffer of the same layout.
 #[derive(Debug)]
 pub struct FlatParams {
+    /// The parameters, N elements: a view of the first N of `padded`.
     pub params: Tensor,
+    /// The storage of `params`, padded with zeros to a multiple of the world size when sharded
+    /// (the all-gather moves equal chunks); `params` itself otherwise.
+    pub padded: Tensor,
     /// Gradients gathered for the all-reduce ([`FlatParams::gather_grads`]); its slices are
     /// also the `.grad` of a parameter that got none. Stale while gradients are per-parameter.
-    /// Empty when built [`FlatParams::without_grad_buffer`] (one rank: nothing to reduce).
+    /// Empty when built [`FlatParams::without_grad_buffer`] (one rank: nothing to reduce) or
+    /// sharded by gradients.
     pub grads: Tensor,
+    /// The storage of `grads`, padded as `padded`.
+    pub grads_padded: Tensor,
     grad_buffer: bool,
+    /// This rank's slice when sharded (ZeRO).
+    pub shard: Option<Shard>,
     pub entries: Vec<FlatEntry>,
     /// Elements [0, n_decay) are ≥2-D weights (weight decay applies).
     pub n_decay: i64,
@@ -67,17 +82,40 @@ impl FlatParams {
     /// Move every trainable variable of `vs` into one flat buffer of `kind` (values kept).
     /// Each `.grad` starts as its (zeroed) slice of the flat gradient buffer.
     pub fn new(vs: &VarStore, kind: Kind) -> Result<FlatParams, OptimError> {
-        Self::build(vs, kind, true)
+        Self::build(vs, kind, true, None)
+    }
+
+    /// [`FlatParams::new`] sharded over `world` ranks, this one `rank` (ZeRO, zero.rs): with
+    /// [`Sharding::Optimizer`] the flat gradient buffer is kept and this rank's gradient is
+    /// its slice of it; with [`Sharding::Gradients`] there is no flat gradient buffer, only
+    /// this rank's slice.
+    pub fn sharded(
+        vs: &VarStore,
+        kind: Kind,
+        sharding: Sharding,
+        rank: usize,
+        world: usize,
+    ) -> Result<FlatParams, OptimError> {
+        let layout = match sharding {
+            Sharding::None => None,
+            s => Some((s, rank, world)),
+        };
+        Self::build(vs, kind, sharding == Sharding::Optimizer, layout)
     }
 
     /// [`FlatParams::new`] without the flat gradient buffer, for a rank with no peer: autograd's
     /// own per-parameter gradients are all the norm, clipping and AdamW read, so a second copy
     /// of every gradient (the buffer, idle between all-reduces that never come) is not kept.
     pub fn without_grad_buffer(vs: &VarStore, kind: Kind) -> Result<FlatParams, OptimError> {
-        Self::build(vs, kind, false)
+        Self::build(vs, kind, false, None)
     }
 
-    fn build(vs: &VarStore, kind: Kind, grad_buffer: bool) -> Result<FlatParams, OptimError> {
+    fn build(
+        vs: &VarStore,
+        kind: Kind,
+        grad_buffer: bool,
+        layout: Option<(Sharding, usize, usize)>,
+    ) -> Result<FlatParams, OptimError> {
         let vars: HashMap<String, Tensor> = vs.variables();
         let mut names: Vec<&String> = vars.keys().collect();
         names.sort_by_key(|n| (vars[*n].dim() < 2, n.to_string()));
@@ -98,8 +136,28 @@ impl FlatParams {
             }
             entries.push(e);
         }
-        let params = Tensor::zeros([offset], (kind, device));
-        let grads = Tensor::zeros([if grad_buffer { offset } else { 0 }], (kind, device));
+        // Sharded: N padded up to world × S (S = ⌈N / world⌉ elements per rank).
+        let size = layout.map(|(_, _, world)| (offset + world as i64 - 1) / world as i64);
+        let padded_len = layout.map_or(offset, |(_, _, world)| size.unwrap_or(0) * world as i64);
+        let padded = Tensor::zeros([padded_len], (kind, device));
+        let params = padded.narrow(0, 0, offset);
+        let grads_padded =
+            Tensor::zeros([if grad_buffer { padded_len } else { 0 }], (kind, device));
+        let grads = grads_padded.narrow(0, 0, if grad_buffer { offset } else { 0 });
+        let shard = match (layout, size) {
+            (Some((sharding, rank, world)), Some(size)) => Some(Shard {
+                sharding,
+                rank,
+                world,
+                size,
+                numel: offset,
+                grads: match sharding {
+                    Sharding::Gradients => Tensor::zeros([size], (kind, device)),
+                    _ => grads_padded.narrow(0, rank as i64 * size, size),
+                },
+            }),
+            _ => None,
+        };
         let ordered: Vec<Tensor> = entries
             .iter()
             .map(|e| vars[&e.name].shallow_clone())
@@ -113,8 +171,11 @@ impl FlatParams {
         });
         let flat = FlatParams {
             params,
+            padded,
             grads,
+            grads_padded,
             grad_buffer,
+            shard,
             entries,
             n_decay,
             vars: ordered,
@@ -127,6 +188,15 @@ impl FlatParams {
 
     pub fn numel(&self) -> i64 {
         self.params.numel() as i64
+    }
+
+    /// The elements [lo, hi) of the flat buffer whose AdamW step this rank takes: all of them
+    /// unsharded, its slice (cut at N) when sharded.
+    pub fn owned(&self) -> (i64, i64) {
+        match &self.shard {
+            None => (0, self.numel()),
+            Some(s) => s.owned(),
+        }
     }
 
     /// The flat slice of one parameter, shaped.
@@ -231,6 +301,53 @@ impl FlatParams {
     }
 }
 
+/// This rank's slice of a sharded flat buffer (ZeRO): elements [rank·size, (rank+1)·size) of
+/// the buffer padded to world × size.
+#[derive(Debug)]
+pub struct Shard {
+    pub sharding: Sharding,
+    pub rank: usize,
+    pub world: usize,
+    /// Elements per rank (S).
+    pub size: i64,
+    /// Elements of the unpadded buffer (N).
+    pub numel: i64,
+    /// The slice's gradient, S elements (zeros past N): a view of the padded flat gradient
+    /// buffer ([`Sharding::Optimizer`]) or a buffer of its own ([`Sharding::Gradients`]).
+    pub grads: Tensor,
+}
+
+impl Shard {
+    /// The owned elements [lo, hi) of the unpadded buffer (the padding is nobody's).
+    pub fn owned(&self) -> (i64, i64) {
+        let lo = (self.rank as i64 * self.size).min(self.numel);
+        (lo, (lo + self.size).min(self.numel))
+    }
+}
+
+/// Copy elements [start, start + dst.numel()) of a flat layout into the 1-D `dst`, taking each
+/// from the per-entry tensor (`tensors[i]` shaped as `entries[i]`) it lies in; past the last
+/// entry (padding) `dst` gets zeros.
+pub(crate) fn copy_flat_range(entries: &[FlatEntry], tensors: &[Tensor], start: i64, dst: &Tensor) {
+    let end = start + dst.numel() as i64;
+    let first = entries.partition_point(|e| e.offset + e.numel() <= start);
+    let mut filled = start;
+    tch::no_grad(|| {
+        for (e, t) in entries[first..].iter().zip(&tensors[first..]) {
+            if e.offset >= end {
+                break;
+            }
+            let (a, b) = (start.max(e.offset), end.min(e.offset + e.numel()));
+            dst.narrow(0, a - start, b - a)
+                .copy_(&t.reshape(-1).narrow(0, a - e.offset, b - a));
+            filled = b;
+        }
+        if filled < end {
+            let _ = dst.narrow(0, filled - start, end - filled).zero_();
+        }
+    });
+}
+
 /// LR at optimizer step `step` (0-based): linear warmup over `warmup_steps` (reaching `lr` at
 /// the end of warmup), then cosine decay to `min_lr` at `total_steps`; constant after warmup
 /// when the total is unknown.
@@ -250,7 +367,7 @@ pub fn lr_at(step: u64, lr: f64, min_lr: f64, warmup_steps: u64, total_steps: Op
 }
 
 /// AdamW (decoupled weight decay, torch's formulation) with fp32 moments in two flat buffers
-/// laid out as the parameters. Each step is torch's fused kernel (`_fused_adamw_`, what
+/// laid out as the parameters (sharded: as this rank's slice of them, S elements). Each step is torch's fused kernel (`_fused_adamw_`, what
 /// `torch.optim.AdamW(fused=True)` runs): one pass reading parameter, gradient and moments,
 /// called once for the decayed ≥2-D prefix and once for the rest.
 #[derive(Debug)]
@@ -268,9 +385,10 @@ pub struct AdamW {
 impl AdamW {
     pub fn new(flat: &FlatParams, betas: (f64, f64), eps: f64, weight_decay: f64) -> AdamW {
         let opts = (Kind::Float, flat.params.device());
+        let len = flat.shard.as_ref().map_or(flat.numel(), |s| s.size);
         AdamW {
-            exp_avg: Tensor::zeros([flat.numel()], opts),
-            exp_avg_sq: Tensor::zeros([flat.numel()], opts),
+            exp_avg: Tensor::zeros([len], opts),
+            exp_avg_sq: Tensor::zeros([len], opts),
             step: 0,
             betas,
             eps,
@@ -307,12 +425,25 @@ impl AdamW {
         self.step += 1;
     }
 
+    /// The whole moments with the step count, for a checkpoint (unsharded; a sharded run
+    /// gathers them first, zero.rs).
+    pub fn moments(&self) -> Moments<'_> {
+        Moments {
+            exp_avg: &self.exp_avg,
+            exp_avg_sq: &self.exp_avg_sq,
+            step: self.step,
+        }
+    }
+
     fn update(
         &mut self,
         flat: &FlatParams,
         lr: f64,
         found_inf: Option<&Tensor>,
     ) -> Result<(), OptimError> {
+        if let Some(shard) = &flat.shard {
+            return self.update_slice(flat, shard, lr, found_inf);
+        }
         let grads = flat.grads_list()?;
         let step = self.step + 1;
         let views =
@@ -355,6 +486,70 @@ impl AdamW {
     }
 }
 
+impl AdamW {
+    /// The update of a sharded rank: the fused kernel over its owned slice [lo, hi) as two
+    /// flat pieces, cut where the decayed ≥2-D prefix ends (a slice may straddle it), with the
+    /// shard's gradient. Element for element the arithmetic of the per-parameter update.
+    fn update_slice(
+        &mut self,
+        flat: &FlatParams,
+        shard: &Shard,
+        lr: f64,
+        found_inf: Option<&Tensor>,
+    ) -> Result<(), OptimError> {
+        let (lo, hi) = shard.owned();
+        let step = self.step + 1;
+        let cut = flat.n_decay.clamp(lo, hi);
+        tch::no_grad(|| -> Result<(), OptimError> {
+            let _ = self.step_count.fill_(step as f64);
+            for ((a, b), weight_decay) in [((lo, cut), self.weight_decay), ((cut, hi), 0.0)] {
+                if a == b {
+                    continue;
+                }
+                let piece = |t: &Tensor| t.narrow(0, a - lo, b - a);
+                let p = flat.params.narrow(0, a, b - a);
+                let g = piece(&shard.grads);
+                let p32 = (p.kind() != Kind::Float).then(|| p.to_kind(Kind::Float));
+                let g = if g.kind() == Kind::Float {
+                    g
+                } else {
+                    g.to_kind(Kind::Float)
+                };
+                let target = p32
+                    .as_ref()
+                    .map_or(p.shallow_clone(), Tensor::shallow_clone);
+                let args = cxx::AdamWArgs {
+                    lr,
+                    betas: self.betas,
+                    weight_decay,
+                    eps: self.eps,
+                };
+                cxx::fused_adamw(
+                    &[target],
+                    &[g],
+                    &[piece(&self.exp_avg)],
+                    &[piece(&self.exp_avg_sq)],
+                    &self.step_count,
+                    args,
+                    found_inf,
+                )?;
+                if let Some(p32) = &p32 {
+                    p.shallow_clone().copy_(p32);
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// AdamW's moments and step count as a checkpoint holds them: the whole flat layout.
+#[derive(Debug, Clone, Copy)]
+pub struct Moments<'a> {
+    pub exp_avg: &'a Tensor,
+    pub exp_avg_sq: &'a Tensor,
+    pub step: u64,
+}
+
 /// Global L2 norm of the gradients (fp32 scalar tensor, not synchronised to the host), as
 /// torch's clip_grad_norm_: the norm of the per-parameter norms.
 pub fn grad_norm(flat: &FlatParams) -> Result<Tensor, OptimError> {
@@ -371,22 +566,28 @@ pub fn grad_norm(flat: &FlatParams) -> Result<Tensor, OptimError> {
 /// bf16 gradients take it rounded to bf16, as clip_grad_norm_ does with bf16 norms.
 pub fn clip_grads(flat: &FlatParams, norm: &Tensor, max_norm: f64) -> Result<(), OptimError> {
     let grads = flat.grads_list()?;
-    let device = norm.device();
     let kind = match grads.first() {
-        Some(g) if device.is_cuda() => g.kind(), // the multi-tensor kernel wants one dtype
+        Some(g) if norm.device().is_cuda() => g.kind(), // the multi-tensor kernel wants one dtype
         _ => Kind::Float,
     };
-    let coef = tch::no_grad(|| {
+    cxx::foreach_mul_(&grads, &clip_coefficient(norm, max_norm, kind))
+}
+
+/// min(1, max_norm / (norm + 1e-6)) on the norm's device: computed in fp64, rounded once to
+/// `kind`.
+pub(crate) fn clip_coefficient(norm: &Tensor, max_norm: f64, kind: Kind) -> Tensor {
+    tch::no_grad(|| {
+        let device = norm.device();
         (Tensor::full([], max_norm, (Kind::Double, device)) / (norm.to_kind(Kind::Double) + 1e-6))
             .clamp_max(1.0)
             .to_kind(kind)
-    });
-    cxx::foreach_mul_(&grads, &coef)
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Sharding;
     use tch::{nn, Device};
 
     /// fp32 unit roundoff: one rounding moves a value by at most u = 2^-24 of itself.
@@ -462,17 +663,124 @@ mod tests {
         assert_eq!(lr_at(0, 1.0, 0.1, 0, Some(0)), 1.0);
     }
 
+    /// Two small layers with the same values on every call: set from a formula, not from
+    /// torch's global generator, which tests running in parallel threads share.
     fn toy() -> (VarStore, nn::Linear, nn::Linear) {
         let vs = VarStore::new(Device::Cpu);
-        tch::manual_seed(0);
         let a = nn::linear(vs.root() / "a", 3, 4, Default::default());
         let b = nn::linear(vs.root() / "b", 4, 2, Default::default());
+        tch::no_grad(|| {
+            for (i, t) in [&a.ws, a.bs.as_ref().unwrap(), &b.ws, b.bs.as_ref().unwrap()]
+                .into_iter()
+                .enumerate()
+            {
+                let n = t.numel() as i64;
+                let v = ((Tensor::arange(n, (Kind::Float, Device::Cpu)) * 0.7 + i as f64).sin()
+                    * 0.5)
+                    .view(t.size().as_slice());
+                t.shallow_clone().copy_(&v);
+            }
+        });
         (vs, a, b)
     }
 
     fn loss(a: &nn::Linear, b: &nn::Linear, x: &Tensor) -> Tensor {
         use tch::nn::Module;
         b.forward(&a.forward(x).tanh()).square().sum(Kind::Float)
+    }
+
+    /// Any range of the flat layout, across entry boundaries and into the padding, is the
+    /// entries' values there (zeros past the last).
+    #[test]
+    fn a_flat_range_is_copied_from_the_entries_it_spans() {
+        let (vs, _a, _b) = toy();
+        let flat = FlatParams::new(&vs, Kind::Float).unwrap();
+        let n = flat.numel();
+        let whole = Tensor::arange(n, (Kind::Float, Device::Cpu)) + 1.0;
+        let per_entry: Vec<Tensor> = flat
+            .entries
+            .iter()
+            .map(|e| {
+                whole
+                    .narrow(0, e.offset, e.numel())
+                    .view(e.shape.as_slice())
+            })
+            .collect();
+        for (start, len) in [
+            (0, n),
+            (0, 1),
+            (5, 13),
+            (11, 2),
+            (n - 3, 3),
+            (n - 2, 7),
+            (n, 4),
+        ] {
+            let dst = Tensor::full([len], -1.0, (Kind::Float, Device::Cpu));
+            copy_flat_range(&flat.entries, &per_entry, start, &dst);
+            let got: Vec<f32> = Vec::try_from(&dst).unwrap();
+            let want: Vec<f32> = (start..start + len)
+                .map(|i| if i < n { (i + 1) as f32 } else { 0.0 })
+                .collect();
+            assert_eq!(got, want, "[{start}, {})", start + len);
+        }
+    }
+
+    /// Each rank of a sharded buffer steps exactly its slice [lo, hi) — 26 elements, the decayed
+    /// prefix ending at 20, so with 2 and 3 ranks a slice straddles it, and with 30 some own
+    /// only padding — as the whole-buffer step does, and leaves the rest alone (the all-gather
+    /// brings it). Both are the same elementwise formula; they may round differently only where
+    /// one runs a vector body and the other a scalar tail (FMA contraction): ≤ 2 roundings of
+    /// each of its ~10 operations per step, 3 steps: k = 60.
+    #[test]
+    fn each_shard_steps_its_slice_as_the_whole_buffer_would() {
+        let x = Tensor::ones([5, 3], (Kind::Float, Device::Cpu));
+        let (vs, a, b) = toy();
+        let flat = FlatParams::new(&vs, Kind::Float).unwrap();
+        let initial = flat.params.copy();
+        let mut opt = AdamW::new(&flat, (0.9, 0.95), 1e-8, 0.1);
+        let mut step_grads = Vec::new();
+        for t in 0..3 {
+            flat.clear_grads().unwrap();
+            loss(&a, &b, &(&x * (t + 1) as f64)).backward();
+            let g = flat.grads_list().unwrap();
+            step_grads.push(Tensor::cat(
+                &g.iter().map(|g| g.reshape(-1)).collect::<Vec<_>>(),
+                0,
+            ));
+            opt.step(&flat, 0.01).unwrap();
+        }
+        let n = flat.numel();
+        for world in [1usize, 2, 3, 30] {
+            let mut covered = 0;
+            for rank in 0..world {
+                let (vs, _a, _b) = toy();
+                let sharded =
+                    FlatParams::sharded(&vs, Kind::Float, Sharding::Gradients, rank, world)
+                        .unwrap();
+                let shard = sharded.shard.as_ref().unwrap();
+                let (lo, hi) = shard.owned();
+                let mut opt = AdamW::new(&sharded, (0.9, 0.95), 1e-8, 0.1);
+                for g in &step_grads {
+                    let _ = shard.grads.shallow_clone().zero_();
+                    shard
+                        .grads
+                        .narrow(0, 0, hi - lo)
+                        .copy_(&g.narrow(0, lo, hi - lo));
+                    opt.step(&sharded, 0.01).unwrap();
+                }
+                let what = format!("rank {rank} of {world}, [{lo}, {hi})");
+                if hi > lo {
+                    let got = sharded.params.narrow(0, lo, hi - lo);
+                    assert_close(&what, &got, &flat.params.narrow(0, lo, hi - lo), 60.0);
+                }
+                for (a, b) in [(0, lo), (hi, n)] {
+                    let rest = sharded.params.narrow(0, a, b - a);
+                    assert!(rest.equal(&initial.narrow(0, a, b - a)), "{what}: outside");
+                }
+                covered += hi - lo;
+            }
+            assert_eq!(covered, n, "the slices of {world} ranks tile the buffer");
+        }
     }
 
     #[test]
