@@ -1,12 +1,12 @@
 //! Integration tests of the hub downloads against a small HTTP server on 127.0.0.1 started by each
 //! test (common/http.rs). The served archive is built at test time from `../shared/data`
-//! TinyStories text.
+//! TinyStories text; so are the Parquet files of the `--hf-dataset` test.
 //! Not here: the real hub (no network in tests).
 
 mod common;
 
 use common::http::{Reply, Server};
-use common::{mla_in, ok, repo, shared_data};
+use common::{mla_in, ok, repo, shared_data, tokenizer_dir, write_parquet};
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::Path;
@@ -305,4 +305,149 @@ fn a_missing_tokenizer_dir_that_cannot_be_downloaded_leaves_nothing_behind() {
         "{err}"
     );
     assert!(!tmp.path().join("tokenizerz").exists(), "left behind");
+}
+
+/// The shard files and index token counts of a prepared dataset directory, by name.
+fn shards(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "bin"))
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&p).unwrap())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// `mla prepare --hf-dataset OWNER/NAME` (issue 12): the split's Parquet files, listed by the
+/// hub's dataset-viewer API with huggingface.co URLs, are fetched from HF_ENDPOINT into
+/// --cache-dir once, and give token for token the shards of the same stories prepared from
+/// .txt (train from `train`, val from `validation`); a rerun downloads nothing; an unknown
+/// dataset is one line naming the URL and the 404.
+#[test]
+fn a_hub_dataset_prepares_from_its_parquet_files_as_the_same_text_does() {
+    let all = stories(
+        &shared_data().join("tinystories/valid/tinystories_v1_valid_head.txt"),
+        150,
+    );
+    let (train, val) = all.split_at(130);
+    let tmp = tempfile::tempdir().unwrap();
+    let files = tmp.path().join("files");
+    std::fs::create_dir(&files).unwrap();
+    let parquet = |name: &str, part: &[String]| {
+        let p = files.join(name);
+        write_parquet(&p, "text", part);
+        std::fs::read(p).unwrap()
+    };
+    let api = "/api/datasets/someone/tiny/parquet/default";
+    let hub = "https://huggingface.co";
+    let list = |split: &str, n: usize| {
+        let urls: Vec<String> = (0..n)
+            .map(|i| format!("{hub}{api}/{split}/{i}.parquet"))
+            .collect();
+        Reply::Ok(serde_json::to_vec(&urls).unwrap())
+    };
+    let server = Server::start(HashMap::from([
+        (format!("{api}/train"), list("train", 2)),
+        (
+            format!("{api}/train/0.parquet"),
+            Reply::Ok(parquet("t0.parquet", &train[..70])),
+        ),
+        (
+            format!("{api}/train/1.parquet"),
+            Reply::Ok(parquet("t1.parquet", &train[70..])),
+        ),
+        (format!("{api}/validation"), list("validation", 1)),
+        (
+            format!("{api}/validation/0.parquet"),
+            Reply::Ok(parquet("v0.parquet", val)),
+        ),
+    ]));
+    let tok = tokenizer_dir();
+    let cache = tmp.path().join("cache");
+    let hub_out = tmp.path().join("hub");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "prepare",
+            "--hf-dataset",
+            "someone/tiny",
+            "--tokenizer-dir",
+            tok.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--out",
+            hub_out.to_str().unwrap(),
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        mla_in(tmp.path(), &args, &[("HF_ENDPOINT", server.addr.as_str())])
+    };
+    ok(&run(&[]));
+    assert!(cache
+        .join("someone/tiny/default/train/00001.parquet")
+        .is_file());
+
+    let txt = tmp.path().join("txt");
+    std::fs::create_dir(&txt).unwrap();
+    let write = |name: &str, part: &[String]| {
+        let p = txt.join(name);
+        std::fs::write(&p, part.join("\n<|endoftext|>\n")).unwrap();
+        p
+    };
+    let (t, v) = (write("train.txt", train), write("val.txt", val));
+    let from_txt = tmp.path().join("from-txt");
+    ok(&mla_in(
+        tmp.path(),
+        &[
+            "prepare",
+            t.to_str().unwrap(),
+            "--val",
+            v.to_str().unwrap(),
+            "--tokenizer-dir",
+            tok.to_str().unwrap(),
+            "--out",
+            from_txt.to_str().unwrap(),
+            "--quiet",
+        ],
+        &[],
+    ));
+    let (a, b) = (shards(&hub_out), shards(&from_txt));
+    assert_eq!(
+        a.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["train-00000.bin", "val-00000.bin"]
+    );
+    assert!(a == b, "the hub dataset's shards differ from the text's");
+
+    // A rerun finds every file in the cache: only the listings are fetched again.
+    ok(&run(&["--overwrite"]));
+    assert_eq!(server.hits(&format!("{api}/train/0.parquet")), 1);
+    assert_eq!(server.hits(&format!("{api}/validation/0.parquet")), 1);
+    assert_eq!(server.hits(&format!("{api}/train")), 2);
+
+    let out = mla_in(
+        tmp.path(),
+        &[
+            "prepare",
+            "--hf-dataset",
+            "someone/nothing",
+            "--tokenizer-dir",
+            tok.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--out",
+            tmp.path().join("none").to_str().unwrap(),
+        ],
+        &[("HF_ENDPOINT", server.addr.as_str())],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("someone/nothing/parquet/default/train") && err.contains("404"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("none").exists());
 }

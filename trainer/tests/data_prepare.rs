@@ -1,7 +1,8 @@
 //! Integration tests of `mla_trainer::data`: tokenizers, `prepare` on the real TinyStories text in
-//! `../shared/data`, input formats, the train/val split, and bad-input errors, also as the `mla`
-//! binary reports them (exit 2, one `error:` line naming the culprit, no panic), and a SIGTERM
-//! during `mla prepare`.
+//! `../shared/data`, input formats (text, JSON, compressed, Parquet written by the `parquet`
+//! crate and by pyarrow from the project's .venv), the train/val split, and bad-input errors,
+//! also as the `mla` binary reports them (exit 2, one `error:` line naming the culprit, no
+//! panic), and a SIGTERM during `mla prepare`.
 //! Not here: the loader (data_loader.rs) and downloads (data_download.rs).
 
 mod common;
@@ -10,7 +11,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{assert_bad, mla};
+use common::{assert_bad, mla, repo, write_parquet};
 
 use mla_trainer::data::{
     check_vocab, prepare, DataError, Dataset, PrepareArgs, Split, Tokenizer, INDEX_FILE,
@@ -695,4 +696,384 @@ fn prepare_shared_tinystories_throughput() {
     let report = prepare(&a).unwrap();
     println!("{report}");
     println!("input bytes {}", report.input_bytes);
+}
+
+/// The 624 stories of the v1 train head: several Parquet row groups of 100 rows.
+fn head_stories() -> Vec<String> {
+    txt_stories(&shared_data().join("tinystories/train/tinystories_v1_train_head.txt"))
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(bytes).unwrap();
+    gz.finish().unwrap()
+}
+
+fn jsonl(stories: &[String]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for s in stories {
+        writeln!(out, "{}", serde_json::json!({ "text": s })).unwrap();
+    }
+    out
+}
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// The project's .venv python when it can import pyarrow; None (after a note) otherwise, a
+/// failure under CI.
+fn python_with_pyarrow() -> Option<PathBuf> {
+    let python = repo().join(".venv/bin/python");
+    let ok = std::process::Command::new(&python)
+        .args(["-c", "import pyarrow.parquet"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        return Some(python);
+    }
+    let why = format!(
+        "{} cannot import pyarrow (scripts/setup.sh installs it)",
+        python.display()
+    );
+    assert!(!in_ci(), "{why} (required under CI)");
+    eprintln!("note: {why}; skipping the pyarrow-written Parquet inputs");
+    None
+}
+
+/// Parquet files written by pyarrow, as the `datasets` library writes them, from the stories in
+/// `stories_json`: `hf.parquet` (snappy, row groups of 100, `id`, `text` with a null, and a
+/// `meta` column after it) and `story.parquet` (zstd, large_string `story` only, data pages v2).
+const PYARROW_WRITER: &str = r#"
+import json, sys
+import pyarrow as pa, pyarrow.parquet as pq
+stories = json.load(open(sys.argv[1]))
+out = sys.argv[2]
+text = stories[:7] + [None] + stories[7:]
+pq.write_table(
+    pa.table({"id": list(range(len(text))), "text": text, "meta": ["m"] * len(text)}),
+    out + "/hf.parquet", compression="snappy", row_group_size=100)
+pq.write_table(
+    pa.table({"story": pa.array(stories, type=pa.large_string())}),
+    out + "/story.parquet", compression="zstd", row_group_size=250, data_page_version="2.0")
+"#;
+
+#[test]
+fn compressed_and_parquet_inputs_give_the_same_tokens_as_txt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stories = head_stories();
+    assert_eq!(stories.len(), 624);
+    let records: Vec<serde_json::Value> = stories
+        .iter()
+        .map(
+            |s| serde_json::json!({"story": s, "instruction": {"words": ["a"]}, "source": "GPT-4"}),
+        )
+        .collect();
+    let txt = shared_data().join("tinystories/train/tinystories_v1_train_head.txt");
+    let mut inputs = vec![txt.clone()];
+    let mut file = |name: &str, bytes: Vec<u8>| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        inputs.push(p);
+    };
+    file("data.json.gz", gzip(&serde_json::to_vec(&records).unwrap()));
+    file("data.jsonl.gz", gzip(&jsonl(&stories)));
+    file(
+        "data.jsonl.zst",
+        zstd::stream::encode_all(&jsonl(&stories)[..], 3).unwrap(),
+    );
+    file(
+        "data.txt.zst",
+        zstd::stream::encode_all(&std::fs::read(&txt).unwrap()[..], 3).unwrap(),
+    );
+    let rust_parquet = tmp.path().join("rust.parquet");
+    write_parquet(&rust_parquet, "text", &stories);
+    inputs.push(rust_parquet);
+    let rust_story = tmp.path().join("rust-story.parquet");
+    write_parquet(&rust_story, "story", &stories);
+    inputs.push(rust_story);
+    if let Some(python) = python_with_pyarrow() {
+        let list = tmp.path().join("stories.json");
+        std::fs::write(&list, serde_json::to_vec(&stories).unwrap()).unwrap();
+        let out = std::process::Command::new(python)
+            .args(["-c", PYARROW_WRITER])
+            .arg(&list)
+            .arg(tmp.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        inputs.push(tmp.path().join("hf.parquet"));
+        inputs.push(tmp.path().join("story.parquet"));
+    }
+
+    let tok = Tokenizer::from_dir(gpt2_dir()).unwrap();
+    let want = expected_stream(&tok, &stories);
+    for (i, input) in inputs.iter().enumerate() {
+        let out = tmp.path().join(format!("out{i}"));
+        let report = prepare(&args(&[input], &[&fixture()], &gpt2_dir(), &out)).unwrap();
+        assert_eq!(read_split(&out, Split::Train), want, "{}", input.display());
+        assert_eq!(report.index.split(Split::Train).stories, 624);
+        // Progress counts what was read from disk: all of it, compressed.
+        let on_disk =
+            std::fs::metadata(input).unwrap().len() + std::fs::metadata(fixture()).unwrap().len();
+        assert_eq!(report.input_bytes, on_disk, "{}", input.display());
+    }
+}
+
+#[test]
+fn text_column_names_the_parquet_column_to_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stories = head_stories();
+    let p = tmp.path().join("data.parquet");
+    write_parquet(&p, "content", &stories[..10]);
+    let mut a = args(&[&p], &[&fixture()], &gpt2_dir(), &tmp.path().join("o"));
+    a.text_column = Some("content".into());
+    prepare(&a).unwrap();
+    let tok = Tokenizer::from_dir(gpt2_dir()).unwrap();
+    assert_eq!(
+        read_split(&tmp.path().join("o"), Split::Train),
+        expected_stream(&tok, &stories[..10])
+    );
+    // Through the binary too.
+    let o = tmp.path().join("o2");
+    let out = mla_prepare(
+        &p,
+        &[
+            "--text-column",
+            "content",
+            "--val",
+            fixture().to_str().unwrap(),
+            "--out",
+            o.to_str().unwrap(),
+        ],
+    );
+    common::ok(&out);
+    assert!(o.join(INDEX_FILE).is_file());
+}
+
+#[test]
+fn a_hugging_face_parquet_directory_keeps_its_validation_file_for_val() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stories = head_stories();
+    let data = tmp.path().join("dataset/data");
+    std::fs::create_dir_all(&data).unwrap();
+    write_parquet(
+        &data.join("train-00000-of-00002.parquet"),
+        "text",
+        &stories[..300],
+    );
+    write_parquet(
+        &data.join("train-00001-of-00002.parquet"),
+        "text",
+        &stories[300..600],
+    );
+    write_parquet(
+        &data.join("validation-00000-of-00001.parquet"),
+        "text",
+        &stories[600..],
+    );
+    std::fs::write(
+        data.join("extra.jsonl.zst"),
+        zstd::stream::encode_all(&jsonl(&stories[..2])[..], 1).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(data.join("README.md"), "not data").unwrap();
+    let out = tmp.path().join("o");
+    let report = prepare(&args(
+        &[&tmp.path().join("dataset")],
+        &[],
+        &gpt2_dir(),
+        &out,
+    ))
+    .unwrap();
+    assert!(report
+        .auto_val
+        .unwrap()
+        .ends_with("validation-00000-of-00001.parquet"));
+    let val = report.index.split(Split::Val);
+    assert_eq!(val.stories, 24);
+    let train_split = report.index.split(Split::Train);
+    let train: Vec<&str> = train_split
+        .sources
+        .iter()
+        .map(|s| s.rsplit('/').next().unwrap())
+        .collect();
+    assert_eq!(
+        train,
+        [
+            "extra.jsonl.zst",
+            "train-00000-of-00002.parquet",
+            "train-00001-of-00002.parquet"
+        ]
+    );
+    assert_eq!(train_split.stories, 602);
+}
+
+/// `mla prepare BAD --val <fixture> --out o [extra]` is bad input naming `culprits` and leaves
+/// nothing at `o`.
+fn assert_bad_input_file(tmp: &Path, bad: &Path, extra: &[&str], culprits: &[&str]) -> String {
+    let o = tmp.join("o");
+    let val = fixture();
+    let mut a = vec!["--val", val.to_str().unwrap(), "--out", o.to_str().unwrap()];
+    a.extend_from_slice(extra);
+    let out = mla_prepare(bad, &a);
+    let mut names = vec![bad.to_str().unwrap()];
+    names.extend_from_slice(culprits);
+    let last = assert_bad_once(&out, &names);
+    assert!(!o.exists(), "{} left behind", o.display());
+    last
+}
+
+#[test]
+fn corrupt_parquet_and_missing_text_column_are_bad_input_naming_file_and_column() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stories = head_stories();
+    let good = tmp.path().join("good.parquet");
+    write_parquet(&good, "text", &stories);
+
+    let garbage = tmp.path().join("garbage.parquet");
+    std::fs::write(
+        &garbage,
+        "Once upon a time there was no Parquet here.\n".repeat(20),
+    )
+    .unwrap();
+    assert_bad_input_file(
+        tmp.path(),
+        &garbage,
+        &[],
+        &["not a Parquet file, or truncated or corrupt"],
+    );
+
+    let cut = tmp.path().join("cut.parquet");
+    let bytes = std::fs::read(&good).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    assert_bad_input_file(tmp.path(), &cut, &[], &["truncated or corrupt"]);
+
+    // The footer is intact but a page is not: cut out of the middle of the first pages.
+    let holed = tmp.path().join("holed.parquet");
+    let mut bytes = bytes.clone();
+    bytes[100..4000].fill(0xff);
+    std::fs::write(&holed, &bytes).unwrap();
+    assert_bad_input_file(tmp.path(), &holed, &[], &["truncated or corrupt"]);
+
+    assert_bad_input_file(
+        tmp.path(),
+        &good,
+        &["--text-column", "body"],
+        &["no column `body`", "`id`, `text`"],
+    );
+    assert_bad_input_file(
+        tmp.path(),
+        &good,
+        &["--text-column", "id"],
+        &["column `id`", "not strings"],
+    );
+    let other = tmp.path().join("other.parquet");
+    write_parquet(&other, "content", &stories[..3]);
+    assert_bad_input_file(
+        tmp.path(),
+        &other,
+        &[],
+        &["no `text` or `story` column", "`content`", "--text-column"],
+    );
+
+    // The library reports the same error as a DataError.
+    let e = prepare(&args(
+        &[&garbage],
+        &[&fixture()],
+        &gpt2_dir(),
+        &tmp.path().join("o"),
+    ))
+    .unwrap_err();
+    assert!(
+        matches!(e, DataError::BadParquet { .. }) && e.is_bad_input(),
+        "{e}"
+    );
+}
+
+#[test]
+fn non_utf8_parquet_value_is_bad_input_naming_the_row() {
+    use parquet::data_type::ByteArray;
+    use parquet::file::writer::SerializedFileWriter;
+    let tmp = tempfile::tempdir().unwrap();
+    // Declared a string column, but the second value is Latin-1.
+    let p = tmp.path().join("latin1.parquet");
+    let schema =
+        parquet::schema::parser::parse_message_type("message m { required binary text (STRING); }")
+            .unwrap();
+    let mut w = SerializedFileWriter::new(
+        std::fs::File::create(&p).unwrap(),
+        schema.into(),
+        Default::default(),
+    )
+    .unwrap();
+    let mut group = w.next_row_group().unwrap();
+    let mut col = group.next_column().unwrap().unwrap();
+    col.typed::<parquet::data_type::ByteArrayType>()
+        .write_batch(
+            &[
+                ByteArray::from("Once upon a time."),
+                ByteArray::from(b"Caf\xe9 time.".to_vec()),
+            ],
+            None,
+            None,
+        )
+        .unwrap();
+    col.close().unwrap();
+    group.close().unwrap();
+    w.close().unwrap();
+    assert_bad_input_file(
+        tmp.path(),
+        &p,
+        &[],
+        &["column `text`, row 1: not valid UTF-8 at byte 3"],
+    );
+}
+
+#[test]
+fn truncated_gzip_and_zstd_files_are_bad_input_naming_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = jsonl(&head_stories());
+    for (name, bytes, codec) in [
+        ("cut.jsonl.gz", gzip(&text), "gzip"),
+        (
+            "cut.jsonl.zst",
+            zstd::stream::encode_all(&text[..], 3).unwrap(),
+            "zstd",
+        ),
+        (
+            "cut.json.gz",
+            gzip(
+                &serde_json::to_vec(
+                    &head_stories()
+                        .iter()
+                        .map(|s| serde_json::json!({"story": s}))
+                        .collect::<Vec<_>>(),
+                )
+                .unwrap(),
+            ),
+            "gzip",
+        ),
+    ] {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+        assert_bad_input_file(
+            tmp.path(),
+            &p,
+            &[],
+            &[&format!("truncated or corrupt {codec} stream")],
+        );
+        // Not compressed at all.
+        std::fs::write(&p, &text).unwrap();
+        assert_bad_input_file(
+            tmp.path(),
+            &p,
+            &[],
+            &[&format!("truncated or corrupt {codec} stream")],
+        );
+    }
 }

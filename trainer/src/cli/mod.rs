@@ -35,7 +35,8 @@ struct Cli {
 enum Command {
     /// Model figures for a config: parameters, FLOPs per token, KV-cache bytes per token, SDPA head dims.
     Info(info::InfoArgs),
-    /// Tokenize text (.txt/.json/.jsonl, directories, .tar.gz) into token shards.
+    /// Tokenize text (.txt/.json/.jsonl, gzip/zstd-compressed, .parquet, .tar.gz, directories, a
+    /// Hugging Face dataset) into token shards.
     Prepare(crate::data::PrepareArgs),
     /// Download a model (config, weights, tokenizer) or its tokenizer alone from the Hugging
     /// Face hub (litgpt layout).

@@ -14,11 +14,11 @@ pub enum DataError {
     MissingInput { path: PathBuf },
 
     /// A file or directory that should hold stories holds none (empty file, only separators,
-    /// or a directory without `.txt`/`.json`/`.jsonl`/`.tar.gz` files).
+    /// a Parquet text column of nulls and blanks, or a directory without data files).
     #[error("no stories in {path}")]
     NoStories { path: PathBuf },
 
-    /// A text input is not valid UTF-8.
+    /// A text input is not valid UTF-8 (the offset counts decompressed bytes for `.gz`/`.zst`).
     #[error("{path}: not valid UTF-8 at byte offset {offset}")]
     NonUtf8 { path: PathBuf, offset: u64 },
 
@@ -31,7 +31,7 @@ pub enum DataError {
     },
 
     /// A file named explicitly as input has an extension `prepare` does not read.
-    #[error("{path}: unsupported input (expected .txt, .json, .jsonl, .tar.gz or a directory)")]
+    #[error("{path}: unsupported input (expected .txt, .json or .jsonl, each optionally .gz or .zst, .parquet, .tar.gz or a directory)")]
     UnsupportedInput { path: PathBuf },
 
     /// An I/O error on a named file. The OS error is part of the message and deliberately not
@@ -46,6 +46,21 @@ pub enum DataError {
     /// the bytes themselves are wrong).
     #[error("{path}: truncated or corrupt archive: {message}")]
     BadArchive { path: PathBuf, message: String },
+
+    /// A `.gz`/`.zst` data file ends early or does not decompress (the OS reported no error).
+    #[error("{path}: truncated or corrupt {codec} stream: {message}")]
+    BadCompressed {
+        path: PathBuf,
+        /// `gzip` or `zstd`.
+        codec: &'static str,
+        message: String,
+    },
+
+    /// A `.parquet` input that cannot be used: not Parquet, truncated or corrupt (magic,
+    /// footer, pages), no such text column, a column that does not hold strings, a value that
+    /// is not UTF-8, or a codec this build does not read. `message` says which.
+    #[error("{path}: {message}")]
+    BadParquet { path: PathBuf, message: String },
 
     /// A symlink inside an input directory leads back to a directory being walked (or to
     /// itself through other symlinks), so the walk would never end.
@@ -181,6 +196,15 @@ mod tests {
                 path: "x.jsonl".into(),
                 line: Some(3),
                 message: "missing field `story`".into(),
+            },
+            DataError::BadCompressed {
+                path: "x.jsonl.zst".into(),
+                codec: "zstd",
+                message: "incomplete frame".into(),
+            },
+            DataError::BadParquet {
+                path: "x.parquet".into(),
+                message: "no column `text`; its columns: id, story".into(),
             },
             DataError::io(
                 "f",

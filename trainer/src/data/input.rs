@@ -3,9 +3,17 @@
 //!
 //! Inputs: `.txt` (stories separated by lines that are exactly `<|endoftext|>`), `.json` (a list
 //! of objects with a `story` or `text` field, as `TinyStories_all_data/*.json`), `.jsonl` (one
-//! such object per line), `.tar.gz`/`.tgz` archives of those, and directories of all of these
-//! (walked recursively in sorted order; hidden entries and other extensions are skipped).
-//! Archives are read in member order. Each story is trimmed; empty stories are skipped.
+//! such object per line), each of these gzip- or zstd-compressed too (`.jsonl.gz`,
+//! `.json.zst`, `.txt.gz`, …: decompressed while reading), `.parquet` (one string column of a
+//! Hugging Face dataset file, `--text-column`, default `text`; see `parquet.rs`), `.tar.gz`/`.tgz`
+//! archives of the text formats (compressed members included; Parquet members are skipped with
+//! a warning, as they need random access), and directories of all of these (walked recursively
+//! in sorted order; hidden entries and other extensions are skipped). Archives are read in
+//! member order. Each story is trimmed; empty stories are skipped.
+//!
+//! Memory does not grow with the input: every format is streamed (a `.json` list element by
+//! element, a compressed file through its decoder, Parquet one page of one column at a time)
+//! and handed on in batches of about [`BATCH_BYTES`] of text.
 //!
 //! Symlinks inside an input directory: file symlinks are followed; directory symlinks are
 //! followed only when they stay inside that input directory (one pointing out of it is skipped
@@ -20,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use super::error::DataError;
@@ -35,23 +44,54 @@ pub(crate) enum Format {
     Txt,
     Json,
     Jsonl,
+    Parquet,
+}
+
+/// Compression of a whole data file, from its last extension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Codec {
+    Plain,
+    Gzip,
+    Zstd,
+}
+
+impl Codec {
+    fn name(self) -> &'static str {
+        match self {
+            Codec::Plain => "plain",
+            Codec::Gzip => "gzip",
+            Codec::Zstd => "zstd",
+        }
+    }
 }
 
 fn lower(name: &str) -> String {
     name.to_ascii_lowercase()
 }
 
-pub(crate) fn format_of(name: &str) -> Option<Format> {
+/// Format and compression of a data file by its name: `.txt`, `.json`, `.jsonl`, each
+/// optionally followed by `.gz` or `.zst`, or `.parquet` (compressed inside, by column chunk).
+pub(crate) fn format_of(name: &str) -> Option<(Format, Codec)> {
     let n = lower(name);
-    if n.ends_with(".txt") {
-        Some(Format::Txt)
-    } else if n.ends_with(".jsonl") {
-        Some(Format::Jsonl)
-    } else if n.ends_with(".json") {
-        Some(Format::Json)
+    let (stem, codec) = if let Some(stem) = n.strip_suffix(".gz") {
+        (stem, Codec::Gzip)
+    } else if let Some(stem) = n.strip_suffix(".zst") {
+        (stem, Codec::Zstd)
     } else {
-        None
-    }
+        (n.as_str(), Codec::Plain)
+    };
+    let format = if stem.ends_with(".txt") {
+        Format::Txt
+    } else if stem.ends_with(".jsonl") {
+        Format::Jsonl
+    } else if stem.ends_with(".json") {
+        Format::Json
+    } else if stem.ends_with(".parquet") && codec == Codec::Plain {
+        Format::Parquet
+    } else {
+        return None;
+    };
+    Some((format, codec))
 }
 
 pub(crate) fn is_archive(name: &str) -> bool {
@@ -66,6 +106,7 @@ pub(crate) enum Job {
     File {
         path: PathBuf,
         format: Format,
+        codec: Codec,
         split: Split,
     },
     /// An archive; its data members go to `split`, except `val_member` which goes to val.
@@ -91,16 +132,22 @@ pub(crate) struct Plan {
     pub total_bytes: u64,
     /// Name of the input chosen as validation data when none was given explicitly.
     pub auto_val: Option<String>,
+    /// The column Parquet inputs are read from (`--text-column`); None: `text`, else `story`.
+    pub text_column: Option<String>,
 }
 
-/// Build the plan. Without explicit `val` inputs, the first `.json` data file among the train
-/// inputs (by path; archive members by name), or if there is none the first data file, becomes
-/// the val split, provided there are at least two data files (litgpt: TinyStories keeps
-/// `data00.json` for validation, TextFiles the first file). Otherwise there is no val split.
-/// Choosing it may decompress whole archives, so `stop` is polled between their members.
+/// Build the plan. Without explicit `val` inputs, one data file among the train inputs becomes
+/// the val split, provided there are at least two data files; otherwise there is no val split.
+/// It is the first by path (archive members by name) of, in this order of preference: a
+/// Hugging Face validation split in Parquet (a `.parquet` file whose name starts with
+/// `validation`, or in a directory named `validation`), a JSON list (`.json`, `.json.gz`,
+/// `.json.zst`), any data file (litgpt: TinyStories keeps `data00.json` for validation,
+/// TextFiles the first file). Choosing it may decompress whole archives, so `stop` is polled
+/// between their members.
 pub(crate) fn plan(
     train: &[PathBuf],
     val: &[PathBuf],
+    text_column: Option<&str>,
     stop: &dyn Fn() -> bool,
 ) -> Result<Plan, DataError> {
     let mut jobs = Vec::new();
@@ -124,6 +171,7 @@ pub(crate) fn plan(
         jobs,
         total_bytes,
         auto_val,
+        text_column: text_column.map(str::to_owned),
     })
 }
 
@@ -180,10 +228,11 @@ fn add_file(path: &Path, split: Split, jobs: &mut Vec<Job>) -> bool {
             split,
             val_member: None,
         });
-    } else if let Some(format) = format_of(&name) {
+    } else if let Some((format, codec)) = format_of(&name) {
         jobs.push(Job::File {
             path: path.to_path_buf(),
             format,
+            codec,
             split,
         });
     } else {
@@ -273,18 +322,35 @@ impl Walk<'_> {
     }
 }
 
+/// Preference of a data file as automatic validation data, lower first (see [`plan`]).
+fn val_rank(path: &Path, format: Format) -> u8 {
+    let named = |p: Option<&std::ffi::OsStr>, validation: fn(&str) -> bool| {
+        p.is_some_and(|n| validation(&lower(&n.to_string_lossy())))
+    };
+    let hf_validation = named(path.file_name(), |n| n.starts_with("validation"))
+        || named(path.parent().and_then(Path::file_name), |n| {
+            n == "validation"
+        });
+    match format {
+        Format::Parquet if hf_validation => 0,
+        Format::Json => 1,
+        _ => 2,
+    }
+}
+
 /// Pick the auto-val data file (see [`plan`]) and re-route it; returns its display name.
 fn choose_auto_val(jobs: &mut [Job], stop: &dyn Fn() -> bool) -> Result<Option<String>, DataError> {
-    // (is not json, sort key, job index, archive member)
-    let mut candidates: Vec<(bool, PathBuf, usize, Option<String>)> = Vec::new();
+    // (preference, sort key, job index, archive member)
+    let mut candidates: Vec<(u8, PathBuf, usize, Option<String>)> = Vec::new();
     for (i, job) in jobs.iter().enumerate() {
         match job {
             Job::File { path, format, .. } => {
-                candidates.push((*format != Format::Json, path.clone(), i, None));
+                candidates.push((val_rank(path, *format), path.clone(), i, None));
             }
             Job::Archive { path, .. } => {
-                for (member, format) in list_archive(path, stop)? {
-                    candidates.push((format != Format::Json, path.join(&member), i, Some(member)));
+                for (member, format, _) in list_archive(path, stop)? {
+                    let key = path.join(&member);
+                    candidates.push((val_rank(&key, format), key, i, Some(member)));
                 }
             }
         }
@@ -331,8 +397,42 @@ fn archive_error(path: &Path, e: std::io::Error) -> DataError {
     }
 }
 
-/// Data members of an archive in member order (one decompression pass over headers and bodies).
-fn list_archive(path: &Path, stop: &dyn Fn() -> bool) -> Result<Vec<(String, Format)>, DataError> {
+/// An error while reading a compressed data file: the OS's is an I/O failure, any other (a
+/// stream that ends early, a bad header or checksum) is the file's own fault.
+fn compressed_error(path: &Path, codec: Codec, e: std::io::Error) -> DataError {
+    if e.raw_os_error().is_some() {
+        DataError::io(path, e)
+    } else {
+        DataError::BadCompressed {
+            path: path.to_path_buf(),
+            codec: codec.name(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// `reader` decompressed as `codec` says, streaming (gzip: any number of concatenated members;
+/// zstd: any number of frames), buffered for line reading.
+fn decoded<'a>(reader: impl BufRead + 'a, codec: Codec) -> std::io::Result<Box<dyn BufRead + 'a>> {
+    Ok(match codec {
+        Codec::Plain => Box::new(reader),
+        Codec::Gzip => Box::new(BufReader::with_capacity(
+            1 << 20,
+            flate2::bufread::MultiGzDecoder::new(reader),
+        )),
+        Codec::Zstd => Box::new(BufReader::with_capacity(
+            1 << 20,
+            zstd::stream::read::Decoder::with_buffer(reader)?,
+        )),
+    })
+}
+
+/// Text data members of an archive in member order (one decompression pass over headers and
+/// bodies); Parquet members are left out.
+fn list_archive(
+    path: &Path,
+    stop: &dyn Fn() -> bool,
+) -> Result<Vec<(String, Format, Codec)>, DataError> {
     let mut archive = open_archive(path, None)?;
     let mut out = Vec::new();
     for entry in archive.entries().map_err(|e| archive_error(path, e))? {
@@ -340,14 +440,16 @@ fn list_archive(path: &Path, stop: &dyn Fn() -> bool) -> Result<Vec<(String, For
             return Err(DataError::Interrupted);
         }
         let entry = entry.map_err(|e| archive_error(path, e))?;
-        if let Some((name, format)) = data_member(&entry) {
-            out.push((name, format));
+        if let Some(member) = data_member(&entry) {
+            if member.1 != Format::Parquet {
+                out.push(member);
+            }
         }
     }
     Ok(out)
 }
 
-fn data_member<R: Read>(entry: &tar::Entry<'_, R>) -> Option<(String, Format)> {
+fn data_member<R: Read>(entry: &tar::Entry<'_, R>) -> Option<(String, Format, Codec)> {
     if !entry.header().entry_type().is_file() {
         return None;
     }
@@ -356,13 +458,14 @@ fn data_member<R: Read>(entry: &tar::Entry<'_, R>) -> Option<(String, Format)> {
     if base.starts_with('.') {
         return None; // e.g. macOS `._data00.json` resource forks
     }
-    format_of(base).map(|f| (name, f))
+    format_of(base).map(|(f, c)| (name, f, c))
 }
 
-/// Counts bytes read from the underlying file (compressed bytes for archives), for progress.
-struct Counting<R> {
-    inner: R,
-    count: Arc<AtomicU64>,
+/// Counts bytes read from the underlying file (compressed bytes for archives and compressed
+/// files), for progress.
+pub(super) struct Counting<R> {
+    pub(super) inner: R,
+    pub(super) count: Arc<AtomicU64>,
 }
 
 impl<R: Read> Read for Counting<R> {
@@ -398,7 +501,31 @@ pub(crate) fn read_all(
         match job {
             Job::File {
                 path,
+                format: Format::Parquet,
+                split,
+                ..
+            } => {
+                if !emit(Event::Source {
+                    split: *split,
+                    name: path.display().to_string(),
+                }) {
+                    return Ok(());
+                }
+                let mut batch = Batcher::new(*split, bytes_read, emit);
+                super::parquet::read_column(
+                    path,
+                    plan.text_column.as_deref(),
+                    &mut batch,
+                    bytes_read,
+                )?;
+                if !batch.finish(path)? {
+                    return Ok(());
+                }
+            }
+            Job::File {
+                path,
                 format,
+                codec,
                 split,
             } => {
                 let file = File::open(path).map_err(|e| DataError::io(path, e))?;
@@ -409,13 +536,23 @@ pub(crate) fn read_all(
                         count: bytes_read.clone(),
                     },
                 );
+                let reader =
+                    decoded(reader, *codec).map_err(|e| compressed_error(path, *codec, e))?;
                 if !emit(Event::Source {
                     split: *split,
                     name: path.display().to_string(),
                 }) {
                     return Ok(());
                 }
-                if !read_stories(reader, *format, path, *split, bytes_read, emit)? {
+                let read = read_stories(reader, *format, path, *split, bytes_read, emit);
+                // A read that fails without an OS error is the compressed stream's fault.
+                let open = read.map_err(|e| match e {
+                    DataError::Io { path, error } if *codec != Codec::Plain => {
+                        compressed_error(&path, *codec, error)
+                    }
+                    other => other,
+                })?;
+                if !open {
                     return Ok(());
                 }
             }
@@ -428,9 +565,16 @@ pub(crate) fn read_all(
                 let mut members = 0usize;
                 for entry in archive.entries().map_err(|e| archive_error(path, e))? {
                     let entry = entry.map_err(|e| archive_error(path, e))?;
-                    let Some((name, format)) = data_member(&entry) else {
+                    let Some((name, format, codec)) = data_member(&entry) else {
                         continue;
                     };
+                    if format == Format::Parquet {
+                        tracing::warn!(
+                            "{}: not read: Parquet needs random access; extract it from the archive",
+                            path.join(&name).display()
+                        );
+                        continue;
+                    }
                     members += 1;
                     let split = if val_member.as_deref() == Some(name.as_str()) {
                         Split::Val
@@ -444,14 +588,9 @@ pub(crate) fn read_all(
                     }) {
                         return Ok(());
                     }
-                    let read = read_stories(
-                        BufReader::new(entry),
-                        format,
-                        &display,
-                        split,
-                        bytes_read,
-                        emit,
-                    );
+                    let member = decoded(BufReader::new(entry), codec)
+                        .map_err(|e| archive_error(&display, e))?;
+                    let read = read_stories(member, format, &display, split, bytes_read, emit);
                     // A member's body that cannot be read is the archive's fault, as above.
                     let open = read.map_err(|e| match e {
                         DataError::Io { path, error } => archive_error(&path, error),
@@ -471,7 +610,7 @@ pub(crate) fn read_all(
 }
 
 /// Batches stories and emits them; remembers whether the consumer still listens.
-struct Batcher<'a> {
+pub(super) struct Batcher<'a> {
     split: Split,
     bytes_read: &'a AtomicU64,
     stories: Vec<String>,
@@ -481,8 +620,30 @@ struct Batcher<'a> {
     open: bool,
 }
 
-impl Batcher<'_> {
-    fn push(&mut self, story: &str) {
+impl<'a> Batcher<'a> {
+    pub(super) fn new(
+        split: Split,
+        bytes_read: &'a AtomicU64,
+        emit: &'a mut dyn FnMut(Event) -> bool,
+    ) -> Self {
+        Self {
+            split,
+            bytes_read,
+            stories: Vec::new(),
+            bytes: 0,
+            total: 0,
+            emit,
+            open: true,
+        }
+    }
+
+    /// Whether the consumer still listens (false: stop reading).
+    pub(super) fn is_open(&self) -> bool {
+        self.open
+    }
+
+    /// Add one story, trimmed; an empty one is skipped.
+    pub(super) fn push(&mut self, story: &str) {
         let s = story.trim();
         if s.is_empty() {
             return;
@@ -506,6 +667,18 @@ impl Batcher<'_> {
             stories,
             bytes_read: self.bytes_read.load(Ordering::Relaxed),
         });
+    }
+
+    /// Emit the last batch of the source `path`; an error when it held no story. Returns
+    /// whether the consumer still listens.
+    pub(super) fn finish(mut self, path: &Path) -> Result<bool, DataError> {
+        self.flush();
+        if self.total == 0 {
+            return Err(DataError::NoStories {
+                path: path.to_path_buf(),
+            });
+        }
+        Ok(self.open)
     }
 }
 
@@ -549,15 +722,7 @@ pub(crate) fn read_stories<R: BufRead>(
     bytes_read: &AtomicU64,
     emit: &mut dyn FnMut(Event) -> bool,
 ) -> Result<bool, DataError> {
-    let mut batch = Batcher {
-        split,
-        bytes_read,
-        stories: Vec::new(),
-        bytes: 0,
-        total: 0,
-        emit,
-        open: true,
-    };
+    let mut batch = Batcher::new(split, bytes_read, emit);
     let io = |e| DataError::io(path, e);
     match format {
         Format::Txt => {
@@ -619,37 +784,174 @@ pub(crate) fn read_stories<R: BufRead>(
             }
         }
         Format::Json => {
-            let mut bytes = Vec::new();
-            reader.read_to_end(&mut bytes).map_err(io)?;
-            check_utf8(&bytes, 0, path)?;
-            let bad = |message: String| DataError::BadJson {
-                path: path.to_path_buf(),
-                line: None,
-                message,
+            let mut problem = None;
+            let mut de = serde_json::Deserializer::from_reader(Utf8Checked::new(reader));
+            let list = StoryList {
+                batch: &mut batch,
+                problem: &mut problem,
             };
-            let records: Vec<Record> =
-                serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
-            drop(bytes);
-            for (i, rec) in records.into_iter().enumerate() {
-                let text = rec.into_text().ok_or_else(|| {
-                    bad(format!(
-                        "element {i} has neither a `story` nor a `text` field"
-                    ))
-                })?;
-                batch.push(&text);
+            if let Err(e) = list.deserialize(&mut de).and_then(|()| de.end()) {
                 if !batch.open {
                     return Ok(false);
                 }
+                return Err(match problem {
+                    Some(message) => DataError::BadJson {
+                        path: path.to_path_buf(),
+                        line: None,
+                        message,
+                    },
+                    None => json_list_error(path, e),
+                });
+            }
+        }
+        Format::Parquet => unreachable!("Parquet is read by column, not as a byte stream"),
+    }
+    batch.finish(path)
+}
+
+/// A `.json` list's elements, deserialized and handed to the batcher one at a time.
+struct StoryList<'s, 'a> {
+    batch: &'s mut Batcher<'a>,
+    /// Set when an element has no story (serde's own error would carry a position that points
+    /// past the element).
+    problem: &'s mut Option<String>,
+}
+
+impl<'de> DeserializeSeed<'de> for StoryList<'_, '_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for StoryList<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a list of objects with a `story` or `text` field")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut i = 0u64;
+        while let Some(rec) = seq.next_element::<Record>()? {
+            let Some(text) = rec.into_text() else {
+                *self.problem = Some(format!(
+                    "element {i} has neither a `story` nor a `text` field"
+                ));
+                return Err(de::Error::custom("element without a story"));
+            };
+            self.batch.push(&text);
+            if !self.batch.open {
+                return Err(de::Error::custom("the consumer stopped listening"));
+            }
+            i += 1;
+        }
+        Ok(())
+    }
+}
+
+/// A streamed `.json` list's error: invalid UTF-8 found by [`Utf8Checked`], a read error, or
+/// the JSON itself (serde's message, with its line and column).
+fn json_list_error(path: &Path, e: serde_json::Error) -> DataError {
+    if !e.is_io() {
+        return DataError::BadJson {
+            path: path.to_path_buf(),
+            line: None,
+            message: e.to_string(),
+        };
+    }
+    let e = std::io::Error::from(e);
+    match e.get_ref().and_then(|r| r.downcast_ref::<NotUtf8>()) {
+        Some(NotUtf8(offset)) => DataError::NonUtf8 {
+            path: path.to_path_buf(),
+            offset: *offset,
+        },
+        None => DataError::io(path, e),
+    }
+}
+
+/// The byte offset of a stream's first invalid UTF-8, carried through an `io::Error`.
+#[derive(Debug)]
+struct NotUtf8(u64);
+
+impl std::fmt::Display for NotUtf8 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "not valid UTF-8 at byte offset {}", self.0)
+    }
+}
+
+impl std::error::Error for NotUtf8 {}
+
+/// A reader that passes on only bytes known to be valid UTF-8 and fails with [`NotUtf8`] at the
+/// first invalid sequence (one cut by the end of the stream included), so a streamed JSON list
+/// is checked as a whole file was. A character split between two reads of `inner` is held back
+/// until it is complete.
+struct Utf8Checked<R> {
+    inner: R,
+    buf: Box<[u8]>,
+    /// `buf[pos..valid]` is checked and not yet passed on; `buf[valid..end]` is the start of a
+    /// character whose rest has not been read yet.
+    pos: usize,
+    valid: usize,
+    end: usize,
+    /// Stream offset of `buf[0]`.
+    offset: u64,
+}
+
+impl<R: Read> Utf8Checked<R> {
+    fn new(inner: R) -> Self {
+        Self {
+            inner,
+            buf: vec![0; 1 << 16].into_boxed_slice(),
+            pos: 0,
+            valid: 0,
+            end: 0,
+            offset: 0,
+        }
+    }
+
+    /// Read more and check it; leaves `pos == valid` only at the end of the stream.
+    fn fill(&mut self) -> std::io::Result<()> {
+        self.offset += self.valid as u64;
+        self.buf.copy_within(self.valid..self.end, 0);
+        self.end -= self.valid;
+        self.pos = 0;
+        self.valid = 0;
+        loop {
+            let n = self.inner.read(&mut self.buf[self.end..])?;
+            self.end += n;
+            match std::str::from_utf8(&self.buf[..self.end]) {
+                Ok(_) => self.valid = self.end,
+                Err(e) => {
+                    self.valid = e.valid_up_to();
+                    // An invalid sequence, or one the end of the stream cuts short.
+                    if e.error_len().is_some() || n == 0 {
+                        let offset = self.offset + self.valid as u64;
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            NotUtf8(offset),
+                        ));
+                    }
+                }
+            }
+            if self.valid > 0 || n == 0 {
+                return Ok(());
             }
         }
     }
-    batch.flush();
-    if batch.total == 0 {
-        return Err(DataError::NoStories {
-            path: path.to_path_buf(),
-        });
+}
+
+impl<R: Read> Read for Utf8Checked<R> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos == self.valid {
+            self.fill()?;
+        }
+        let n = out.len().min(self.valid - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
     }
-    Ok(batch.open)
 }
 
 #[cfg(test)]
@@ -754,11 +1056,157 @@ mod tests {
     }
 
     #[test]
+    fn json_list_errors_name_the_element_or_the_byte_offset() {
+        let e = stories(br#"[{"story":"a"},{"title":"b"}]"#, Format::Json).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "t: element 1 has neither a `story` nor a `text` field"
+        );
+        let e = stories(b"[{\"story\":\"caf\xe9\"}]", Format::Json).unwrap_err();
+        assert!(matches!(e, DataError::NonUtf8 { offset: 14, .. }), "{e}");
+        let e = stories(br#"[{"story":"a"}] x"#, Format::Json).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("t: trailing characters at line 1"),
+            "{e}"
+        );
+        let e = stories(br#"{"story":"a"}"#, Format::Json).unwrap_err();
+        assert!(e.to_string().contains("expected a list of objects"), "{e}");
+    }
+
+    #[test]
+    fn json_list_stops_when_the_consumer_stops() {
+        let big = "x".repeat(BATCH_BYTES);
+        let text = serde_json::to_vec(&vec![serde_json::json!({ "story": big }); 3]).unwrap();
+        let counter = AtomicU64::new(0);
+        let mut batches = 0;
+        let open = read_stories(
+            &text[..],
+            Format::Json,
+            Path::new("t"),
+            Split::Train,
+            &counter,
+            &mut |_| {
+                batches += 1;
+                false
+            },
+        )
+        .unwrap();
+        assert!(!open);
+        assert_eq!(batches, 1);
+    }
+
+    /// Hands out one byte per read, so every character is split between reads.
+    struct OneByte<'a>(&'a [u8]);
+
+    impl Read for OneByte<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(self.0.len()).min(1);
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    fn checked(bytes: &[u8]) -> Result<Vec<u8>, u64> {
+        let mut out = Vec::new();
+        Utf8Checked::new(OneByte(bytes))
+            .read_to_end(&mut out)
+            .map(|_| out)
+            .map_err(|e| e.get_ref().unwrap().downcast_ref::<NotUtf8>().unwrap().0)
+    }
+
+    #[test]
+    fn utf8_check_passes_split_characters_and_finds_the_first_bad_byte() {
+        let text = "Lily saw a 🐱 — très café.".as_bytes();
+        assert_eq!(checked(text).unwrap(), text);
+        assert_eq!(checked(b"ab\xffc"), Err(2));
+        assert_eq!(checked(b"caf\xc3("), Err(3));
+        // A character cut off by the end of the stream.
+        assert_eq!(checked(b"ok \xf0\x9f\x90"), Err(3));
+        assert_eq!(checked(b"").unwrap(), b"");
+    }
+
+    fn compressed_stories(bytes: Vec<u8>, codec: Codec) -> Result<Vec<String>, DataError> {
+        let reader =
+            decoded(&bytes[..], codec).map_err(|e| compressed_error(Path::new("t"), codec, e))?;
+        let mut out = Vec::new();
+        let counter = AtomicU64::new(0);
+        read_stories(
+            reader,
+            Format::Jsonl,
+            Path::new("t"),
+            Split::Train,
+            &counter,
+            &mut |e| {
+                if let Event::Stories { stories, .. } = e {
+                    out.extend(stories);
+                }
+                true
+            },
+        )
+        .map_err(|e| match e {
+            DataError::Io { path, error } => compressed_error(&path, codec, error),
+            other => other,
+        })?;
+        Ok(out)
+    }
+
+    #[test]
+    fn gzip_and_zstd_streams_decode_and_a_cut_stream_is_an_error() {
+        let text: String = (0..2000)
+            .map(|i| format!("{{\"text\":\"story {i}\"}}\n"))
+            .collect();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, text.as_bytes()).unwrap();
+        let gz = gz.finish().unwrap();
+        let zst = zstd::stream::encode_all(text.as_bytes(), 3).unwrap();
+        for (bytes, codec) in [(gz, Codec::Gzip), (zst, Codec::Zstd)] {
+            let got = compressed_stories(bytes.clone(), codec).unwrap();
+            assert_eq!(got.len(), 2000);
+            assert_eq!(got[1999], "story 1999");
+            let cut = bytes[..bytes.len() / 2].to_vec();
+            let e = compressed_stories(cut, codec).unwrap_err();
+            assert!(matches!(e, DataError::BadCompressed { .. }), "{e}");
+            let want = format!("t: truncated or corrupt {} stream: ", codec.name());
+            assert!(e.to_string().starts_with(&want), "{e}");
+        }
+    }
+
+    #[test]
     fn format_is_chosen_by_extension() {
-        assert_eq!(format_of("a.TXT"), Some(Format::Txt));
-        assert_eq!(format_of("data00.json"), Some(Format::Json));
-        assert_eq!(format_of("x.jsonl"), Some(Format::Jsonl));
-        assert_eq!(format_of("x.md"), None);
+        assert_eq!(format_of("a.TXT"), Some((Format::Txt, Codec::Plain)));
+        assert_eq!(format_of("data00.json"), Some((Format::Json, Codec::Plain)));
+        assert_eq!(format_of("x.jsonl"), Some((Format::Jsonl, Codec::Plain)));
+        assert_eq!(format_of("x.jsonl.gz"), Some((Format::Jsonl, Codec::Gzip)));
+        assert_eq!(format_of("x.JSON.zst"), Some((Format::Json, Codec::Zstd)));
+        assert_eq!(format_of("x.txt.zst"), Some((Format::Txt, Codec::Zstd)));
+        assert_eq!(
+            format_of("train-00000-of-00004.parquet"),
+            Some((Format::Parquet, Codec::Plain))
+        );
+        for other in ["x.md", "x.gz", "x.parquet.gz", "x.tar.gz", "x.csv.zst"] {
+            assert_eq!(format_of(other), None, "{other}");
+        }
         assert!(is_archive("TinyStories_all_data.tar.gz") && is_archive("a.tgz"));
+    }
+
+    #[test]
+    fn auto_val_prefers_a_parquet_validation_split_then_json() {
+        let p = |s: &str| PathBuf::from(s);
+        assert_eq!(
+            val_rank(&p("d/validation-00000-of-00001.parquet"), Format::Parquet),
+            0
+        );
+        assert_eq!(
+            val_rank(&p("d/validation/0000.parquet"), Format::Parquet),
+            0
+        );
+        assert_eq!(
+            val_rank(&p("d/train-00000-of-00004.parquet"), Format::Parquet),
+            2
+        );
+        assert_eq!(val_rank(&p("d/validation.txt"), Format::Txt), 2);
+        assert_eq!(val_rank(&p("d/data00.json.gz"), Format::Json), 1);
     }
 }

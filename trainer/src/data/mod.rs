@@ -5,6 +5,9 @@
 //! [`Dataset::open`] validates them → [`TrainLoader`] / [`EvalLoader`] cut windows of
 //! `block_size + 1` tokens into micro-batches for one rank.
 //!
+//! Inputs are local files or, with `--hf-dataset`, a hub dataset's Parquet files downloaded
+//! into a cache first (`hub.rs`).
+//!
 //! Datasets live in a local directory ([`LocalDir`]) or under an object-store prefix
 //! ([`RemoteDir`]: `s3://bucket/prefix`, streamed by ranged reads, see `remote.rs`).
 //!
@@ -14,8 +17,10 @@ mod dataset;
 mod download;
 mod error;
 mod format;
+mod hub;
 mod input;
 mod loader;
+mod parquet;
 mod prepare;
 mod remote;
 mod store;

@@ -22,19 +22,56 @@ use rayon::prelude::*;
 
 use super::error::DataError;
 use super::format::{DatasetIndex, Split, TokenizerInfo};
+use super::hub::{self, HubDataset};
 use super::input::{self, Event};
 use super::remote::{remote_url, RemoteDir};
 use super::store::{LocalDir, ShardSink};
 use super::tokenizer::Tokenizer;
 use super::writer::{DatasetWriter, DEFAULT_SHARD_TOKENS};
 
+/// `--val-split`'s default.
+const DEFAULT_VAL_SPLIT: &str = "validation";
+
 /// Arguments of `mla prepare` (also the options of [`prepare`]).
 #[derive(clap::Args, Clone, Debug)]
 pub struct PrepareArgs {
-    /// Training inputs: .txt/.json/.jsonl files, .tar.gz archives of those, or directories.
-    /// Without --val, the first .json (else first) data file among them becomes validation data.
-    #[arg(required = true, value_name = "INPUT")]
+    /// Training inputs: .txt/.json/.jsonl files, also gzip- or zstd-compressed (.jsonl.gz,
+    /// .json.zst, ...), .parquet files (one string column, see --text-column), .tar.gz archives
+    /// of the text files, or directories of all of these. Without --val, one data file among
+    /// them becomes validation data: the first .parquet named validation* (or in a validation/
+    /// directory, as Hugging Face datasets have it), else the first .json list (also
+    /// compressed), else the first data file.
+    #[arg(required_unless_present = "hf_dataset", value_name = "INPUT")]
     pub inputs: Vec<PathBuf>,
+    /// A dataset on the Hugging Face hub (OWNER/NAME): the Parquet files of --split (and of
+    /// --val-split, for validation) are downloaded through HF_ENDPOINT into --cache-dir once
+    /// and read as inputs (after any INPUT given).
+    #[arg(long, value_name = "OWNER/NAME")]
+    pub hf_dataset: Option<String>,
+    /// The hub dataset's subset (its config name).
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "default",
+        requires = "hf_dataset"
+    )]
+    pub subset: String,
+    /// The hub dataset's split to train on.
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "train",
+        requires = "hf_dataset"
+    )]
+    pub split: String,
+    /// The hub dataset's split for validation; `none` for no validation split (then the usual
+    /// rule picks one file). A dataset without this split is prepared without it (a note says
+    /// so) when the name is the default.
+    #[arg(long, value_name = "NAME", default_value = DEFAULT_VAL_SPLIT, requires = "hf_dataset")]
+    pub val_split: String,
+    /// Where hub datasets are downloaded (<dir>/<owner>/<name>/<subset>/<split>/).
+    #[arg(long, value_name = "DIR", default_value = ".cache/mla/datasets")]
+    pub cache_dir: PathBuf,
     /// Validation inputs (same kinds as INPUT); repeat for several.
     #[arg(long = "val", value_name = "PATH")]
     pub val: Vec<PathBuf>,
@@ -53,6 +90,10 @@ pub struct PrepareArgs {
     /// Tokenizer threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// The string column of Parquet inputs that holds the text [default: `text`, or `story`
+    /// when a file has no `text` column].
+    #[arg(long, value_name = "NAME")]
+    pub text_column: Option<String>,
     /// Replace an existing prepared dataset in --out.
     #[arg(long)]
     pub overwrite: bool,
@@ -73,8 +114,14 @@ impl PrepareArgs {
             val: Vec::new(),
             tokenizer_dir: tokenizer_dir.into(),
             out: out.into(),
+            hf_dataset: None,
+            subset: "default".into(),
+            split: "train".into(),
+            val_split: DEFAULT_VAL_SPLIT.into(),
+            cache_dir: PathBuf::from(".cache/mla/datasets"),
             shard_tokens: DEFAULT_SHARD_TOKENS,
             threads: 0,
+            text_column: None,
             overwrite: false,
             quiet: true,
         }
@@ -147,6 +194,14 @@ impl Tokenizer {
 /// Prepare into `args.out`: a local directory (after checking that it is not inside an input)
 /// or an object-store URL (`s3://bucket/prefix`).
 pub fn prepare(args: &PrepareArgs) -> Result<PrepareReport, DataError> {
+    let with_hub;
+    let args = match &args.hf_dataset {
+        Some(repo) => {
+            with_hub = with_hub_inputs(args, repo)?;
+            &with_hub
+        }
+        None => args,
+    };
     let out = args.out.to_string_lossy();
     if let Some(url) = remote_url(&out) {
         if url.starts_with("memory://") {
@@ -174,6 +229,42 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareReport, DataError> {
         let _ = std::fs::remove_dir(&args.out);
     }
     result
+}
+
+/// `args` with the Parquet files of the hub dataset `repo` (downloaded into `args.cache_dir`
+/// unless there) added to the inputs: `--split` for training, `--val-split` for validation.
+fn with_hub_inputs(args: &PrepareArgs, repo: &str) -> Result<PrepareArgs, DataError> {
+    let opts = super::download::DownloadOptions {
+        progress: !args.quiet,
+        ..Default::default()
+    };
+    let of = |split: &str| HubDataset {
+        repo: repo.to_owned(),
+        subset: args.subset.clone(),
+        split: split.to_owned(),
+    };
+    let mut out = args.clone();
+    out.inputs.extend(hub::fetch_parquet(
+        &of(&args.split),
+        &args.cache_dir,
+        &opts,
+    )?);
+    if args.val_split != "none" {
+        match hub::fetch_parquet(&of(&args.val_split), &args.cache_dir, &opts) {
+            Ok(files) => out.val.extend(files),
+            // The default names a split most datasets have; one without it is no error.
+            Err(DataError::Download {
+                status: Some(404), ..
+            }) if args.val_split == DEFAULT_VAL_SPLIT => {
+                tracing::info!(
+                    "{repo}: no {DEFAULT_VAL_SPLIT:?} split in subset {:?}; validation data comes from the inputs' own rule",
+                    args.subset
+                );
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
 }
 
 /// Write, read back and delete a small object at a remote `--out` before tokenizing anything
@@ -266,8 +357,7 @@ pub fn prepare_into(
 
 /// [`prepare_into`] that stops when `stop` returns true. It is polled by the reader before
 /// each batch of stories and by the tokenizer threads before each story, so a stop takes
-/// effect within one story's tokenization (plus the reader's current JSON file, which is parsed
-/// whole).
+/// effect within one story's tokenization.
 fn prepare_until(
     args: &PrepareArgs,
     tokenizer: &Tokenizer,
@@ -275,7 +365,7 @@ fn prepare_until(
     stop: &(dyn Fn() -> bool + Sync),
 ) -> Result<PrepareReport, DataError> {
     let start = Instant::now();
-    let plan = input::plan(&args.inputs, &args.val, stop)?;
+    let plan = input::plan(&args.inputs, &args.val, args.text_column.as_deref(), stop)?;
     let mut writer = DatasetWriter::new(sink, tokenizer.info(), args.shard_tokens, args.overwrite)?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(args.threads)

@@ -303,3 +303,46 @@ pub fn s3_out_dir(test: &str) -> Option<String> {
         std::process::id()
     ))
 }
+
+/// A Parquet file as Hugging Face writes one, from Rust: snappy, a row group per 100 rows, an
+/// `id` column before the string column `column`, and a null after every 50th story (nulls are
+/// skipped, so the file holds exactly `stories`).
+pub fn write_parquet(path: &Path, column: &str, stories: &[String]) {
+    use parquet::column::writer::ColumnWriter;
+    use parquet::data_type::ByteArray;
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    let schema = parquet::schema::parser::parse_message_type(&format!(
+        "message m {{ required int64 id; optional binary {column} (STRING); }}"
+    ))
+    .unwrap();
+    let props = WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::SNAPPY)
+        .build();
+    let file = std::fs::File::create(path).unwrap();
+    let mut w = SerializedFileWriter::new(file, std::sync::Arc::new(schema), props.into()).unwrap();
+    for chunk in stories.chunks(100) {
+        let mut values = Vec::new();
+        let mut defs = Vec::new();
+        for (i, s) in chunk.iter().enumerate() {
+            values.push(ByteArray::from(s.as_str()));
+            defs.push(1);
+            if i % 50 == 0 {
+                defs.push(0);
+            }
+        }
+        let ids: Vec<i64> = (0..defs.len() as i64).collect();
+        let mut group = w.next_row_group().unwrap();
+        while let Some(mut col) = group.next_column().unwrap() {
+            match col.untyped() {
+                ColumnWriter::Int64ColumnWriter(c) => c.write_batch(&ids, None, None),
+                ColumnWriter::ByteArrayColumnWriter(c) => c.write_batch(&values, Some(&defs), None),
+                _ => unreachable!(),
+            }
+            .unwrap();
+            col.close().unwrap();
+        }
+        group.close().unwrap();
+    }
+    w.close().unwrap();
+}
