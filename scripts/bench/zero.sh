@@ -9,23 +9,25 @@
 # steps after the first (all ranks together); "estimate" is the per-rank lower bound
 # `mla train` checks before it starts (train/memory.rs).
 #
-#   scripts/bench/zero.sh [--steps N] [--setups 1:none:none,2:gradients:blocks,…] [--layers L --width C --heads H]
+#   scripts/bench/zero.sh [--steps N] [--setups 1:none:none,2:gradients:blocks,…] [--micro B --seq T] [--layers L --width C --heads H]
 #
 # A setup is RANKS:SHARD:RECOMPUTE. --layers/--width/--heads resize the model (pythia-410m:
 # 24 / 1024 / 16).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/env.sh
-steps=3 layers= width= heads=
+steps=3 layers= width= heads= micro=4 seq=2048
 setups=1:none:none,1:none:blocks,2:none:blocks,2:optimizer:blocks,2:gradients:blocks
 while (($#)); do
   case "$1" in
     --steps) steps=$2; shift 2 ;;
     --setups) setups=$2; shift 2 ;;
+    --micro) micro=$2; shift 2 ;;
+    --seq) seq=$2; shift 2 ;;
     --layers) layers=$2; shift 2 ;;
     --width) width=$2; shift 2 ;;
     --heads) heads=$2; shift 2 ;;
-    *) echo "usage: $0 [--steps N] [--setups R:SHARD:RECOMPUTE,…] [--layers L --width C --heads H]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--steps N] [--setups R:SHARD:RECOMPUTE,…] [--micro B --seq T] [--layers L --width C --heads H]" >&2; exit 2 ;;
   esac
 done
 MLA=${MLA:-target/release/mla}
@@ -46,7 +48,7 @@ gib() { "$PY" -c "print(f'{$1 / 1024 / 1024:.2f}')"; }
 
 params=$("$MLA" info --config config_hub/pretrain/cfg.yaml "${resize[@]}" --json 2>/dev/null \
   | "$PY" -c "import json,sys; print(json.load(sys.stdin)['parameters'])")
-echo "$(nproc) cores; pythia-160m MLA ${resize[*]:-} ($params parameters) at 4 × 2048 per rank, fp32, $steps steps"
+echo "$(nproc) cores; pythia-160m MLA ${resize[*]:-} ($params parameters) at $micro × $seq per rank, fp32, $steps steps${MLA_DEFAULT_MALLOC:+, MLA_DEFAULT_MALLOC=$MLA_DEFAULT_MALLOC}"
 printf '| ranks | dist.shard | activation_checkpointing | estimate per rank | peak RSS rank 0 (training) | peak RSS rank 0 (with the final save) | peak RSS rank 1 | tokens/s (all ranks) |\n|---|---|---|---|---|---|---|---|\n'
 IFS=, read -ra list <<<"$setups"
 for setup in "${list[@]}"; do
@@ -54,7 +56,8 @@ for setup in "${list[@]}"; do
   out=$tmp/run-$RANDOM
   args=(--config config_hub/pretrain/cfg.yaml "${resize[@]}" --precision 32-true
     --train.activation_checkpointing "$policy" --dist.shard "$shard"
-    --train.micro_batch_size 4 --train.global_batch_size $((4 * ranks)) --devices "$ranks")
+    --train.micro_batch_size "$micro" --train.global_batch_size $((micro * ranks)) --devices "$ranks"
+    --train.max_seq_length "$seq")
   estimate=$("$MLA" info "${args[@]}" 2>/dev/null | sed -n 's/^memory *at least \([^ ]* [^ ]*\).*/\1/p' || true)
   run=(train --device cpu "${args[@]}" --data.data_path "$data"
     --tokenizer_dir ../shared/data/tokenizers/gpt-neox-20b --out_dir "$out"
@@ -64,7 +67,7 @@ for setup in "${list[@]}"; do
     /usr/bin/time -v -o "$tmp/time.0" "$MLA" "${run[@]}" 2>"$tmp/log" >/dev/null \
       || { tail -5 "$tmp/log" >&2; exit 1; }
   else
-    mpirun -np "$ranks" --oversubscribe --allow-run-as-root -x OMP_NUM_THREADS=1 \
+    mpirun -np "$ranks" --oversubscribe --allow-run-as-root -x OMP_NUM_THREADS=1 ${MLA_DEFAULT_MALLOC:+-x MLA_DEFAULT_MALLOC} \
       bash -c 'exec /usr/bin/time -v -o "$0.$OMPI_COMM_WORLD_RANK" "$@"' "$tmp/time" "$MLA" "${run[@]}" \
       2>"$tmp/log" >/dev/null || { tail -5 "$tmp/log" >&2; exit 1; }
   fi
