@@ -2,19 +2,22 @@
 //! `../shared/data`, input formats (text, JSON, compressed, Parquet written by the `parquet`
 //! crate and by pyarrow from the project's .venv), the train/val split, and bad-input errors,
 //! also as the `mla` binary reports them (exit 2, one `error:` line naming the culprit, no
-//! panic), and a SIGTERM during `mla prepare`.
+//! panic), a SIGTERM during `mla prepare`, and distributed preparation (`--worker I/N` runs
+//! joined by `--merge`: the single run's token streams, and the merge's refusals).
 //! Not here: the loader (data_loader.rs) and downloads (data_download.rs).
 
 mod common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{assert_bad, mla, repo, write_parquet};
+use common::{assert_bad, mla, ok, repo, write_parquet};
 
 use mla_trainer::data::{
-    check_vocab, prepare, DataError, Dataset, PrepareArgs, Split, Tokenizer, INDEX_FILE,
+    check_vocab, merge, prepare, DataError, Dataset, DatasetIndex, PrepareArgs, Split, Tokenizer,
+    INDEX_FILE,
 };
 
 fn shared_data() -> PathBuf {
@@ -1075,5 +1078,295 @@ fn truncated_gzip_and_zstd_files_are_bad_input_naming_the_file() {
             &[],
             &[&format!("truncated or corrupt {codec} stream")],
         );
+    }
+}
+
+/// `files` .txt files of `per_file` consecutive stories each, cut from the shared v1 train head,
+/// in `<tmp>/parts` (named so that sorted order is cut order).
+fn story_files(tmp: &Path, files: usize, per_file: usize) -> PathBuf {
+    let dir = tmp.join("parts");
+    std::fs::create_dir_all(&dir).unwrap();
+    let stories = head_stories();
+    for (i, chunk) in stories.chunks(per_file).take(files).enumerate() {
+        let text: String = chunk
+            .iter()
+            .map(|s| format!("{s}\n<|endoftext|>\n"))
+            .collect();
+        std::fs::write(dir.join(format!("part{i:02}.txt")), text).unwrap();
+    }
+    dir
+}
+
+/// Run `workers` library workers with `base`'s inputs into `out`, the last first (the order in
+/// which workers finish does not matter).
+fn prepare_as_workers(base: &PrepareArgs, out: &Path, workers: u32) -> Vec<String> {
+    let mut lines = Vec::new();
+    for i in (0..workers).rev() {
+        let mut a = base.clone();
+        a.out = Some(out.to_path_buf());
+        a.worker = Some(format!("{i}/{workers}"));
+        let report = prepare(&a).unwrap();
+        assert_eq!(report.worker.unwrap().index, i);
+        lines.push(report.to_string());
+    }
+    lines
+}
+
+/// The merged dataset in `dir` has the single run's streams, counts and sources (shard
+/// boundaries may differ) and only worker-named shards.
+fn assert_same_dataset(dir: &Path, single: &Path) {
+    let want = Dataset::open(single).unwrap();
+    let got = Dataset::open(dir).unwrap();
+    for split in [Split::Train, Split::Val] {
+        assert_eq!(read_split(dir, split), read_split(single, split), "{split}");
+        let (g, w) = (got.index().split(split), want.index().split(split));
+        assert_eq!(
+            (g.tokens, g.stories, &g.sources),
+            (w.tokens, w.stories, &w.sources),
+            "{split} of {}",
+            dir.display()
+        );
+        assert!(g.shards.iter().all(|s| s.file.contains("-w")), "{g:?}");
+        assert_eq!(got.split(split).len(), w.tokens);
+    }
+    assert_eq!(got.index().tokenizer, want.index().tokenizer);
+    assert_eq!(got.index().dtype, want.index().dtype);
+}
+
+#[test]
+fn workers_then_merge_give_the_single_runs_token_streams() {
+    let tmp = tempfile::tempdir().unwrap();
+    let parts = story_files(tmp.path(), 5, 40);
+    let single = tmp.path().join("single");
+    let mut base = args(&[&parts], &[], &gpt2_dir(), &single);
+    base.shard_tokens = 3000; // several shards per worker and split
+    let report = prepare(&base).unwrap();
+    assert!(report.auto_val.as_deref().unwrap().ends_with("part00.txt"));
+    assert_eq!(report.index.split(Split::Train).sources.len(), 4);
+    for workers in [1, 2, 3, 7] {
+        let dir = tmp.path().join(format!("w{workers}"));
+        let lines = prepare_as_workers(&base, &dir, workers);
+        assert!(
+            !dir.join(INDEX_FILE).exists(),
+            "workers write no index.json"
+        );
+        // 5 jobs for 7 workers: workers 0 and 3 get none (floor(i*5/7)).
+        let empty = lines
+            .iter()
+            .filter(|l| l.contains("wrote an empty partial index"))
+            .count();
+        assert_eq!(empty, if workers == 7 { 2 } else { 0 }, "{lines:#?}");
+        assert!(
+            lines.iter().all(|l| l.contains(&format!(
+                "when all {workers} workers are done: mla prepare --merge {}",
+                dir.display()
+            ))),
+            "{lines:#?}"
+        );
+        let merged = merge(&dir, false, None).unwrap();
+        assert_eq!(merged.workers, workers);
+        assert_same_dataset(&dir, &single);
+        let on_disk = DatasetIndex::from_json(
+            &std::fs::read(dir.join(INDEX_FILE)).unwrap(),
+            &dir.join(INDEX_FILE),
+        )
+        .unwrap();
+        assert_eq!(on_disk, merged.index);
+    }
+}
+
+#[test]
+fn mla_prepare_workers_and_merge_match_a_single_run_with_val() {
+    let tmp = tempfile::tempdir().unwrap();
+    let parts = story_files(tmp.path(), 5, 30);
+    let val = fixture();
+    let single = tmp.path().join("single");
+    prepare(&args(&[&parts], &[&val], &gpt2_dir(), &single)).unwrap();
+    let dir = tmp.path().join("shared");
+    let d = dir.to_str().unwrap();
+    for w in ["1/2", "0/2"] {
+        let out = ok(&mla_prepare(
+            &parts,
+            &["--val", val.to_str().unwrap(), "--out", d, "--worker", w],
+        ));
+        assert!(
+            out.starts_with(&format!("worker {w} ")) && out.contains("mla prepare --merge"),
+            "{out}"
+        );
+        assert!(dir
+            .join(format!("index-worker-000{}.json", &w[..1]))
+            .is_file());
+    }
+    // The val job comes last in the plan: worker 1 (jobs 3..6) has it.
+    assert!(dir.join("val-w0001-00000.bin").is_file());
+    assert!(!dir.join("val-w0000-00000.bin").exists());
+    let out = ok(&mla(&["prepare", "--merge", d]));
+    assert!(
+        out.starts_with(&format!("merged 2 workers into {d}: train ")),
+        "{out}"
+    );
+    assert_same_dataset(&dir, &single);
+    // A merged dataset is kept unless --overwrite; then the merge is repeated.
+    assert_bad(
+        &mla(&["prepare", "--merge", d]),
+        &["index.json", "--overwrite"],
+    );
+    ok(&mla(&["prepare", "--merge", d, "--overwrite"]));
+    assert_same_dataset(&dir, &single);
+    // A worker run again is refused on its own partial index only.
+    let again = mla_prepare(
+        &parts,
+        &[
+            "--val",
+            val.to_str().unwrap(),
+            "--out",
+            d,
+            "--worker",
+            "0/2",
+        ],
+    );
+    assert_bad(&again, &["index-worker-0000.json", "already exists"]);
+}
+
+/// Worker `w` of `parts` into `dir` through the binary, with `tokenizer`.
+fn mla_worker(parts: &Path, dir: &Path, w: &str, tokenizer: &Path) {
+    ok(&mla(&[
+        "prepare",
+        parts.to_str().unwrap(),
+        "--tokenizer-dir",
+        tokenizer.to_str().unwrap(),
+        "--out",
+        dir.to_str().unwrap(),
+        "--worker",
+        w,
+        "--quiet",
+    ]));
+}
+
+#[test]
+fn merge_refuses_a_missing_or_disagreeing_worker_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let parts = story_files(tmp.path(), 3, 2);
+    let merge_of = |dir: &Path| mla(&["prepare", "--merge", dir.to_str().unwrap()]);
+
+    // Worker 1 of 3 has not finished.
+    let missing = tmp.path().join("missing");
+    mla_worker(&parts, &missing, "0/3", &gpt2_dir());
+    mla_worker(&parts, &missing, "2/3", &gpt2_dir());
+    let name = missing.join("index-worker-0001.json");
+    assert_bad(
+        &merge_of(&missing),
+        &[name.to_str().unwrap(), "not found", "worker 1/3"],
+    );
+    assert!(!missing.join(INDEX_FILE).exists());
+    // Nothing prepared there at all.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    assert_bad(&merge_of(&empty), &["index-worker-0000.json", "not found"]);
+    assert_bad(
+        &merge_of(&tmp.path().join("nowhere")),
+        &["nowhere", "not a directory"],
+    );
+
+    // Another tokenizer.
+    let tokenizers = tmp.path().join("tokenizers");
+    mla_worker(&parts, &tokenizers, "0/2", &gpt2_dir());
+    mla_worker(&parts, &tokenizers, "1/2", &neox_dir());
+    assert_bad(
+        &merge_of(&tokenizers),
+        &["index-worker-0001.json", "worker 1", "tokenizer sha256"],
+    );
+    assert!(!tokenizers.join(INDEX_FILE).exists());
+
+    // Another number of workers.
+    let counts = tmp.path().join("counts");
+    mla_worker(&parts, &counts, "0/2", &gpt2_dir());
+    mla_worker(&parts, &counts, "1/3", &gpt2_dir());
+    assert_bad(
+        &merge_of(&counts),
+        &["index-worker-0001.json", "worker 1", "workers: 3 here, 2"],
+    );
+    assert!(!counts.join(INDEX_FILE).exists());
+
+    // --tokenizer-dir with --merge checks the workers' tokenizer.
+    let same = tmp.path().join("same");
+    mla_worker(&parts, &same, "0/1", &gpt2_dir());
+    let s = same.to_str().unwrap();
+    let neox = neox_dir();
+    let other = mla(&[
+        "prepare",
+        "--merge",
+        s,
+        "--tokenizer-dir",
+        neox.to_str().unwrap(),
+    ]);
+    assert_bad(&other, &["index-worker-0000.json", "--tokenizer-dir"]);
+    ok(&mla(&[
+        "prepare",
+        "--merge",
+        s,
+        "--tokenizer-dir",
+        gpt2_dir().to_str().unwrap(),
+    ]));
+    assert_eq!(
+        Dataset::open(&same)
+            .unwrap()
+            .index()
+            .split(Split::Train)
+            .stories,
+        4
+    );
+}
+
+#[test]
+fn bad_worker_values_are_one_line_errors_naming_the_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = tmp.path().join("o");
+    for bad in ["2/2", "a/b", "0/0", "1", "0/2/3", "1/-2"] {
+        let out = mla_prepare(&fixture(), &["--out", o.to_str().unwrap(), "--worker", bad]);
+        assert_bad(&out, &["--worker", bad]);
+        assert!(!o.exists(), "nothing written for {bad}");
+    }
+    let mut a = args(&[&fixture()], &[], &gpt2_dir(), &o);
+    a.worker = Some("3/3".into());
+    let e = prepare(&a).unwrap_err();
+    assert!(matches!(e, DataError::InvalidOption { .. }), "{e}");
+    assert!(!o.exists());
+}
+
+#[test]
+fn workers_and_merge_on_an_object_store_need_no_listing() {
+    use mla_storage::object_store::memory::InMemory;
+    use mla_trainer::data::{merge_in, prepare_into, RemoteDir, ShardSink};
+    let tmp = tempfile::tempdir().unwrap();
+    let parts = story_files(tmp.path(), 4, 10);
+    let single = tmp.path().join("single");
+    prepare(&args(&[&parts], &[], &gpt2_dir(), &single)).unwrap();
+    let store = Arc::new(InMemory::new());
+    let opts = mla_storage::StoreOptions::from_env().unwrap();
+    let remote = RemoteDir::from_object_store(store, "data/ts", "memory:///data/ts", opts).unwrap();
+    let tokenizer = Tokenizer::from_dir(gpt2_dir()).unwrap();
+    for w in ["2/3", "0/3"] {
+        let mut a = args(&[&parts], &[], &gpt2_dir(), Path::new("unused"));
+        a.worker = Some(w.into());
+        prepare_into(&a, &tokenizer, &remote).unwrap();
+    }
+    let e = merge_in(&remote, false, None).unwrap_err().to_string();
+    assert!(
+        e.contains("memory:///data/ts/index-worker-0001.json: not found"),
+        "{e}"
+    );
+    assert!(!remote.exists(INDEX_FILE).unwrap());
+    let mut a = args(&[&parts], &[], &gpt2_dir(), Path::new("unused"));
+    a.worker = Some("1/3".into());
+    prepare_into(&a, &tokenizer, &remote).unwrap();
+    let report = merge_in(&remote, false, Some(&tokenizer.info())).unwrap();
+    assert_eq!(report.workers, 3);
+    let ds = Dataset::open_with(Arc::new(remote), Default::default()).unwrap();
+    for split in [Split::Train, Split::Val] {
+        let s = ds.split(split);
+        let mut got = vec![0; s.len() as usize];
+        s.read(0, &mut got).unwrap();
+        assert_eq!(got, read_split(&single, split), "{split}");
     }
 }

@@ -1,10 +1,16 @@
-//! `mla prepare`: tokenize raw text into token shards (see trainer/src/data/FORMAT.md).
-//! SIGTERM/SIGINT stop it within moments, leaving no dataset behind (a second signal ends it
-//! at once).
+//! `mla prepare`: tokenize raw text into token shards (see trainer/src/data/FORMAT.md), also as
+//! one worker of several (`--worker I/N`), and `mla prepare --merge DIR`, which joins the
+//! workers' partial indexes. SIGTERM/SIGINT stop a preparation within moments, leaving no
+//! dataset behind (a second signal ends it at once).
 
-use crate::data::{prepare, DataError, PrepareArgs, MIN_SHARD_TOKENS};
+use crate::data::{merge, prepare, DataError, PrepareArgs, MIN_SHARD_TOKENS};
 
 pub fn run(args: &PrepareArgs) -> anyhow::Result<()> {
+    if let Some(dir) = &args.merge {
+        let report = merge(dir, args.overwrite, args.tokenizer_dir.as_deref())?;
+        println!("{report}");
+        return Ok(());
+    }
     if args.shard_tokens < MIN_SHARD_TOKENS {
         return Err(DataError::InvalidOption {
             key: "--shard-tokens".into(),

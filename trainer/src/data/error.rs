@@ -133,6 +133,11 @@ pub enum DataError {
     #[error("{path} already exists (pass --overwrite to replace it)")]
     OutputExists { path: PathBuf },
 
+    /// `mla prepare --merge`: a worker's partial index is missing (that worker has not
+    /// finished) or disagrees with worker 0's, or the directory is not one. `message` says which.
+    #[error("{path}: {message}")]
+    Merge { path: PathBuf, message: String },
+
     /// An option has an invalid value (zero batch size, rank >= world size, ...).
     #[error("invalid {key}: {message}")]
     InvalidOption { key: String, message: String },

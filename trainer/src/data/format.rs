@@ -211,11 +211,22 @@ impl DatasetIndex {
 
     /// Parse and check `format`/`format_version` and internal consistency; `path` names it in errors.
     pub fn from_json(bytes: &[u8], path: &Path) -> Result<Self, DataError> {
+        let index: DatasetIndex =
+            serde_json::from_slice(bytes).map_err(|e| DataError::BadIndex {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        index.check(path)?;
+        Ok(index)
+    }
+
+    /// The checks of [`DatasetIndex::from_json`] after parsing.
+    fn check(&self, path: &Path) -> Result<(), DataError> {
+        let index = self;
         let bad = |message: String| DataError::BadIndex {
             path: path.to_path_buf(),
             message,
         };
-        let index: DatasetIndex = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
         if index.format != FORMAT_NAME {
             return Err(bad(format!(
                 "format {:?}, expected {FORMAT_NAME:?}",
@@ -262,7 +273,82 @@ impl DatasetIndex {
                 }
             }
         }
-        Ok(index)
+        Ok(())
+    }
+
+    /// Pretty JSON with a trailing newline.
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serializing plain structs of strings and integers cannot fail.
+        let mut v = serde_json::to_vec_pretty(self).unwrap_or_default();
+        v.push(b'\n');
+        v
+    }
+}
+
+/// One of `count` independent workers of a distributed preparation (`mla prepare --worker
+/// INDEX/COUNT`): it writes the shards of its share of the inputs under names no other worker
+/// uses, and a partial index instead of `index.json` (see `FORMAT.md`, "Distributed preparation").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Worker {
+    /// 0-based, below `count`.
+    pub index: u32,
+    /// Number of workers, at least 1.
+    pub count: u32,
+}
+
+impl Worker {
+    /// Its partial index: `index-worker-0003.json`.
+    pub fn partial_index_file(self) -> String {
+        partial_index_file(self.index)
+    }
+
+    /// Its shard `n` of `split`: `train-w0003-00000.bin`.
+    pub fn shard_file(self, split: Split, n: usize) -> String {
+        format!("{split}-w{:04}-{n:05}.bin", self.index)
+    }
+}
+
+impl std::fmt::Display for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+/// Name of worker `worker`'s partial index: `index-worker-0003.json` (at least 4 digits).
+pub fn partial_index_file(worker: u32) -> String {
+    format!("index-worker-{worker:04}.json")
+}
+
+/// A partial index (`index-worker-NNNN.json`): one worker's [`DatasetIndex`] with its place
+/// among the workers. `mla prepare --merge` joins all of them into `index.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialIndex {
+    /// This worker's number, below `workers`.
+    pub worker: u32,
+    /// How many workers share the dataset.
+    pub workers: u32,
+    /// What this worker wrote, as `index.json` would list it.
+    pub index: DatasetIndex,
+}
+
+impl PartialIndex {
+    /// Parse and check it (the inner index as [`DatasetIndex::from_json`] does); `path` names
+    /// it in errors.
+    pub fn from_json(bytes: &[u8], path: &Path) -> Result<Self, DataError> {
+        let bad = |message: String| DataError::BadIndex {
+            path: path.to_path_buf(),
+            message,
+        };
+        let p: PartialIndex = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+        if p.worker >= p.workers {
+            return Err(bad(format!(
+                "worker {} of {} workers (workers count from 0)",
+                p.worker, p.workers
+            )));
+        }
+        p.index.check(path)?;
+        Ok(p)
     }
 
     /// Pretty JSON with a trailing newline.
@@ -322,6 +408,53 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("shorter"), "{e}");
+    }
+
+    #[test]
+    fn partial_index_round_trips_with_worker_shard_names() {
+        let w = Worker { index: 3, count: 8 };
+        let shard = ShardEntry {
+            file: w.shard_file(Split::Val, 12),
+            tokens: 5,
+            bytes: HEADER_BYTES + 10,
+            sha256: "00".into(),
+        };
+        assert_eq!(shard.file, "val-w0003-00012.bin");
+        assert_eq!(w.partial_index_file(), "index-worker-0003.json");
+        let index = DatasetIndex {
+            format: FORMAT_NAME.into(),
+            format_version: FORMAT_VERSION,
+            dtype: TokenDtype::U16,
+            tokenizer: TokenizerInfo {
+                sha256: "ab".into(),
+                vocab_size: 100,
+                separator_id: 0,
+                separator_token: "<|endoftext|>".into(),
+            },
+            splits: [(
+                "val".to_owned(),
+                SplitIndex {
+                    tokens: 5,
+                    stories: 1,
+                    shards: vec![shard],
+                    sources: vec![],
+                },
+            )]
+            .into(),
+        };
+        let path = Path::new("index-worker-0003.json");
+        DatasetIndex::from_json(&index.to_json(), path).unwrap();
+        let mut p = PartialIndex {
+            worker: 3,
+            workers: 8,
+            index,
+        };
+        assert_eq!(PartialIndex::from_json(&p.to_json(), path).unwrap(), p);
+        p.worker = 8;
+        let e = PartialIndex::from_json(&p.to_json(), path)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("worker 8 of 8 workers"), "{e}");
     }
 
     #[test]

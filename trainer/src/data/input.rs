@@ -161,18 +161,33 @@ pub(crate) fn plan(
     for p in val {
         expand(p, Split::Val, &mut jobs)?;
     }
-    let mut total_bytes = 0;
-    for j in &jobs {
-        total_bytes += std::fs::metadata(j.path())
-            .map_err(|e| DataError::io(j.path(), e))?
-            .len();
-    }
     Ok(Plan {
+        total_bytes: bytes_on_disk(&jobs)?,
         jobs,
-        total_bytes,
         auto_val,
         text_column: text_column.map(str::to_owned),
     })
+}
+
+impl Plan {
+    /// Keep only the jobs in `range` (one worker's share of a distributed preparation; the
+    /// choice of validation data was made on the whole plan), with `total_bytes` recounted.
+    pub(crate) fn keep(&mut self, range: std::ops::Range<usize>) -> Result<(), DataError> {
+        self.jobs = self.jobs.drain(range).collect();
+        self.total_bytes = bytes_on_disk(&self.jobs)?;
+        Ok(())
+    }
+}
+
+/// Size on disk of the jobs' files and archives.
+fn bytes_on_disk(jobs: &[Job]) -> Result<u64, DataError> {
+    let mut total = 0;
+    for j in jobs {
+        total += std::fs::metadata(j.path())
+            .map_err(|e| DataError::io(j.path(), e))?
+            .len();
+    }
+    Ok(total)
 }
 
 /// The data files and archives `prepare` reads from `paths`, in reading order (the same walk

@@ -8,6 +8,10 @@
 //! Inputs are local files or, with `--hf-dataset`, a hub dataset's Parquet files downloaded
 //! into a cache first (`hub.rs`).
 //!
+//! Distributed preparation: N `prepare` workers (`--worker I/N`) each write their share of the
+//! shards and a partial index into one place; [`merge`] joins the partial indexes into
+//! `index.json` (`merge.rs`).
+//!
 //! Datasets live in a local directory ([`LocalDir`]) or under an object-store prefix
 //! ([`RemoteDir`]: `s3://bucket/prefix`, streamed by ranged reads, see `remote.rs`).
 //!
@@ -20,6 +24,7 @@ mod format;
 mod hub;
 mod input;
 mod loader;
+mod merge;
 mod parquet;
 mod prepare;
 mod remote;
@@ -35,14 +40,15 @@ pub use download::{
 };
 pub use error::DataError;
 pub use format::{
-    DatasetIndex, ShardEntry, ShardHeader, Split, SplitIndex, TokenDtype, TokenizerInfo,
-    FORMAT_VERSION, HEADER_BYTES, INDEX_FILE, SHARD_MAGIC,
+    partial_index_file, DatasetIndex, PartialIndex, ShardEntry, ShardHeader, Split, SplitIndex,
+    TokenDtype, TokenizerInfo, Worker, FORMAT_VERSION, HEADER_BYTES, INDEX_FILE, SHARD_MAGIC,
 };
 pub use input::input_files;
 pub use loader::{
     epoch_permutation, windows_in, EvalBatches, EvalLoader, LoaderConfig, LoaderPosition,
     TrainLoader, POSITION_VERSION,
 };
+pub use merge::{merge, merge_in, MergeReport};
 pub use prepare::{check_output_outside_inputs, prepare, prepare_into, PrepareArgs, PrepareReport};
 pub use remote::{open_remote, remote_url, RemoteDir};
 pub use store::{LocalDir, RandomAccess, ShardSink, ShardSource};

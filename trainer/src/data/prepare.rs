@@ -5,6 +5,10 @@
 //! Output: a local directory, or an object-store prefix (`--out s3://bucket/prefix`, written
 //! through [`RemoteDir`]).
 //!
+//! Distributed preparation: with `--worker I/N` every worker plans the whole input (the same
+//! jobs and validation choice everywhere) and reads only its contiguous share of the jobs,
+//! writing worker-named shards and a partial index; `merge.rs` joins the partial indexes.
+//!
 //! A SIGTERM/SIGINT (`crate::signals::stop_requested`) stops the reader between batches and the
 //! tokenizer threads between stories; the shards written so far are removed and no index is
 //! written, so an interrupted preparation never looks like a dataset ([`DataError::Interrupted`]).
@@ -21,7 +25,7 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 
 use super::error::DataError;
-use super::format::{DatasetIndex, Split, TokenizerInfo};
+use super::format::{DatasetIndex, Split, TokenizerInfo, Worker};
 use super::hub::{self, HubDataset};
 use super::input::{self, Event};
 use super::remote::{remote_url, RemoteDir};
@@ -41,7 +45,7 @@ pub struct PrepareArgs {
     /// them becomes validation data: the first .parquet named validation* (or in a validation/
     /// directory, as Hugging Face datasets have it), else the first .json list (also
     /// compressed), else the first data file.
-    #[arg(required_unless_present = "hf_dataset", value_name = "INPUT")]
+    #[arg(required_unless_present_any = ["hf_dataset", "merge"], value_name = "INPUT")]
     pub inputs: Vec<PathBuf>,
     /// A dataset on the Hugging Face hub (OWNER/NAME): the Parquet files of --split (and of
     /// --val-split, for validation) are downloaded through HF_ENDPOINT into --cache-dir once
@@ -75,13 +79,31 @@ pub struct PrepareArgs {
     /// Validation inputs (same kinds as INPUT); repeat for several.
     #[arg(long = "val", value_name = "PATH")]
     pub val: Vec<PathBuf>,
-    /// Directory with tokenizer.json (and optionally tokenizer_config.json).
-    #[arg(long, value_name = "DIR")]
-    pub tokenizer_dir: PathBuf,
+    /// Directory with tokenizer.json (and optionally tokenizer_config.json). With --merge it is
+    /// optional: when given, every worker must have used this tokenizer.
+    #[arg(long, value_name = "DIR", required_unless_present = "merge")]
+    pub tokenizer_dir: Option<PathBuf>,
     /// Output directory for shards and index.json (not inside an input directory), or an
     /// object-store prefix: s3://bucket/prefix (credentials from the AWS environment).
-    #[arg(long, value_name = "DIR|URL")]
-    pub out: PathBuf,
+    #[arg(long, value_name = "DIR|URL", required_unless_present = "merge")]
+    pub out: Option<PathBuf>,
+    /// Run as worker I of N (0 <= I < N) of a distributed preparation into a shared --out:
+    /// every worker plans the same inputs (and the same validation file) and tokenizes only
+    /// its contiguous share of the input files (an archive counts as one), writing shards
+    /// named train-wIIII-NNNNN.bin and index-worker-IIII.json instead of index.json. When all
+    /// N are done, `mla prepare --merge DIR` writes index.json. --overwrite replaces only this
+    /// worker's files (and a merged index.json, which lists them).
+    #[arg(long, value_name = "I/N")]
+    pub worker: Option<String>,
+    /// Join the partial indexes of `mla prepare --worker I/N` runs in DIR (a directory or
+    /// s3:// prefix) into DIR/index.json, after checking that all N workers finished and agree
+    /// (tokenizer, dtype, format). Shards stay where the workers wrote them.
+    #[arg(
+        long,
+        value_name = "DIR|URL",
+        conflicts_with_all = ["inputs", "worker", "hf_dataset", "val", "out"]
+    )]
+    pub merge: Option<PathBuf>,
     /// Maximum tokens per shard; at least 65536 (2^16, 128 KiB of u16 ids): every shard is one
     /// more file or object to open, hash, list in the index and read across, so tiny shards
     /// only multiply that cost (--shard-tokens 1 writes one file per token).
@@ -94,7 +116,8 @@ pub struct PrepareArgs {
     /// when a file has no `text` column].
     #[arg(long, value_name = "NAME")]
     pub text_column: Option<String>,
-    /// Replace an existing prepared dataset in --out.
+    /// Replace an existing prepared dataset in --out (with --worker: this worker's part; with
+    /// --merge: an existing index.json).
     #[arg(long)]
     pub overwrite: bool,
     /// No progress bar or progress lines.
@@ -112,8 +135,10 @@ impl PrepareArgs {
         Self {
             inputs,
             val: Vec::new(),
-            tokenizer_dir: tokenizer_dir.into(),
-            out: out.into(),
+            tokenizer_dir: Some(tokenizer_dir.into()),
+            out: Some(out.into()),
+            worker: None,
+            merge: None,
             hf_dataset: None,
             subset: "default".into(),
             split: "train".into(),
@@ -128,10 +153,56 @@ impl PrepareArgs {
     }
 }
 
+impl PrepareArgs {
+    /// `--worker I/N` parsed: None without it; an error naming `--worker` unless `N >= 1` and
+    /// `I < N`.
+    pub fn worker(&self) -> Result<Option<Worker>, DataError> {
+        self.worker.as_deref().map(Worker::parse).transpose()
+    }
+}
+
+impl Worker {
+    /// Parse `I/N` (`--worker`), 0 <= I < N.
+    pub fn parse(s: &str) -> Result<Self, DataError> {
+        let bad = |message: String| DataError::InvalidOption {
+            key: "--worker".into(),
+            message,
+        };
+        let (i, n) = s
+            .split_once('/')
+            .and_then(|(i, n)| Some((i.trim().parse::<u32>().ok()?, n.trim().parse::<u32>().ok()?)))
+            .ok_or_else(|| {
+                bad(format!(
+                    "{s:?}: expected I/N, worker I of N workers with 0 <= I < N (e.g. 0/4)"
+                ))
+            })?;
+        if n == 0 {
+            return Err(bad(format!(
+                "{s:?}: N (the number of workers) must be at least 1"
+            )));
+        }
+        if i >= n {
+            return Err(bad(format!(
+                "{s:?}: worker {i} of {n} does not exist; workers count from 0 to {}",
+                n - 1
+            )));
+        }
+        Ok(Worker { index: i, count: n })
+    }
+
+    /// The jobs of `jobs` (in plan order) that fall to this worker: the contiguous range
+    /// `[floor(I*J/N), floor((I+1)*J/N))`, so the workers' streams, concatenated in worker order,
+    /// are the single run's stream.
+    pub fn jobs(self, jobs: usize) -> std::ops::Range<usize> {
+        let at = |i: u32| (i as u128 * jobs as u128 / self.count as u128) as usize;
+        at(self.index)..at(self.index + 1)
+    }
+}
+
 /// What `prepare` did.
 #[derive(Clone, Debug)]
 pub struct PrepareReport {
-    /// The index that was written.
+    /// The index that was written (a worker's partial index holds it too).
     pub index: DatasetIndex,
     /// Where it was written.
     pub location: PathBuf,
@@ -142,6 +213,13 @@ pub struct PrepareReport {
     pub elapsed_secs: f64,
     /// Tokenizer threads used.
     pub threads: usize,
+    /// The `--worker` this was, if any.
+    pub worker: Option<Worker>,
+    /// The input jobs (data files and archives, in plan order) this run read: all of them, or
+    /// a worker's share.
+    pub jobs: std::ops::Range<usize>,
+    /// Input jobs in the whole plan.
+    pub planned_jobs: usize,
 }
 
 impl PrepareReport {
@@ -161,6 +239,23 @@ impl std::fmt::Display for PrepareReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let tr = self.index.split(Split::Train);
         let va = self.index.split(Split::Val);
+        let location = self.location.display();
+        if let Some(w) = self.worker {
+            if self.jobs.is_empty() {
+                return write!(
+                    f,
+                    "worker {w} of {location}: no inputs fall to it ({} input files and \
+                     archives for {} workers), wrote an empty partial index; when all {} workers \
+                     are done: mla prepare --merge {location}",
+                    self.planned_jobs, w.count, w.count
+                );
+            }
+            write!(
+                f,
+                "worker {w} (inputs {}..{} of {}): ",
+                self.jobs.start, self.jobs.end, self.planned_jobs
+            )?;
+        }
         write!(
             f,
             "prepared {}: train {} tokens ({} stories, {} shards), val {} tokens ({} stories, {} shards), {:?}, {:.1} s, {:.0} tokens/s on {} threads",
@@ -175,7 +270,15 @@ impl std::fmt::Display for PrepareReport {
             self.elapsed_secs,
             self.tokens_per_sec(),
             self.threads
-        )
+        )?;
+        if let Some(w) = self.worker {
+            write!(
+                f,
+                "; when all {} workers are done: mla prepare --merge {location}",
+                w.count
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -194,6 +297,25 @@ impl Tokenizer {
 /// Prepare into `args.out`: a local directory (after checking that it is not inside an input)
 /// or an object-store URL (`s3://bucket/prefix`).
 pub fn prepare(args: &PrepareArgs) -> Result<PrepareReport, DataError> {
+    if args.merge.is_some() {
+        return Err(DataError::InvalidOption {
+            key: "--merge".into(),
+            message: "merges prepared workers' output (data::merge), it prepares no inputs".into(),
+        });
+    }
+    let required = |v: &Option<PathBuf>, key: &str, what: &str| {
+        v.clone().ok_or_else(|| DataError::InvalidOption {
+            key: key.into(),
+            message: format!("missing: {what}"),
+        })
+    };
+    let out = required(&args.out, "--out", "the output directory or s3:// prefix")?;
+    let tokenizer_dir = required(
+        &args.tokenizer_dir,
+        "--tokenizer-dir",
+        "the directory with tokenizer.json",
+    )?;
+    args.worker()?;
     let with_hub;
     let args = match &args.hf_dataset {
         Some(repo) => {
@@ -202,8 +324,8 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareReport, DataError> {
         }
         None => args,
     };
-    let out = args.out.to_string_lossy();
-    if let Some(url) = remote_url(&out) {
+    let out_str = out.to_string_lossy();
+    if let Some(url) = remote_url(&out_str) {
         if url.starts_with("memory://") {
             return Err(DataError::InvalidOption {
                 key: "--out".into(),
@@ -214,19 +336,20 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareReport, DataError> {
             });
         }
         let sink = RemoteDir::open(url)?;
-        let tokenizer = Tokenizer::from_dir(&args.tokenizer_dir)?;
-        probe_remote(url, &args.out)?;
+        let tokenizer = Tokenizer::from_dir(&tokenizer_dir)?;
+        probe_remote(url, &out)?;
         return prepare_into(args, &tokenizer, &sink);
     }
-    check_output_outside_inputs(&args.out, args.inputs.iter().chain(&args.val))?;
-    check_output_dir(&args.out)?;
-    let tokenizer = Tokenizer::from_dir(&args.tokenizer_dir)?;
-    let created = create_output_dir(&args.out)?;
-    let sink = LocalDir::new(&args.out);
+    check_output_outside_inputs(&out, args.inputs.iter().chain(&args.val))?;
+    check_output_dir(&out)?;
+    let tokenizer = Tokenizer::from_dir(&tokenizer_dir)?;
+    let created = create_output_dir(&out)?;
+    let sink = LocalDir::new(&out);
     let result = prepare_into(args, &tokenizer, &sink);
     if result.is_err() && created {
         // Only removes it while empty: a failed run leaves no trace, a full directory stays.
-        let _ = std::fs::remove_dir(&args.out);
+        // Other workers' files in a shared directory keep it.
+        let _ = std::fs::remove_dir(&out);
     }
     result
 }
@@ -344,7 +467,8 @@ fn output_error(out: &Path, e: std::io::Error) -> DataError {
     }
 }
 
-/// Prepare into any [`ShardSink`]; `args.out` and `args.tokenizer_dir` are not used. The caller
+/// Prepare into any [`ShardSink`] (as `args.worker` says, if set); `args.out` and
+/// `args.tokenizer_dir` are not used. The caller
 /// makes sure the sink is not inside an input. Stops with [`DataError::Interrupted`] when a
 /// SIGTERM/SIGINT was received (`crate::signals`).
 pub fn prepare_into(
@@ -365,8 +489,19 @@ fn prepare_until(
     stop: &(dyn Fn() -> bool + Sync),
 ) -> Result<PrepareReport, DataError> {
     let start = Instant::now();
-    let plan = input::plan(&args.inputs, &args.val, args.text_column.as_deref(), stop)?;
-    let mut writer = DatasetWriter::new(sink, tokenizer.info(), args.shard_tokens, args.overwrite)?;
+    let worker = args.worker()?;
+    // Every worker plans the whole input, so all choose the same validation data.
+    let mut plan = input::plan(&args.inputs, &args.val, args.text_column.as_deref(), stop)?;
+    let planned_jobs = plan.jobs.len();
+    let jobs = worker.map_or(0..planned_jobs, |w| w.jobs(planned_jobs));
+    if worker.is_some() {
+        plan.keep(jobs.clone())?;
+    }
+    let (info, shard_tokens, overwrite) = (tokenizer.info(), args.shard_tokens, args.overwrite);
+    let mut writer = match worker {
+        Some(w) => DatasetWriter::for_worker(sink, info, shard_tokens, overwrite, w)?,
+        None => DatasetWriter::new(sink, info, shard_tokens, overwrite)?,
+    };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(args.threads)
         .thread_name(|i| format!("mla-tokenize-{i}"))
@@ -407,6 +542,9 @@ fn prepare_until(
         auto_val: plan.auto_val,
         elapsed_secs: start.elapsed().as_secs_f64(),
         threads: pool.current_num_threads(),
+        worker,
+        jobs,
+        planned_jobs,
     })
 }
 
@@ -708,6 +846,32 @@ mod tests {
             !full.is_bad_input(),
             "a full disk is not the user's input: {full}"
         );
+    }
+
+    #[test]
+    fn worker_shares_are_contiguous_and_cover_every_job_once() {
+        for jobs in 0..20 {
+            for count in 1..10 {
+                let mut next = 0;
+                for index in 0..count {
+                    let r = Worker { index, count }.jobs(jobs);
+                    assert_eq!(r.start, next, "{index}/{count} of {jobs}");
+                    next = r.end;
+                }
+                assert_eq!(next, jobs);
+            }
+        }
+        assert_eq!(Worker { index: 3, count: 8 }.jobs(10), 3..5);
+    }
+
+    #[test]
+    fn worker_parses_i_of_n_and_names_the_flag_otherwise() {
+        assert_eq!(Worker::parse("3/8").unwrap(), Worker { index: 3, count: 8 });
+        assert_eq!(Worker::parse("0/1").unwrap(), Worker { index: 0, count: 1 });
+        for bad in ["2/2", "0/0", "a/b", "1", "", "1/2/3", "-1/2", "1/"] {
+            let e = Worker::parse(bad).unwrap_err().to_string();
+            assert!(e.starts_with("invalid --worker: "), "{e}");
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! `DatasetWriter`: appends token ids to the `train`/`val` streams, cuts them into fixed-width
-//! shards of at most `shard_tokens` tokens, and writes `index.json` last through a [`ShardSink`].
+//! shards of at most `shard_tokens` tokens, and writes `index.json` last through a [`ShardSink`]
+//! (as one [`Worker`] of a distributed preparation: its own shard names and a partial index).
 //!
 //! Not here: reading inputs or tokenizing (see `prepare`), reading shards back (see `dataset`).
 
@@ -9,8 +10,8 @@ use sha2::{Digest, Sha256};
 
 use super::error::DataError;
 use super::format::{
-    DatasetIndex, ShardEntry, ShardHeader, Split, SplitIndex, TokenDtype, TokenizerInfo,
-    FORMAT_NAME, FORMAT_VERSION, HEADER_BYTES, INDEX_FILE,
+    DatasetIndex, PartialIndex, ShardEntry, ShardHeader, Split, SplitIndex, TokenDtype,
+    TokenizerInfo, Worker, FORMAT_NAME, FORMAT_VERSION, HEADER_BYTES, INDEX_FILE,
 };
 use super::store::ShardSink;
 
@@ -37,6 +38,7 @@ pub struct DatasetWriter<'a> {
     dtype: TokenDtype,
     shard_tokens: u64,
     splits: [SplitWriter; 2],
+    worker: Option<Worker>,
 }
 
 impl<'a> DatasetWriter<'a> {
@@ -48,18 +50,47 @@ impl<'a> DatasetWriter<'a> {
         shard_tokens: u64,
         overwrite: bool,
     ) -> Result<Self, DataError> {
+        Self::create(sink, tokenizer, shard_tokens, overwrite, None)
+    }
+
+    /// Start `worker`'s part of a dataset that several workers write into one sink: shards
+    /// named `train-w0003-00000.bin` and, on [`DatasetWriter::finish`], the partial index
+    /// `index-worker-0003.json` instead of `index.json`. Refuses when this worker's partial index
+    /// exists and `overwrite` is false; with `overwrite` removes it first, and a merged
+    /// `index.json` too (it lists this worker's shards, which are about to be replaced).
+    pub fn for_worker(
+        sink: &'a dyn ShardSink,
+        tokenizer: TokenizerInfo,
+        shard_tokens: u64,
+        overwrite: bool,
+        worker: Worker,
+    ) -> Result<Self, DataError> {
+        Self::create(sink, tokenizer, shard_tokens, overwrite, Some(worker))
+    }
+
+    fn create(
+        sink: &'a dyn ShardSink,
+        tokenizer: TokenizerInfo,
+        shard_tokens: u64,
+        overwrite: bool,
+        worker: Option<Worker>,
+    ) -> Result<Self, DataError> {
         if shard_tokens == 0 {
             return Err(DataError::InvalidOption {
                 key: "shard_tokens".into(),
                 message: "must be at least 1".into(),
             });
         }
-        if sink.exists(INDEX_FILE)? {
+        let index_file = Self::index_file(worker);
+        if sink.exists(&index_file)? {
             if !overwrite {
                 return Err(DataError::OutputExists {
-                    path: sink.location(INDEX_FILE),
+                    path: sink.location(&index_file),
                 });
             }
+            sink.remove(&index_file)?;
+        }
+        if worker.is_some() && overwrite {
             sink.remove(INDEX_FILE)?;
         }
         let dtype = TokenDtype::for_vocab(tokenizer.vocab_size);
@@ -74,7 +105,13 @@ impl<'a> DatasetWriter<'a> {
             dtype,
             shard_tokens,
             splits: [split(Split::Train), split(Split::Val)],
+            worker,
         })
+    }
+
+    /// What [`DatasetWriter::finish`] writes: `index.json`, or a worker's partial index.
+    fn index_file(worker: Option<Worker>) -> String {
+        worker.map_or_else(|| INDEX_FILE.to_owned(), Worker::partial_index_file)
     }
 
     /// Token width chosen from the vocabulary size.
@@ -140,6 +177,7 @@ impl<'a> DatasetWriter<'a> {
         let dtype = self.dtype;
         let vocab_size = u32::try_from(self.tokenizer.vocab_size).unwrap_or(u32::MAX);
         let sink = self.sink;
+        let worker = self.worker;
         let s = self.split_mut(split);
         let n = n.min(s.buf.len());
         if n == 0 {
@@ -166,7 +204,11 @@ impl<'a> DatasetWriter<'a> {
                 }
             }
         }
-        let file = format!("{}-{:05}.bin", s.split.as_str(), s.index.shards.len());
+        let n_shard = s.index.shards.len();
+        let file = match worker {
+            Some(w) => w.shard_file(s.split, n_shard),
+            None => format!("{}-{n_shard:05}.bin", s.split.as_str()),
+        };
         let sha256 = hex::encode(Sha256::digest(&bytes));
         sink.put(&file, &bytes)?;
         s.index.shards.push(ShardEntry {
@@ -190,7 +232,8 @@ impl<'a> DatasetWriter<'a> {
         }
     }
 
-    /// Flush the last partial shards and write `index.json` (last). Returns the index. On
+    /// Flush the last partial shards and write `index.json` (last; a worker's partial index
+    /// instead, see [`DatasetWriter::for_worker`]). Returns the index. On
     /// failure the shards are removed ([`DatasetWriter::abandon`]).
     pub fn finish(mut self) -> Result<DatasetIndex, DataError> {
         match self.commit() {
@@ -221,7 +264,18 @@ impl<'a> DatasetWriter<'a> {
             tokenizer: self.tokenizer.clone(),
             splits,
         };
-        self.sink.put(INDEX_FILE, &index.to_json())?;
+        match self.worker {
+            None => self.sink.put(INDEX_FILE, &index.to_json())?,
+            Some(w) => {
+                let partial = PartialIndex {
+                    worker: w.index,
+                    workers: w.count,
+                    index,
+                };
+                self.sink.put(&w.partial_index_file(), &partial.to_json())?;
+                return Ok(partial.index);
+            }
+        }
         Ok(index)
     }
 }
@@ -284,6 +338,45 @@ mod tests {
         w.abandon();
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn a_worker_names_its_shards_and_writes_a_partial_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalDir::new(dir.path());
+        let w = Worker { index: 3, count: 8 };
+        let mut writer = DatasetWriter::for_worker(&store, info(100), 4, false, w).unwrap();
+        writer.push_story(Split::Train, &[5, 6, 7, 8]).unwrap();
+        writer.push_story(Split::Val, &[1]).unwrap();
+        let index = writer.finish().unwrap();
+        assert!(!store.exists(INDEX_FILE).unwrap());
+        let names: Vec<_> = index
+            .split(Split::Train)
+            .shards
+            .iter()
+            .map(|s| s.file.clone())
+            .collect();
+        assert_eq!(names, ["train-w0003-00000.bin", "train-w0003-00001.bin"]);
+        assert!(store.exists("val-w0003-00000.bin").unwrap());
+        let path = ShardSource::location(&store, "index-worker-0003.json");
+        let bytes = ShardSource::read(&store, "index-worker-0003.json").unwrap();
+        let partial = PartialIndex::from_json(&bytes, &path).unwrap();
+        assert_eq!((partial.worker, partial.workers), (3, 8));
+        assert_eq!(partial.index, index);
+        // Its own partial index counts as existing; another worker's does not.
+        let e = DatasetWriter::for_worker(&store, info(100), 4, false, w)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("index-worker-0003.json already exists"), "{e}");
+        let other = Worker { index: 2, count: 8 };
+        drop(DatasetWriter::for_worker(&store, info(100), 4, false, other).unwrap());
+        // --overwrite removes its partial index and a merged index.json, nothing else.
+        store.put(INDEX_FILE, b"{}").unwrap();
+        drop(DatasetWriter::for_worker(&store, info(100), 4, true, w).unwrap());
+        assert!(!store.exists("index-worker-0003.json").unwrap());
+        assert!(!store.exists(INDEX_FILE).unwrap());
+        assert!(store.exists("train-w0003-00000.bin").unwrap());
     }
 
     #[test]
