@@ -180,15 +180,16 @@ fn debug_config_trains_evaluates_saves_and_generates_the_same_text_on_every_path
 }
 
 /// One seed, one loss sequence; recomputing blocks in the backward
-/// (`train.activation_checkpointing`) changes memory and time, not a bit of the training
-/// (its gradients are the plain backward's: train::loss tests).
+/// (`train.activation_checkpointing`) changes memory and time, not a bit of the training over
+/// 20 steps (issue 12 asks ≤ 1e-6 relative; its gradients are the plain backward's to the bit:
+/// train::loss tests).
 #[test]
 fn same_seed_gives_identical_loss_sequences_with_and_without_recomputation() {
     let run = |extra: &[&str]| {
         let dir = tempfile::tempdir().unwrap();
         let mut args = vec![
             "--train.max_steps",
-            "6",
+            "20",
             "--train.log_interval",
             "1",
             "--eval.initial_validation",
@@ -202,7 +203,7 @@ fn same_seed_gives_identical_loss_sequences_with_and_without_recomputation() {
             .iter()
             .filter_map(|r| r["loss"].as_f64())
             .collect();
-        assert_eq!(losses.len(), 6);
+        assert_eq!(losses.len(), 20);
         losses
     };
     let a = run(&[]);
