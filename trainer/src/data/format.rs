@@ -209,6 +209,25 @@ impl DatasetIndex {
         self.tokenizer.vocab_size
     }
 
+    /// `train N tokens (S stories, K shards), val …, U16`: the summary lines' account of it.
+    pub fn summary(&self) -> String {
+        let part = |split| {
+            let s = self.split(split);
+            format!(
+                "{split} {} tokens ({} stories, {} shards)",
+                s.tokens,
+                s.stories,
+                s.shards.len()
+            )
+        };
+        format!(
+            "{}, {}, {:?}",
+            part(Split::Train),
+            part(Split::Val),
+            self.dtype
+        )
+    }
+
     /// Parse and check `format`/`format_version` and internal consistency; `path` names it in errors.
     pub fn from_json(bytes: &[u8], path: &Path) -> Result<Self, DataError> {
         let index: DatasetIndex =

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use super::error::DataError;
 use super::format::{
-    partial_index_file, DatasetIndex, PartialIndex, Split, SplitIndex, TokenizerInfo, INDEX_FILE,
+    partial_index_file, DatasetIndex, PartialIndex, SplitIndex, TokenizerInfo, INDEX_FILE,
 };
 use super::remote::{remote_url, RemoteDir};
 use super::store::{LocalDir, ShardSink, ShardSource};
@@ -32,20 +32,12 @@ pub struct MergeReport {
 
 impl std::fmt::Display for MergeReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let tr = self.index.split(Split::Train);
-        let va = self.index.split(Split::Val);
         write!(
             f,
-            "merged {} workers into {}: train {} tokens ({} stories, {} shards), val {} tokens ({} stories, {} shards), {:?}",
+            "merged {} workers into {}: {}",
             self.workers,
             self.location.display(),
-            tr.tokens,
-            tr.stories,
-            tr.shards.len(),
-            va.tokens,
-            va.stories,
-            va.shards.len(),
-            self.index.dtype,
+            self.index.summary()
         )
     }
 }
@@ -252,7 +244,9 @@ fn tokenizer_difference(
 
 #[cfg(test)]
 mod tests {
-    use super::super::format::{ShardEntry, TokenDtype, Worker, FORMAT_NAME, FORMAT_VERSION};
+    use super::super::format::{
+        ShardEntry, Split, TokenDtype, Worker, FORMAT_NAME, FORMAT_VERSION,
+    };
     use super::*;
 
     fn partial(worker: u32, workers: u32, tokens: u64) -> PartialIndex {

@@ -237,8 +237,6 @@ impl PrepareReport {
 
 impl std::fmt::Display for PrepareReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let tr = self.index.split(Split::Train);
-        let va = self.index.split(Split::Val);
         let location = self.location.display();
         if let Some(w) = self.worker {
             if self.jobs.is_empty() {
@@ -258,15 +256,9 @@ impl std::fmt::Display for PrepareReport {
         }
         write!(
             f,
-            "prepared {}: train {} tokens ({} stories, {} shards), val {} tokens ({} stories, {} shards), {:?}, {:.1} s, {:.0} tokens/s on {} threads",
+            "prepared {}: {}, {:.1} s, {:.0} tokens/s on {} threads",
             self.location.display(),
-            tr.tokens,
-            tr.stories,
-            tr.shards.len(),
-            va.tokens,
-            va.stories,
-            va.shards.len(),
-            self.index.dtype,
+            self.index.summary(),
             self.elapsed_secs,
             self.tokens_per_sec(),
             self.threads

@@ -420,6 +420,16 @@ impl AdamW {
         self.update(flat, lr, Some(found_inf))
     }
 
+    /// The fused kernel's hyperparameters for one group of parameters.
+    fn args(&self, lr: f64, weight_decay: f64) -> cxx::AdamWArgs {
+        cxx::AdamWArgs {
+            lr,
+            betas: self.betas,
+            weight_decay,
+            eps: self.eps,
+        }
+    }
+
     /// Count the update queued by [`AdamW::step_unless`] as applied.
     pub fn applied(&mut self) {
         self.step += 1;
@@ -462,12 +472,7 @@ impl AdamW {
         tch::no_grad(|| -> Result<(), OptimError> {
             let _ = self.step_count.fill_(step as f64);
             for (range, weight_decay) in [(0..k, self.weight_decay), (k..n, 0.0)] {
-                let args = cxx::AdamWArgs {
-                    lr,
-                    betas: self.betas,
-                    weight_decay,
-                    eps: self.eps,
-                };
+                let args = self.args(lr, weight_decay);
                 cxx::fused_adamw(
                     &params[range.clone()],
                     &grads[range.clone()],
@@ -518,12 +523,7 @@ impl AdamW {
                 let target = p32
                     .as_ref()
                     .map_or(p.shallow_clone(), Tensor::shallow_clone);
-                let args = cxx::AdamWArgs {
-                    lr,
-                    betas: self.betas,
-                    weight_decay,
-                    eps: self.eps,
-                };
+                let args = self.args(lr, weight_decay);
                 cxx::fused_adamw(
                     &[target],
                     &[g],
