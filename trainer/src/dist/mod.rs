@@ -1,6 +1,7 @@
 //! Distributed plumbing: who am I (rank, world size, local rank — from the torchrun, OpenMPI,
-//! PMI or Slurm environment), the `Communicator` the training loop all-reduces through, and
-//! the choice of backend (DESIGN §5).
+//! PMI or Slurm environment), the `Communicator` the training loop all-reduces through (and,
+//! with ZeRO, reduce-scatters gradients and all-gathers parameters through: optim/zero.rs),
+//! and the choice of backend (DESIGN §5).
 //!
 //! Backends: `single` (here), `mpi` (mpi.rs, CPU ranks under mpirun/srun) and `nccl` (nccl.rs,
 //! one GPU per rank; its unique id travels by MPI or by the TCP rendezvous of rendezvous.rs).
