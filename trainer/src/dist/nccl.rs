@@ -1,7 +1,7 @@
 //! The `nccl` backend: one GPU per rank, collectives with NCCL on CUDA tensors (all-reduce and
 //! broadcast in buckets; ZeRO's reduce-scatter and all-gather one call each, the caller
-//! bucketing), via cudarc's
-//! NCCL types and CUDA driver API, all loaded at run time (CPU builds and CI need no CUDA).
+//! bucketing), via cudarc's NCCL types and CUDA driver API, all loaded at run time (CPU builds
+//! and CI need no CUDA).
 //!
 //! * Library: NCCL is opened by its soname `libnccl.so.2` (what the `nvidia-nccl-cu13` wheel
 //!   and Debian ship, and what libtorch_cuda already loaded), then `libnccl.so`, or the path in
