@@ -5,17 +5,18 @@
 #   per rank = weights, gradients and moments (exact: `mla info --json` at --devices 8, which
 #              counts 4 + 4 + 4 + 8 B per parameter unsharded, 4 + 4 + 4 + 8/8 with `optimizer`,
 #              4 + 4 + (4 + 8)/8 with `gradients`)
-#            + activations, from the CPU measurements in fp32 (not halved for bf16 autocast: a
-#              GPU run would keep less, so this errs towards "does not fit"): without
-#              recomputation a · n_embd bytes per token and layer (--a); with `blocks`
-#              b · n_embd bytes per token and layer (--b) plus one block's a · n_embd per token
+#            + activations, fitted to CPU runs in fp32 with glibc's malloc (not halved for bf16
+#              autocast: a GPU run keeps less, so this errs towards "does not fit"): without
+#              recomputation a · n_embd bytes per token and layer (--a, default 70); with
+#              `blocks` b · n_embd per token and layer (--b, default 4: the fp32 block input)
+#              plus one block's a · n_embd per token
 #            + one logits chunk with its log-softmax and gradient (`mla info`'s logits term)
 #            + a fixed overhead (CUDA context, cuBLAS workspace, allocator slack), --overhead GiB.
 #
 #   scripts/bench/zero_fit.sh [--a B] [--b B] [--overhead GIB] [--gpu-gib G]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-a=95.5 b=41.3 overhead=1.5 gpu=16
+a=70 b=4 overhead=1.5 gpu=16
 while (($#)); do
   case "$1" in
     --a) a=$2; shift 2 ;;
