@@ -1370,3 +1370,23 @@ fn workers_and_merge_on_an_object_store_need_no_listing() {
         assert_eq!(got, read_split(&single, split), "{split}");
     }
 }
+
+/// `--merge` takes no tokenizing flag: one it would silently ignore is refused (exit 2).
+#[test]
+fn merge_refuses_the_flags_it_would_ignore() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_str().unwrap();
+    for flag in [
+        ["--shard-tokens", "65536"],
+        ["--threads", "1"],
+        ["--text-column", "x"],
+    ] {
+        let out = mla(&["prepare", "--merge", dir, flag[0], flag[1]]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag:?}: {err}");
+        assert!(
+            err.contains(&format!("cannot be used with '{}", flag[0])),
+            "{err}"
+        );
+    }
+}

@@ -101,7 +101,10 @@ pub struct PrepareArgs {
     #[arg(
         long,
         value_name = "DIR|URL",
-        conflicts_with_all = ["inputs", "worker", "hf_dataset", "val", "out"]
+        conflicts_with_all = [
+            "inputs", "worker", "hf_dataset", "val", "out", "shard_tokens", "threads",
+            "text_column", "subset", "split", "val_split", "cache_dir",
+        ]
     )]
     pub merge: Option<PathBuf>,
     /// Maximum tokens per shard; at least 65536 (2^16, 128 KiB of u16 ids): every shard is one
