@@ -974,10 +974,15 @@ mod tests {
     use super::*;
 
     fn stories(text: &[u8], format: Format) -> Result<Vec<String>, DataError> {
+        stories_from(text, format)
+    }
+
+    /// Every story [`read_stories`] hands over from `reader`.
+    fn stories_from(reader: impl BufRead, format: Format) -> Result<Vec<String>, DataError> {
         let mut out = Vec::new();
         let counter = AtomicU64::new(0);
         read_stories(
-            text,
+            reader,
             format,
             Path::new("t"),
             Split::Train,
@@ -1145,26 +1150,10 @@ mod tests {
     fn compressed_stories(bytes: Vec<u8>, codec: Codec) -> Result<Vec<String>, DataError> {
         let reader =
             decoded(&bytes[..], codec).map_err(|e| compressed_error(Path::new("t"), codec, e))?;
-        let mut out = Vec::new();
-        let counter = AtomicU64::new(0);
-        read_stories(
-            reader,
-            Format::Jsonl,
-            Path::new("t"),
-            Split::Train,
-            &counter,
-            &mut |e| {
-                if let Event::Stories { stories, .. } = e {
-                    out.extend(stories);
-                }
-                true
-            },
-        )
-        .map_err(|e| match e {
+        stories_from(reader, Format::Jsonl).map_err(|e| match e {
             DataError::Io { path, error } => compressed_error(&path, codec, error),
             other => other,
-        })?;
-        Ok(out)
+        })
     }
 
     #[test]

@@ -89,6 +89,15 @@ impl MpiComm {
         }
     }
 
+    /// The host type sums of `kind` travel in: fp64 as itself, fp32/bf16/fp16 as fp32.
+    fn wire(&self, op: &'static str, kind: Kind) -> Result<Kind, DistError> {
+        match kind {
+            Kind::Double => Ok(Kind::Double),
+            Kind::Float | Kind::BFloat16 | Kind::Half => Ok(Kind::Float),
+            k => Err(self.error(op, format!("unsupported dtype {k:?}"))),
+        }
+    }
+
     /// The tensor as a flat view (it must be contiguous: a view of the caller's storage).
     fn flat(&self, t: &Tensor, op: &'static str) -> Result<Tensor, DistError> {
         if !t.is_contiguous() {
@@ -150,11 +159,7 @@ impl Communicator for MpiComm {
         let _armed = self.watchdog.arm("all_reduce");
         let flat = self.flat(t, "all_reduce")?;
         let kind = flat.kind();
-        let wire = match kind {
-            Kind::Double => Kind::Double,
-            Kind::Float | Kind::BFloat16 | Kind::Half => Kind::Float,
-            k => return Err(self.error("all_reduce", format!("unsupported dtype {k:?}"))),
-        };
+        let wire = self.wire("all_reduce", kind)?;
         if flat.device() == Device::Cpu && kind == wire {
             self.reduce_host(&flat, kind);
             return Ok(());
@@ -174,11 +179,7 @@ impl Communicator for MpiComm {
         let _armed = self.watchdog.arm(OP);
         super::check_chunks(OP, self.rank, self.size, send, recv)?;
         let kind = send.kind();
-        let wire = match kind {
-            Kind::Double => Kind::Double,
-            Kind::Float | Kind::BFloat16 | Kind::Half => Kind::Float,
-            k => return Err(self.error(OP, format!("unsupported dtype {k:?}"))),
-        };
+        let wire = self.wire(OP, kind)?;
         let direct = send.device() == Device::Cpu && recv.device() == Device::Cpu && kind == wire;
         // fp32/fp64 host tensors are reduced where they lie; others through host copies.
         let (s, r) = if direct {

@@ -497,6 +497,22 @@ impl NcclComm {
         self.lib.check(r).map_err(|e| self.error(op, e))
     }
 
+    /// Enqueue `call(send, recv, nccl dtype)` once on the flat views of two tensors, then wait
+    /// for the stream under the watchdog. The views are contiguous device buffers borrowed from
+    /// the caller until `wait` returns.
+    fn out_of_place(
+        &self,
+        op: &'static str,
+        send: &Tensor,
+        recv: &Tensor,
+        call: impl Fn(&Tensor, &Tensor, c_int) -> NcclResult,
+    ) -> Result<(), DistError> {
+        let (s, kind) = self.flat(send, op)?;
+        let (r, _) = self.flat(recv, op)?;
+        self.enqueue(op, call(&s, &r, kind))?;
+        self.wait(op)
+    }
+
     /// Enqueue `call(ptr, elements, nccl dtype)` for every bucket of `t` (in place), then wait
     /// for the stream under the watchdog.
     fn in_place_buckets(
@@ -549,44 +565,38 @@ impl Communicator for NcclComm {
     fn reduce_scatter_sum(&self, send: &Tensor, recv: &mut Tensor) -> Result<(), DistError> {
         const OP: &str = "reduce_scatter";
         super::check_chunks(OP, self.rank, self.size, send, recv)?;
-        let (s, kind) = self.flat(send, OP)?;
-        let (r, _) = self.flat(recv, OP)?;
-        // SAFETY: contiguous device buffers of `send` (size × n) and `recv` (n elements) of
-        // `kind`, borrowed by the caller until `wait` returns; stream 0 (module docs).
-        let result = unsafe {
-            (self.lib.reduce_scatter)(
-                s.data_ptr() as *const c_void,
-                r.data_ptr(),
-                r.numel(),
-                kind,
-                ncclRedOp_t::ncclSum as c_int,
-                self.comm,
-                std::ptr::null_mut(),
-            )
-        };
-        self.enqueue(OP, result)?;
-        self.wait(OP)
+        self.out_of_place(OP, send, recv, |s, r, kind| {
+            // SAFETY: `send` holds size × n elements, `recv` n (checked above), stream 0.
+            unsafe {
+                (self.lib.reduce_scatter)(
+                    s.data_ptr() as *const c_void,
+                    r.data_ptr(),
+                    r.numel(),
+                    kind,
+                    ncclRedOp_t::ncclSum as c_int,
+                    self.comm,
+                    std::ptr::null_mut(),
+                )
+            }
+        })
     }
 
     fn all_gather(&self, send: &Tensor, recv: &mut Tensor) -> Result<(), DistError> {
         const OP: &str = "all_gather";
         super::check_chunks(OP, self.rank, self.size, recv, send)?;
-        let (s, kind) = self.flat(send, OP)?;
-        let (r, _) = self.flat(recv, OP)?;
-        // SAFETY: contiguous device buffers of `send` (n) and `recv` (size × n elements) of
-        // `kind`, borrowed by the caller until `wait` returns; stream 0 (module docs).
-        let result = unsafe {
-            (self.lib.all_gather)(
-                s.data_ptr() as *const c_void,
-                r.data_ptr(),
-                s.numel(),
-                kind,
-                self.comm,
-                std::ptr::null_mut(),
-            )
-        };
-        self.enqueue(OP, result)?;
-        self.wait(OP)
+        self.out_of_place(OP, send, recv, |s, r, kind| {
+            // SAFETY: `send` holds n elements, `recv` size × n (checked above), stream 0.
+            unsafe {
+                (self.lib.all_gather)(
+                    s.data_ptr() as *const c_void,
+                    r.data_ptr(),
+                    s.numel(),
+                    kind,
+                    self.comm,
+                    std::ptr::null_mut(),
+                )
+            }
+        })
     }
 
     fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<(), DistError> {

@@ -147,8 +147,7 @@ pub fn gather_moments(
     let main = comm.rank() == 0;
     let device = opt.exp_avg.device();
     let (ranges, staging) = staged_buckets(shard, Kind::Float, device, bucket_mb);
-    let mut out = Vec::with_capacity(2);
-    for moment in [&opt.exp_avg, &opt.exp_avg_sq] {
+    let gather = |moment: &Tensor| -> anyhow::Result<Tensor> {
         let whole = Tensor::zeros([if main { w * s } else { 0 }], (Kind::Float, Device::Cpu));
         for &(off, len) in &ranges {
             let mut recv = staging.narrow(0, 0, w * len);
@@ -162,9 +161,8 @@ pub fn gather_moments(
                 });
             }
         }
-        out.push(whole.narrow(0, 0, if main { shard.numel } else { 0 }));
-    }
-    let v = out.pop().unwrap_or_default();
-    let m = out.pop().unwrap_or_default();
+        Ok(whole.narrow(0, 0, if main { shard.numel } else { 0 }))
+    };
+    let (m, v) = (gather(&opt.exp_avg)?, gather(&opt.exp_avg_sq)?);
     Ok(main.then_some((m, v)))
 }
