@@ -206,12 +206,8 @@ pub(crate) fn lock_local(dir: &std::path::Path, url: &str, holder: &Holder) -> R
         url: url.to_string(),
         detail: format!("lock file {}: {e}", path.display()),
     };
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
+    // Never through a link: `.mla-lock -> ~/somefile` would be truncated and overwritten.
+    let mut file = crate::local::open_file(dir, LOCK_FILE, crate::local::OpenMode::ReadWrite)
         .map_err(io_err)?;
     match file.try_lock() {
         Ok(()) => {}

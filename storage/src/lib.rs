@@ -11,6 +11,8 @@
 //! * [`Lease`] — one run at a time per out_dir (lock file or conditional-PUT lease object);
 //!   `probe`, `clean_leftovers`, `delete_all_steps` — taking charge of an out_dir.
 //! * [`open_location`] — the same URL parsing and backends for other objects (token datasets).
+//! * [`open_file`], [`create_dir`] — the files mla writes into a local out_dir beside the
+//!   store (metrics), opened without following links (`local.rs`).
 //!
 //! Not here: tensor (de)serialisation, resume policy, config checks (trainer).
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
@@ -19,6 +21,7 @@ mod blocking;
 mod delay;
 mod error;
 mod lease;
+mod local;
 mod location;
 mod manifest;
 mod outdir;
@@ -31,6 +34,7 @@ pub use error::{
     error_chain, redact_secrets, redact_userinfo, Corruption, Error, Result, StoreErrorKind,
 };
 pub use lease::{Holder, Lease, DEFAULT_TTL, ENV_LEASE_TTL_SECS, LEASE_OBJECT, LOCK_FILE};
+pub use local::{create_dir, open_file, OpenMode};
 pub use location::{check_location, open_location, ObjectLocation};
 pub use manifest::{
     check_object_name, sha256_hex, Manifest, ManifestMeta, ObjectEntry, StepName, FINAL_DIR,
@@ -44,5 +48,5 @@ pub use store::{
     is_invalid_step, upload_bytes, CheckpointStore, Latest, LoadedStep, PutOutcome, RetainReport,
     RetryOptions, SkippedStep, StepInfo, StoreOptions, Uploaded, Verification, VerifiedStep,
     ENV_CONNECT_TIMEOUT_SECS, ENV_MAX_RETRIES, ENV_READ_TIMEOUT_SECS, ENV_REQUEST_TIMEOUT_SECS,
-    ENV_RETRY_TIMEOUT_SECS, ENV_TEST_PUT_DELAY_MS,
+    ENV_RETRY_TIMEOUT_SECS, ENV_TEST_PUT_DELAY_MS, MAX_MANIFEST_BYTES,
 };

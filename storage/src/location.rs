@@ -9,12 +9,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
-use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::{BackoffConfig, ClientConfigKey, ObjectStore, RetryConfig};
 
 use crate::error::{error_chain, Error, Result};
+use crate::local::NoFollowFs;
 use crate::manifest::StepName;
 use crate::store::StoreOptions;
 
@@ -198,10 +198,7 @@ pub(crate) fn open_backend(loc: &Location, opts: &StoreOptions) -> Result<Arc<dy
         Backend::Memory => Ok(Arc::new(InMemory::new())),
         Backend::Local(dir) => {
             std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
-            let fs = LocalFileSystem::new_with_prefix(dir)
-                .map_err(|e| open_err(error_chain(&e)))?
-                .with_automatic_cleanup(true)
-                .with_fsync(opts.fsync);
+            let fs = NoFollowFs::new(dir, opts.fsync).map_err(|e| open_err(error_chain(&e)))?;
             Ok(Arc::new(fs))
         }
         Backend::S3 { bucket } => {

@@ -34,6 +34,8 @@ impl Leftovers {
 /// Remove the object_store staging files (`<name>#<digits>`) under `dir`, recursively;
 /// returns how many. object_store's local backend writes every upload to such a file and
 /// renames it into place, so one whose writer died stays forever, invisible to listings.
+/// Links are never followed (`DirEntry::file_type` does not follow them); `dir` itself must
+/// be a real directory (callers check).
 pub(crate) fn remove_staging_files(dir: &std::path::Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
@@ -57,7 +59,7 @@ pub(crate) fn remove_staging_files(dir: &std::path::Path) -> usize {
     removed
 }
 
-fn is_staging_name(name: &str) -> bool {
+pub(crate) fn is_staging_name(name: &str) -> bool {
     matches!(name.rsplit_once('#'), Some((base, n)) if !base.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
@@ -143,8 +145,10 @@ impl CheckpointStore {
             let base = dir.join(self.root.as_ref());
             for step in &deleted {
                 let step_dir = base.join(step.to_string());
-                remove_staging_files(&step_dir);
-                let _ = std::fs::remove_dir(&step_dir);
+                if crate::local::is_real_dir(&step_dir) {
+                    remove_staging_files(&step_dir);
+                    let _ = std::fs::remove_dir(&step_dir);
+                }
             }
         }
         Ok(deleted)

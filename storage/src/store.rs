@@ -32,6 +32,10 @@ use crate::manifest::{
 };
 use crate::outdir::remove_staging_files;
 
+/// The largest `manifest.json` read (a manifest lists a few objects: ~1 KiB). A bigger one is
+/// invalid, not read: an out_dir is untrusted input (README "Security").
+pub const MAX_MANIFEST_BYTES: u64 = 16 << 20;
+
 /// Retries of transient errors (S3): exponential backoff from `init_backoff` doubling up to
 /// `max_backoff`, at most `max_retries` times and never past `retry_timeout` from the first try.
 #[derive(Debug, Clone, PartialEq)]
@@ -490,6 +494,9 @@ impl CheckpointStore {
         }
         if let Some(dir) = &self.local_dir {
             let step_dir = dir.join(self.root.as_ref()).join(step.to_string());
+            if !crate::local::is_real_dir(&step_dir) {
+                return; // a link in its place: never walked into
+            }
             let removed = remove_staging_files(&step_dir);
             if removed > 0 {
                 tracing::debug!("discarding the failed save of {step}: {removed} staging file(s)");
@@ -595,7 +602,9 @@ impl CheckpointStore {
         Ok(manifest)
     }
 
-    /// Delete a step: manifest first (the step vanishes), then the other objects.
+    /// Delete a step: manifest first (the step vanishes), then the other objects, then
+    /// whatever stands in place of the directory (on local disk a symbolic link or a file
+    /// named like a step: removed itself, never what a link points to; see `local.rs`).
     /// Deleting a missing step is not an error.
     pub async fn delete_step(&self, step: &StepName) -> Result<()> {
         let rel = format!("{step}/{MANIFEST_NAME}");
@@ -620,7 +629,10 @@ impl CheckpointStore {
                 Err(e) => return Err(self.store_err("delete", step.to_string(), &e)),
             }
         }
-        Ok(())
+        match self.inner.delete(&dir).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.store_err("delete", step.to_string(), &e)),
+        }
     }
 
     // ---- reading -----------------------------------------------------------------------------
@@ -629,8 +641,24 @@ impl CheckpointStore {
     /// exist.
     pub async fn read_manifest(&self, step: &StepName) -> Result<Manifest> {
         let rel = format!("{step}/{MANIFEST_NAME}");
-        self.check_local_file(step, MANIFEST_NAME, &rel)?;
+        let invalid = |reason: String| Error::InvalidManifest {
+            url: self.url.clone(),
+            step: step.clone(),
+            reason,
+        };
+        // A linked or special manifest makes the step invisible, as a bad one does.
+        if let Err(Error::Corrupt { problem, .. }) =
+            self.check_local_file(step, MANIFEST_NAME, &rel)
+        {
+            return Err(invalid(problem.to_string()));
+        }
         let bytes = match self.inner.get(&self.path(&rel)?).await {
+            Ok(r) if r.meta.size > MAX_MANIFEST_BYTES => {
+                return Err(invalid(format!(
+                    "{} bytes, more than a manifest may hold ({MAX_MANIFEST_BYTES})",
+                    r.meta.size
+                )))
+            }
             Ok(r) => r
                 .bytes()
                 .await
@@ -643,11 +671,7 @@ impl CheckpointStore {
             }
             Err(e) => return Err(self.store_err("get", rel, &e)),
         };
-        Manifest::from_json(&bytes, step).map_err(|reason| Error::InvalidManifest {
-            url: self.url.clone(),
-            step: step.clone(),
-            reason,
-        })
+        Manifest::from_json(&bytes, step).map_err(invalid)
     }
 
     /// The manifest entry of object `name` of a committed step.
@@ -894,7 +918,15 @@ impl CheckpointStore {
         for m in metas {
             let rel = self.rel(&m.location);
             let Some((dir, name)) = rel.split_once('/') else {
-                continue; // a file directly under out_dir
+                // A file directly under out_dir, not ours to interpret, unless it is named
+                // like a step: a link or a file in place of a step directory (an incomplete
+                // step: what clean-up and retention remove, the link itself).
+                if let Some(step) = StepName::parse(&rel) {
+                    let e = dirs.entry(step).or_default();
+                    e.0 += 1;
+                    e.1 += m.size;
+                }
+                continue;
             };
             let Some(step) = StepName::parse(dir) else {
                 continue; // not a step directory: never ours to interpret

@@ -376,9 +376,15 @@ async fn delete_removes_manifest_first(f: &Fixture) {
         .into_iter()
         .filter(|l| l.starts_with("delete"))
         .collect();
-    assert_eq!(deletes.len(), objects(8).len() + 1, "{deletes:?}");
+    // The manifest, the objects, then whatever stands at the step's own name (a link in
+    // place of a local step directory; nothing here).
+    assert_eq!(deletes.len(), objects(8).len() + 2, "{deletes:?}");
     assert!(
         deletes[0].ends_with("step-00000008/manifest.json"),
+        "{deletes:?}"
+    );
+    assert!(
+        deletes[deletes.len() - 1].ends_with("step-00000008"),
         "{deletes:?}"
     );
     assert!(f.store.list().await.unwrap().is_empty());
@@ -892,6 +898,156 @@ async fn delete_all_steps_removes_every_step_and_nothing_else(f: &Fixture) {
     assert_eq!(f.raw_list().await, vec!["metrics.jsonl".to_string()]);
 }
 
+/// Clean-up, retention, `--overwrite` and rewriting a step delete only what is inside the
+/// out_dir: a sibling out_dir whose name starts with this one's (`…/run` and `…/run-2`, the
+/// same string prefix on S3) keeps every object.
+async fn deletes_never_reach_a_sibling_out_dir(f: &Fixture) {
+    if !f.persistent {
+        return; // memory:// opens a new store each time: no sibling to share it with
+    }
+    let sibling = CheckpointStore::open(&format!("{}-2", f.out_dir)).unwrap();
+    sibling
+        .write_step(&step(1), &objects(1), meta(1))
+        .await
+        .unwrap();
+    sibling
+        .put_object(&step(2), "model.safetensors", payload(10, 2))
+        .await
+        .unwrap(); // a crashed save of the sibling run: its own clean-up's business
+    let before = sibling.list().await.unwrap();
+    for n in [1, 2, 3] {
+        f.store
+            .write_step(&step(n), &objects(n), meta(n))
+            .await
+            .unwrap();
+    }
+    f.store
+        .put_object(&step(4), "model.safetensors", payload(10, 4))
+        .await
+        .unwrap();
+    f.store.clean_leftovers().await.unwrap();
+    f.store.retain(1).await.unwrap();
+    f.store
+        .write_step(&step(3), &objects(3), meta(3))
+        .await
+        .unwrap();
+    f.store.delete_all_steps().await.unwrap();
+    let after = sibling.list().await.unwrap();
+    assert_eq!(
+        after
+            .iter()
+            .map(|i| (i.step.clone(), i.object_count, i.exists()))
+            .collect::<Vec<_>>(),
+        before
+            .iter()
+            .map(|i| (i.step.clone(), i.object_count, i.exists()))
+            .collect::<Vec<_>>(),
+    );
+    sibling.verify(&step(1)).await.unwrap();
+}
+
+/// Every file below `dir` with its bytes (links described, not followed), sorted.
+fn snapshot(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let t = e.file_type().unwrap();
+            let rel = e.path().strip_prefix(dir).unwrap().display().to_string();
+            if t.is_dir() {
+                dirs.push(e.path());
+            } else if t.is_symlink() {
+                out.push((
+                    rel,
+                    std::fs::read_link(e.path())
+                        .unwrap()
+                        .display()
+                        .to_string()
+                        .into_bytes(),
+                ));
+            } else {
+                out.push((rel, std::fs::read(e.path()).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Issue 23, finding 1 and 2: a symbolic link anywhere in a local out_dir (in place of a step
+/// directory, inside a step, as the lock file, as a loop) never makes mla delete or write
+/// outside it. Deleting removes the link itself; reading through one is refused.
+#[test]
+fn local_symlinks_never_lead_a_delete_or_write_outside_the_out_dir() {
+    use std::os::unix::fs::symlink;
+    let f = Fixture::local("symlinks_outside").unwrap();
+    let store = BlockingCheckpointStore::new(f.store.clone()).unwrap();
+    let dir = f.local_dir().unwrap();
+    // What must survive: a directory tree and a file outside the out_dir.
+    let victim = dir.join("../../victim");
+    std::fs::create_dir_all(victim.join("sub")).unwrap();
+    std::fs::write(victim.join("a.txt"), b"a").unwrap();
+    std::fs::write(victim.join("sub/b.txt"), b"b").unwrap();
+    std::fs::write(victim.join("data.bin#3"), b"staging-like").unwrap();
+    let victim_file = dir.join("../../victim-file.txt");
+    std::fs::write(&victim_file, b"keep me").unwrap();
+    let outside = dir.join("../..");
+    let before = snapshot(&outside.join("victim"));
+
+    store.write_step(&step(2), &objects(2), meta(2)).unwrap();
+    store.write_step(&step(3), &objects(3), meta(3)).unwrap();
+    store.write_step(&step(4), &objects(4), meta(4)).unwrap();
+    // In place of a step directory, with no manifest behind it (finding 1).
+    symlink(&victim, dir.join("step-00000001")).unwrap();
+    // Inside a committed step that retention prunes: a linked folder and a linked file.
+    symlink(&victim, dir.join("step-00000002/sub")).unwrap();
+    symlink(&victim_file, dir.join("step-00000002/extra.bin")).unwrap();
+    // A loop and a link to the file-system root: listing must neither hang nor walk them.
+    symlink(&dir, dir.join("loop")).unwrap();
+    symlink("/", dir.join("root")).unwrap();
+    // The lock file (finding 2).
+    symlink(&victim_file, dir.join(mla_storage::LOCK_FILE)).unwrap();
+
+    let err = store
+        .acquire_lease(&holder("run-a"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("symbolic link"), "{err}");
+    let left = store.clean_leftovers().unwrap();
+    assert_eq!(left.incomplete_steps, vec![step(1)]);
+    assert!(
+        std::fs::symlink_metadata(dir.join("step-00000001")).is_err(),
+        "the link itself is removed"
+    );
+    let kept = store.retain(1).unwrap();
+    assert!(kept.deleted.contains(&step(2)), "{kept:?}");
+    assert!(!dir.join("step-00000002").exists());
+    // Rewriting a step whose directory is a link replaces the link, never writes through it.
+    symlink(&victim, dir.join("step-00000005")).unwrap();
+    store.write_step(&step(5), &objects(5), meta(5)).unwrap();
+    assert!(dir.join("step-00000005").is_dir() && !dir.join("step-00000005").is_symlink());
+    store.verify(&step(5)).unwrap();
+    // A manifest that is a link makes its step invisible, not an error; `--overwrite` too.
+    symlink(&victim, dir.join("step-00000006")).unwrap();
+    std::fs::create_dir(dir.join("step-00000007")).unwrap();
+    symlink(
+        dir.join("step-00000005/manifest.json"),
+        dir.join("step-00000007/manifest.json"),
+    )
+    .unwrap();
+    assert_eq!(store.latest_valid().unwrap().found.unwrap().step, step(5));
+    store.delete_all_steps().unwrap();
+    assert!(store.list().unwrap().is_empty());
+
+    assert_eq!(snapshot(&outside.join("victim")), before);
+    assert_eq!(std::fs::read(&victim_file).unwrap(), b"keep me");
+    assert!(
+        dir.join("loop").is_symlink() && dir.join("root").is_symlink(),
+        "not ours to remove"
+    );
+}
+
 #[test]
 fn local_symlinks_in_step_directories_are_refused_not_followed() {
     let f = Fixture::local("symlinks").unwrap();
@@ -987,6 +1143,7 @@ for_each_backend!(
     async leftovers_of_crashed_saves_are_removed,
     async failed_save_leaves_no_bytes_behind,
     async delete_all_steps_removes_every_step_and_nothing_else,
+    async deletes_never_reach_a_sibling_out_dir,
 );
 
 /// Lease objects: object stores only (a local out_dir is locked with flock, tested above).

@@ -9,7 +9,7 @@
 use crate::config::LoggerName;
 use crate::tensorboard::EventWriter;
 use serde::Serialize;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
@@ -55,9 +55,12 @@ pub struct MetricsWriter {
     dir: PathBuf,
 }
 
-fn open_append(path: &Path) -> std::io::Result<(File, bool)> {
-    let existed = path.exists() && std::fs::metadata(path)?.len() > 0;
-    let f = OpenOptions::new().create(true).append(true).open(path)?;
+/// Open `dir/name` for appending, never through a link planted there (an out_dir is
+/// untrusted: `metrics.jsonl -> ~/.bashrc` must not be appended to). Returns whether it
+/// already held something.
+fn open_append(dir: &Path, name: &str) -> std::io::Result<(File, bool)> {
+    let f = mla_storage::open_file(dir, name, mla_storage::OpenMode::Append)?;
+    let existed = f.metadata()?.len() > 0;
     Ok((f, existed))
 }
 
@@ -65,10 +68,10 @@ impl MetricsWriter {
     /// Metrics files under the local directory `dir`.
     pub fn create(dir: &Path, logger: LoggerName) -> std::io::Result<MetricsWriter> {
         std::fs::create_dir_all(dir)?;
-        let (jsonl, _) = open_append(&dir.join("metrics.jsonl"))?;
+        let (jsonl, _) = open_append(dir, "metrics.jsonl")?;
         let csv = match logger {
             LoggerName::Csv => {
-                let (f, existed) = open_append(&dir.join("metrics.csv"))?;
+                let (f, existed) = open_append(dir, "metrics.csv")?;
                 let mut w = BufWriter::new(f);
                 if !existed {
                     w.write_all(CSV_HEADER.as_bytes())?;
@@ -78,7 +81,10 @@ impl MetricsWriter {
             _ => None,
         };
         let tensorboard = match logger {
-            LoggerName::Tensorboard => Some(EventWriter::create(&dir.join("tensorboard"))?),
+            LoggerName::Tensorboard => Some(EventWriter::create(&mla_storage::create_dir(
+                dir,
+                "tensorboard",
+            )?)?),
             _ => None,
         };
         Ok(MetricsWriter {

@@ -63,18 +63,19 @@ impl EventWriter {
     /// Create `<dir>/events.out.tfevents.<time>.<host>.<pid>` (a new file per run, as TensorBoard
     /// expects; it merges the files of a directory).
     pub fn create(dir: &Path) -> std::io::Result<EventWriter> {
-        std::fs::create_dir_all(dir)?;
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "localhost".into());
-        let path = dir.join(format!(
+        let name = format!(
             "events.out.tfevents.{}.{host}.{}",
             now() as u64,
             std::process::id()
-        ));
+        );
+        // A new file, never an entry planted under that name (a link to elsewhere).
+        let file = mla_storage::open_file(dir, &name, mla_storage::OpenMode::CreateNew)?;
         let mut w = EventWriter {
-            out: BufWriter::new(File::create(&path)?),
-            path,
+            out: BufWriter::new(file),
+            path: dir.join(name),
         };
         w.write_event(&Event {
             wall_time: now(),

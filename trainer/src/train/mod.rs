@@ -325,9 +325,11 @@ impl Trainer {
         }
 
         let metrics = if main {
+            let dir = local_metrics_dir(&cfg);
+            // What stops these files is in the out_dir (a link planted there, no permission).
             Some(
-                MetricsWriter::create(&local_metrics_dir(&cfg), cfg.logger_name)
-                    .context("metrics files")?,
+                MetricsWriter::create(&dir, cfg.logger_name)
+                    .map_err(|e| BadInput(format!("metrics files in {}: {e}", dir.display())))?,
             )
         } else {
             None

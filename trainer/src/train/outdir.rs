@@ -58,6 +58,10 @@ pub(crate) fn claim(cfg: &RunConfig, store: &BlockingCheckpointStore) -> anyhow:
                     "out_dir {e}; wait for that run to end, or use another out_dir"
                 ))
                 .into(),
+                // The lock file cannot be opened: a link or a FIFO in its place, no permission.
+                StoreError::Open { .. } => {
+                    BadInput(format!("out_dir {url}: its lease: {e}")).into()
+                }
                 e => anyhow::Error::new(e).context(format!("out_dir {url}: taking its lease")),
             }
         })?;
