@@ -183,6 +183,7 @@ pub fn open(cfg: &RunConfig, tokenizer_dir: &Path) -> anyhow::Result<Dataset> {
     p.threads = args.num_workers.unwrap_or(0);
     p.quiet = false;
     p.overwrite = true; // a partial earlier attempt (no index) is replaced
+    p.stop = Some(crate::signals::stop_requested);
     let report = prepare(&p)?;
     info!("{report}");
     Ok(Dataset::open_dir(&dir, opts)?)

@@ -78,6 +78,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         let dir = tmp.path().join("data");
         let mut p = PrepareArgs::new(Vec::new(), m.tokenizer.path(), &dir);
         p.val = vec![args.data.clone()];
+        p.stop = Some(crate::signals::stop_requested);
         prepare_into(&p, &m.tokenizer, &LocalDir::new(&dir))?;
         (Dataset::open(&dir)?.named(&args.data), Split::Val)
     };

@@ -1,4 +1,4 @@
-//! `mla prepare`: tokenize raw text into token shards (see trainer/src/data/FORMAT.md), also as
+//! `mla prepare`: tokenize raw text into token shards (see data/src/FORMAT.md), also as
 //! one worker of several (`--worker I/N`), and `mla prepare --merge DIR`, which joins the
 //! workers' partial indexes. SIGTERM/SIGINT stop a preparation within moments, leaving no
 //! dataset behind (a second signal ends it at once).
@@ -23,7 +23,9 @@ pub fn run(args: &PrepareArgs) -> anyhow::Result<()> {
         .into());
     }
     crate::signals::install();
-    let report = prepare(args)?;
+    let mut args = args.clone();
+    args.stop = Some(crate::signals::stop_requested);
+    let report = prepare(&args)?;
     println!("{report}");
     Ok(())
 }

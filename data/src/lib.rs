@@ -1,4 +1,5 @@
-//! Data: raw text → token shards (`mla prepare`), the shard index, and the training/eval loaders.
+//! mla-data: raw text → token shards (`mla prepare`), the shard index, and the training/eval
+//! loaders. No tch: it builds and its tests run without libtorch.
 //!
 //! Flow: [`Tokenizer::from_dir`] → [`prepare`] (or [`prepare_into`] for another [`ShardSink`])
 //! writes `train-*.bin`, `val-*.bin` and `index.json` (format: `FORMAT.md` in this directory) →

@@ -283,7 +283,7 @@ impl<'a> DatasetWriter<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::store::{LocalDir, ShardSource};
+    use crate::store::{LocalDir, ShardSource};
 
     fn info(vocab_size: u64) -> TokenizerInfo {
         TokenizerInfo {

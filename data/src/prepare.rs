@@ -9,7 +9,7 @@
 //! jobs and validation choice everywhere) and reads only its contiguous share of the jobs,
 //! writing worker-named shards and a partial index; `merge.rs` joins the partial indexes.
 //!
-//! A SIGTERM/SIGINT (`crate::signals::stop_requested`) stops the reader between batches and the
+//! A stop request (`PrepareArgs::stop`; the binary's SIGTERM/SIGINT flag) stops the reader between batches and the
 //! tokenizer threads between stories; the shards written so far are removed and no index is
 //! written, so an interrupted preparation never looks like a dataset ([`DataError::Interrupted`]).
 //!
@@ -126,6 +126,11 @@ pub struct PrepareArgs {
     /// No progress bar or progress lines.
     #[arg(long)]
     pub quiet: bool,
+    /// Polled between batches and before each story: returning true stops the preparation
+    /// with [`DataError::Interrupted`] (the `mla` binary passes its SIGTERM/SIGINT flag).
+    /// None never stops. Not a command-line flag.
+    #[arg(skip)]
+    pub stop: Option<fn() -> bool>,
 }
 
 impl PrepareArgs {
@@ -152,6 +157,7 @@ impl PrepareArgs {
             text_column: None,
             overwrite: false,
             quiet: true,
+            stop: None,
         }
     }
 }
@@ -464,14 +470,15 @@ fn output_error(out: &Path, e: std::io::Error) -> DataError {
 
 /// Prepare into any [`ShardSink`] (as `args.worker` says, if set); `args.out` and
 /// `args.tokenizer_dir` are not used. The caller
-/// makes sure the sink is not inside an input. Stops with [`DataError::Interrupted`] when a
-/// SIGTERM/SIGINT was received (`crate::signals`).
+/// makes sure the sink is not inside an input. Stops with [`DataError::Interrupted`] when
+/// `args.stop` says so.
 pub fn prepare_into(
     args: &PrepareArgs,
     tokenizer: &Tokenizer,
     sink: &dyn ShardSink,
 ) -> Result<PrepareReport, DataError> {
-    prepare_until(args, tokenizer, sink, &crate::signals::stop_requested)
+    let stop = args.stop;
+    prepare_until(args, tokenizer, sink, &move || stop.is_some_and(|f| f()))
 }
 
 /// [`prepare_into`] that stops when `stop` returns true. It is polled by the reader before
