@@ -11,15 +11,19 @@
 //! * [`Lease`] — one run at a time per out_dir (lock file or conditional-PUT lease object);
 //!   `probe`, `clean_leftovers`, `delete_all_steps` — taking charge of an out_dir.
 //! * [`open_location`] — the same URL parsing and backends for other objects (token datasets).
+//! * [`formats`] — readers of tensor files from outside (`torch.save`, safetensors), every
+//!   limit on their untrusted bytes in [`formats::Limits`].
 //! * [`open_file`], [`create_dir`] — the files mla writes into a local out_dir beside the
 //!   store (metrics), opened without following links (`local.rs`).
 //!
-//! Not here: tensor (de)serialisation, resume policy, config checks (trainer).
+//! Not here: tensors (the trainer builds them from what `formats` checked), resume policy,
+//! config checks (trainer).
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 mod blocking;
 mod delay;
 mod error;
+pub mod formats;
 mod lease;
 mod local;
 mod location;

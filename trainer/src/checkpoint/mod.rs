@@ -37,9 +37,10 @@ use crate::interop::import;
 use crate::metrics::human_bytes;
 use crate::optim::{copy_flat_range, AdamW, FlatEntry, FlatParams, Moments};
 use anyhow::{bail, Context};
+use mla_storage::formats;
 use mla_storage::{BackgroundSaver, BlockingCheckpointStore, LoadedStep, SaveReport};
 use mla_storage::{Bytes, BytesMut, ManifestMeta, SaveJob, StepName};
-use safetensors::tensor::{Dtype, SafeTensors};
+use safetensors::tensor::Dtype;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -86,17 +87,6 @@ pub(crate) fn kind_to_dtype(kind: Kind) -> anyhow::Result<Dtype> {
         Kind::Double => Dtype::F64,
         Kind::Int64 => Dtype::I64,
         k => bail!("no safetensors dtype for {k:?}"),
-    })
-}
-
-fn dtype_to_kind(dtype: Dtype) -> anyhow::Result<Kind> {
-    Ok(match dtype {
-        Dtype::F32 => Kind::Float,
-        Dtype::BF16 => Kind::BFloat16,
-        Dtype::F16 => Kind::Half,
-        Dtype::F64 => Kind::Double,
-        Dtype::I64 => Kind::Int64,
-        d => bail!("unsupported safetensors dtype {d:?}"),
     })
 }
 
@@ -228,24 +218,39 @@ pub fn optimizer_bytes(
     )
 }
 
-/// Parse safetensors bytes into CPU tensors by name, plus the metadata.
+/// Parse safetensors bytes into CPU tensors by name, plus the metadata. The bytes are
+/// untrusted: every header check happens first (`mla_storage::formats::safetensors`), a
+/// failed one is bad input naming `what`.
 pub fn from_safetensors(
     bytes: &[u8],
     what: &str,
 ) -> anyhow::Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
-    let st = SafeTensors::deserialize(bytes)
-        .map_err(|e| BadInput(format!("{what}: not a valid safetensors file ({e:?})")))?;
-    let (_, meta) = SafeTensors::read_metadata(bytes)
-        .map_err(|e| BadInput(format!("{what}: not a valid safetensors file ({e:?})")))?;
-    let metadata = meta.metadata().clone().unwrap_or_default();
+    let (tensors, metadata) =
+        formats::safetensors::read(bytes, what).map_err(|e| BadInput(e.to_string()))?;
     let mut out = HashMap::new();
-    for (name, view) in st.tensors() {
-        let kind = dtype_to_kind(view.dtype())
-            .map_err(|e| BadInput(format!("{what}: tensor {name}: {e}")))?;
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        out.insert(name, Tensor::from_data_size(view.data(), &shape, kind));
+    for t in tensors {
+        let tensor = Tensor::f_from_data_size(t.data, &t.shape, kind_of(t.dtype))
+            .with_context(|| format!("{what}: tensor {}", t.name))?;
+        out.insert(t.name, tensor);
     }
     Ok((out, metadata))
+}
+
+/// The tch kind of a checked file's dtype.
+pub(crate) fn kind_of(dtype: formats::Dtype) -> Kind {
+    use formats::Dtype as D;
+    match dtype {
+        D::F64 => Kind::Double,
+        D::F32 => Kind::Float,
+        D::F16 => Kind::Half,
+        D::BF16 => Kind::BFloat16,
+        D::I64 => Kind::Int64,
+        D::I32 => Kind::Int,
+        D::I16 => Kind::Int16,
+        D::I8 => Kind::Int8,
+        D::U8 => Kind::Uint8,
+        D::Bool => Kind::Bool,
+    }
 }
 
 /// One tensor of a safetensors file, from its header.
@@ -261,19 +266,17 @@ pub fn safetensors_index(
     bytes: &[u8],
     what: &str,
 ) -> anyhow::Result<(Vec<TensorInfo>, HashMap<String, String>)> {
-    let (_, meta) = SafeTensors::read_metadata(bytes)
-        .map_err(|e| BadInput(format!("{what}: not a valid safetensors file ({e:?})")))?;
-    let mut tensors: Vec<TensorInfo> = meta
-        .tensors()
+    let (headers, metadata) =
+        formats::safetensors::index(bytes, what).map_err(|e| BadInput(e.to_string()))?;
+    let tensors = headers
         .into_iter()
-        .map(|(name, info)| TensorInfo {
-            name,
-            dtype: format!("{:?}", info.dtype),
-            shape: info.shape.clone(),
+        .map(|h| TensorInfo {
+            name: h.name,
+            dtype: h.dtype,
+            shape: h.shape,
         })
         .collect();
-    tensors.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok((tensors, meta.metadata().clone().unwrap_or_default()))
+    Ok((tensors, metadata))
 }
 
 /// The tensors of `bytes` in `entries` order, named `<prefix><entry name>`, each checked for

@@ -13,7 +13,7 @@
 //!
 //! Not here: the config and layout maps (mla_model::formats).
 
-use super::torch_pickle;
+use super::torch_save;
 use crate::checkpoint::from_safetensors;
 use crate::data::Tokenizer;
 use crate::error::BadInput;
@@ -99,7 +99,7 @@ fn read_litgpt(dir: &Path) -> anyhow::Result<(ModelConfig, HashMap<String, Tenso
         .resolve()
         .map_err(|e| BadInput(format!("{}: {e}", path.display())))?;
     let pth = dir.join("lit_model.pth");
-    let weights = torch_pickle::load_state_dict(&pth)?.into_iter().collect();
+    let weights = torch_save::load_state_dict(&pth)?.into_iter().collect();
     Ok((model, weights))
 }
 
@@ -210,7 +210,7 @@ fn hf_tensors(dir: &Path) -> anyhow::Result<HashMap<String, Tensor>> {
             let (tensors, _) = from_safetensors(&bytes, &f.display().to_string())?;
             out.extend(tensors);
         } else {
-            out.extend(torch_pickle::load_state_dict(&f)?);
+            out.extend(torch_save::load_state_dict(&f)?);
         }
     }
     Ok(out)

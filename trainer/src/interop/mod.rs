@@ -4,7 +4,7 @@
 //! * [`litgpt`]: writing a litgpt checkpoint directory (`mla export --to litgpt`);
 //! * [`hf`]: writing a Hugging Face model directory (`mla export --to hf`);
 //! * [`import`]: reading litgpt and Hugging Face model directories (generate, eval,
-//!   `initial_checkpoint_dir`), with `torch_pickle` reading `torch.save` files;
+//!   `initial_checkpoint_dir`), with `torch_save` reading `torch.save` files;
 //! * [`download`]: fetching a Hugging Face model directory from the hub (`mla download`);
 //! * here: what both share: the directory written aside and renamed into place, and the
 //!   tokenizer files.
@@ -13,7 +13,7 @@ pub mod download;
 pub mod hf;
 pub mod import;
 pub mod litgpt;
-mod torch_pickle;
+mod torch_save;
 
 use crate::checkpoint::kind_to_dtype;
 use crate::error::BadInput;
@@ -161,5 +161,5 @@ pub(crate) fn safetensors_bytes(tensors: &[(String, tch::Tensor)]) -> anyhow::Re
         .collect::<Result<Vec<_>, _>>()
         .context("model.safetensors")?;
     let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
-    safetensors::tensor::serialize(views, &meta).context("model.safetensors")
+    safetensors::tensor::serialize(views, meta).context("model.safetensors")
 }
