@@ -4,15 +4,28 @@
 
 use crate::config::{AttentionKind, MlpClass, ModelConfig, NormClass};
 
+// Counts saturate instead of wrapping: a config read from outside (a downloaded
+// model_config.yaml) may name dimensions whose product passes usize, and its count is what
+// refuses to build such a model (`inference::build`).
+
+fn mul(a: usize, b: usize) -> usize {
+    a.saturating_mul(b)
+}
+
 fn linear(in_dim: usize, out_dim: usize, bias: bool) -> usize {
-    in_dim * out_dim + if bias { out_dim } else { 0 }
+    mul(in_dim, out_dim).saturating_add(if bias { out_dim } else { 0 })
 }
 
 fn norm(kind: NormClass, size: usize) -> usize {
     match kind {
-        NormClass::LayerNorm => 2 * size,
+        NormClass::LayerNorm => mul(2, size),
         NormClass::RMSNorm => size,
     }
+}
+
+/// Sum of counts, saturating.
+fn sum(parts: &[usize]) -> usize {
+    parts.iter().fold(0usize, |a, &b| a.saturating_add(b))
 }
 
 /// Parameters of one attention module.
@@ -21,32 +34,45 @@ pub fn attention_parameters(cfg: &ModelConfig) -> usize {
     match cfg.attention_kind() {
         AttentionKind::Mla(m) => {
             let q = match m.q_lora_rank {
-                Some(r) => {
-                    linear(c, r, m.down_bias)
-                        + m.latent_norm.map_or(0, |k| norm(k, r))
-                        + linear(r, h * m.qk_head_dim(), m.up_bias)
-                }
-                None => linear(c, h * m.qk_head_dim(), m.up_bias),
+                Some(r) => sum(&[
+                    linear(c, r, m.down_bias),
+                    m.latent_norm.map_or(0, |k| norm(k, r)),
+                    linear(r, mul(h, m.qk_head_dim()), m.up_bias),
+                ]),
+                None => linear(c, mul(h, m.qk_head_dim()), m.up_bias),
             };
-            q + linear(c, m.kv_lora_rank + m.qk_rope_head_dim, m.down_bias)
-                + m.latent_norm.map_or(0, |k| norm(k, m.kv_lora_rank))
-                + linear(
+            sum(&[
+                q,
+                linear(
+                    c,
+                    m.kv_lora_rank.saturating_add(m.qk_rope_head_dim),
+                    m.down_bias,
+                ),
+                m.latent_norm.map_or(0, |k| norm(k, m.kv_lora_rank)),
+                linear(
                     m.kv_lora_rank,
-                    h * (m.qk_nope_head_dim + m.v_head_dim),
+                    mul(h, m.qk_nope_head_dim.saturating_add(m.v_head_dim)),
                     m.up_bias,
-                )
-                + linear(h * m.v_head_dim, c, m.up_bias)
+                ),
+                linear(mul(h, m.v_head_dim), c, m.up_bias),
+            ])
         }
         _ => {
             let g = cfg.n_query_groups();
             let qk_norms = if cfg.norm_qk {
-                2 * norm(cfg.norm_class_name, hs)
+                mul(2, norm(cfg.norm_class_name, hs))
             } else {
                 0
             };
-            linear(c, (h + 2 * g) * hs, cfg.bias || cfg.attn_bias)
-                + linear(h * hs, c, cfg.bias)
-                + qk_norms
+            sum(&[
+                linear(
+                    c,
+                    mul(h.saturating_add(mul(2, g)), hs),
+                    cfg.bias || cfg.attn_bias,
+                ),
+                linear(mul(h, hs), c, cfg.bias),
+                qk_norms,
+            ])
         }
     }
 }
@@ -54,8 +80,8 @@ pub fn attention_parameters(cfg: &ModelConfig) -> usize {
 fn mlp_parameters(cfg: &ModelConfig) -> usize {
     let (c, i, b) = (cfg.n_embd, cfg.intermediate_size(), cfg.bias);
     match cfg.mlp_class_name {
-        MlpClass::GptNeoxMLP => linear(c, i, b) + linear(i, c, b),
-        MlpClass::LLaMAMLP => 2 * linear(c, i, b) + linear(i, c, b),
+        MlpClass::GptNeoxMLP => linear(c, i, b).saturating_add(linear(i, c, b)),
+        MlpClass::LLaMAMLP => mul(2, linear(c, i, b)).saturating_add(linear(i, c, b)),
     }
 }
 
@@ -64,11 +90,22 @@ fn mlp_parameters(cfg: &ModelConfig) -> usize {
 pub fn parameters(cfg: &ModelConfig) -> usize {
     let (c, v) = (cfg.n_embd, cfg.padded_vocab_size());
     let norms_per_block = if cfg.shared_attention_norm { 1 } else { 2 };
-    let block = norms_per_block * norm(cfg.norm_class_name, c)
-        + attention_parameters(cfg)
-        + mlp_parameters(cfg);
-    let head = linear(c, v, cfg.lm_head_bias) - if cfg.tie_embeddings { v * c } else { 0 };
-    v * c + cfg.n_layer * block + norm(cfg.norm_class_name, c) + head
+    let block = sum(&[
+        mul(norms_per_block, norm(cfg.norm_class_name, c)),
+        attention_parameters(cfg),
+        mlp_parameters(cfg),
+    ]);
+    let head = if cfg.tie_embeddings {
+        usize::from(cfg.lm_head_bias) * v
+    } else {
+        linear(c, v, cfg.lm_head_bias)
+    };
+    sum(&[
+        mul(v, c),
+        mul(cfg.n_layer, block),
+        norm(cfg.norm_class_name, c),
+        head,
+    ])
 }
 
 /// Training FLOPs per token (forward + backward), PaLM appendix B: 6·N + 6·L·H·T·(Dqk + Dv),

@@ -11,7 +11,7 @@ use crate::data::Tokenizer;
 use crate::error::BadInput;
 use crate::interop::import;
 use anyhow::Context;
-use mla_model::Gpt;
+use mla_model::{stats, Gpt};
 use mla_storage::BlockingCheckpointStore;
 use std::collections::HashMap;
 use tch::nn::VarStore;
@@ -175,6 +175,19 @@ pub(crate) fn build(
     device: Device,
     kind: Kind,
 ) -> anyhow::Result<(VarStore, Gpt)> {
+    // The config may come from the same stranger as the weights: a model_config.yaml naming
+    // n_embd 2^20 would allocate hundreds of GiB before any shape is compared. A model needs
+    // at least as many values as the weights hold, so a bigger one is refused unbuilt.
+    let needed = stats::parameters(cfg.model());
+    let held = tensors
+        .values()
+        .fold(0usize, |n, t| n.saturating_add(t.numel()));
+    if needed > held {
+        return Err(BadInput(format!(
+            "{what}: its config describes a model of {needed} parameters, its weights hold {held} values"
+        ))
+        .into());
+    }
     let mut vs = VarStore::new(device);
     let model = Gpt::new(&vs.root(), cfg.model())?;
     let vars = vs.variables();

@@ -189,3 +189,182 @@ fn retention_removes_a_link_inside_a_pruned_step_not_its_target() {
     assert!(!out.join("step-00000002").exists(), "pruned");
     victim.assert_untouched();
 }
+
+// ---- hostile model files -----------------------------------------------------------------
+
+/// A zip of `entries`, stored or deflated, as torch.save lays one out.
+fn zip_of(entries: &[(&str, &[u8])], deflate: bool) -> Vec<u8> {
+    use std::io::Write;
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let method = if deflate {
+        zip::CompressionMethod::Deflated
+    } else {
+        zip::CompressionMethod::Stored
+    };
+    let opts = zip::write::SimpleFileOptions::default().compression_method(method);
+    for (name, bytes) in entries {
+        w.start_file(*name, opts).unwrap();
+        w.write_all(bytes).unwrap();
+    }
+    w.finish().unwrap().into_inner()
+}
+
+/// A litgpt model directory (a one-layer, 16-wide config, pythia's tokenizer) whose
+/// lit_model.pth is `pth`.
+fn litgpt_dir(root: &Path, name: &str, pth: &[u8]) -> PathBuf {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("model_config.yaml"),
+        "name: tiny\nblock_size: 32\nvocab_size: 50254\npadded_vocab_size: 50304\n\
+         n_layer: 1\nn_head: 2\nn_embd: 16\n",
+    )
+    .unwrap();
+    std::fs::copy(
+        tokenizer_dir().join("tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
+    std::fs::write(dir.join("lit_model.pth"), pth).unwrap();
+    dir
+}
+
+/// A state dict pickle with one tensor `w`: a view (offset 0, `shape`, `stride`) of a
+/// FloatStorage of `numel` elements under key `0`.
+fn one_tensor_pickle(numel: u32, shape: &[u32], stride: &[u32]) -> Vec<u8> {
+    let mut p = b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuJ".to_vec();
+    p.extend_from_slice(&numel.to_le_bytes());
+    p.extend_from_slice(b"tQK\x00(");
+    for d in shape {
+        p.push(b'J');
+        p.extend_from_slice(&d.to_le_bytes());
+    }
+    p.extend_from_slice(b"t(");
+    for s in stride {
+        p.push(b'J');
+        p.extend_from_slice(&s.to_le_bytes());
+    }
+    p.extend_from_slice(b"t\x89ccollections\nOrderedDict\n)RtRs.");
+    p
+}
+
+/// Issue 23, findings 3, 4, 5 and 9, through `mla generate` on a litgpt directory: each
+/// hostile lit_model.pth is one line and exit 2, under 2 GiB and 60 s.
+#[test]
+fn hostile_torch_save_files_are_one_line_errors_within_bounds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut doubling = b"\x80\x02K\x01K\x01\x86q\x00".to_vec();
+    for _ in 0..40 {
+        doubling.extend_from_slice(b"h\x00h\x00\x86q\x00");
+    }
+    doubling.push(b'.');
+    let mut fetched = b"\x80\x02X\x00\x00\x80\x00".to_vec();
+    fetched.resize(fetched.len() + (8 << 20), b'x');
+    fetched.extend_from_slice(b"q\x00(");
+    fetched.extend(std::iter::repeat_n(*b"h\x00", 2000).flatten());
+    fetched.extend_from_slice(b"t.");
+    let mut nested = b"\x80\x02K\x00".to_vec();
+    nested.extend(std::iter::repeat_n(0x85u8, 1_000_000));
+    nested.push(b'.');
+    let stride0 = one_tensor_pickle(1, &[1 << 20, 1 << 20], &[0, 0]);
+    let full = one_tensor_pickle(1 << 24, &[1 << 24], &[1]);
+    let zeros = vec![0u8; 64 << 20];
+    let cases: Vec<(&str, Vec<u8>, &[&str])> = vec![
+        (
+            "memo-doubling",
+            zip_of(&[("a/data.pkl", &doubling)], false),
+            &["lit_model.pth", "not a state dict"],
+        ),
+        (
+            "memo-string",
+            zip_of(&[("a/data.pkl", &fetched)], false),
+            &["not a state dict"],
+        ),
+        (
+            "self-list",
+            zip_of(&[("a/data.pkl", b"\x80\x02]q\x00h\x00a.")], false),
+            &["holds a list"],
+        ),
+        (
+            "nested-tuples",
+            zip_of(&[("a/data.pkl", &nested)], false),
+            &["holds a tuple"],
+        ),
+        (
+            "stride-0",
+            zip_of(&[("a/data.pkl", &stride0), ("a/data/0", &[0; 4])], false),
+            &["w:", "more than twice the 4 stored"],
+        ),
+        (
+            "two-pickles",
+            zip_of(&[("a/data.pkl", &stride0), ("b/data.pkl", &stride0)], false),
+            &["2 pickles", "ambiguous"],
+        ),
+        (
+            "deflate-bomb",
+            zip_of(&[("a/data.pkl", &full), ("a/data/0", &zeros)], true),
+            &["MLA_LIMIT_EXPANSION"],
+        ),
+    ];
+    for (name, pth, culprits) in cases {
+        let dir = litgpt_dir(tmp.path(), name, &pth);
+        let m = measured(
+            tmp.path(),
+            &["generate", dir.to_str().unwrap(), "--max-new-tokens", "1"],
+            Duration::from_secs(90),
+        );
+        eprintln!(
+            "{name}: exit {:?}, {} MiB, {:.1} s",
+            m.code,
+            m.max_rss_bytes >> 20,
+            m.elapsed.as_secs_f64()
+        );
+        assert_refused(&m, culprits);
+    }
+}
+
+/// Issue 23, finding 6 and a hostile config: a safetensors dimension past i64 in a Hugging
+/// Face directory, and a model_config.yaml far larger than its weights (it used to allocate
+/// hundreds of GiB before any shape was compared).
+#[test]
+fn a_huge_dimension_or_a_config_larger_than_its_weights_is_refused_unbuilt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("hf");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"model_type":"gpt_neox","vocab_size":50304,"hidden_size":16,"num_hidden_layers":1,"num_attention_heads":2,"intermediate_size":64,"max_position_embeddings":32}"#,
+    )
+    .unwrap();
+    let header = r#"{"gpt_neox.embed_in.weight":{"dtype":"F32","shape":[0,18446744073709551615],"data_offsets":[0,0]}}"#;
+    let mut st = (header.len() as u64).to_le_bytes().to_vec();
+    st.extend_from_slice(header.as_bytes());
+    std::fs::write(dir.join("model.safetensors"), st).unwrap();
+    std::fs::copy(
+        tokenizer_dir().join("tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
+    let m = measured(
+        tmp.path(),
+        &["generate", dir.to_str().unwrap(), "--max-new-tokens", "1"],
+        Duration::from_secs(90),
+    );
+    assert_refused(&m, &["model.safetensors", "18446744073709551615"]);
+
+    let lit = litgpt_dir(
+        tmp.path(),
+        "big",
+        &zip_of(&[("a/data.pkl", b"\x80\x02}.")], false),
+    );
+    let yaml = std::fs::read_to_string(lit.join("model_config.yaml"))
+        .unwrap()
+        .replace("n_embd: 16", "n_embd: 1048576");
+    std::fs::write(lit.join("model_config.yaml"), yaml).unwrap();
+    let m = measured(
+        tmp.path(),
+        &["generate", lit.to_str().unwrap(), "--max-new-tokens", "1"],
+        Duration::from_secs(90),
+    );
+    assert_refused(&m, &["parameters", "its weights hold 0 values"]);
+}
