@@ -9,6 +9,7 @@
 #   5. the numerics-heavy quick tests again on the default (SSE) and AVX2 CPU kernel paths
 #      (scripts/kernel_paths.sh), so no bound holds only on the kernels of this machine
 #   6. scripts/chaos.sh --short: the data-loss scenarios, every one must lose nothing
+#   7. scripts/fuzz.sh: every fuzz target for 20 s (under 3 minutes in all), no finding
 # Tests read the real TinyStories sample and tokenizers from ../shared/data (read-only).
 # Extra arguments go to `cargo test` (e.g. scripts/test.sh -p mla-model).
 set -euo pipefail
@@ -27,12 +28,16 @@ status=${PIPESTATUS[0]}
 # narrow the run to some tests).
 paths_status=0
 chaos_status=0
+fuzz_status=0
 if (($# == 0)); then
   scripts/kernel_paths.sh --quick default avx2 2>&1 | tee -a "$log"
   paths_status=${PIPESTATUS[0]}
   # The data-loss scenarios of issue 14, short form (the release binary against this S3 server).
   scripts/chaos.sh --short 2>&1 | tee -a "$log"
   chaos_status=${PIPESTATUS[0]}
+  # The parsers of untrusted bytes under libFuzzer, briefly (issue 23; long runs: BENCHMARKS.md).
+  scripts/fuzz.sh 2>&1 | tee -a "$log"
+  fuzz_status=${PIPESTATUS[0]}
 fi
 set -e
 # `Running … (target/release/deps/NAME-HASH)` names the binary of the `test … FAILED` lines
@@ -45,11 +50,15 @@ failed=$(awk '
   /^error: test failed, to rerun pass / { if (n == 0) print "  " bin ": (no test reported FAILED: " $0 ")" }
   /^kernel_paths.sh: FAILED / { sub(/^kernel_paths.sh: FAILED /, ""); print "  kernel path " $0 }
   /^chaos.sh: .*CHECKPOINTS LOST/ { print "  chaos.sh: checkpoints lost (see its table above)" }
+  /^fuzz.sh: FINDINGS/ { print "  fuzz.sh: findings (see its table above)" }
 ' "$log")
 if ((chaos_status != 0)) && ! grep -q "CHECKPOINTS LOST" "$log"; then
   failed="${failed:+$failed$'\n'}  chaos.sh: exit $chaos_status (see its output above)"
 fi
-if ((status != 0 || paths_status != 0 || chaos_status != 0)); then
+if ((fuzz_status != 0)) && ! grep -q "^fuzz.sh: FINDINGS" "$log"; then
+  failed="${failed:+$failed$'\n'}  fuzz.sh: exit $fuzz_status (see its output above)"
+fi
+if ((status != 0 || paths_status != 0 || chaos_status != 0 || fuzz_status != 0)); then
   echo >&2
   if [[ -n $failed ]]; then
     echo "test.sh: FAILED tests ($(wc -l <<<"$failed")):" >&2
