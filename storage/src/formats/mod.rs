@@ -5,7 +5,8 @@
 //! without another check. No tch here, so every reader can be fuzzed on its own (`fuzz/`).
 //!
 //! Every limit on untrusted bytes lives in [`Limits`] (the README's "Security" lists them):
-//! * pickles: size, operation count; values live in an arena and are referenced by index, so
+//! * pickles: size, operation count, memory of their values; values live in an arena and
+//!   are referenced by index, so
 //!   a memoised value is shared, never copied, nesting costs no stack (no recursion in parsing,
 //!   printing or dropping) and a list that holds itself is harmless;
 //! * archives: one `data.pkl`, unique entry names, a `little` byte order, records no larger
@@ -75,12 +76,14 @@ pub struct Limits {
     /// Most pickle operations run (`MLA_LIMIT_PICKLE_OPS`). A tensor of a state dict takes
     /// ~35; each operation adds at most one value, so this bounds the parser's memory.
     pub max_pickle_ops: u64,
+    /// Bytes a pickle's values may take (`MLA_LIMIT_PICKLE_MEMORY`): strings, containers,
+    /// memo entries, tensor shapes. Operations that build from existing values (joining two
+    /// strings, copying a memoised shape) are charged, so no pickle multiplies its size.
+    pub max_pickle_memory: u64,
     /// The storage records of an archive hold at most this many times the archive's size
     /// (`MLA_LIMIT_EXPANSION`): torch.save stores them uncompressed (1×); a deflated record
     /// may not unpack into more memory than this.
     pub max_expansion: u64,
-    /// Most dimensions of one tensor (torch's own limit).
-    pub max_dims: usize,
 }
 
 impl Default for Limits {
@@ -88,8 +91,8 @@ impl Default for Limits {
         Limits {
             max_pickle_bytes: 64 << 20,
             max_pickle_ops: 10_000_000,
+            max_pickle_memory: 512 << 20,
             max_expansion: 4,
-            max_dims: 64,
         }
     }
 }
@@ -97,6 +100,7 @@ impl Default for Limits {
 /// The environment variables of [`Limits::from_env`].
 pub const ENV_LIMIT_PICKLE_BYTES: &str = "MLA_LIMIT_PICKLE_BYTES";
 pub const ENV_LIMIT_PICKLE_OPS: &str = "MLA_LIMIT_PICKLE_OPS";
+pub const ENV_LIMIT_PICKLE_MEMORY: &str = "MLA_LIMIT_PICKLE_MEMORY";
 pub const ENV_LIMIT_EXPANSION: &str = "MLA_LIMIT_EXPANSION";
 
 impl Limits {
@@ -125,6 +129,7 @@ impl Limits {
         };
         get(ENV_LIMIT_PICKLE_BYTES, &mut l.max_pickle_bytes)?;
         get(ENV_LIMIT_PICKLE_OPS, &mut l.max_pickle_ops)?;
+        get(ENV_LIMIT_PICKLE_MEMORY, &mut l.max_pickle_memory)?;
         get(ENV_LIMIT_EXPANSION, &mut l.max_expansion)?;
         Ok(l)
     }

@@ -21,6 +21,11 @@ use super::{Dtype, Limits};
 /// An index into one of the [`Pickle`] arenas.
 pub(crate) type Id = u32;
 
+/// Most dimensions of a tensor (torch's own limit).
+pub(crate) const MAX_DIMS: usize = 64;
+/// Longest `module.name` of a STACK_GLOBAL.
+const MAX_GLOBAL_NAME: usize = 1024;
+
 /// A value of the machine: a handle, cheap to copy. Containers are indexes into the arenas.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum Value {
@@ -64,6 +69,11 @@ pub(crate) struct TensorRef {
 #[derive(Debug, Default)]
 pub(crate) struct Pickle {
     pub root: Option<Value>,
+    /// Bytes the arenas and the memo have taken so far, and the most they may take
+    /// ([`Limits::max_pickle_memory`]): operations that build from what exists (a string
+    /// joined from two, a shape copied from a memoised tuple) cannot multiply the input.
+    spent: u64,
+    budget: u64,
     strings: Vec<String>,
     /// Lists and tuples.
     seqs: Vec<Vec<Value>>,
@@ -95,22 +105,47 @@ impl Pickle {
         }
     }
 
+    /// A shape or stride: a tuple of at most [`MAX_DIMS`] integers (copied out, so its length
+    /// is checked first).
     fn ints(&self, v: Value) -> Result<Vec<i64>, String> {
         let items = self
             .seq(v)
             .ok_or_else(|| format!("expected a tuple of integers, found {}", kind(v)))?;
+        if items.len() > MAX_DIMS {
+            return Err(format!("{} dimensions, more than {MAX_DIMS}", items.len()));
+        }
         items
             .iter()
             .map(|&i| int(i).ok_or_else(|| format!("expected an integer, found {}", kind(i))))
             .collect()
     }
 
+    /// Account for `bytes` more of memory; an error past the budget.
+    fn charge(&mut self, bytes: usize) -> Result<(), String> {
+        self.spent = self.spent.saturating_add(bytes as u64);
+        if self.spent > self.budget {
+            return Err(format!(
+                "its values would take more than {} bytes (MLA_LIMIT_PICKLE_MEMORY)",
+                self.budget
+            ));
+        }
+        Ok(())
+    }
+
     fn new_str(&mut self, s: String) -> Result<Value, String> {
+        self.charge(24 + s.len())?;
         self.strings.push(s);
         Ok(Value::Str(last_id(&self.strings)?))
     }
 
+    fn new_global(&mut self, name: String) -> Result<Value, String> {
+        self.charge(24 + name.len())?;
+        self.strings.push(name);
+        Ok(Value::Global(last_id(&self.strings)?))
+    }
+
     fn new_seq(&mut self, items: Vec<Value>, tuple: bool) -> Result<Value, String> {
+        self.charge(24 + VALUE_BYTES * items.len())?;
         self.seqs.push(items);
         let id = last_id(&self.seqs)?;
         Ok(if tuple {
@@ -121,10 +156,39 @@ impl Pickle {
     }
 
     fn new_dict(&mut self) -> Result<Value, String> {
+        self.charge(24)?;
         self.dicts.push(Vec::new());
         Ok(Value::Dict(last_id(&self.dicts)?))
     }
+
+    fn extend_list(&mut self, id: Id, items: Vec<Value>) -> Result<(), String> {
+        self.charge(VALUE_BYTES * items.len())?;
+        self.seqs[id as usize].extend(items);
+        Ok(())
+    }
+
+    fn extend_dict(&mut self, id: Id, items: &[Value]) -> Result<(), String> {
+        self.charge(VALUE_BYTES * items.len())?;
+        let d = &mut self.dicts[id as usize];
+        d.extend(items.chunks_exact(2).map(|kv| (kv[0], kv[1])));
+        Ok(())
+    }
+
+    fn new_storage(&mut self, s: StorageRef) -> Result<Value, String> {
+        self.charge(48 + s.key.len())?;
+        self.storages.push(s);
+        Ok(Value::Storage(last_id(&self.storages)?))
+    }
+
+    fn new_tensor(&mut self, t: TensorRef) -> Result<Value, String> {
+        self.charge(64 + 8 * (t.shape.len() + t.stride.len()))?;
+        self.tensors.push(t);
+        Ok(Value::Tensor(last_id(&self.tensors)?))
+    }
 }
+
+/// What one value costs in an arena or the memo (a handle and its share of the container).
+const VALUE_BYTES: usize = 16;
 
 fn last_id<T>(arena: &[T]) -> Result<Id, String> {
     Id::try_from(arena.len() - 1).map_err(|_| "more than 2^32 values".to_string())
@@ -296,7 +360,10 @@ pub(crate) fn parse(bytes: &[u8], limits: &Limits) -> Result<Pickle, String> {
         stack: Vec::new(),
         marks: Vec::new(),
         memo: HashMap::new(),
-        out: Pickle::default(),
+        out: Pickle {
+            budget: limits.max_pickle_memory,
+            ..Pickle::default()
+        },
     };
     let mut ops = 0u64;
     loop {
@@ -485,6 +552,7 @@ impl Machine<'_> {
                 };
                 // The handle is shared: a later GET pushes the same value, not a copy.
                 let top = self.top(pos)?;
+                self.out.charge(2 * VALUE_BYTES)?;
                 self.memo.insert(id, top);
             }
             _ => {
@@ -529,7 +597,7 @@ impl Machine<'_> {
                     self.pop_mark(pos)?
                 };
                 match self.top(pos)? {
-                    Value::List(i) => self.out.seqs[i as usize].extend(items),
+                    Value::List(i) => self.out.extend_list(i, items)?,
                     Value::Opaque => {}
                     other => return Err(format!("APPEND to {} at byte {pos}", kind(other))),
                 }
@@ -546,10 +614,7 @@ impl Machine<'_> {
                     return Err(format!("odd SETITEMS at byte {pos}"));
                 }
                 match self.top(pos)? {
-                    Value::Dict(i) => {
-                        let d = &mut self.out.dicts[i as usize];
-                        d.extend(items.chunks_exact(2).map(|kv| (kv[0], kv[1])));
-                    }
+                    Value::Dict(i) => self.out.extend_dict(i, &items)?,
                     Value::Opaque => {}
                     other => return Err(format!("SETITEM on {} at byte {pos}", kind(other))),
                 }
@@ -564,16 +629,26 @@ impl Machine<'_> {
             let name = self.line(pos)?;
             format!("{module}.{name}")
         } else {
+            // Two strings of the pickle (never a global: joining globals would double a name
+            // at every step), each of a name's length.
             let name = self.pop(pos)?;
             let module = self.pop(pos)?;
-            match (self.out.str(module), self.out.str(name)) {
-                (Some(m), Some(n)) => format!("{m}.{n}"),
+            match (module, name) {
+                (Value::Str(_), Value::Str(_)) => {}
                 _ => return Err(format!("STACK_GLOBAL of non-strings at byte {pos}")),
             }
+            let m = self.out.str(module).unwrap_or_default();
+            let n = self.out.str(name).unwrap_or_default();
+            if m.len() + n.len() > MAX_GLOBAL_NAME {
+                return Err(format!(
+                    "a global name of {} bytes at byte {pos}",
+                    m.len() + n.len()
+                ));
+            }
+            format!("{m}.{n}")
         };
-        self.out.strings.push(name);
-        let id = last_id(&self.out.strings)?;
-        self.push(Value::Global(id));
+        let g = self.out.new_global(name)?;
+        self.push(g);
         Ok(())
     }
 
@@ -615,8 +690,7 @@ impl Machine<'_> {
         let numel = int(numel)
             .filter(|&n| n >= 0)
             .ok_or_else(|| format!("storage {key}: a size that is not a count"))?;
-        self.out.storages.push(StorageRef { key, dtype, numel });
-        Ok(Value::Storage(last_id(&self.out.storages)?))
+        self.out.new_storage(StorageRef { key, dtype, numel })
     }
 
     /// The few callables a state dict needs; anything else is opaque.
@@ -646,8 +720,7 @@ impl Machine<'_> {
                         .ints(stride)
                         .map_err(|e| format!("{name}: stride: {e}"))?,
                 };
-                self.out.tensors.push(tensor);
-                Value::Tensor(last_id(&self.out.tensors)?)
+                self.out.new_tensor(tensor)?
             }
             "torch._utils._rebuild_parameter" => match args.first() {
                 Some(&t @ Value::Tensor(_)) => t,
@@ -750,6 +823,35 @@ mod tests {
         };
         let e = parse(&many, &limits).unwrap_err();
         assert!(e.contains("MLA_LIMIT_PICKLE_BYTES"), "{e}");
+    }
+
+    /// Found by fuzz_torch_pickle: DUP then STACK_GLOBAL joined a string with itself, and a
+    /// global with a global, doubling a name per two bytes (614 bytes → 3 GiB). Joins take
+    /// two strings of a name's length; every value is charged against the memory limit.
+    #[test]
+    fn operations_that_build_on_existing_values_cannot_multiply_the_input() {
+        let mut doubling = b"\x80\x02X\x05\x00\x00\x00model".to_vec();
+        doubling.extend_from_slice(&[b'2', 0x93].repeat(40));
+        doubling.push(b'.');
+        let e = run(&doubling).unwrap_err();
+        assert!(e.contains("STACK_GLOBAL of non-strings"), "{e}");
+        let mut long = b"\x80\x02X\x00\x04\x00\x00".to_vec(); // a 1 KiB string
+        long.resize(long.len() + 1024, b'a');
+        long.extend_from_slice(b"2\x93.");
+        assert!(run(&long)
+            .unwrap_err()
+            .contains("global name of 2048 bytes"));
+        // A memoised value fetched over and over costs a handle each, against the budget.
+        let limits = Limits {
+            max_pickle_memory: 1 << 20,
+            ..Limits::default()
+        };
+        let mut many = b"\x80\x02]q\x00(".to_vec();
+        many.extend(std::iter::repeat_n(*b"h\x00", 100_000).flatten());
+        many.extend_from_slice(b"e.");
+        let e = parse(&many, &limits).unwrap_err();
+        assert!(e.contains("MLA_LIMIT_PICKLE_MEMORY"), "{e}");
+        assert!(parse(&many, &Limits::default()).is_ok());
     }
 
     #[test]

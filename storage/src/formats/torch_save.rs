@@ -99,7 +99,7 @@ pub fn read<R: Read + Seek>(
     let named = named_tensors(&p).map_err(&bad)?;
     let budget = archive_bytes.saturating_mul(limits.max_expansion);
     let (storages, index) = read_storages(&mut zip, &prefix, &p, &named, budget).map_err(&bad)?;
-    let tensors = views(&p, named, &storages, &index, limits).map_err(&bad)?;
+    let tensors = views(&p, named, &storages, &index).map_err(&bad)?;
     Ok(StateDict { storages, tensors })
 }
 
@@ -282,7 +282,6 @@ fn views(
     named: Vec<(String, pickle::Id)>,
     storages: &[Storage],
     index: &HashMap<pickle::Id, usize>,
-    limits: &Limits,
 ) -> Result<Vec<TensorView>, String> {
     let stored: u64 = storages.iter().map(|s| s.bytes.len() as u64).sum();
     let budget = stored.saturating_mul(2);
@@ -292,9 +291,6 @@ fn views(
         let t = &p.tensors[t as usize];
         let si = index[&t.storage];
         let s = &storages[si];
-        if t.shape.len() > limits.max_dims {
-            return Err(format!("{name}: {} dimensions", t.shape.len()));
-        }
         let bad_view = || {
             format!(
                 "{name}: size {:?}, stride {:?} at offset {} do not fit its storage {} of {} elements",
