@@ -26,7 +26,7 @@ use ::parquet::file::reader::{ChunkReader, FileReader, Length};
 use ::parquet::file::serialized_reader::SerializedFileReader;
 use ::parquet::schema::types::SchemaDescriptor;
 
-use super::error::DataError;
+use super::error::{DataError, StoryAt};
 use super::input::{Batcher, Counting};
 
 /// Rows decoded per read of the column (a few MB of TinyStories-sized text).
@@ -34,10 +34,12 @@ const ROWS_PER_READ: usize = 1024;
 
 /// Hand the stories of `path`'s text column (`column`, or the default, see the module comment)
 /// to `batch`, adding the file's bytes to `bytes_read` as they are read. Stops early, without
-/// an error, when the batcher's consumer stops listening.
+/// an error, when the batcher's consumer stops listening. A value longer than `max_story` bytes
+/// is [`DataError::StoryTooLong`].
 pub(super) fn read_column(
     path: &Path,
     column: Option<&str>,
+    max_story: u64,
     batch: &mut Batcher<'_>,
     bytes_read: &Arc<AtomicU64>,
 ) -> Result<(), DataError> {
@@ -95,6 +97,16 @@ pub(super) fn read_column(
                         "truncated or corrupt Parquet file: column `{name}` has fewer values than rows"
                     )));
                 };
+                if bytes.len() as u64 > max_story {
+                    return Err(DataError::StoryTooLong {
+                        path: path.to_path_buf(),
+                        at: StoryAt::Row {
+                            column: name.clone(),
+                            row: row + i as u64,
+                        },
+                        limit: max_story,
+                    });
+                }
                 let text = std::str::from_utf8(bytes.data()).map_err(|e| {
                     bad(format!(
                         "column `{name}`, row {}: not valid UTF-8 at byte {} of the value",
@@ -288,6 +300,70 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "x.parquet: not a Parquet file, or truncated or corrupt: Invalid Parquet file. Corrupt footer"
+        );
+    }
+
+    /// A Parquet file of one optional string column `text` holding `values`, one row group.
+    fn write_parquet(path: &Path, values: &[String], compression: Compression) {
+        use ::parquet::file::properties::WriterProperties;
+        use ::parquet::file::writer::SerializedFileWriter;
+        let schema = ::parquet::schema::parser::parse_message_type(
+            "message m { optional binary text (STRING); }",
+        )
+        .unwrap();
+        let props = WriterProperties::builder()
+            .set_compression(compression)
+            .set_dictionary_enabled(false)
+            .build();
+        let file = File::create(path).unwrap();
+        let mut w = SerializedFileWriter::new(file, Arc::new(schema), props.into()).unwrap();
+        let values: Vec<ByteArray> = values.iter().map(|v| ByteArray::from(v.as_str())).collect();
+        let defs = vec![1; values.len()];
+        let mut group = w.next_row_group().unwrap();
+        let mut col = group.next_column().unwrap().unwrap();
+        match col.untyped() {
+            ::parquet::column::writer::ColumnWriter::ByteArrayColumnWriter(c) => {
+                c.write_batch(&values, Some(&defs), None).unwrap();
+            }
+            _ => unreachable!(),
+        }
+        col.close().unwrap();
+        group.close().unwrap();
+        w.close().unwrap();
+    }
+
+    /// The stories of `path`'s text column, read with `max_story`.
+    fn column_stories(path: &Path, max_story: u64) -> Result<Vec<String>, DataError> {
+        let mut out = Vec::new();
+        let counter = Arc::new(AtomicU64::new(0));
+        let mut emit = |e| {
+            if let super::super::input::Event::Stories { stories, .. } = e {
+                out.extend(stories);
+            }
+            true
+        };
+        let mut batch = Batcher::new(super::super::format::Split::Train, &counter, &mut emit);
+        read_column(path, None, max_story, &mut batch, &counter)?;
+        batch.finish(path)?;
+        Ok(out)
+    }
+
+    #[test]
+    fn a_value_longer_than_max_story_is_refused_naming_its_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.parquet");
+        let values: Vec<String> = (1..=5).map(|n| "x".repeat(n)).collect();
+        write_parquet(&path, &values, Compression::SNAPPY);
+        assert_eq!(column_stories(&path, 5).unwrap(), values);
+        let e = column_stories(&path, 3).unwrap_err();
+        assert!(matches!(e, DataError::StoryTooLong { .. }) && e.is_bad_input());
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}: row 3 of column `text` is longer than 3 bytes (raise --max-story-bytes to \
+                 read it)",
+                path.display()
+            )
         );
     }
 }
