@@ -9,7 +9,8 @@
 //! archives of the text formats (compressed members included; Parquet members are skipped with
 //! a warning, as they need random access), and directories of all of these (walked recursively
 //! in sorted order; hidden entries and other extensions are skipped). Archives are read in
-//! member order. Each story is trimmed; empty stories are skipped.
+//! member order, by `archive.rs` (which caps the long names and PAX headers a tar stream
+//! declares). Each story is trimmed; empty stories are skipped.
 //!
 //! Memory does not grow with the input: every format is streamed (a `.json` list element by
 //! element, a compressed file through its decoder, Parquet one page of one column at a time)
@@ -34,12 +35,16 @@ use std::sync::Arc;
 use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 
+use super::archive::{Member, Members};
 use super::error::{DataError, StoryAt};
 use super::format::Split;
 use super::tokenizer::ENDOFTEXT;
 
 /// Stories are handed to the tokenizer in batches of about this many bytes of text.
 const BATCH_BYTES: usize = 1 << 21;
+
+/// Read buffer of a data file or archive on disk.
+const FILE_BUF_BYTES: usize = 1 << 20;
 
 /// Layout of a data file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -393,7 +398,7 @@ fn choose_auto_val(jobs: &mut [Job], stop: &dyn Fn() -> bool) -> Result<Option<S
 fn open_archive(
     path: &Path,
     counter: Option<Arc<AtomicU64>>,
-) -> Result<tar::Archive<Box<dyn Read + Send>>, DataError> {
+) -> Result<Members<Box<dyn Read + Send>>, DataError> {
     let file = File::open(path).map_err(|e| DataError::io(path, e))?;
     let inner: Box<dyn Read + Send> = match counter {
         Some(c) => Box::new(Counting {
@@ -402,8 +407,8 @@ fn open_archive(
         }),
         None => Box::new(file),
     };
-    let gz = flate2::read::MultiGzDecoder::new(BufReader::with_capacity(1 << 20, inner));
-    Ok(tar::Archive::new(Box::new(gz)))
+    let gz = flate2::read::MultiGzDecoder::new(BufReader::with_capacity(FILE_BUF_BYTES, inner));
+    Ok(Members::new(Box::new(gz)))
 }
 
 /// An error while decompressing or unpacking an archive. One the OS reported is an I/O failure;
@@ -457,12 +462,11 @@ fn list_archive(
 ) -> Result<Vec<(String, Format, Codec)>, DataError> {
     let mut archive = open_archive(path, None)?;
     let mut out = Vec::new();
-    for entry in archive.entries().map_err(|e| archive_error(path, e))? {
+    while let Some(member) = archive.next_member().map_err(|e| archive_error(path, e))? {
         if stop() {
             return Err(DataError::Interrupted);
         }
-        let entry = entry.map_err(|e| archive_error(path, e))?;
-        if let Some(member) = data_member(&entry) {
+        if let Some(member) = data_member(member) {
             if member.1 != Format::Parquet {
                 out.push(member);
             }
@@ -471,11 +475,11 @@ fn list_archive(
     Ok(out)
 }
 
-fn data_member<R: Read>(entry: &tar::Entry<'_, R>) -> Option<(String, Format, Codec)> {
-    if !entry.header().entry_type().is_file() {
+fn data_member(member: Member) -> Option<(String, Format, Codec)> {
+    if !member.kind.is_file() {
         return None;
     }
-    let name = entry.path().ok()?.to_string_lossy().into_owned();
+    let name = member.name;
     let base = name.rsplit('/').next().unwrap_or(&name);
     if base.starts_with('.') {
         return None; // e.g. macOS `._data00.json` resource forks
@@ -553,7 +557,7 @@ pub(crate) fn read_all(
             } => {
                 let file = File::open(path).map_err(|e| DataError::io(path, e))?;
                 let reader = BufReader::with_capacity(
-                    1 << 20,
+                    FILE_BUF_BYTES,
                     Counting {
                         inner: file,
                         count: bytes_read.clone(),
@@ -594,9 +598,10 @@ pub(crate) fn read_all(
             } => {
                 let mut archive = open_archive(path, Some(bytes_read.clone()))?;
                 let mut members = 0usize;
-                for entry in archive.entries().map_err(|e| archive_error(path, e))? {
-                    let entry = entry.map_err(|e| archive_error(path, e))?;
-                    let Some((name, format, codec)) = data_member(&entry) else {
+                while let Some(member) =
+                    archive.next_member().map_err(|e| archive_error(path, e))?
+                {
+                    let Some((name, format, codec)) = data_member(member) else {
                         continue;
                     };
                     if format == Format::Parquet {
@@ -619,7 +624,7 @@ pub(crate) fn read_all(
                     }) {
                         return Ok(());
                     }
-                    let member = decoded(BufReader::new(entry), codec)
+                    let member = decoded(BufReader::new(archive.body()), codec)
                         .map_err(|e| archive_error(&display, e))?;
                     let read = read_stories(
                         member,
@@ -1529,5 +1534,108 @@ mod tests {
                 bomb.display()
             )
         );
+    }
+
+    /// A `.tar.gz` whose first header is a GNU long name declaring `declared` bytes, followed by
+    /// `present` bytes that do not compress (so reading them shows on disk).
+    fn long_name_bomb(path: &Path, declared: u64, present: usize) {
+        let mut h = tar::Header::new_gnu();
+        h.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
+        h.set_entry_type(tar::EntryType::GNULongName);
+        h.set_size(declared);
+        h.set_cksum();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..present)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let file = File::create(path).unwrap();
+        let mut gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, h.as_bytes()).unwrap();
+        std::io::Write::write_all(&mut gz, &noise).unwrap();
+        gz.finish().unwrap();
+    }
+
+    #[test]
+    fn a_tar_long_name_declaring_gigabytes_is_refused_after_its_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("names.tar.gz");
+        // 3 GB declared (issue 23); 16 MiB present, which the tar crate read into memory whole.
+        long_name_bomb(&archive, 3_000_000_000, 16 << 20);
+        let want = format!(
+            "{}: truncated or corrupt archive: tar header at byte offset 0: GNU long name of \
+             3000000000 bytes (mla reads at most 8192)",
+            archive.display()
+        );
+        let e = list_archive(&archive, &|| false).unwrap_err();
+        assert!(matches!(e, DataError::BadArchive { .. }) && e.is_bad_input());
+        assert_eq!(e.to_string(), want);
+        let plan = Plan {
+            jobs: vec![Job::Archive {
+                path: archive.clone(),
+                split: Split::Train,
+                val_member: None,
+            }],
+            total_bytes: 0,
+            auto_val: None,
+            text_column: None,
+            max_story_bytes: u64::MAX,
+        };
+        let counter = Arc::new(AtomicU64::new(0));
+        let e = read_all(&plan, &counter, &mut |_| true).unwrap_err();
+        assert_eq!(e.to_string(), want);
+        // One read buffer of the file, not the 16 MiB behind the header.
+        let read = counter.load(Ordering::Relaxed);
+        assert!(
+            read <= FILE_BUF_BYTES as u64,
+            "read {read} bytes of the archive"
+        );
+    }
+
+    #[test]
+    fn a_tar_gz_cut_in_half_is_a_bad_archive_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("data.tar.gz");
+        let text: String = (0..20_000)
+            .map(|i| format!("story {i}\n<|endoftext|>\n"))
+            .collect();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        {
+            let mut tar = tar::Builder::new(&mut gz);
+            for name in ["a.txt", "b.txt"] {
+                let mut h = tar::Header::new_gnu();
+                h.set_size(text.len() as u64);
+                h.set_mode(0o644);
+                tar.append_data(&mut h, name, text.as_bytes()).unwrap();
+            }
+            tar.finish().unwrap();
+        }
+        let bytes = gz.finish().unwrap();
+        std::fs::write(&archive, &bytes).unwrap();
+        let whole = plan(std::slice::from_ref(&archive), &[], None, u64::MAX, &|| {
+            false
+        })
+        .unwrap();
+        let mut stories = 0;
+        let counter = Arc::new(AtomicU64::new(0));
+        read_all(&whole, &counter, &mut |e| {
+            if let Event::Stories { stories: s, .. } = e {
+                stories += s.len();
+            }
+            true
+        })
+        .unwrap();
+        assert_eq!(stories, 40_000);
+        std::fs::write(&archive, &bytes[..bytes.len() / 2]).unwrap();
+        let e = read_all(&whole, &counter, &mut |_| true).unwrap_err();
+        assert!(matches!(e, DataError::BadArchive { .. }), "{e}");
+        // Named by the member being read when the stream broke: data.tar.gz/a.txt.
+        let e = e.to_string();
+        assert!(e.starts_with(&archive.display().to_string()), "{e}");
+        assert!(e.contains(": truncated or corrupt archive: "), "{e}");
     }
 }

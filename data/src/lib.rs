@@ -18,6 +18,7 @@
 //!
 //! Not here: tensors (loaders return `Vec<i64>`), the CLI and YAML mapping (the binary owns them).
 
+mod archive;
 mod dataset;
 mod download;
 mod error;
