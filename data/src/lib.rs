@@ -31,6 +31,7 @@ mod parquet;
 mod prepare;
 mod remote;
 mod store;
+mod thrift;
 mod tokenizer;
 mod writer;
 
