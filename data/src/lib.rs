@@ -31,6 +31,8 @@ mod parquet;
 mod prepare;
 mod remote;
 mod store;
+#[cfg(test)]
+mod test_http;
 mod thrift;
 mod tokenizer;
 mod writer;
