@@ -780,8 +780,8 @@ pub(crate) fn read_stories<R: BufRead>(
     };
     let max = usize::try_from(max_story).unwrap_or(usize::MAX);
     // A line of `max` bytes and its `\r\n`: a line that does not end within this many bytes is
-    // longer than any story may be.
-    let line_cap = max.saturating_add(2);
+    // longer than any story may be (a separator line always fits, however small `max`).
+    let line_cap = max.max(ENDOFTEXT.len()).saturating_add(2);
     match format {
         Format::Txt => {
             let mut line = Vec::new();
@@ -1452,6 +1452,9 @@ mod tests {
         let k = 1000;
         let text = format!("a\n<|endoftext|>\n{}<|endoftext|>\nb\n", "abc\n".repeat(k));
         let max = 4 * k as u64 - 1;
+        // Separator lines are no story's: they pass however small the limit.
+        let tiny = stories_max(&b"a\n<|endoftext|>\r\nb\n"[..], Format::Txt, 1).unwrap();
+        assert_eq!(tiny, ["a", "b"]);
         let got = stories_max(text.as_bytes(), Format::Txt, max).unwrap();
         assert_eq!(got.len(), 3);
         assert_eq!(got[1].len() as u64, max); // trimmed of the "\n" that ends it
