@@ -194,20 +194,25 @@ impl TokenStream {
             })
             .collect::<Result<_, _>>()?;
         let concurrent = opened.iter().any(|f| f.latency_bound());
-        let mut first_token = 0;
-        let shards = entries
-            .iter()
-            .zip(opened)
-            .map(|(e, file)| {
-                let s = Shard {
-                    first_token,
-                    tokens: e.tokens,
-                    file,
-                };
-                first_token += e.tokens;
-                s
-            })
-            .collect();
+        let mut first_token = 0u64;
+        let mut shards = Vec::with_capacity(entries.len());
+        for (e, file) in entries.iter().zip(opened) {
+            shards.push(Shard {
+                first_token,
+                tokens: e.tokens,
+                file,
+            });
+            // The index check already bounds the sum; a wrap here would misplace every read.
+            first_token = first_token
+                .checked_add(e.tokens)
+                .ok_or_else(|| DataError::BadIndex {
+                    path: source.location(INDEX_FILE),
+                    message: format!(
+                        "split {split}: its shards hold more than {} tokens",
+                        u64::MAX
+                    ),
+                })?;
+        }
         Ok(Self {
             split,
             location: dataset_location(source),
@@ -276,7 +281,7 @@ impl TokenStream {
 
     /// Read tokens `[start, start + out.len())` of the concatenated stream into `out`.
     pub fn read(&self, start: u64, out: &mut [i64]) -> Result<(), DataError> {
-        let end = start + out.len() as u64;
+        let end = start.saturating_add(out.len() as u64);
         if end > self.tokens {
             return Err(DataError::InvalidOption {
                 key: "token range".into(),
@@ -297,7 +302,8 @@ impl TokenStream {
         while filled < out.len() {
             let s = &self.shards[i];
             let offset = pos - s.first_token;
-            let n = ((s.tokens - offset) as usize).min(out.len() - filled);
+            // Compared as u64: a shard's count need not fit in a usize.
+            let n = (s.tokens - offset).min((out.len() - filled) as u64) as usize;
             buf.resize(n * width, 0);
             s.file
                 .read_exact_at(&mut buf, HEADER_BYTES + offset * width as u64)?;

@@ -4,8 +4,9 @@
 //! renamed into place only when complete, so a file in the cache is always whole.
 //!
 //! Not here: which model files to fetch (interop/download.rs, which uses these), hub API listing,
-//! resumable ranges. An `HF_TOKEN` in the environment is sent as a bearer token (gated repos)
-//! and never printed.
+//! resumable ranges. An `HF_TOKEN` in the environment is sent as a bearer token (gated repos),
+//! only to the hub endpoint's own origin (scheme, host and port: a URL elsewhere, say one a
+//! listing names, never sees it; redirects drop it, as ureq does by default), and never printed.
 
 use std::fs::File;
 use std::io::{IsTerminal, Read, Write};
@@ -152,14 +153,43 @@ fn download_error(url: &str, status: Option<u16>, message: String) -> DataError 
     }
 }
 
-/// GET `url` (with `HF_TOKEN` as a bearer token when set); an answer other than 200 is an error
-/// naming the status.
-fn get(url: &str) -> Result<ureq::http::Response<ureq::Body>, DataError> {
+/// `HF_TOKEN`, trimmed, unless unset or blank.
+pub(crate) fn hf_token() -> Option<String> {
+    std::env::var("HF_TOKEN")
+        .ok()
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty())
+}
+
+/// Whether `url` is on `endpoint`'s origin: the same scheme, host and port (the scheme's
+/// default when none is written). A URL that does not parse is on no origin.
+fn same_origin(url: &str, endpoint: &str) -> bool {
+    fn origin(url: &str) -> Option<(String, String, u16)> {
+        let uri: ureq::http::Uri = url.parse().ok()?;
+        let scheme = uri.scheme_str()?.to_ascii_lowercase();
+        let host = uri.host()?.to_ascii_lowercase();
+        let port = match (uri.port_u16(), scheme.as_str()) {
+            (Some(p), _) => p,
+            (None, "https") => 443,
+            (None, "http") => 80,
+            _ => return None,
+        };
+        Some((scheme, host, port))
+    }
+    origin(url).is_some_and(|o| Some(o) == origin(endpoint))
+}
+
+/// GET `url`, with `token` as a bearer token when it is on `endpoint`'s origin (never
+/// elsewhere: a listing may name any host); an answer other than 200 is an error naming the
+/// status.
+fn get(
+    url: &str,
+    endpoint: &str,
+    token: Option<&str>,
+) -> Result<ureq::http::Response<ureq::Body>, DataError> {
     let mut req = agent().get(url);
-    if let Ok(token) = std::env::var("HF_TOKEN") {
-        if !token.trim().is_empty() {
-            req = req.header("Authorization", format!("Bearer {}", token.trim()));
-        }
+    if let Some(token) = token.filter(|_| same_origin(url, endpoint)) {
+        req = req.header("Authorization", format!("Bearer {token}"));
     }
     let resp = req.call().map_err(|e| {
         let hint = match e {
@@ -190,10 +220,20 @@ fn get(url: &str) -> Result<ureq::http::Response<ureq::Body>, DataError> {
 }
 
 /// The body of a small file at `url` (a config or an index: at most 64 MiB), in memory.
+/// `HF_TOKEN` goes along only when `url` is on [`hf_endpoint`].
 pub fn fetch_bytes(url: &str) -> Result<Vec<u8>, DataError> {
+    fetch_bytes_as(url, &hf_endpoint(), hf_token().as_deref())
+}
+
+/// [`fetch_bytes`] with `token` for `endpoint`'s origin.
+pub(crate) fn fetch_bytes_as(
+    url: &str,
+    endpoint: &str,
+    token: Option<&str>,
+) -> Result<Vec<u8>, DataError> {
     const LIMIT: u64 = 64 << 20;
     let mut bytes = Vec::new();
-    get(url)?
+    get(url, endpoint, token)?
         .into_body()
         .into_reader()
         .take(LIMIT + 1)
@@ -210,10 +250,28 @@ pub fn fetch_bytes(url: &str) -> Result<Vec<u8>, DataError> {
 }
 
 /// Download `url` to `dest` (atomically: `dest` appears only when complete). Returns the bytes.
+/// `HF_TOKEN` goes along only when `url` is on `opts.endpoint`.
 pub fn download_file(url: &str, dest: &Path, opts: &DownloadOptions) -> Result<u64, DataError> {
+    download(url, dest, opts, hf_token().as_deref(), None)
+}
+
+/// Checks a downloaded file (`.partial`) that came without a Content-Length; a one-line reason
+/// why it is not whole.
+pub(crate) type WholeCheck = fn(&Path) -> Result<(), String>;
+
+/// [`download_file`] with `token` for `opts.endpoint`'s origin; a body without a Content-Length
+/// must pass `whole` (when given) before it is renamed into place. Returns the bytes, which
+/// equal the Content-Length when there was one.
+pub(crate) fn download(
+    url: &str,
+    dest: &Path,
+    opts: &DownloadOptions,
+    token: Option<&str>,
+    whole: Option<WholeCheck>,
+) -> Result<u64, DataError> {
     let dir = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
-    let resp = get(url)?;
+    let resp = get(url, &opts.endpoint, token)?;
     let status = 200;
     let expected = resp.body().content_length();
     let mut body = resp.into_body().into_reader();
@@ -269,6 +327,20 @@ pub fn download_file(url: &str, dest: &Path, opts: &DownloadOptions) -> Result<u
         }
         file.sync_all().map_err(|e| DataError::io(&partial, e))?;
         drop(file);
+        // Without a Content-Length the end of the body is where the connection closed, which
+        // is also where an interrupted transfer ends: the file must vouch for itself.
+        if let (None, Some(whole)) = (expected, whole) {
+            whole(&partial).map_err(|why| {
+                download_error(
+                    url,
+                    Some(status),
+                    format!(
+                        "{total} bytes without a Content-Length, ended by the connection \
+                         closing, and {why} (interrupted?)"
+                    ),
+                )
+            })?;
+        }
         std::fs::rename(&partial, dest).map_err(|e| DataError::io(dest, e))?;
         Ok(total)
     })();
@@ -333,6 +405,27 @@ mod tests {
             tinystories_input(dir.path()),
             Some(dir.path().join("TinyStories_all_data"))
         );
+    }
+
+    #[test]
+    fn hf_token_goes_only_to_the_endpoints_own_origin() {
+        let hub = "https://huggingface.co";
+        assert!(same_origin("https://huggingface.co/api/x", hub));
+        assert!(same_origin("https://HuggingFace.co:443/x", hub));
+        assert!(same_origin(
+            "http://u:p@mirror:8080/x",
+            "http://mirror:8080"
+        ));
+        for elsewhere in [
+            "https://evil.example/x.parquet",
+            "http://huggingface.co/x",
+            "https://huggingface.co:444/x",
+            "https://huggingface.co.evil.example/x",
+            "https://evil.example/?https://huggingface.co",
+            "not a url",
+        ] {
+            assert!(!same_origin(elsewhere, hub), "{elsewhere}");
+        }
     }
 
     #[test]

@@ -30,6 +30,17 @@ pub enum DataError {
         message: String,
     },
 
+    /// A story (a `.txt` story, a `.jsonl` line, a `.json` list element, a Parquet value) is
+    /// longer than `--max-story-bytes`: reading stops there instead of holding it all in memory.
+    #[error("{path}: {at} is longer than {limit} bytes (raise --max-story-bytes to read it)")]
+    StoryTooLong {
+        path: PathBuf,
+        /// Where it starts.
+        at: StoryAt,
+        /// The `--max-story-bytes` in force.
+        limit: u64,
+    },
+
     /// A file named explicitly as input has an extension `prepare` does not read.
     #[error("{path}: unsupported input (expected .txt, .json or .jsonl, each optionally .gz or .zst, .parquet, .tar.gz or a directory)")]
     UnsupportedInput { path: PathBuf },
@@ -165,6 +176,31 @@ pub enum DataError {
     Interrupted,
 }
 
+/// Where a story starts in its file, for [`DataError::StoryTooLong`]: a byte offset where one
+/// is known (of the decompressed stream for `.gz`/`.zst`), else the element or row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoryAt {
+    /// A `.txt` story starting at this byte offset.
+    Offset(u64),
+    /// A `.jsonl` line (1-based) starting at this byte offset.
+    Line { line: u64, offset: u64 },
+    /// A `.json` list element (0-based; serde reports no byte offsets).
+    Element(u64),
+    /// A Parquet value: the column and the row (0-based, in file order).
+    Row { column: String, row: u64 },
+}
+
+impl std::fmt::Display for StoryAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoryAt::Offset(offset) => write!(f, "the story at byte offset {offset}"),
+            StoryAt::Line { line, offset } => write!(f, "line {line} (at byte offset {offset})"),
+            StoryAt::Element(i) => write!(f, "list element {i}"),
+            StoryAt::Row { column, row } => write!(f, "row {row} of column `{column}`"),
+        }
+    }
+}
+
 impl DataError {
     pub(crate) fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         DataError::Io {
@@ -210,6 +246,14 @@ mod tests {
             DataError::BadParquet {
                 path: "x.parquet".into(),
                 message: "no column `text`; its columns: id, story".into(),
+            },
+            DataError::StoryTooLong {
+                path: "x.jsonl".into(),
+                at: StoryAt::Line {
+                    line: 2,
+                    offset: 80,
+                },
+                limit: 64 << 20,
             },
             DataError::io(
                 "f",

@@ -79,6 +79,12 @@ impl TokenDtype {
     }
 }
 
+/// Size of a shard file of `tokens` tokens: header + tokens × width; None when that does not
+/// fit in a u64 (only an untrusted count can be that large).
+pub(crate) fn shard_bytes(tokens: u64, dtype: TokenDtype) -> Option<u64> {
+    tokens.checked_mul(dtype.bytes())?.checked_add(HEADER_BYTES)
+}
+
 /// The fixed 32-byte header at the start of every shard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ShardHeader {
@@ -268,7 +274,18 @@ impl DatasetIndex {
             if name != "train" && name != "val" {
                 return Err(bad(format!("unknown split {name:?}")));
             }
-            let sum: u64 = s.shards.iter().map(|e| e.tokens).sum();
+            // Untrusted counts: a sum or size that wraps around would make a tiny shard look
+            // like one of 2^63 tokens (release builds do not check overflow).
+            let sum = s
+                .shards
+                .iter()
+                .try_fold(0u64, |sum, e| sum.checked_add(e.tokens))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "split {name}: its shards' token counts add up to more than {}",
+                        u64::MAX
+                    ))
+                })?;
             if sum != s.tokens {
                 return Err(bad(format!(
                     "split {name}: shards hold {sum} tokens, split says {}",
@@ -282,12 +299,19 @@ impl DatasetIndex {
                         e.file
                     )));
                 }
-                if e.bytes != HEADER_BYTES + e.tokens * index.dtype.bytes() {
-                    return Err(bad(format!(
-                        "shard {}: {} bytes listed, header + tokens make {}",
+                let expected = shard_bytes(e.tokens, index.dtype).ok_or_else(|| {
+                    bad(format!(
+                        "shard {}: {} tokens of {} bytes do not fit in a file (more than {} bytes)",
                         e.file,
-                        e.bytes,
-                        HEADER_BYTES + e.tokens * index.dtype.bytes()
+                        e.tokens,
+                        index.dtype.bytes(),
+                        u64::MAX
+                    ))
+                })?;
+                if e.bytes != expected {
+                    return Err(bad(format!(
+                        "shard {}: {} bytes listed, header + tokens make {expected}",
+                        e.file, e.bytes,
                     )));
                 }
             }
@@ -474,6 +498,74 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("worker 8 of 8 workers"), "{e}");
+    }
+
+    fn u16_index(shards: Vec<(u64, u64)>, split_tokens: u64) -> DatasetIndex {
+        let shards = shards
+            .into_iter()
+            .enumerate()
+            .map(|(i, (tokens, bytes))| ShardEntry {
+                file: format!("train-{i:05}.bin"),
+                tokens,
+                bytes,
+                sha256: "00".into(),
+            })
+            .collect();
+        DatasetIndex {
+            format: FORMAT_NAME.into(),
+            format_version: FORMAT_VERSION,
+            dtype: TokenDtype::U16,
+            tokenizer: TokenizerInfo {
+                sha256: "ab".into(),
+                vocab_size: 100,
+                separator_id: 0,
+                separator_token: "<|endoftext|>".into(),
+            },
+            splits: [(
+                "train".to_owned(),
+                SplitIndex {
+                    tokens: split_tokens,
+                    stories: 1,
+                    shards,
+                    sources: vec![],
+                },
+            )]
+            .into(),
+        }
+    }
+
+    #[test]
+    fn index_sizes_that_wrap_around_u64_are_refused() {
+        let path = Path::new("d/index.json");
+        // 2^63 + 2 u16 tokens are 2^64 + 4 bytes: wrapped, header + tokens "make" 36 bytes.
+        let huge = (1u64 << 63) + 2;
+        assert_eq!(HEADER_BYTES.wrapping_add(huge.wrapping_mul(2)), 36);
+        let index = u16_index(vec![(huge, 36)], huge);
+        let e = DatasetIndex::from_json(&index.to_json(), path).unwrap_err();
+        assert!(matches!(e, DataError::BadIndex { .. }) && e.is_bad_input());
+        assert_eq!(
+            e.to_string(),
+            "d/index.json: bad dataset index: shard train-00000.bin: 9223372036854775810 tokens \
+             of 2 bytes do not fit in a file (more than 18446744073709551615 bytes)"
+        );
+        // Five shards of 2^62 tokens (2^63 + 32 bytes each, a size that fits) hold 5 * 2^62
+        // tokens, which wraps around to 2^62.
+        let quarter = 1u64 << 62;
+        let index = u16_index(
+            vec![(quarter, HEADER_BYTES + 2 * quarter); 5],
+            quarter.wrapping_mul(5),
+        );
+        assert_eq!(quarter.wrapping_mul(5), quarter);
+        let e = DatasetIndex::from_json(&index.to_json(), path).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "d/index.json: bad dataset index: split train: its shards' token counts add up to \
+             more than 18446744073709551615"
+        );
+        // The largest shard that fits is still accepted.
+        let most = (u64::MAX - HEADER_BYTES) / 2;
+        DatasetIndex::from_json(&u16_index(vec![(most, u64::MAX - 1)], most).to_json(), path)
+            .unwrap();
     }
 
     #[test]

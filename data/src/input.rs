@@ -9,11 +9,14 @@
 //! archives of the text formats (compressed members included; Parquet members are skipped with
 //! a warning, as they need random access), and directories of all of these (walked recursively
 //! in sorted order; hidden entries and other extensions are skipped). Archives are read in
-//! member order. Each story is trimmed; empty stories are skipped.
+//! member order, by `archive.rs` (which caps the long names and PAX headers a tar stream
+//! declares). Each story is trimmed; empty stories are skipped.
 //!
 //! Memory does not grow with the input: every format is streamed (a `.json` list element by
 //! element, a compressed file through its decoder, Parquet one page of one column at a time)
-//! and handed on in batches of about [`BATCH_BYTES`] of text.
+//! and handed on in batches of about [`BATCH_BYTES`] of text. One story is held whole, so its
+//! length is capped (`--max-story-bytes`, [`DataError::StoryTooLong`]): a line or list element
+//! is read only that far, never to its end first.
 //!
 //! Symlinks inside an input directory: file symlinks are followed; directory symlinks are
 //! followed only when they stay inside that input directory (one pointing out of it is skipped
@@ -22,6 +25,7 @@
 //!
 //! Not here: tokenizing or writing (see `prepare`).
 
+use std::cell::Cell;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -31,12 +35,16 @@ use std::sync::Arc;
 use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 
-use super::error::DataError;
+use super::archive::{Member, Members};
+use super::error::{DataError, StoryAt};
 use super::format::Split;
 use super::tokenizer::ENDOFTEXT;
 
 /// Stories are handed to the tokenizer in batches of about this many bytes of text.
 const BATCH_BYTES: usize = 1 << 21;
+
+/// Read buffer of a data file or archive on disk.
+const FILE_BUF_BYTES: usize = 1 << 20;
 
 /// Layout of a data file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,6 +142,8 @@ pub(crate) struct Plan {
     pub auto_val: Option<String>,
     /// The column Parquet inputs are read from (`--text-column`); None: `text`, else `story`.
     pub text_column: Option<String>,
+    /// `--max-story-bytes`: the longest story (line, list element, Parquet value) read.
+    pub max_story_bytes: u64,
 }
 
 /// Build the plan. Without explicit `val` inputs, one data file among the train inputs becomes
@@ -148,6 +158,7 @@ pub(crate) fn plan(
     train: &[PathBuf],
     val: &[PathBuf],
     text_column: Option<&str>,
+    max_story_bytes: u64,
     stop: &dyn Fn() -> bool,
 ) -> Result<Plan, DataError> {
     let mut jobs = Vec::new();
@@ -166,6 +177,7 @@ pub(crate) fn plan(
         jobs,
         auto_val,
         text_column: text_column.map(str::to_owned),
+        max_story_bytes,
     })
 }
 
@@ -386,7 +398,7 @@ fn choose_auto_val(jobs: &mut [Job], stop: &dyn Fn() -> bool) -> Result<Option<S
 fn open_archive(
     path: &Path,
     counter: Option<Arc<AtomicU64>>,
-) -> Result<tar::Archive<Box<dyn Read + Send>>, DataError> {
+) -> Result<Members<Box<dyn Read + Send>>, DataError> {
     let file = File::open(path).map_err(|e| DataError::io(path, e))?;
     let inner: Box<dyn Read + Send> = match counter {
         Some(c) => Box::new(Counting {
@@ -395,8 +407,8 @@ fn open_archive(
         }),
         None => Box::new(file),
     };
-    let gz = flate2::read::MultiGzDecoder::new(BufReader::with_capacity(1 << 20, inner));
-    Ok(tar::Archive::new(Box::new(gz)))
+    let gz = flate2::read::MultiGzDecoder::new(BufReader::with_capacity(FILE_BUF_BYTES, inner));
+    Ok(Members::new(Box::new(gz)))
 }
 
 /// An error while decompressing or unpacking an archive. One the OS reported is an I/O failure;
@@ -450,12 +462,11 @@ fn list_archive(
 ) -> Result<Vec<(String, Format, Codec)>, DataError> {
     let mut archive = open_archive(path, None)?;
     let mut out = Vec::new();
-    for entry in archive.entries().map_err(|e| archive_error(path, e))? {
+    while let Some(member) = archive.next_member().map_err(|e| archive_error(path, e))? {
         if stop() {
             return Err(DataError::Interrupted);
         }
-        let entry = entry.map_err(|e| archive_error(path, e))?;
-        if let Some(member) = data_member(&entry) {
+        if let Some(member) = data_member(member) {
             if member.1 != Format::Parquet {
                 out.push(member);
             }
@@ -464,11 +475,11 @@ fn list_archive(
     Ok(out)
 }
 
-fn data_member<R: Read>(entry: &tar::Entry<'_, R>) -> Option<(String, Format, Codec)> {
-    if !entry.header().entry_type().is_file() {
+fn data_member(member: Member) -> Option<(String, Format, Codec)> {
+    if !member.kind.is_file() {
         return None;
     }
-    let name = entry.path().ok()?.to_string_lossy().into_owned();
+    let name = member.name;
     let base = name.rsplit('/').next().unwrap_or(&name);
     if base.starts_with('.') {
         return None; // e.g. macOS `._data00.json` resource forks
@@ -530,6 +541,7 @@ pub(crate) fn read_all(
                 super::parquet::read_column(
                     path,
                     plan.text_column.as_deref(),
+                    plan.max_story_bytes,
                     &mut batch,
                     bytes_read,
                 )?;
@@ -545,7 +557,7 @@ pub(crate) fn read_all(
             } => {
                 let file = File::open(path).map_err(|e| DataError::io(path, e))?;
                 let reader = BufReader::with_capacity(
-                    1 << 20,
+                    FILE_BUF_BYTES,
                     Counting {
                         inner: file,
                         count: bytes_read.clone(),
@@ -559,7 +571,15 @@ pub(crate) fn read_all(
                 }) {
                     return Ok(());
                 }
-                let read = read_stories(reader, *format, path, *split, bytes_read, emit);
+                let read = read_stories(
+                    reader,
+                    *format,
+                    path,
+                    *split,
+                    plan.max_story_bytes,
+                    bytes_read,
+                    emit,
+                );
                 // A read that fails without an OS error is the compressed stream's fault.
                 let open = read.map_err(|e| match e {
                     DataError::Io { path, error } if *codec != Codec::Plain => {
@@ -578,9 +598,10 @@ pub(crate) fn read_all(
             } => {
                 let mut archive = open_archive(path, Some(bytes_read.clone()))?;
                 let mut members = 0usize;
-                for entry in archive.entries().map_err(|e| archive_error(path, e))? {
-                    let entry = entry.map_err(|e| archive_error(path, e))?;
-                    let Some((name, format, codec)) = data_member(&entry) else {
+                while let Some(member) =
+                    archive.next_member().map_err(|e| archive_error(path, e))?
+                {
+                    let Some((name, format, codec)) = data_member(member) else {
                         continue;
                     };
                     if format == Format::Parquet {
@@ -603,9 +624,17 @@ pub(crate) fn read_all(
                     }) {
                         return Ok(());
                     }
-                    let member = decoded(BufReader::new(entry), codec)
+                    let member = decoded(BufReader::new(archive.body()), codec)
                         .map_err(|e| archive_error(&display, e))?;
-                    let read = read_stories(member, format, &display, split, bytes_read, emit);
+                    let read = read_stories(
+                        member,
+                        format,
+                        &display,
+                        split,
+                        plan.max_story_bytes,
+                        bytes_read,
+                        emit,
+                    );
                     // A member's body that cannot be read is the archive's fault, as above.
                     let open = read.map_err(|e| match e {
                         DataError::Io { path, error } => archive_error(&path, error),
@@ -729,26 +758,48 @@ fn check_utf8(bytes: &[u8], base_offset: u64, path: &Path) -> Result<(), DataErr
 }
 
 /// Stream the stories of one data file. Returns false when the consumer stopped listening.
+/// `max_story` bounds what is held for one story: a `.txt` story (its line breaks counted, not
+/// the one that ends it), a `.jsonl` line (without its line break) or the JSON text of a `.json`
+/// list element; a longer one is [`DataError::StoryTooLong`], found before more than about
+/// `max_story` bytes of it are in memory.
 pub(crate) fn read_stories<R: BufRead>(
     mut reader: R,
     format: Format,
     path: &Path,
     split: Split,
+    max_story: u64,
     bytes_read: &AtomicU64,
     emit: &mut dyn FnMut(Event) -> bool,
 ) -> Result<bool, DataError> {
     let mut batch = Batcher::new(split, bytes_read, emit);
     let io = |e| DataError::io(path, e);
+    let too_long = |at: StoryAt| DataError::StoryTooLong {
+        path: path.to_path_buf(),
+        at,
+        limit: max_story,
+    };
+    let max = usize::try_from(max_story).unwrap_or(usize::MAX);
+    // A line of `max` bytes and its `\r\n`: a line that does not end within this many bytes is
+    // longer than any story may be (a separator line always fits, however small `max`).
+    let line_cap = max.max(ENDOFTEXT.len()).saturating_add(2);
     match format {
         Format::Txt => {
             let mut line = Vec::new();
             let mut story = String::new();
             let mut offset = 0u64;
+            let mut story_start = 0u64;
             loop {
                 line.clear();
-                let n = reader.read_until(b'\n', &mut line).map_err(io)?;
+                let (n, ended) = read_line_capped(&mut reader, &mut line, line_cap).map_err(io)?;
                 if n == 0 {
                     break;
+                }
+                if story.is_empty() {
+                    story_start = offset;
+                }
+                // A separator line is short: one cut off is a story line.
+                if !ended {
+                    return Err(too_long(StoryAt::Offset(story_start)));
                 }
                 check_utf8(&line, offset, path)?;
                 offset += n as u64;
@@ -756,6 +807,8 @@ pub(crate) fn read_stories<R: BufRead>(
                 if text.trim_end_matches(['\n', '\r']) == ENDOFTEXT {
                     batch.push(&story);
                     story.clear();
+                } else if story.len().saturating_add(content_len(&line)) > max {
+                    return Err(too_long(StoryAt::Offset(story_start)));
                 } else {
                     story.push_str(text);
                 }
@@ -771,11 +824,17 @@ pub(crate) fn read_stories<R: BufRead>(
             let mut line_no = 0u64;
             loop {
                 line.clear();
-                let n = reader.read_until(b'\n', &mut line).map_err(io)?;
+                let (n, ended) = read_line_capped(&mut reader, &mut line, line_cap).map_err(io)?;
                 if n == 0 {
                     break;
                 }
                 line_no += 1;
+                if !ended || content_len(&line) > max {
+                    return Err(too_long(StoryAt::Line {
+                        line: line_no,
+                        offset,
+                    }));
+                }
                 check_utf8(&line, offset, path)?;
                 offset += n as u64;
                 if line.iter().all(u8::is_ascii_whitespace) {
@@ -800,14 +859,22 @@ pub(crate) fn read_stories<R: BufRead>(
         }
         Format::Json => {
             let mut problem = None;
-            let mut de = serde_json::Deserializer::from_reader(Utf8Checked::new(reader));
+            let limit = ElementLimit::new(max_story);
+            let mut de = serde_json::Deserializer::from_reader(Limited {
+                inner: Utf8Checked::new(reader),
+                limit: &limit,
+            });
             let list = StoryList {
                 batch: &mut batch,
                 problem: &mut problem,
+                limit: &limit,
             };
             if let Err(e) = list.deserialize(&mut de).and_then(|()| de.end()) {
                 if !batch.open {
                     return Ok(false);
+                }
+                if let Some(element) = limit.exceeded.get() {
+                    return Err(too_long(StoryAt::Element(element)));
                 }
                 return Err(match problem {
                     Some(message) => DataError::BadJson {
@@ -824,12 +891,109 @@ pub(crate) fn read_stories<R: BufRead>(
     batch.finish(path)
 }
 
+/// Bytes of `line` without the line break that ends it (`\n` or `\r\n`).
+fn content_len(line: &[u8]) -> usize {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line).len()
+}
+
+/// Append the next line of `reader`, its `\n` included, to `line`, reading at most `cap` bytes.
+/// Returns the bytes read (0 at the end of the stream) and whether the line ended (with a `\n`
+/// or the stream) within them; the rest of a longer line is left unread, so memory never holds
+/// more than `cap` bytes of it (`read_until` would hold all of it).
+fn read_line_capped(
+    reader: &mut impl BufRead,
+    line: &mut Vec<u8>,
+    cap: usize,
+) -> std::io::Result<(usize, bool)> {
+    let mut read = 0;
+    loop {
+        let buf = match reader.fill_buf() {
+            Ok(buf) => buf,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if buf.is_empty() {
+            return Ok((read, true));
+        }
+        let room = cap - read;
+        let (n, ended) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) if i < room => (i + 1, true),
+            _ => (buf.len().min(room), false),
+        };
+        line.extend_from_slice(&buf[..n]);
+        reader.consume(n);
+        read += n;
+        if ended || read == cap {
+            return Ok((read, ended));
+        }
+    }
+}
+
+/// How many bytes serde may read for one `.json` list element, shared by the [`Limited`]
+/// reader (which counts) and the [`StoryList`] visitor (which starts each element's count).
+struct ElementLimit {
+    max: u64,
+    /// Bytes read since the current element started; None between the list's end and EOF.
+    used: Cell<Option<u64>>,
+    element: Cell<u64>,
+    /// The element that went over `max`, once one did.
+    exceeded: Cell<Option<u64>>,
+}
+
+impl ElementLimit {
+    fn new(max: u64) -> Self {
+        Self {
+            max,
+            used: Cell::new(None),
+            element: Cell::new(0),
+            exceeded: Cell::new(None),
+        }
+    }
+
+    fn start(&self, element: u64) {
+        self.element.set(element);
+        self.used.set(Some(0));
+    }
+
+    fn stop(&self) {
+        self.used.set(None);
+    }
+}
+
+/// A reader that fails once the current `.json` list element has taken more than its limit:
+/// serde_json holds a string until it ends, so this is what bounds its memory.
+struct Limited<'l, R> {
+    inner: R,
+    limit: &'l ElementLimit,
+}
+
+impl<R: Read> Read for Limited<'_, R> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let Some(used) = self.limit.used.get() else {
+            return self.inner.read(out);
+        };
+        let left = self.limit.max.saturating_sub(used);
+        if left == 0 {
+            self.limit.exceeded.set(Some(self.limit.element.get()));
+            return Err(std::io::Error::other(
+                "list element longer than --max-story-bytes",
+            ));
+        }
+        let want = out.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut out[..want])?;
+        self.limit.used.set(Some(used + n as u64));
+        Ok(n)
+    }
+}
+
 /// A `.json` list's elements, deserialized and handed to the batcher one at a time.
 struct StoryList<'s, 'a> {
     batch: &'s mut Batcher<'a>,
     /// Set when an element has no story (serde's own error would carry a position that points
     /// past the element).
     problem: &'s mut Option<String>,
+    limit: &'s ElementLimit,
 }
 
 impl<'de> DeserializeSeed<'de> for StoryList<'_, '_> {
@@ -849,6 +1013,7 @@ impl<'de> Visitor<'de> for StoryList<'_, '_> {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let mut i = 0u64;
+        self.limit.start(i);
         while let Some(rec) = seq.next_element::<Record>()? {
             let Some(text) = rec.into_text() else {
                 *self.problem = Some(format!(
@@ -861,7 +1026,10 @@ impl<'de> Visitor<'de> for StoryList<'_, '_> {
                 return Err(de::Error::custom("the consumer stopped listening"));
             }
             i += 1;
+            self.limit.start(i);
         }
+        // What follows the list (whitespace, or an error) is no element.
+        self.limit.stop();
         Ok(())
     }
 }
@@ -898,6 +1066,9 @@ impl std::fmt::Display for NotUtf8 {
 
 impl std::error::Error for NotUtf8 {}
 
+/// How far [`Utf8Checked`] reads ahead of what it passes on.
+const UTF8_CHECK_BYTES: usize = 1 << 16;
+
 /// A reader that passes on only bytes known to be valid UTF-8 and fails with [`NotUtf8`] at the
 /// first invalid sequence (one cut by the end of the stream included), so a streamed JSON list
 /// is checked as a whole file was. A character split between two reads of `inner` is held back
@@ -918,7 +1089,7 @@ impl<R: Read> Utf8Checked<R> {
     fn new(inner: R) -> Self {
         Self {
             inner,
-            buf: vec![0; 1 << 16].into_boxed_slice(),
+            buf: vec![0; UTF8_CHECK_BYTES].into_boxed_slice(),
             pos: 0,
             valid: 0,
             end: 0,
@@ -979,6 +1150,15 @@ mod tests {
 
     /// Every story [`read_stories`] hands over from `reader`.
     fn stories_from(reader: impl BufRead, format: Format) -> Result<Vec<String>, DataError> {
+        stories_max(reader, format, u64::MAX)
+    }
+
+    /// [`stories_from`] with stories of at most `max_story` bytes.
+    fn stories_max(
+        reader: impl BufRead,
+        format: Format,
+        max_story: u64,
+    ) -> Result<Vec<String>, DataError> {
         let mut out = Vec::new();
         let counter = AtomicU64::new(0);
         read_stories(
@@ -986,6 +1166,7 @@ mod tests {
             format,
             Path::new("t"),
             Split::Train,
+            max_story,
             &counter,
             &mut |e| {
                 if let Event::Stories { stories, .. } = e {
@@ -1105,6 +1286,7 @@ mod tests {
             Format::Json,
             Path::new("t"),
             Split::Train,
+            u64::MAX,
             &counter,
             &mut |_| {
                 batches += 1;
@@ -1212,5 +1394,251 @@ mod tests {
         );
         assert_eq!(val_rank(&p("d/validation.txt"), Format::Txt), 2);
         assert_eq!(val_rank(&p("d/data00.json.gz"), Format::Json), 1);
+    }
+
+    /// `prefix`, then `n` bytes of `x` without a line break, zstd-compressed: a few KB that
+    /// decompress to one endless line.
+    fn zstd_bomb(prefix: &[u8], n: u64, suffix: &[u8]) -> Vec<u8> {
+        let mut z = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        std::io::Write::write_all(&mut z, prefix).unwrap();
+        std::io::copy(&mut std::io::repeat(b'x').take(n), &mut z).unwrap();
+        std::io::Write::write_all(&mut z, suffix).unwrap();
+        z.finish().unwrap()
+    }
+
+    /// Read buffer of the hostile-input tests: what a reader may have pulled beyond what it used.
+    const READ_AHEAD: usize = 1 << 16;
+
+    /// The stories of zstd-compressed `bytes` read with `max_story`, and how many decompressed
+    /// bytes were pulled from the stream.
+    fn bomb_stories(
+        bytes: &[u8],
+        format: Format,
+        max_story: u64,
+    ) -> (Result<Vec<String>, DataError>, u64) {
+        let pulled = Arc::new(AtomicU64::new(0));
+        let source = Counting {
+            inner: zstd::stream::read::Decoder::new(bytes).unwrap(),
+            count: pulled.clone(),
+        };
+        let reader = BufReader::with_capacity(READ_AHEAD, source);
+        let got = stories_max(reader, format, max_story);
+        (got, pulled.load(Ordering::Relaxed))
+    }
+
+    fn too_long(at: &str, limit: u64) -> String {
+        format!("t: {at} is longer than {limit} bytes (raise --max-story-bytes to read it)")
+    }
+
+    #[test]
+    fn a_txt_line_longer_than_max_story_is_refused_before_it_is_held() {
+        const MAX: u64 = 4096;
+        // 64 MiB of one line in a few KB: read whole, it was held whole (issue 23: 2 GiB).
+        let prefix = b"ok\n<|endoftext|>\n";
+        let zst = zstd_bomb(prefix, 64 << 20, b"\n");
+        assert!(zst.len() < 100_000, "{}", zst.len());
+        let (got, pulled) = bomb_stories(&zst, Format::Txt, MAX);
+        let e = got.unwrap_err();
+        assert!(e.is_bad_input());
+        assert_eq!(e.to_string(), too_long("the story at byte offset 17", MAX));
+        // The prefix, at most a line's cap (MAX + "\r\n") of the story, one buffer of read-ahead.
+        let bound = prefix.len() as u64 + MAX + 2 + READ_AHEAD as u64;
+        assert!(pulled <= bound, "pulled {pulled} bytes, more than {bound}");
+    }
+
+    #[test]
+    fn a_txt_story_is_limited_as_its_lines_add_up() {
+        // k lines "abc\n": 4k bytes, 4k - 1 without the line break that ends the story.
+        let k = 1000;
+        let text = format!("a\n<|endoftext|>\n{}<|endoftext|>\nb\n", "abc\n".repeat(k));
+        let max = 4 * k as u64 - 1;
+        // Separator lines are no story's: they pass however small the limit.
+        let tiny = stories_max(&b"a\n<|endoftext|>\r\nb\n"[..], Format::Txt, 1).unwrap();
+        assert_eq!(tiny, ["a", "b"]);
+        let got = stories_max(text.as_bytes(), Format::Txt, max).unwrap();
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[1].len() as u64, max); // trimmed of the "\n" that ends it
+        let e = stories_max(text.as_bytes(), Format::Txt, max - 1).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            too_long("the story at byte offset 16", max - 1)
+        );
+        // A story of 16 MiB of short lines is refused within MAX bytes of where it starts.
+        const MAX: u64 = 4096;
+        let lines = "abc\n".repeat(4 << 20);
+        let zst = zstd::stream::encode_all(lines.as_bytes(), 3).unwrap();
+        let (got, pulled) = bomb_stories(&zst, Format::Txt, MAX);
+        assert_eq!(
+            got.unwrap_err().to_string(),
+            too_long("the story at byte offset 0", MAX)
+        );
+        let bound = MAX + 2 + READ_AHEAD as u64;
+        assert!(pulled <= bound, "pulled {pulled} bytes, more than {bound}");
+    }
+
+    #[test]
+    fn a_jsonl_line_longer_than_max_story_is_refused_before_it_is_held() {
+        let rec = br#"{"story":"xxx"}"#;
+        let max = rec.len() as u64; // the line break is not counted
+        let text = [&rec[..], b"\r\n", rec, b"\n", rec].concat();
+        assert_eq!(stories_max(&text[..], Format::Jsonl, max).unwrap().len(), 3);
+        let e = stories_max(&text[..], Format::Jsonl, max - 1).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            too_long("line 1 (at byte offset 0)", max - 1)
+        );
+        const MAX: u64 = 4096;
+        let prefix = b"{\"story\":\"a\"}\n{\"story\":\"";
+        let zst = zstd_bomb(prefix, 64 << 20, b"\"}\n");
+        let (got, pulled) = bomb_stories(&zst, Format::Jsonl, MAX);
+        assert_eq!(
+            got.unwrap_err().to_string(),
+            too_long("line 2 (at byte offset 14)", MAX)
+        );
+        let bound = prefix.len() as u64 + MAX + 2 + READ_AHEAD as u64;
+        assert!(pulled <= bound, "pulled {pulled} bytes, more than {bound}");
+    }
+
+    #[test]
+    fn a_json_list_element_longer_than_max_story_is_refused_before_it_is_held() {
+        // Element 1 is read as `,{"story":"yyyy"}`: 17 bytes, its comma included.
+        let text = br#"[{"story":"xxx"},{"story":"yyyy"}]  "#;
+        assert_eq!(stories_max(&text[..], Format::Json, 17).unwrap().len(), 2);
+        let e = stories_max(&text[..], Format::Json, 16).unwrap_err();
+        assert!(matches!(e, DataError::StoryTooLong { .. }), "{e}");
+        assert_eq!(e.to_string(), too_long("list element 1", 16));
+        const MAX: u64 = 4096;
+        let prefix = b"[{\"story\":\"a\"},{\"story\":\"";
+        let zst = zstd_bomb(prefix, 64 << 20, b"\"}]");
+        let (got, pulled) = bomb_stories(&zst, Format::Json, MAX);
+        assert_eq!(
+            got.unwrap_err().to_string(),
+            too_long("list element 1", MAX)
+        );
+        // What serde took (the prefix and MAX bytes), the UTF-8 check's and the buffer's read-ahead.
+        let bound = prefix.len() as u64 + MAX + (UTF8_CHECK_BYTES + READ_AHEAD) as u64;
+        assert!(pulled <= bound, "pulled {pulled} bytes, more than {bound}");
+    }
+
+    #[test]
+    fn max_story_bytes_reaches_the_readers_and_the_error_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let bomb = dir.path().join("bomb.txt.zst");
+        std::fs::write(&bomb, zstd_bomb(b"once\n<|endoftext|>\n", 64 << 20, b"")).unwrap();
+        let plan = plan(std::slice::from_ref(&bomb), &[], None, 1 << 20, &|| false).unwrap();
+        let counter = Arc::new(AtomicU64::new(0));
+        let e = read_all(&plan, &counter, &mut |_| true).unwrap_err();
+        assert!(matches!(e, DataError::StoryTooLong { .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}: the story at byte offset 19 is longer than 1048576 bytes (raise \
+                 --max-story-bytes to read it)",
+                bomb.display()
+            )
+        );
+    }
+
+    /// A `.tar.gz` whose first header is a GNU long name declaring `declared` bytes, followed by
+    /// `present` bytes that do not compress (so reading them shows on disk).
+    fn long_name_bomb(path: &Path, declared: u64, present: usize) {
+        let mut h = tar::Header::new_gnu();
+        h.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
+        h.set_entry_type(tar::EntryType::GNULongName);
+        h.set_size(declared);
+        h.set_cksum();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..present)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let file = File::create(path).unwrap();
+        let mut gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, h.as_bytes()).unwrap();
+        std::io::Write::write_all(&mut gz, &noise).unwrap();
+        gz.finish().unwrap();
+    }
+
+    #[test]
+    fn a_tar_long_name_declaring_gigabytes_is_refused_after_its_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("names.tar.gz");
+        // 3 GB declared (issue 23); 16 MiB present, which the tar crate read into memory whole.
+        long_name_bomb(&archive, 3_000_000_000, 16 << 20);
+        let want = format!(
+            "{}: truncated or corrupt archive: tar header at byte offset 0: GNU long name of \
+             3000000000 bytes (mla reads at most 8192)",
+            archive.display()
+        );
+        let e = list_archive(&archive, &|| false).unwrap_err();
+        assert!(matches!(e, DataError::BadArchive { .. }) && e.is_bad_input());
+        assert_eq!(e.to_string(), want);
+        let plan = Plan {
+            jobs: vec![Job::Archive {
+                path: archive.clone(),
+                split: Split::Train,
+                val_member: None,
+            }],
+            total_bytes: 0,
+            auto_val: None,
+            text_column: None,
+            max_story_bytes: u64::MAX,
+        };
+        let counter = Arc::new(AtomicU64::new(0));
+        let e = read_all(&plan, &counter, &mut |_| true).unwrap_err();
+        assert_eq!(e.to_string(), want);
+        // One read buffer of the file, not the 16 MiB behind the header.
+        let read = counter.load(Ordering::Relaxed);
+        assert!(
+            read <= FILE_BUF_BYTES as u64,
+            "read {read} bytes of the archive"
+        );
+    }
+
+    #[test]
+    fn a_tar_gz_cut_in_half_is_a_bad_archive_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("data.tar.gz");
+        let text: String = (0..20_000)
+            .map(|i| format!("story {i}\n<|endoftext|>\n"))
+            .collect();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        {
+            let mut tar = tar::Builder::new(&mut gz);
+            for name in ["a.txt", "b.txt"] {
+                let mut h = tar::Header::new_gnu();
+                h.set_size(text.len() as u64);
+                h.set_mode(0o644);
+                tar.append_data(&mut h, name, text.as_bytes()).unwrap();
+            }
+            tar.finish().unwrap();
+        }
+        let bytes = gz.finish().unwrap();
+        std::fs::write(&archive, &bytes).unwrap();
+        let whole = plan(std::slice::from_ref(&archive), &[], None, u64::MAX, &|| {
+            false
+        })
+        .unwrap();
+        let mut stories = 0;
+        let counter = Arc::new(AtomicU64::new(0));
+        read_all(&whole, &counter, &mut |e| {
+            if let Event::Stories { stories: s, .. } = e {
+                stories += s.len();
+            }
+            true
+        })
+        .unwrap();
+        assert_eq!(stories, 40_000);
+        std::fs::write(&archive, &bytes[..bytes.len() / 2]).unwrap();
+        let e = read_all(&whole, &counter, &mut |_| true).unwrap_err();
+        assert!(matches!(e, DataError::BadArchive { .. }), "{e}");
+        // Named by the member being read when the stream broke: data.tar.gz/a.txt.
+        let e = e.to_string();
+        assert!(e.starts_with(&archive.display().to_string()), "{e}");
+        assert!(e.contains(": truncated or corrupt archive: "), "{e}");
     }
 }

@@ -18,6 +18,7 @@
 //!
 //! Not here: tensors (loaders return `Vec<i64>`), the CLI and YAML mapping (the binary owns them).
 
+mod archive;
 mod dataset;
 mod download;
 mod error;
@@ -30,6 +31,9 @@ mod parquet;
 mod prepare;
 mod remote;
 mod store;
+#[cfg(test)]
+mod test_http;
+mod thrift;
 mod tokenizer;
 mod writer;
 
@@ -39,7 +43,7 @@ pub use download::{
     model_file_url, repo_dir, tinystories_input, tinystories_url, DownloadOptions,
     DEFAULT_HF_ENDPOINT, TINYSTORIES_ARCHIVE,
 };
-pub use error::DataError;
+pub use error::{DataError, StoryAt};
 pub use format::{
     partial_index_file, DatasetIndex, PartialIndex, ShardEntry, ShardHeader, Split, SplitIndex,
     TokenDtype, TokenizerInfo, Worker, FORMAT_VERSION, HEADER_BYTES, INDEX_FILE, SHARD_MAGIC,
@@ -50,7 +54,10 @@ pub use loader::{
     TrainLoader, POSITION_VERSION,
 };
 pub use merge::{merge, merge_in, MergeReport};
-pub use prepare::{check_output_outside_inputs, prepare, prepare_into, PrepareArgs, PrepareReport};
+pub use prepare::{
+    check_output_outside_inputs, prepare, prepare_into, PrepareArgs, PrepareReport,
+    DEFAULT_MAX_STORY_BYTES,
+};
 pub use remote::{open_remote, remote_url, RemoteDir};
 pub use store::{LocalDir, RandomAccess, ShardSink, ShardSource};
 pub use tokenizer::{Tokenizer, ENDOFTEXT};

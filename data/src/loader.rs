@@ -242,7 +242,15 @@ impl TrainLoader {
         self.micro_step += 1;
         if self.micro_step == c.grad_accum_steps as u64 {
             self.micro_step = 0;
-            self.global += c.global_batch_windows();
+            // The next batch's rows must be countable (only a restored, absurd epoch gets here).
+            self.global = self
+                .global
+                .checked_add(c.global_batch_windows())
+                .filter(|g| g.checked_add(c.global_batch_windows()).is_some())
+                .ok_or_else(|| DataError::InvalidOption {
+                    key: "loader position".into(),
+                    message: format!("window count past {} (epoch {})", u64::MAX, self.epoch()),
+                })?;
         }
         if self.prefetch {
             let (global, micro_step) = (self.global, self.micro_step);
@@ -351,7 +359,24 @@ impl TrainLoader {
                 pos.global_batch_windows.to_string(),
             );
         }
-        self.global = pos.epoch * self.windows + pos.cursor;
+        // A checkpoint is read from outside: its epoch must not wrap the window count around,
+        // and one more global batch must still fit.
+        let global = pos
+            .epoch
+            .checked_mul(self.windows)
+            .and_then(|w| w.checked_add(pos.cursor))
+            .filter(|g| g.checked_add(self.cfg.global_batch_windows()).is_some());
+        let Some(global) = global else {
+            return mismatch(
+                "epoch",
+                format!(
+                    "at most {} (windows counted in a u64)",
+                    (u64::MAX - self.cfg.global_batch_windows()) / self.windows
+                ),
+                pos.epoch.to_string(),
+            );
+        };
+        self.global = global;
         self.micro_step = pos.micro_step;
         Ok(())
     }
@@ -553,6 +578,51 @@ mod tests {
         for c in counts {
             assert!((9_500..10_500).contains(&c), "{counts:?}");
         }
+    }
+
+    #[test]
+    fn a_restored_epoch_that_wraps_the_window_count_is_refused() {
+        use super::super::dataset::{Dataset, OpenOptions};
+        use super::super::format::{Split, TokenizerInfo};
+        use super::super::store::LocalDir;
+        use super::super::writer::DatasetWriter;
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalDir::new(dir.path());
+        let info = TokenizerInfo {
+            sha256: "00".into(),
+            vocab_size: 100,
+            separator_id: 0,
+            separator_token: "<|endoftext|>".into(),
+        };
+        let mut w = DatasetWriter::new(&store, info, 1 << 16, false).unwrap();
+        w.push_story(Split::Train, &[1, 2, 3, 4, 5]).unwrap(); // 6 tokens: 3 windows of 2
+        w.finish().unwrap();
+        let ds = Dataset::open_dir(dir.path(), OpenOptions::default()).unwrap();
+        let cfg = LoaderConfig {
+            block_size: 1,
+            micro_batch_size: 1,
+            grad_accum_steps: 1,
+            rank: 0,
+            world_size: 1,
+            seed: 1,
+        };
+        let mut loader = TrainLoader::new(ds.split(Split::Train), cfg).unwrap();
+        assert_eq!(loader.windows_per_epoch(), 3);
+        let mut pos = loader.state();
+        // 3 * (u64::MAX / 3 + 1) wraps around to 2: a checkpoint would silently land elsewhere.
+        pos.epoch = u64::MAX / 3 + 1;
+        assert_eq!(pos.epoch.wrapping_mul(3), 2);
+        let e = loader.restore(&pos).unwrap_err();
+        assert!(matches!(e, DataError::PositionMismatch { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains("epoch is 6148914691236517206 in the checkpoint"),
+            "{e}"
+        );
+        // The last epoch whose next global batch still fits is restored.
+        pos.epoch = (u64::MAX - 1) / 3;
+        loader.restore(&pos).unwrap();
+        loader.next_micro_batch().unwrap();
     }
 
     #[test]

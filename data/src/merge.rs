@@ -115,8 +115,23 @@ pub fn merge_in<D: ShardSource + ShardSink>(
                     });
                 }
             }
-            merged.tokens += s.tokens;
-            merged.stories += s.stories;
+            // Each partial index adds up on its own; their sum may still wrap around.
+            let overflow = |what: &str| DataError::BadIndex {
+                path: location_of(dir, p.worker),
+                message: format!(
+                    "split {name}: worker {}'s {what} bring the workers' total past {}",
+                    p.worker,
+                    u64::MAX
+                ),
+            };
+            merged.tokens = merged
+                .tokens
+                .checked_add(s.tokens)
+                .ok_or_else(|| overflow("tokens"))?;
+            merged.stories = merged
+                .stories
+                .checked_add(s.stories)
+                .ok_or_else(|| overflow("stories"))?;
             merged.shards.extend(s.shards.iter().cloned());
             merged.sources.extend(s.sources.iter().cloned());
         }
@@ -310,6 +325,30 @@ mod tests {
             ]
         );
         assert!(dir.exists(INDEX_FILE).unwrap());
+    }
+
+    #[test]
+    fn token_counts_that_wrap_around_across_workers_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = LocalDir::new(tmp.path());
+        // The largest u16 shard whose size fits in a u64: 32 + 2t <= u64::MAX. Each partial index
+        // is valid on its own; three of them hold more than u64::MAX tokens.
+        let t = (u64::MAX - 32) / 2;
+        assert!(t.checked_mul(3).is_none());
+        for i in 0..3 {
+            put(&dir, &partial(i, 3, t));
+        }
+        let e = merge_in(&dir, false, None).unwrap_err();
+        assert!(matches!(e, DataError::BadIndex { .. }) && e.is_bad_input());
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}: bad dataset index: split train: worker 2's tokens bring the workers' total \
+                 past 18446744073709551615",
+                tmp.path().join("index-worker-0002.json").display()
+            )
+        );
+        assert!(!dir.exists(INDEX_FILE).unwrap());
     }
 
     #[test]

@@ -10,9 +10,18 @@
 //! stories are. Progress counts the bytes read from disk, and a row group's other columns as
 //! done once it is read.
 //!
+//! Hostile files: the crate trusts a page header's sizes (it allocates the declared compressed
+//! and uncompressed size, up to 2 GiB each, before reading) and panics on a column chunk with a
+//! negative offset in the footer. So before the crate reads a column chunk, its range is checked
+//! against the file and its page headers are walked ([`check_pages`], with `thrift.rs`): a page
+//! may declare at most [`PAGE_STORIES`] × `--max-story-bytes` (1 MiB when that is less). A
+//! chunk with a DELTA_BYTE_ARRAY page is read one row at a time, as each of its values may be
+//! rebuilt as long as the page.
+//!
 //! Not here: the other formats, archives, or tokenizing (see `input` and `prepare`).
 
 use std::fs::File;
+use std::io::{BufReader, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,23 +30,36 @@ use ::parquet::basic::{Compression, ConvertedType, LogicalType, Type as Physical
 use ::parquet::column::reader::ColumnReader;
 use ::parquet::data_type::ByteArray;
 use ::parquet::errors::ParquetError;
-use ::parquet::file::metadata::RowGroupMetaData;
+use ::parquet::file::metadata::{ColumnChunkMetaData, RowGroupMetaData};
 use ::parquet::file::reader::{ChunkReader, FileReader, Length};
 use ::parquet::file::serialized_reader::SerializedFileReader;
 use ::parquet::schema::types::SchemaDescriptor;
 
-use super::error::DataError;
+use super::error::{DataError, StoryAt};
 use super::input::{Batcher, Counting};
+use super::thrift::read_page_header;
 
 /// Rows decoded per read of the column (a few MB of TinyStories-sized text).
 const ROWS_PER_READ: usize = 1024;
 
+/// A page may declare (compressed or not) at most this many times `--max-story-bytes`: room for
+/// one longest story and the short ones a writer put beside it, not for gigabytes.
+pub(crate) const PAGE_STORIES: u64 = 4;
+/// ... and at least this much, whatever `--max-story-bytes` (writers cut pages at about 1 MiB).
+const MIN_PAGE_LIMIT: u64 = 1 << 20;
+
+/// Parquet's `PageType::INDEX_PAGE` (never read) and `Encoding::DELTA_BYTE_ARRAY`.
+const INDEX_PAGE: i32 = 1;
+const DELTA_BYTE_ARRAY: i32 = 7;
+
 /// Hand the stories of `path`'s text column (`column`, or the default, see the module comment)
 /// to `batch`, adding the file's bytes to `bytes_read` as they are read. Stops early, without
-/// an error, when the batcher's consumer stops listening.
+/// an error, when the batcher's consumer stops listening. A value longer than `max_story` bytes
+/// is [`DataError::StoryTooLong`].
 pub(super) fn read_column(
     path: &Path,
     column: Option<&str>,
+    max_story: u64,
     batch: &mut Batcher<'_>,
     bytes_read: &Arc<AtomicU64>,
 ) -> Result<(), DataError> {
@@ -47,6 +69,8 @@ pub(super) fn read_column(
     };
     let file = File::open(path).map_err(|e| DataError::io(path, e))?;
     let file_len = file.metadata().map_err(|e| DataError::io(path, e))?.len();
+    let mut headers = BufReader::new(file.try_clone().map_err(|e| DataError::io(path, e))?);
+    let page_limit = max_story.saturating_mul(PAGE_STORIES).max(MIN_PAGE_LIMIT);
     let start = bytes_read.load(Ordering::Relaxed);
     let reader = SerializedFileReader::new(CountingFile {
         file,
@@ -68,7 +92,19 @@ pub(super) fn read_column(
         let group = reader
             .get_row_group(g)
             .map_err(|e| parquet_error(path, e))?;
-        check_codec(group.metadata().column(leaf).compression(), &name).map_err(bad)?;
+        let chunk = group.metadata().column(leaf);
+        check_codec(chunk.compression(), &name).map_err(bad)?;
+        let walk = check_pages(&mut headers, chunk, file_len, page_limit).map_err(|e| match e {
+            PageProblem::Io(e) => DataError::io(path, e),
+            PageProblem::Bad(m) => bad(format!("column `{name}`, row group {g}: {m}")),
+        })?;
+        // A DELTA_BYTE_ARRAY value is rebuilt from the one before it: one row at a time, no
+        // batch of values as long as the page each.
+        let rows_per_read = if walk.delta_byte_array {
+            1
+        } else {
+            ROWS_PER_READ
+        };
         let ColumnReader::ByteArrayColumnReader(mut col) = group
             .get_column_reader(leaf)
             .map_err(|e| parquet_error(path, e))?
@@ -79,7 +115,7 @@ pub(super) fn read_column(
             defs.clear();
             values.clear();
             let (rows, _, _) = col
-                .read_records(ROWS_PER_READ, Some(&mut defs), None, &mut values)
+                .read_records(rows_per_read, Some(&mut defs), None, &mut values)
                 .map_err(|e| parquet_error(path, e))?;
             if rows == 0 {
                 break;
@@ -95,6 +131,16 @@ pub(super) fn read_column(
                         "truncated or corrupt Parquet file: column `{name}` has fewer values than rows"
                     )));
                 };
+                if bytes.len() as u64 > max_story {
+                    return Err(DataError::StoryTooLong {
+                        path: path.to_path_buf(),
+                        at: StoryAt::Row {
+                            column: name.clone(),
+                            row: row + i as u64,
+                        },
+                        limit: max_story,
+                    });
+                }
                 let text = std::str::from_utf8(bytes.data()).map_err(|e| {
                     bad(format!(
                         "column `{name}`, row {}: not valid UTF-8 at byte {} of the value",
@@ -192,17 +238,101 @@ fn check_codec(codec: Compression, column: &str) -> Result<(), String> {
     ))
 }
 
-/// The file offset where a row group's column chunks end.
+/// The file offset where a row group's column chunks end (for progress only: a chunk with an
+/// impossible range counts as ending at 0).
 fn group_end(group: &RowGroupMetaData) -> u64 {
     group
         .columns()
         .iter()
-        .map(|c| {
-            let (start, len) = c.byte_range();
-            start + len
-        })
+        .filter_map(|c| chunk_range(c).and_then(|(start, len)| start.checked_add(len)))
         .max()
         .unwrap_or(0)
+}
+
+/// A column chunk's (start, length) as the crate's `byte_range` gives it, or None when the
+/// footer says a negative one (where `byte_range` panics).
+fn chunk_range(c: &ColumnChunkMetaData) -> Option<(u64, u64)> {
+    let start = c.dictionary_page_offset().unwrap_or(c.data_page_offset());
+    Some((
+        u64::try_from(start).ok()?,
+        u64::try_from(c.compressed_size()).ok()?,
+    ))
+}
+
+/// Why a column chunk is refused before the crate reads it.
+enum PageProblem {
+    /// The OS failed to read the file.
+    Io(std::io::Error),
+    /// The file itself: a one-line message.
+    Bad(String),
+}
+
+/// What the walk of a column chunk's pages found.
+struct PageWalk {
+    delta_byte_array: bool,
+}
+
+/// Walk the page headers of `chunk` as the crate's page reader will (from its first page through
+/// its declared length, without a page index): the chunk must lie inside the file, and each
+/// page's header and declared sizes fit in what is left of the chunk and in `page_limit`.
+fn check_pages(
+    headers: &mut BufReader<File>,
+    chunk: &ColumnChunkMetaData,
+    file_len: u64,
+    page_limit: u64,
+) -> Result<PageWalk, PageProblem> {
+    let bad = |m: String| Err(PageProblem::Bad(m));
+    let Some((start, len)) = chunk_range(chunk) else {
+        return bad(format!(
+            "column chunk with a negative offset or size in the footer (offset {}, {} bytes)",
+            chunk
+                .dictionary_page_offset()
+                .unwrap_or(chunk.data_page_offset()),
+            chunk.compressed_size()
+        ));
+    };
+    if start.checked_add(len).is_none_or(|end| end > file_len) {
+        return bad(format!(
+            "column chunk of {len} bytes at byte offset {start} runs past the end of the file \
+             ({file_len} bytes)"
+        ));
+    }
+    let raise = "raise --max-story-bytes to read it";
+    let mut walk = PageWalk {
+        delta_byte_array: false,
+    };
+    let (mut at, mut left) = (start, len);
+    while left > 0 {
+        headers.seek(SeekFrom::Start(at)).map_err(PageProblem::Io)?;
+        let h = match read_page_header(&mut *headers, left.min(page_limit)) {
+            Ok(h) => h,
+            Err(e) if e.raw_os_error().is_some() => return Err(PageProblem::Io(e)),
+            Err(e) => {
+                return bad(format!(
+                    "page header at byte offset {at} does not decode: {e}"
+                ))
+            }
+        };
+        let (compressed, uncompressed) = (h.compressed_size, h.uncompressed_size);
+        let body_left = left - h.header_bytes;
+        if compressed < 0 || uncompressed < 0 || compressed as u64 > body_left {
+            return bad(format!(
+                "page at byte offset {at} declares {compressed} bytes ({uncompressed} \
+                 uncompressed), but its column chunk has {body_left} left"
+            ));
+        }
+        if h.kind != INDEX_PAGE && (compressed as u64).max(uncompressed as u64) > page_limit {
+            return bad(format!(
+                "page at byte offset {at} declares {uncompressed} bytes uncompressed \
+                 ({compressed} compressed), more than the {page_limit}-byte page limit \
+                 (the larger of {PAGE_STORIES} × --max-story-bytes and 1 MiB; {raise})"
+            ));
+        }
+        walk.delta_byte_array |= h.encoding == Some(DELTA_BYTE_ARRAY);
+        at += h.header_bytes + compressed as u64;
+        left = body_left - compressed as u64;
+    }
+    Ok(walk)
 }
 
 /// Raise `count` to `start + done` if it is lower (only this reader thread adds to it).
@@ -288,6 +418,315 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "x.parquet: not a Parquet file, or truncated or corrupt: Invalid Parquet file. Corrupt footer"
+        );
+    }
+
+    /// A Parquet file of one optional string column `text` holding `values`, one row group.
+    fn write_parquet(path: &Path, values: &[String], compression: Compression) {
+        write_parquet_encoded(path, values, compression, None);
+    }
+
+    /// [`write_parquet`] with the values in `encoding` (None: PLAIN; RLE_DICTIONARY: a
+    /// dictionary page, as writers do by default).
+    fn write_parquet_encoded(
+        path: &Path,
+        values: &[String],
+        compression: Compression,
+        encoding: Option<::parquet::basic::Encoding>,
+    ) {
+        use ::parquet::file::properties::WriterProperties;
+        use ::parquet::file::writer::SerializedFileWriter;
+        let schema = ::parquet::schema::parser::parse_message_type(
+            "message m { optional binary text (STRING); }",
+        )
+        .unwrap();
+        // One page for the whole column, however long (the hostile tests patch its header).
+        let mut props = WriterProperties::builder()
+            .set_compression(compression)
+            .set_dictionary_enabled(false)
+            .set_data_page_size_limit(64 << 20);
+        match encoding {
+            Some(::parquet::basic::Encoding::RLE_DICTIONARY) => {
+                props = props.set_dictionary_enabled(true);
+            }
+            Some(encoding) => props = props.set_encoding(encoding),
+            None => {}
+        }
+        let props = props.build();
+        let file = File::create(path).unwrap();
+        let mut w = SerializedFileWriter::new(file, Arc::new(schema), props.into()).unwrap();
+        let values: Vec<ByteArray> = values.iter().map(|v| ByteArray::from(v.as_str())).collect();
+        let defs = vec![1; values.len()];
+        let mut group = w.next_row_group().unwrap();
+        let mut col = group.next_column().unwrap().unwrap();
+        match col.untyped() {
+            ::parquet::column::writer::ColumnWriter::ByteArrayColumnWriter(c) => {
+                c.write_batch(&values, Some(&defs), None).unwrap();
+            }
+            _ => unreachable!(),
+        }
+        col.close().unwrap();
+        group.close().unwrap();
+        w.close().unwrap();
+    }
+
+    /// The stories of `path`'s text column, read with `max_story`.
+    fn column_stories(path: &Path, max_story: u64) -> Result<Vec<String>, DataError> {
+        let mut out = Vec::new();
+        let counter = Arc::new(AtomicU64::new(0));
+        let mut emit = |e| {
+            if let super::super::input::Event::Stories { stories, .. } = e {
+                out.extend(stories);
+            }
+            true
+        };
+        let mut batch = Batcher::new(super::super::format::Split::Train, &counter, &mut emit);
+        read_column(path, None, max_story, &mut batch, &counter)?;
+        batch.finish(path)?;
+        Ok(out)
+    }
+
+    #[test]
+    fn a_value_longer_than_max_story_is_refused_naming_its_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.parquet");
+        let values: Vec<String> = (1..=5).map(|n| "x".repeat(n)).collect();
+        write_parquet(&path, &values, Compression::SNAPPY);
+        assert_eq!(column_stories(&path, 5).unwrap(), values);
+        let e = column_stories(&path, 3).unwrap_err();
+        assert!(matches!(e, DataError::StoryTooLong { .. }) && e.is_bad_input());
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}: row 3 of column `text` is longer than 3 bytes (raise --max-story-bytes to \
+                 read it)",
+                path.display()
+            )
+        );
+    }
+
+    /// The largest single allocation the calling thread makes while it runs `f`.
+    fn largest_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
+        LARGEST.with(|l| l.set(0));
+        TRACKING.with(|t| t.set(true));
+        let out = f();
+        TRACKING.with(|t| t.set(false));
+        (out, LARGEST.with(|l| l.get()))
+    }
+
+    thread_local! {
+        static TRACKING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        static LARGEST: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// The system allocator, noting the largest request of a thread that asked for it.
+    struct Tracked;
+
+    fn note(size: usize) {
+        let _ = TRACKING.try_with(|t| {
+            if t.get() {
+                let _ = LARGEST.try_with(|l| l.set(l.get().max(size)));
+            }
+        });
+    }
+
+    // SAFETY: every call is passed on to `System` unchanged.
+    unsafe impl std::alloc::GlobalAlloc for Tracked {
+        unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+            note(layout.size());
+            // SAFETY: the caller's contract is System's.
+            unsafe { std::alloc::System.alloc(layout) }
+        }
+        unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+            note(layout.size());
+            // SAFETY: as above.
+            unsafe { std::alloc::System.alloc_zeroed(layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+            note(new);
+            // SAFETY: as above.
+            unsafe { std::alloc::System.realloc(ptr, layout, new) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+            // SAFETY: as above.
+            unsafe { std::alloc::System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static ALLOCATOR: Tracked = Tracked;
+
+    /// A file of one page of `text` holding 1100 stories of about 1 KB: at least 2^20 bytes
+    /// uncompressed, so the page's sizes are 4-byte varints (room for 2^27 - 1 when patched).
+    fn one_page_file(path: &Path, compression: Compression) -> Vec<String> {
+        let values: Vec<String> = (0..1100)
+            .map(|i| format!("story {i:04}{}", " once upon a time".repeat(58)))
+            .collect();
+        write_parquet(path, &values, compression);
+        values
+    }
+
+    /// The first page header of the text column: its file offset and its bytes (a header is
+    /// shorter than 64 bytes here: no statistics in it).
+    fn first_page(path: &Path) -> (usize, Vec<u8>) {
+        let reader = SerializedFileReader::new(File::open(path).unwrap()).unwrap();
+        let at = reader.metadata().row_group(0).column(0).data_page_offset() as usize;
+        let bytes = std::fs::read(path).unwrap();
+        (at, bytes[at..at + 64].to_vec())
+    }
+
+    /// Overwrite the varint at `span` of `bytes` with `value`, in as many bytes.
+    fn patch(bytes: &mut [u8], span: std::ops::Range<usize>, value: i64) {
+        let len = span.len();
+        bytes[span].copy_from_slice(&crate::thrift::padded_zigzag(value, len));
+    }
+
+    /// The footer's Thrift bytes and where they start.
+    fn footer(bytes: &[u8]) -> std::ops::Range<usize> {
+        let n = bytes.len();
+        let len = u32::from_le_bytes(bytes[n - 8..n - 4].try_into().unwrap()) as usize;
+        n - 8 - len..n - 8
+    }
+
+    /// The largest value a 4-byte varint field holds: 128 MiB.
+    const DECLARED: i64 = (1 << 27) - 1;
+
+    #[test]
+    fn a_page_declaring_more_than_the_page_limit_is_refused_before_it_is_allocated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.parquet");
+        let values = one_page_file(&path, Compression::SNAPPY);
+        // 1 MiB stories: pages of up to 4 MiB, which holds the real one.
+        const MAX: u64 = 1 << 20;
+        let limit = MAX * PAGE_STORIES;
+        assert!(column_stories(&path, MAX).unwrap() == values);
+        // The page's uncompressed size (PageHeader field 2) says 128 MiB: the crate allocated
+        // that before decompressing (2 GiB with a 5-byte varint).
+        let (at, header) = first_page(&path);
+        let span = crate::thrift::field_spans(&header, &[2])[0].clone();
+        assert_eq!(span.len(), 4);
+        let mut bytes = std::fs::read(&path).unwrap();
+        patch(&mut bytes, at + span.start..at + span.end, DECLARED);
+        std::fs::write(&path, &bytes).unwrap();
+        let (got, largest) = largest_allocation(|| column_stories(&path, MAX));
+        let e = got.unwrap_err();
+        assert!(matches!(e, DataError::BadParquet { .. }) && e.is_bad_input());
+        let compressed = crate::thrift::read_page_header(&header[..], 64)
+            .unwrap()
+            .compressed_size;
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}: column `text`, row group 0: page at byte offset {at} declares {DECLARED} \
+                 bytes uncompressed ({compressed} compressed), more than the {limit}-byte page \
+                 limit (the larger of 4 × --max-story-bytes and 1 MiB; raise --max-story-bytes \
+                 to read it)",
+                path.display()
+            )
+        );
+        assert!(largest as u64 <= limit, "allocated {largest} bytes at once");
+    }
+
+    #[test]
+    fn a_column_chunk_past_the_end_of_the_file_is_refused_before_it_is_allocated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.parquet");
+        one_page_file(&path, Compression::UNCOMPRESSED);
+        let mut bytes = std::fs::read(&path).unwrap();
+        // The footer's ColumnMetaData.total_compressed_size (FileMetaData.row_groups[0]
+        // .columns[0].meta_data field 7) and the page's compressed size (PageHeader field 3)
+        // both say 128 MiB: the crate checked one against the other, never against the file,
+        // and allocated the page's before reading it.
+        let f = footer(&bytes);
+        let span = crate::thrift::field_spans(&bytes[f.clone()], &[4, 1, 3, 7])[0].clone();
+        assert_eq!(span.len(), 4);
+        patch(
+            &mut bytes,
+            f.start + span.start..f.start + span.end,
+            DECLARED,
+        );
+        let (at, header) = first_page(&path);
+        let header_len = crate::thrift::read_page_header(&header[..], 64)
+            .unwrap()
+            .header_bytes as i64;
+        let span = crate::thrift::field_spans(&header, &[3])[0].clone();
+        patch(
+            &mut bytes,
+            at + span.start..at + span.end,
+            DECLARED - header_len,
+        );
+        std::fs::write(&path, &bytes).unwrap();
+        let (got, largest) = largest_allocation(|| column_stories(&path, u64::MAX));
+        assert_eq!(
+            got.unwrap_err().to_string(),
+            format!(
+                "{}: column `text`, row group 0: column chunk of {DECLARED} bytes at byte offset \
+                 {at} runs past the end of the file ({} bytes)",
+                path.display(),
+                bytes.len()
+            )
+        );
+        // The file is about 1 MiB: nothing near the 128 MiB declared.
+        assert!(largest < bytes.len(), "allocated {largest} bytes at once");
+    }
+
+    #[test]
+    fn dictionary_and_delta_encoded_columns_are_read_whole() {
+        use ::parquet::basic::Encoding;
+        let dir = tempfile::tempdir().unwrap();
+        let values: Vec<String> = (0..3000)
+            .map(|i| format!("story {} of many", i % 700))
+            .collect();
+        for encoding in [
+            Encoding::RLE_DICTIONARY,
+            Encoding::DELTA_BYTE_ARRAY,
+            Encoding::DELTA_LENGTH_BYTE_ARRAY,
+        ] {
+            let path = dir.path().join(format!("{encoding}.parquet"));
+            write_parquet_encoded(&path, &values, Compression::SNAPPY, Some(encoding));
+            let file = File::open(&path).unwrap();
+            let meta = SerializedFileReader::new(file.try_clone().unwrap())
+                .unwrap()
+                .metadata()
+                .clone();
+            let chunk = meta.row_group(0).column(0);
+            let walk = check_pages(&mut BufReader::new(file), chunk, u64::MAX, 1 << 20);
+            let delta = walk.ok().map(|w| w.delta_byte_array);
+            assert_eq!(delta, Some(encoding == Encoding::DELTA_BYTE_ARRAY));
+            assert!(
+                column_stories(&path, u64::MAX).unwrap() == values,
+                "{encoding}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_negative_column_chunk_offset_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.parquet");
+        write_parquet(&path, &["a story".to_owned()], Compression::SNAPPY);
+        let mut bytes = std::fs::read(&path).unwrap();
+        // ColumnMetaData.data_page_offset (field 9): 4, a one-byte varint; -4 is one too. The
+        // crate's ColumnChunkMetaData::byte_range asserts it is not negative.
+        let f = footer(&bytes);
+        let span = crate::thrift::field_spans(&bytes[f.clone()], &[4, 1, 3, 9])[0].clone();
+        assert_eq!(bytes[f.start + span.start], 8, "data_page_offset 4");
+        patch(&mut bytes, f.start + span.start..f.start + span.end, -4);
+        std::fs::write(&path, &bytes).unwrap();
+        let e = column_stories(&path, u64::MAX).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}: column `text`, row group 0: column chunk with a negative offset or size in \
+                 the footer (offset -4, {} bytes)",
+                path.display(),
+                SerializedFileReader::new(File::open(&path).unwrap())
+                    .unwrap()
+                    .metadata()
+                    .row_group(0)
+                    .column(0)
+                    .compressed_size()
+            )
         );
     }
 }

@@ -33,6 +33,9 @@ use super::store::{LocalDir, ShardSink};
 use super::tokenizer::Tokenizer;
 use super::writer::{DatasetWriter, DEFAULT_SHARD_TOKENS};
 
+/// `--max-story-bytes`' default: 64 MiB, hundreds of times a long story.
+pub const DEFAULT_MAX_STORY_BYTES: u64 = 64 << 20;
+
 /// `--val-split`'s default.
 const DEFAULT_VAL_SPLIT: &str = "validation";
 
@@ -102,7 +105,7 @@ pub struct PrepareArgs {
         long,
         value_name = "DIR|URL",
         conflicts_with_all = [
-            "inputs", "worker", "hf_dataset", "val", "out", "shard_tokens", "threads",
+            "inputs", "worker", "hf_dataset", "val", "out", "shard_tokens", "max_story_bytes", "threads",
             "text_column", "subset", "split", "val_split", "cache_dir",
         ]
     )]
@@ -112,6 +115,13 @@ pub struct PrepareArgs {
     /// only multiply that cost (--shard-tokens 1 writes one file per token).
     #[arg(long, default_value_t = DEFAULT_SHARD_TOKENS)]
     pub shard_tokens: u64,
+    /// The longest story read, in bytes: a .txt story (its line breaks counted), a .jsonl line,
+    /// the JSON text of a .json list element or a Parquet value. A longer one stops preparation
+    /// with an error naming the file and where the story starts, before it is held in memory
+    /// (memory grows with this limit, never with the input).
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_STORY_BYTES,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_story_bytes: u64,
     /// Tokenizer threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -153,6 +163,7 @@ impl PrepareArgs {
             val_split: DEFAULT_VAL_SPLIT.into(),
             cache_dir: PathBuf::from(".cache/mla/datasets"),
             shard_tokens: DEFAULT_SHARD_TOKENS,
+            max_story_bytes: DEFAULT_MAX_STORY_BYTES,
             threads: 0,
             text_column: None,
             overwrite: false,
@@ -492,8 +503,20 @@ fn prepare_until(
 ) -> Result<PrepareReport, DataError> {
     let start = Instant::now();
     let worker = args.worker()?;
+    if args.max_story_bytes == 0 {
+        return Err(DataError::InvalidOption {
+            key: "--max-story-bytes".into(),
+            message: "0: must be at least 1".into(),
+        });
+    }
     // Every worker plans the whole input, so all choose the same validation data.
-    let mut plan = input::plan(&args.inputs, &args.val, args.text_column.as_deref(), stop)?;
+    let mut plan = input::plan(
+        &args.inputs,
+        &args.val,
+        args.text_column.as_deref(),
+        args.max_story_bytes,
+        stop,
+    )?;
     let planned_jobs = plan.jobs.len();
     let jobs = worker.map_or(0..planned_jobs, |w| w.jobs(planned_jobs));
     if worker.is_some() {
@@ -874,6 +897,26 @@ mod tests {
             let e = Worker::parse(bad).unwrap_err().to_string();
             assert!(e.starts_with("invalid --worker: "), "{e}");
         }
+    }
+
+    #[test]
+    fn max_story_bytes_defaults_to_64_mib_and_is_at_least_one() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            prepare: PrepareArgs,
+        }
+        let base = ["mla", "in.txt", "--tokenizer-dir", "tok", "--out", "o"];
+        let cli = Cli::try_parse_from(base).unwrap();
+        assert_eq!(cli.prepare.max_story_bytes, 64 << 20);
+        assert_eq!(
+            PrepareArgs::new(vec![], "tok", "o").max_story_bytes,
+            64 << 20
+        );
+        let cli = Cli::try_parse_from(base.iter().chain(&["--max-story-bytes", "100"])).unwrap();
+        assert_eq!(cli.prepare.max_story_bytes, 100);
+        assert!(Cli::try_parse_from(base.iter().chain(&["--max-story-bytes", "0"])).is_err());
     }
 
     #[test]

@@ -348,7 +348,7 @@ impl RandomAccess for RemoteObject {
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DataError> {
         let dir = &*self.dir;
-        let end = offset + buf.len() as u64;
+        let end = offset.saturating_add(buf.len() as u64);
         if end > self.len {
             return Err(DataError::io(
                 dir.object_url(&self.name),

@@ -43,7 +43,7 @@ pub trait RandomAccess: Send + Sync {
         let mut buf = vec![0u8; 1 << 20];
         let mut offset = 0;
         while offset < self.len() {
-            let n = ((self.len() - offset) as usize).min(buf.len());
+            let n = (self.len() - offset).min(buf.len() as u64) as usize;
             self.read_exact_at(&mut buf[..n], offset)?;
             hasher.update(&buf[..n]);
             offset += n as u64;
