@@ -309,7 +309,7 @@ fn check_pages(
             Err(e) if e.raw_os_error().is_some() => return Err(PageProblem::Io(e)),
             Err(e) => {
                 return bad(format!(
-                    "page header at byte offset {at} does not decode: {e}"
+                    "page header at byte offset {at} is truncated or corrupt ({e})"
                 ))
             }
         };

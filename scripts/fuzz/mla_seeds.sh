@@ -18,28 +18,39 @@ for t in torch_save safetensors manifest shard_index config_yaml text parquet; d
 head -c 20000 "$data/tinystories/train/tinystories_v1_train_head.txt" >"$tmp/stories.txt"
 head -c 5000 "$data/tinystories/valid/tinystories_v1_valid_head.txt" >"$tmp/val.txt"
 .venv/bin/python - "$tmp/stories.txt" "$out" <<'PY'
-import gzip, json, sys
+# fuzz_text's inputs are [mode][bytes]: mode % 4 = txt, jsonl, json, tar; mode / 4 = plain,
+# gzip, zstd (see fuzz/targets/text.rs).
+import gzip, io, json, shutil, subprocess, sys, tarfile
 from pathlib import Path
 import pyarrow as pa, pyarrow.parquet as pq
 text, out = Path(sys.argv[1]).read_text(), Path(sys.argv[2])
 stories = [s.strip() for s in text.split("<|endoftext|>") if s.strip()][:20]
-t = out / "text"
 files = {
-    "stories.txt": "\n<|endoftext|>\n".join(stories[:8]).encode(),
-    "stories.jsonl": "".join(json.dumps({"story": s}) + "\n" for s in stories[:8]).encode(),
-    "stories.json": json.dumps([{"text": s} for s in stories[:8]]).encode(),
+    0: "\n<|endoftext|>\n".join(stories[:8]).encode(),
+    1: "".join(json.dumps({"story": s}) + "\n" for s in stories[:8]).encode(),
+    2: json.dumps([{"text": s} for s in stories[:8]]).encode(),
 }
-for name, b in files.items():
-    (t / name).write_bytes(b)
-    (t / (name + ".gz")).write_bytes(gzip.compress(b))
+zstd = shutil.which("zstd")
+for fmt, b in files.items():
+    (out / "text" / f"plain-{fmt}").write_bytes(bytes([fmt]) + b)
+    (out / "text" / f"gzip-{fmt}").write_bytes(bytes([fmt + 4]) + gzip.compress(b))
+    if zstd:
+        z = subprocess.run([zstd, "-q", "-c"], input=b, capture_output=True, check=True).stdout
+        (out / "text" / f"zstd-{fmt}").write_bytes(bytes([fmt + 8]) + z)
+for form, long in ((tarfile.GNU_FORMAT, "gnu"), (tarfile.PAX_FORMAT, "pax")):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=form) as t:
+        for i, (name, b) in enumerate((("a.txt", files[0]), ("d/" + "x" * 120 + ".jsonl", files[1]))):
+            info = tarfile.TarInfo(name)
+            info.size = len(b)
+            t.addfile(info, io.BytesIO(b))
+    (out / "text" / f"tar-{long}").write_bytes(bytes([3]) + buf.getvalue())
 table = pa.table({"id": list(range(len(stories))), "text": stories})
 pq.write_table(table, out / "parquet" / "snappy.parquet", compression="snappy", row_group_size=7)
 pq.write_table(table, out / "parquet" / "zstd.parquet", compression="zstd", row_group_size=20)
 pq.write_table(table, out / "parquet" / "plain.parquet", compression="none", use_dictionary=False)
+pq.write_table(table, out / "parquet" / "v2.parquet", data_page_version="2.0", compression="none")
 PY
-if command -v zstd >/dev/null; then
-  for f in "$out"/text/stories.{txt,jsonl,json}; do zstd -q -f "$f" -o "$f.zst"; done
-fi
 
 # A prepared dataset, and two workers' partial indexes.
 $mla prepare "$tmp/stories.txt" --val "$tmp/val.txt" --tokenizer-dir "$tok" --out "$tmp/ds" --quiet >/dev/null
