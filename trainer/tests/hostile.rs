@@ -368,3 +368,106 @@ fn a_huge_dimension_or_a_config_larger_than_its_weights_is_refused_unbuilt() {
     );
     assert_refused(&m, &["parameters", "its weights hold 0 values"]);
 }
+
+// ---- hostile data files ------------------------------------------------------------------
+
+fn prepare(cwd: &Path, input: &Path, out: &Path) -> Measured {
+    measured(
+        cwd,
+        &[
+            "prepare",
+            input.to_str().unwrap(),
+            "--tokenizer-dir",
+            tokenizer_dir().to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        Duration::from_secs(90),
+    )
+}
+
+/// Issue 23, finding 7: a `.txt.zst` of under 100 KB whose one line unpacks to 2 GiB (it used
+/// to take 23.5 GiB until the kernel killed it), and a `.tar.gz` whose GNU long-name header
+/// claims 3 GB (out of memory): one line naming the file, exit 2, bounded memory.
+#[test]
+fn a_decompression_bomb_line_and_a_huge_tar_long_name_are_one_line_errors() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let bomb = tmp.path().join("bomb.txt.zst");
+    let mut enc =
+        zstd::stream::write::Encoder::new(std::fs::File::create(&bomb).unwrap(), 19).unwrap();
+    let chunk = vec![b'a'; 1 << 20];
+    for _ in 0..2048 {
+        enc.write_all(&chunk).unwrap();
+    }
+    enc.finish().unwrap();
+    let size = std::fs::metadata(&bomb).unwrap().len();
+    assert!(size < 100 << 10, "{size} bytes");
+    let m = prepare(tmp.path(), &bomb, &tmp.path().join("out-bomb"));
+    assert_refused(&m, &["bomb.txt.zst", "--max-story-bytes"]);
+    assert!(!tmp.path().join("out-bomb").exists(), "nothing left behind");
+
+    // A GNU long-name entry ('L') declaring 3,000,000,000 bytes, gzipped.
+    let mut header = [0u8; 512];
+    header[..13].copy_from_slice(b"././@LongLink");
+    header[100..108].copy_from_slice(b"0000644\0");
+    header[124..136].copy_from_slice(format!("{:011o}\0", 3_000_000_000u64).as_bytes());
+    header[156] = b'L';
+    header[257..265].copy_from_slice(b"ustar  \0");
+    header[148..156].fill(b' ');
+    let sum: u32 = header.iter().map(|&b| u32::from(b)).sum();
+    header[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    let tgz = tmp.path().join("names.tar.gz");
+    let mut gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(&tgz).unwrap(),
+        flate2::Compression::default(),
+    );
+    gz.write_all(&header).unwrap();
+    gz.write_all(&vec![b'x'; 16 << 20]).unwrap();
+    gz.finish().unwrap();
+    let m = prepare(tmp.path(), &tgz, &tmp.path().join("out-tar"));
+    assert_refused(&m, &["names.tar.gz", "long name of 3000000000 bytes"]);
+}
+
+/// Issue 23, finding 8: a worker's partial index listing 2^63 + 2 tokens in a 36-byte shard
+/// (32 + (2^63 + 2) × 2 wraps to 36) was accepted by `prepare --merge` and written to
+/// index.json.
+#[test]
+fn a_merge_of_an_index_whose_sizes_wrap_around_u64_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("s.txt");
+    std::fs::write(&text, "Once upon a time there was a cat.\n").unwrap();
+    let dir = tmp.path().join("w");
+    let out = mla_in(
+        tmp.path(),
+        &[
+            "prepare",
+            text.to_str().unwrap(),
+            "--tokenizer-dir",
+            tokenizer_dir().to_str().unwrap(),
+            "--out",
+            dir.to_str().unwrap(),
+            "--worker",
+            "0/1",
+            "--quiet",
+        ],
+        &[],
+    );
+    ok(&out);
+    let path = dir.join("index-worker-0000.json");
+    let mut doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let huge = (1u64 << 63) + 2;
+    let train = &mut doc["index"]["splits"]["train"];
+    train["tokens"] = huge.into();
+    train["shards"][0]["tokens"] = huge.into();
+    train["shards"][0]["bytes"] = 36.into();
+    std::fs::write(&path, serde_json::to_vec_pretty(&doc).unwrap()).unwrap();
+    let m = measured(
+        tmp.path(),
+        &["prepare", "--merge", dir.to_str().unwrap()],
+        Duration::from_secs(60),
+    );
+    assert_refused(&m, &["index-worker-0000.json", "9223372036854775810"]);
+    assert!(!dir.join("index.json").exists());
+}
