@@ -282,7 +282,13 @@ pub(crate) fn download(
         .unwrap_or_default();
     let partial = dir.join(format!(".{name}.{}.partial", std::process::id()));
     let result = (|| -> Result<u64, DataError> {
-        let mut file = File::create(&partial).map_err(|e| DataError::io(&partial, e))?;
+        // A new file, never through an entry of that name left or planted there (a link).
+        let _ = std::fs::remove_file(&partial);
+        let mut file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&partial)
+            .map_err(|e| DataError::io(&partial, e))?;
         let bar = progress_bar(opts.progress, expected, &name);
         let started = std::time::Instant::now();
         let mut last_line = started;

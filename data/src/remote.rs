@@ -413,7 +413,13 @@ fn write_atomic(file: &FsPath, bytes: &[u8]) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     let tmp = file.with_extension(format!("partial-{}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
+    // A new file, never through an entry of that name left or planted there.
+    let _ = std::fs::remove_file(&tmp);
+    std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, bytes))?;
     std::fs::rename(&tmp, file).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })

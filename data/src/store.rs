@@ -89,7 +89,9 @@ impl ShardSink for LocalDir {
         let path = self.root.join(name);
         let tmp = self.root.join(format!(".{name}.partial"));
         let write = || -> std::io::Result<()> {
-            let mut f = File::create(&tmp)?;
+            // A new file, never through an entry of that name left or planted there.
+            let _ = std::fs::remove_file(&tmp);
+            let mut f = File::options().write(true).create_new(true).open(&tmp)?;
             f.write_all(bytes)?;
             f.sync_all()?;
             std::fs::rename(&tmp, &path)

@@ -163,7 +163,7 @@ pub fn open(cfg: &RunConfig, tokenizer_dir: &Path) -> anyhow::Result<Dataset> {
     }
     let tokenizer = Tokenizer::from_dir(tokenizer_dir)?;
     let key = cache_key(name, &inputs, &val, tokenizer.sha256())?;
-    let dir = cache_root(cfg).join(format!("{name}-{key}"));
+    let dir = cache_root(cfg)?.join(format!("{name}-{key}"));
     if is_prepared(&dir) {
         info!("data: using prepared {}", dir.display());
         return Ok(Dataset::open_dir(&dir, opts)?);
@@ -195,7 +195,7 @@ fn open_remote_data(cfg: &RunConfig, url: &str, opts: OpenOptions) -> anyhow::Re
     info!("data: reading {url}");
     Ok(open_remote(
         url,
-        Some(cache_root(cfg).join("remote-sha256")),
+        Some(cache_root(cfg)?.join("remote-sha256")),
         opts,
     )?)
 }
@@ -280,18 +280,27 @@ pub fn tokenizer_dir(cfg: &RunConfig) -> anyhow::Result<PathBuf> {
     }
 }
 
-fn cache_root(cfg: &RunConfig) -> PathBuf {
+fn cache_root(cfg: &RunConfig) -> anyhow::Result<PathBuf> {
     if let Some(dir) = cfg
         .data
         .as_ref()
         .and_then(|d| d.init_args.cache_dir.as_deref())
     {
-        return PathBuf::from(dir);
+        return Ok(PathBuf::from(dir));
     }
-    match cfg.out_dir.split_once("://") {
+    let dir = match cfg.out_dir.split_once("://") {
         None => PathBuf::from(&cfg.out_dir).join("data"),
         Some(("file", p)) => PathBuf::from(p).join("data"),
-        Some(_) => PathBuf::from(".cache/mla/data"),
+        Some(_) => return Ok(PathBuf::from(".cache/mla/data")),
+    };
+    // Inside the out_dir: a link planted at `data` must not send the cache's writes elsewhere.
+    match std::fs::symlink_metadata(&dir) {
+        Ok(m) if !m.is_dir() => Err(BadInput(format!(
+            "{} is not a directory (a symbolic link?): mla never follows links in an out_dir;              remove it, or set data.init_args.cache_dir",
+            dir.display()
+        ))
+        .into()),
+        _ => Ok(dir),
     }
 }
 

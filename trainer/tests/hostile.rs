@@ -169,6 +169,29 @@ fn a_linked_lock_or_metrics_file_is_refused_and_its_target_kept() {
     }
 }
 
+/// `out_dir/data` (the cache that raw text is prepared into) as a link out of the out_dir:
+/// refused before anything is written through it.
+#[test]
+fn a_linked_data_cache_in_the_out_dir_is_refused_and_its_target_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let victim = Victim::new(tmp.path());
+    let out = tmp.path().join("run");
+    std::fs::create_dir(&out).unwrap();
+    symlink(&victim.dir, out.join("data")).unwrap();
+    let raw = tmp.path().join("raw");
+    std::fs::create_dir(&raw).unwrap();
+    for name in ["a.txt", "b.txt"] {
+        std::fs::write(raw.join(name), "Once upon a time there was a cat.\n").unwrap();
+    }
+    let m = train_into(
+        tmp.path(),
+        &out,
+        &["--data.train_data_path", raw.to_str().unwrap()],
+    );
+    assert_refused(&m, &["data", "never follows links"]);
+    victim.assert_untouched();
+}
+
 /// A directory inside a committed step that retention prunes, linked out of the out_dir: the
 /// link goes with the step, what it points to stays.
 #[test]
