@@ -17,13 +17,13 @@
 # target/fuzz/artifacts/<target>/ (replay: target/release/fuzz_<target> FILE) and the script
 # exits 1. Prints one row per target: executions, executions/s, corpus, findings.
 #
-# Defaults: every target, 20 s each (CI: `scripts/fuzz.sh` runs them all in under 3 minutes),
+# Defaults: every target, 15 s each (CI: `scripts/fuzz.sh` runs them all in under 3 minutes),
 # P = 1 target at a time. BENCHMARKS.md has the long runs (--seconds 1800).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-seconds=20
+seconds=15
 parallel=1
 targets=()
 while (($#)); do

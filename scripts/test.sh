@@ -9,7 +9,7 @@
 #   5. the numerics-heavy quick tests again on the default (SSE) and AVX2 CPU kernel paths
 #      (scripts/kernel_paths.sh), so no bound holds only on the kernels of this machine
 #   6. scripts/chaos.sh --short: the data-loss scenarios, every one must lose nothing
-#   7. scripts/fuzz.sh: every fuzz target for 20 s (under 3 minutes in all), no finding
+#   7. scripts/fuzz.sh: every fuzz target for 15 s (under 3 minutes in all), no finding
 # Tests read the real TinyStories sample and tokenizers from ../shared/data (read-only).
 # Extra arguments go to `cargo test` (e.g. scripts/test.sh -p mla-model).
 set -euo pipefail
