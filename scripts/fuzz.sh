@@ -17,6 +17,7 @@
 # target/fuzz/artifacts/<target>/ (replay: target/release/fuzz_<target> FILE) and the script
 # exits 1. Prints one row per target: executions, executions/s, corpus, findings.
 #
+# MLA_FUZZ_DIR moves target/fuzz (binaries, seeds, corpus, artifacts, logs) elsewhere.
 # Defaults: every target, 15 s each (CI: `scripts/fuzz.sh` runs them all in under 3 minutes),
 # P = 1 target at a time. BENCHMARKS.md has the long runs (--seconds 1800).
 set -euo pipefail
@@ -30,7 +31,7 @@ while (($#)); do
   case "$1" in
     --seconds) seconds=$2; shift 2 ;;
     --parallel) parallel=$2; shift 2 ;;
-    -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,24p' "$0"; exit 0 ;;
     -*) echo "fuzz.sh: unknown option $1" >&2; exit 2 ;;
     *) targets+=("$1"); shift ;;
   esac
@@ -44,7 +45,7 @@ done
 say() { printf '\033[1m[fuzz]\033[0m %s\n' "$*" >&2; }
 # shellcheck source=scripts/env.sh
 source scripts/env.sh
-work=$ROOT/target/fuzz
+work=${MLA_FUZZ_DIR:-$ROOT/target/fuzz}
 mkdir -p "$work"
 # config_yaml links mla-model, which links libtorch (unused by the config code).
 torch_lib=$(ls -d "$ROOT"/.venv/lib/python3*/site-packages/torch/lib 2>/dev/null | head -1)
