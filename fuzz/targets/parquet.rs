@@ -1,25 +1,25 @@
-//! Fuzz target: a Parquet file as `mla prepare` reads one column of it (`data/src/parquet.rs`
+//! Fuzz target: a Parquet file as `mla prepare` reads one column of it (`corpus/src/parquet.rs`
 //! and its page-header check `thrift.rs`, compiled here from their source), under a 1 MiB
 //! story limit. The reader takes a path: each input is written to one temp file first.
 #![no_main]
 
 #[allow(dead_code)]
-#[path = "../../data/src/archive.rs"]
+#[path = "../../corpus/src/archive.rs"]
 mod archive;
 #[allow(dead_code)]
-#[path = "../../data/src/error.rs"]
+#[path = "../../corpus/src/error.rs"]
 mod error;
 #[allow(dead_code)]
-#[path = "../../data/src/format.rs"]
+#[path = "../../corpus/src/format.rs"]
 mod format;
 #[allow(dead_code)]
-#[path = "../../data/src/input.rs"]
+#[path = "../../corpus/src/input.rs"]
 mod input;
 #[allow(dead_code)]
-#[path = "../../data/src/parquet.rs"]
+#[path = "../../corpus/src/parquet.rs"]
 mod parquet;
 #[allow(dead_code)]
-#[path = "../../data/src/thrift.rs"]
+#[path = "../../corpus/src/thrift.rs"]
 mod thrift;
 /// What input.rs takes from the tokenizer module.
 mod tokenizer {

@@ -1,12 +1,12 @@
-//! Fuzz target: the token-shard format of a prepared dataset (`data/src/format.rs`):
+//! Fuzz target: the token-shard format of a prepared dataset (`corpus/src/format.rs`):
 //! `index.json`, a worker's partial index, and a shard's 32-byte header.
 #![no_main]
 
 #[allow(dead_code)]
-#[path = "../../data/src/error.rs"]
+#[path = "../../corpus/src/error.rs"]
 mod error;
 #[allow(dead_code)]
-#[path = "../../data/src/format.rs"]
+#[path = "../../corpus/src/format.rs"]
 mod format;
 
 use std::path::Path;

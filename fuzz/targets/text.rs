@@ -1,4 +1,4 @@
-//! Fuzz target: the text readers of `mla prepare` (`data/src/input.rs`, `archive.rs`, compiled
+//! Fuzz target: the text readers of `mla prepare` (`corpus/src/input.rs`, `archive.rs`, compiled
 //! here from their source): `.txt`, `.jsonl` and `.json` lists, plain, gzip or zstd, and tar
 //! archives' members, under a 1 MiB story limit. The first input byte picks the reader:
 //! `b % 4` = txt, jsonl, json, tar; `b / 4 % 3` = plain, gzip, zstd (tar: uncompressed, so
@@ -6,22 +6,22 @@
 #![no_main]
 
 #[allow(dead_code)]
-#[path = "../../data/src/archive.rs"]
+#[path = "../../corpus/src/archive.rs"]
 mod archive;
 #[allow(dead_code)]
-#[path = "../../data/src/error.rs"]
+#[path = "../../corpus/src/error.rs"]
 mod error;
 #[allow(dead_code)]
-#[path = "../../data/src/format.rs"]
+#[path = "../../corpus/src/format.rs"]
 mod format;
 #[allow(dead_code)]
-#[path = "../../data/src/input.rs"]
+#[path = "../../corpus/src/input.rs"]
 mod input;
 #[allow(dead_code)]
-#[path = "../../data/src/parquet.rs"]
+#[path = "../../corpus/src/parquet.rs"]
 mod parquet;
 #[allow(dead_code)]
-#[path = "../../data/src/thrift.rs"]
+#[path = "../../corpus/src/thrift.rs"]
 mod thrift;
 /// What input.rs takes from the tokenizer module.
 mod tokenizer {

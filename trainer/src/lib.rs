@@ -8,8 +8,8 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 mod cxx;
-/// Data preparation, the shard format and the loaders: the `mla-data` crate (no tch).
-pub use mla_data as data;
+/// Data preparation, the shard format and the loaders: the `mla-corpus` crate (no tch).
+pub use mla_corpus as data;
 pub mod datasource;
 pub mod device;
 pub mod dist;

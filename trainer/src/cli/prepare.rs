@@ -1,4 +1,4 @@
-//! `mla prepare`: tokenize raw text into token shards (see data/src/FORMAT.md), also as
+//! `mla prepare`: tokenize raw text into token shards (see corpus/src/FORMAT.md), also as
 //! one worker of several (`--worker I/N`), and `mla prepare --merge DIR`, which joins the
 //! workers' partial indexes. SIGTERM/SIGINT stop a preparation within moments, leaving no
 //! dataset behind (a second signal ends it at once).

@@ -1,4 +1,4 @@
-//! mla-data: raw text → token shards (`mla prepare`), the shard index, and the training/eval
+//! mla-corpus: raw text → token shards (`mla prepare`), the shard index, and the training/eval
 //! loaders. No tch: it builds and its tests run without libtorch.
 //!
 //! Flow: [`Tokenizer::from_dir`] → [`prepare`] (or [`prepare_into`] for another [`ShardSink`])
