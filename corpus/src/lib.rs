@@ -30,6 +30,7 @@ mod merge;
 mod parquet;
 mod prepare;
 mod remote;
+mod sample;
 mod store;
 #[cfg(test)]
 mod test_http;
@@ -59,6 +60,9 @@ pub use prepare::{
     DEFAULT_MAX_STORY_BYTES,
 };
 pub use remote::{open_remote, remote_url, RemoteDir};
+pub use sample::{
+    download_tinystories_sample, SampleReport, SAMPLE_FILE, SAMPLE_VAL_EVERY, TINYSTORIES_REPO,
+};
 pub use store::{LocalDir, RandomAccess, ShardSink, ShardSource};
 pub use tokenizer::{Tokenizer, ENDOFTEXT};
 pub use writer::{DatasetWriter, DEFAULT_SHARD_TOKENS, MIN_SHARD_TOKENS};

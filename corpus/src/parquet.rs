@@ -391,7 +391,7 @@ impl ChunkReader for CountingFile {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -422,7 +422,7 @@ mod tests {
     }
 
     /// A Parquet file of one optional string column `text` holding `values`, one row group.
-    fn write_parquet(path: &Path, values: &[String], compression: Compression) {
+    pub(crate) fn write_parquet(path: &Path, values: &[String], compression: Compression) {
         write_parquet_encoded(path, values, compression, None);
     }
 

@@ -496,6 +496,11 @@ pub struct DataArgs {
     /// dataset (default true). Sizes and headers are always checked; turning this off saves
     /// reading a large remote dataset once per start.
     pub verify_checksums: Option<bool>,
+    /// mla extension (TextFiles): when `train_data_path` and `val_data_path` are `DIR/train`
+    /// and `DIR/val` and neither exists, fill them on first use with a small TinyStories
+    /// sample from the Hugging Face hub (its validation split, every 10th story to val), as
+    /// the quickstart configs do. Other paths (a typo in an override) are never filled.
+    pub tinystories_sample: Option<bool>,
 }
 
 /// Which data module a `DataConfig` names.
@@ -997,6 +1002,12 @@ impl RunConfig {
                     if d.init_args.train_data_path.is_some() || d.init_args.val_data_path.is_some()
                     {
                         bad("data.init_args", "TinyStories takes data_path; train_data_path/val_data_path belong to TextFiles".into());
+                    }
+                    if d.init_args.tinystories_sample.is_some() {
+                        bad(
+                            "data.init_args.tinystories_sample",
+                            "belongs to TextFiles (TinyStories downloads the whole archive into data_path)".into(),
+                        );
                     }
                 }
             }

@@ -8,6 +8,9 @@
 //!   `TinyStories_all_data/` or `TinyStories_all_data.tar.gz`), tokenized on first use; when it
 //!   holds neither, the archive is downloaded from the Hugging Face hub (`HF_ENDPOINT` honoured)
 //!   into `data_path`, as litgpt does. The first json shard (`data00.json`) is validation data.
+//! * `TextFiles` with `tinystories_sample: true` (the quickstart configs): when neither path
+//!   exists, both are filled on first use with a small TinyStories sample from the hub
+//!   (`mla_corpus::download_tinystories_sample`).
 //! * The tokenizer: `tokenizer_dir` as given; when it does not exist and ends in `<owner>/<name>`
 //!   (litgpt's `checkpoints/EleutherAI/pythia-160m`), its tokenizer files are downloaded there.
 //!
@@ -24,8 +27,9 @@
 
 use crate::config::{DataModule, RunConfig};
 use crate::data::{
-    download_tinystories, download_tokenizer, input_files, is_prepared, open_remote, prepare,
-    remote_url, tinystories_input, Dataset, DownloadOptions, OpenOptions, PrepareArgs, Tokenizer,
+    download_tinystories, download_tinystories_sample, download_tokenizer, input_files,
+    is_prepared, open_remote, prepare, remote_url, tinystories_input, Dataset, DownloadOptions,
+    OpenOptions, PrepareArgs, Tokenizer, TINYSTORIES_REPO,
 };
 use crate::dist::{Communicator, RankInfo};
 use crate::error::BadInput;
@@ -110,6 +114,9 @@ pub fn open(cfg: &RunConfig, tokenizer_dir: &Path) -> anyhow::Result<Dataset> {
                     .into());
                 }
                 return Ok(Dataset::open_dir(&train, opts)?);
+            }
+            if args.tinystories_sample == Some(true) {
+                fill_sample(&train, args.val_data_path.as_deref())?;
             }
             let val = match args.val_data_path.as_deref() {
                 Some(v) => top_level_txt(Path::new(v), "data.init_args.val_data_path")?,
@@ -224,6 +231,43 @@ fn top_level_txt(path: &Path, key: &str) -> anyhow::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// `data.init_args.tinystories_sample`: when the paths are `DIR/train` and `DIR/val` and
+/// neither exists yet, download the TinyStories sample into them (a first run from a plain
+/// clone). Any other paths are left to the usual checks, so a mistyped directory is reported,
+/// never filled. Offline, one line says what to point at local text instead.
+fn fill_sample(train: &Path, val: Option<&str>) -> anyhow::Result<()> {
+    let Some(val) = val.map(Path::new) else {
+        return Ok(());
+    };
+    let sample_layout = train.file_name().is_some_and(|n| n == "train")
+        && val.file_name().is_some_and(|n| n == "val")
+        && train.parent() == val.parent();
+    if !sample_layout || train.exists() || val.exists() {
+        return Ok(());
+    }
+    let opts = DownloadOptions::default();
+    info!(
+        "data: {} and {} do not exist: downloading the TinyStories sample ({}'s validation split from {}) into them",
+        train.display(),
+        val.display(),
+        TINYSTORIES_REPO,
+        opts.endpoint
+    );
+    let r = download_tinystories_sample(train, val, &opts).map_err(|e| {
+        BadInput(format!(
+            "data.init_args.train_data_path: {} does not exist, and the TinyStories sample could \
+             not be downloaded into it: {e}; or point --data.init_args.train_data_path and \
+             --data.init_args.val_data_path at local text (directories of .txt stories)",
+            train.display()
+        ))
+    })?;
+    info!(
+        "data: TinyStories sample: {} training and {} validation stories",
+        r.train_stories, r.val_stories
+    );
+    Ok(())
+}
+
 /// Whether `dir` directly holds text/json story files (a TinyStories data_path of raw files).
 fn has_story_files(dir: &Path) -> bool {
     std::fs::read_dir(dir).is_ok_and(|entries| {
@@ -257,7 +301,7 @@ pub fn tokenizer_dir(cfg: &RunConfig) -> anyhow::Result<PathBuf> {
             // leave an empty `<owner>/<name>` behind (issue 9), wherever it pointed.
             let created = dir
                 .ancestors()
-                .take_while(|a| !a.exists())
+                .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
                 .last()
                 .map(Path::to_path_buf);
             download_tokenizer(&repo, &cache, &DownloadOptions::default()).map_err(|e| {
@@ -266,7 +310,8 @@ pub fn tokenizer_dir(cfg: &RunConfig) -> anyhow::Result<PathBuf> {
                 }
                 BadInput(format!(
                     "tokenizer_dir: {} does not exist, and downloading {repo} from the Hugging \
-                     Face hub into it failed: {e}",
+                     Face hub into it failed: {e}; or point --tokenizer_dir at a directory \
+                     with tokenizer.json",
                     dir.display()
                 ))
                 .into()

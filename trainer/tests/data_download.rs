@@ -451,3 +451,162 @@ fn a_hub_dataset_prepares_from_its_parquet_files_as_the_same_text_does() {
     );
     assert!(!tmp.path().join("none").exists());
 }
+
+/// A clone of the repository somewhere else, with only what the README's CPU quickstart reads
+/// (`config_hub/`): no `shared/data` beside it, no tokenizer, no data.
+fn plain_clone(root: &Path) -> std::path::PathBuf {
+    let clone = root.join("clone");
+    let pretrain = clone.join("config_hub/pretrain");
+    std::fs::create_dir_all(&pretrain).unwrap();
+    std::fs::copy(
+        repo().join("config_hub/pretrain/debug.yaml"),
+        pretrain.join("debug.yaml"),
+    )
+    .unwrap();
+    clone
+}
+
+/// The quickstart's config, shrunk to seconds: the README's command with smaller numbers.
+const QUICK: [&str; 16] = [
+    "--model_config.block_size",
+    "32",
+    "--train.max_steps",
+    "3",
+    "--train.global_batch_size",
+    "2",
+    "--train.micro_batch_size",
+    "2",
+    "--train.lr_warmup_steps",
+    "1",
+    "--eval.max_iters",
+    "1",
+    "--eval.interval",
+    "3",
+    "--train.save_interval",
+    "3",
+];
+
+/// Issue 26: from a plain clone, the README's CPU quickstart (debug.yaml) fetches the pythia
+/// tokenizer and the TinyStories sample from the hub on first use, trains and generates; the
+/// sample is the hub's validation split with every 10th story kept for validation.
+#[test]
+fn the_quickstart_fills_its_tokenizer_and_tinystories_sample_from_the_hub_on_first_use() {
+    let all = stories(
+        &shared_data().join("tinystories/valid/tinystories_v1_valid_head.txt"),
+        300,
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let parquet = tmp.path().join("validation.parquet");
+    write_parquet(&parquet, "text", &all);
+    let api = "/api/datasets/roneneldan/TinyStories/parquet/default/validation";
+    let file = "/datasets/roneneldan/TinyStories/resolve/refs%2Fconvert%2Fparquet/default/validation/0000.parquet";
+    let listing = serde_json::to_vec(&[format!("https://huggingface.co{file}")]).unwrap();
+    let neox = shared_data().join("tokenizers/gpt-neox-20b/tokenizer.json");
+    let server = Server::start(HashMap::from([
+        (api.to_owned(), Reply::Ok(listing)),
+        (file.to_owned(), Reply::Ok(std::fs::read(&parquet).unwrap())),
+        (
+            "/EleutherAI/pythia-160m/resolve/main/tokenizer.json".to_owned(),
+            Reply::Ok(std::fs::read(&neox).unwrap()),
+        ),
+    ]));
+    let clone = plain_clone(tmp.path());
+    let env = [("HF_ENDPOINT", server.addr.as_str())];
+    let mut args = vec![
+        "train",
+        "--device",
+        "cpu",
+        "--config",
+        "config_hub/pretrain/debug.yaml",
+    ];
+    args.extend_from_slice(&QUICK);
+    let out = mla_in(&clone, &args, &env);
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(&out);
+    assert!(
+        log.contains("TinyStories sample: 270 training and 30 validation stories"),
+        "{log}"
+    );
+    let val =
+        std::fs::read_to_string(clone.join("data/tinystories-sample/val/tinystories-sample.txt"))
+            .unwrap();
+    assert!(val.starts_with(&format!("{}\n<|endoftext|>\n{}\n", all[0], all[10])));
+    assert!(clone
+        .join("checkpoints/EleutherAI/pythia-160m/tokenizer.json")
+        .is_file());
+    ok(&mla_in(
+        &clone,
+        &[
+            "generate",
+            "out/pretrain/debug/final",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "5",
+        ],
+        &env,
+    ));
+    // A second run finds both in place and asks the hub for nothing more.
+    let paths = [
+        api,
+        file,
+        "/EleutherAI/pythia-160m/resolve/main/tokenizer.json",
+    ];
+    let hits = |s: &Server| paths.map(|p| s.hits(p));
+    assert_eq!(hits(&server), [1, 1, 1]);
+    let mut again = args.clone();
+    again.extend_from_slice(&["--out_dir", "out/again"]);
+    ok(&mla_in(&clone, &again, &env));
+    assert_eq!(hits(&server), [1, 1, 1], "nothing downloaded twice");
+}
+
+/// Issue 26, offline: one line naming what to point at local files, exit 2, and nothing left
+/// behind (no partial tokenizer or sample directory).
+#[test]
+fn the_quickstart_offline_says_what_to_point_at_local_files_and_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clone = plain_clone(tmp.path());
+    // A port nothing listens on: the hub is unreachable.
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let env = [("HF_ENDPOINT", closed.as_str())];
+    let mut args = vec![
+        "train",
+        "--device",
+        "cpu",
+        "--config",
+        "config_hub/pretrain/debug.yaml",
+    ];
+    args.extend_from_slice(&QUICK);
+    let out = mla_in(&clone, &args, &env);
+    assert_bad_line(&out, &["--tokenizer_dir"]);
+    let tok = tokenizer_dir();
+    args.extend_from_slice(&["--tokenizer_dir", tok.to_str().unwrap()]);
+    let out = mla_in(&clone, &args, &env);
+    assert_bad_line(
+        &out,
+        &[
+            "data/tinystories-sample/train",
+            "--data.init_args.train_data_path",
+            "--data.init_args.val_data_path",
+        ],
+    );
+    // No partial tokenizer or sample (the out_dir the run claimed holds its lock file only).
+    assert!(!clone.join("checkpoints").exists() && !clone.join("data").exists());
+}
+
+/// Exit 2 and one last `error:` line naming every word of `culprits`.
+fn assert_bad_line(out: &std::process::Output, culprits: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.trim_end().lines().last().unwrap_or_default();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        last.starts_with("error: ") && !err.contains("panicked"),
+        "{err}"
+    );
+    for c in culprits {
+        assert!(last.contains(c), "names {c}: {last}");
+    }
+}

@@ -89,6 +89,8 @@ fn train(out_dir: &Path, extra: &[&str]) -> Output {
         "--data.val_data_path",
         "null",
     ];
+    let tokenizer = shared_data().join("tokenizers/gpt-neox-20b");
+    args.extend_from_slice(&["--tokenizer_dir", tokenizer.to_str().unwrap()]);
     args.extend_from_slice(extra);
     mla(&args)
 }
