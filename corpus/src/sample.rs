@@ -118,7 +118,7 @@ fn split_into(files: &[PathBuf], train: &Path, val: &Path) -> Result<SampleRepor
         let mut emit = |e: Event| {
             if let Event::Stories { stories, .. } = e {
                 for s in stories {
-                    let (out, count) = if n % SAMPLE_VAL_EVERY == 0 {
+                    let (out, count) = if n.is_multiple_of(SAMPLE_VAL_EVERY) {
                         (&mut v, &mut report.val_stories)
                     } else {
                         (&mut t, &mut report.train_stories)
