@@ -356,12 +356,12 @@ impl ObjectStore for NoFollowFs {
             }
         };
         let mut out = empty_listing();
-        let Ok(entries) = std::fs::read_dir(&start) else {
-            return Ok(out); // missing, a file or a link
-        };
-        if !std::fs::symlink_metadata(&start).is_ok_and(|m| m.is_dir()) {
-            return Ok(out);
+        if !is_real_dir(&start) {
+            return Ok(out); // missing, a file or a link: no objects below it
         }
+        let Ok(entries) = std::fs::read_dir(&start) else {
+            return Ok(out);
+        };
         for entry in entries.flatten() {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
