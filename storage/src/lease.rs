@@ -202,9 +202,18 @@ impl Drop for Lease {
 pub(crate) fn lock_local(dir: &std::path::Path, url: &str, holder: &Holder) -> Result<Lease> {
     use std::io::{Read, Seek, Write};
     let path = dir.join(LOCK_FILE);
-    let io_err = |e: std::io::Error| Error::Open {
-        url: url.to_string(),
-        detail: format!("lock file {}: {e}", path.display()),
+    let io_err = |e: std::io::Error| {
+        // Name the file once: a refusal of `open_file` already does.
+        let shown = path.display().to_string();
+        let e = e.to_string();
+        Error::Open {
+            url: url.to_string(),
+            detail: if e.contains(&shown) {
+                e
+            } else {
+                format!("lock file {shown}: {e}")
+            },
+        }
     };
     // Never through a link: `.mla-lock -> ~/somefile` would be truncated and overwritten.
     let mut file = crate::local::open_file(dir, LOCK_FILE, crate::local::OpenMode::ReadWrite)

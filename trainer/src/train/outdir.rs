@@ -59,8 +59,8 @@ pub(crate) fn claim(cfg: &RunConfig, store: &BlockingCheckpointStore) -> anyhow:
                 ))
                 .into(),
                 // The lock file cannot be opened: a link or a FIFO in its place, no permission.
-                StoreError::Open { .. } => {
-                    BadInput(format!("out_dir {url}: its lease: {e}")).into()
+                StoreError::Open { detail, .. } => {
+                    BadInput(format!("out_dir {url}: taking its lease: {detail}")).into()
                 }
                 e => anyhow::Error::new(e).context(format!("out_dir {url}: taking its lease")),
             }
