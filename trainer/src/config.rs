@@ -706,6 +706,37 @@ fn normalize_class_sections(root: &mut Mapping) {
     }
 }
 
+/// The data module the tree names now (`None`: none, or one mla does not know).
+fn data_class(root: &Mapping) -> Option<DataModule> {
+    let class_path = root.get("data")?.get("class_path")?.as_str()?;
+    DataConfig {
+        class_path: class_path.to_string(),
+        init_args: DataArgs::default(),
+    }
+    .module()
+}
+
+/// An override that switches `data.class_path` (TextFiles ↔ TinyStories) drops the init_args
+/// only the previous module takes, as jsonargparse does when a class_path changes, so that
+/// `--data.class_path TinyStories --data.data_path D` works on a TextFiles config. Arguments
+/// both take (seed, cache_dir, …) are kept; a later override may still set any of them.
+fn drop_other_modules_args(root: &mut Mapping, before: Option<DataModule>) {
+    let now = data_class(root);
+    let Some(before) = before else { return };
+    if now.is_none() || now == Some(before) {
+        return;
+    }
+    let only_before: &[&str] = match before {
+        DataModule::TextFiles => &["train_data_path", "val_data_path", "tinystories_sample"],
+        DataModule::TinyStories => &["data_path"],
+    };
+    if let Some(Value::Mapping(args)) = root.get_mut("data").and_then(|d| d.get_mut("init_args")) {
+        for key in only_before {
+            args.remove(*key);
+        }
+    }
+}
+
 /// Where an override key lands in the tree: `data.data_path` → `data.init_args.data_path`
 /// (jsonargparse's class-path convention for `data` and `optimizer`).
 fn override_path(key: &str) -> Vec<String> {
@@ -821,9 +852,11 @@ impl RunConfig {
         for o in overrides {
             let value: Value =
                 serde_yaml_ng::from_str(&o.value).unwrap_or(Value::String(o.value.clone()));
+            let before = data_class(&root);
             set_path(&mut root, &override_path(&o.key), value)
                 .map_err(|m| err(&format!("--{}", o.key), m))?;
             normalize_class_sections(&mut root);
+            drop_other_modules_args(&mut root, before);
         }
         let from_override = |key: &str| {
             overrides

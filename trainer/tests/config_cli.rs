@@ -114,6 +114,61 @@ fn dotted_overrides_reach_every_section() {
     assert_eq!(cfg.resume, mla_trainer::config::Resume::Auto);
 }
 
+/// `--data.class_path` switching modules drops the arguments only the old one takes (as
+/// jsonargparse does), keeps shared ones, and a file that mixes them is still refused.
+#[test]
+fn switching_the_data_module_by_override_drops_the_old_modules_arguments() {
+    let ov = |k: &str, v: &str| Override {
+        key: k.into(),
+        value: v.into(),
+    };
+    let text_files = "model_name: pythia-14m\n\
+                      data:\n  class_path: litgpt.data.TextFiles\n  init_args:\n    train_data_path: d/train\n    val_data_path: d/val\n    tinystories_sample: true\n    seed: 7\n";
+    let cfg = RunConfig::from_yaml(
+        text_files,
+        "t.yaml",
+        &[
+            ov("data.class_path", "TinyStories"),
+            ov("data.data_path", "/tmp/ts"),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let data = cfg.data.expect("data");
+    assert_eq!(
+        data.module(),
+        Some(mla_trainer::config::DataModule::TinyStories)
+    );
+    assert_eq!(data.init_args.data_path.as_deref(), Some("/tmp/ts"));
+    assert_eq!(data.init_args.train_data_path, None);
+    assert_eq!(data.init_args.tinystories_sample, None);
+    assert_eq!(data.init_args.seed, Some(7), "shared arguments are kept");
+
+    // Back the other way, and the override order does not matter for keys set after it.
+    let tiny = "model_name: pythia-14m\ndata:\n  class_path: TinyStories\n  init_args:\n    data_path: /d\n";
+    let cfg = RunConfig::from_yaml(
+        tiny,
+        "t.yaml",
+        &[
+            ov("data.class_path", "litgpt.data.TextFiles"),
+            ov("data.train_data_path", "/x"),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let data = cfg.data.expect("data");
+    assert_eq!(data.init_args.data_path, None);
+    assert_eq!(data.init_args.train_data_path.as_deref(), Some("/x"));
+
+    // Without a switch, a mixed file is an error naming the key.
+    let e = RunConfig::from_yaml(
+        "model_name: pythia-14m\ndata:\n  class_path: TinyStories\n  init_args:\n    tinystories_sample: true\n",
+        "t.yaml",
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("data.init_args.tinystories_sample"), "{e}");
+}
+
 #[test]
 fn litgpt_text_files_yaml_loads_unchanged() {
     let yaml = "model_name: pythia-14m\n\
