@@ -11,10 +11,9 @@ use bytes::Bytes;
 use crate::error::{Error, Result};
 use crate::lease::{self, Holder, Lease};
 use crate::manifest::{Manifest, ManifestMeta, StepName};
+use crate::options::StoreOptions;
 use crate::outdir::Leftovers;
-use crate::store::{
-    CheckpointStore, Latest, LoadedStep, RetainReport, StepInfo, StoreOptions, VerifiedStep,
-};
+use crate::store::{CheckpointStore, Latest, LoadedStep, RetainReport, StepInfo, VerifiedStep};
 
 pub(crate) fn runtime(name: &str) -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()

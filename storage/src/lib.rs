@@ -28,6 +28,7 @@ mod lease;
 mod local;
 mod location;
 mod manifest;
+mod options;
 mod outdir;
 mod saver;
 mod store;
@@ -46,11 +47,13 @@ pub use manifest::{
 };
 /// The backend trait, for [`CheckpointStore::from_object_store`].
 pub use object_store;
+pub use options::{
+    RetryOptions, StoreOptions, ENV_CONNECT_TIMEOUT_SECS, ENV_MAX_RETRIES, ENV_READ_TIMEOUT_SECS,
+    ENV_REQUEST_TIMEOUT_SECS, ENV_RETRY_TIMEOUT_SECS, ENV_TEST_PUT_DELAY_MS,
+};
 pub use outdir::Leftovers;
 pub use saver::{BackgroundSaver, SaveJob, SaveReport};
 pub use store::{
     is_invalid_step, upload_bytes, CheckpointStore, Latest, LoadedStep, PutOutcome, RetainReport,
-    RetryOptions, SkippedStep, StepInfo, StoreOptions, Uploaded, Verification, VerifiedStep,
-    ENV_CONNECT_TIMEOUT_SECS, ENV_MAX_RETRIES, ENV_READ_TIMEOUT_SECS, ENV_REQUEST_TIMEOUT_SECS,
-    ENV_RETRY_TIMEOUT_SECS, ENV_TEST_PUT_DELAY_MS, MAX_MANIFEST_BYTES,
+    SkippedStep, StepInfo, Uploaded, Verification, VerifiedStep, MAX_MANIFEST_BYTES,
 };

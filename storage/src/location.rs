@@ -16,7 +16,7 @@ use object_store::{BackoffConfig, ClientConfigKey, ObjectStore, RetryConfig};
 use crate::error::{error_chain, Error, Result};
 use crate::local::NoFollowFs;
 use crate::manifest::StepName;
-use crate::store::StoreOptions;
+use crate::options::StoreOptions;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Backend {

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use object_store::ObjectStoreExt;
 
 use crate::error::{Error, Result};
+use crate::local::remove_staging_files;
 use crate::manifest::StepName;
 use crate::store::{CheckpointStore, StepInfo};
 
@@ -29,38 +30,6 @@ impl Leftovers {
     pub fn is_empty(&self) -> bool {
         self.incomplete_steps.is_empty() && self.staging_files == 0
     }
-}
-
-/// Remove the object_store staging files (`<name>#<digits>`) under `dir`, recursively;
-/// returns how many. object_store's local backend writes every upload to such a file and
-/// renames it into place, so one whose writer died stays forever, invisible to listings.
-/// Links are never followed (`DirEntry::file_type` does not follow them); `dir` itself must
-/// be a real directory (callers check).
-pub(crate) fn remove_staging_files(dir: &std::path::Path) -> usize {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    let mut removed = 0;
-    for entry in entries.flatten() {
-        let Ok(kind) = entry.file_type() else {
-            continue;
-        };
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if kind.is_dir() {
-            removed += remove_staging_files(&entry.path());
-        } else if kind.is_file()
-            && is_staging_name(&name)
-            && std::fs::remove_file(entry.path()).is_ok()
-        {
-            removed += 1;
-        }
-    }
-    removed
-}
-
-pub(crate) fn is_staging_name(name: &str) -> bool {
-    matches!(name.rsplit_once('#'), Some((base, n)) if !base.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 impl CheckpointStore {
@@ -152,20 +121,5 @@ impl CheckpointStore {
             }
         }
         Ok(deleted)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn staging_names_are_told_from_object_names() {
-        for name in ["model.safetensors#1", "state.json#123"] {
-            assert!(is_staging_name(name), "{name}");
-        }
-        for name in ["model.safetensors", "a#b", "#1", "x#", "x#1a"] {
-            assert!(!is_staging_name(name), "{name}");
-        }
     }
 }
