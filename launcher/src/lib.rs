@@ -2,6 +2,7 @@
 //! (restarting the group with `--resume auto` up to `--max-restarts` times). The binary
 //! (`main.rs`) only maps the result to an exit code. No tch: ranks are `mla train` processes and
 //! everything passes through argv and environment (torchrun's contract, see README.md).
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod cli;
 pub mod device;

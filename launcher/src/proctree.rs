@@ -1,7 +1,8 @@
 //! The launcher's process tree, read from `/proc`: every descendant of the launcher (ranks,
 //! mpirun and its ranks, anything they started), and signalling it by process group. With the
 //! launcher a child subreaper, orphans of a dead rank are re-parented to it, so "no descendant
-//! left" means no process left behind. Linux only; not a general process library.
+//! left" means no process left behind; each spawned process gets the parent-death signal
+//! ([`set_parent_death_signal`]). Linux only; not a general process library.
 
 use nix::errno::Errno;
 use nix::sys::signal::{kill, killpg, Signal};
@@ -132,6 +133,31 @@ pub fn become_subreaper() {
         tracing::debug!("PR_SET_CHILD_SUBREAPER: {e}");
     }
 }
+
+/// Ranks die with the launcher (SIGKILL when the launcher's main thread exits, even by SIGKILL),
+/// so a killed launcher leaves no GPU-holding orphans. Spawns happen on the main thread, which
+/// lives as long as the launcher: PR_SET_PDEATHSIG fires on the *thread's* exit.
+#[cfg(target_os = "linux")]
+pub(crate) fn set_parent_death_signal(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = nix::unistd::getpid();
+    // SAFETY: runs between fork and exec; prctl and getppid are async-signal-safe and the
+    // closure allocates nothing (the error is built from a raw errno).
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)?;
+            if nix::unistd::getppid() != parent {
+                // The launcher died before prctl took effect.
+                return Err(std::io::Error::from(nix::errno::Errno::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn set_parent_death_signal(_cmd: &mut std::process::Command) {}
 
 #[cfg(test)]
 mod tests {

@@ -57,7 +57,7 @@ fn run(cmd: &[OsString]) -> u8 {
     }
     let mut command = Command::new(program);
     command.args(args);
-    crate::supervise::set_parent_death_signal(&mut command);
+    crate::proctree::set_parent_death_signal(&mut command);
     let exit = match command.spawn().and_then(|mut c| {
         watch_parent(parent, c.id());
         c.wait()

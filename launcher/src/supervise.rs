@@ -102,7 +102,7 @@ impl Supervisor<'_> {
         // Own process group: the terminal's Ctrl-C reaches only the launcher (which forwards one
         // SIGTERM), and one killpg reaches everything the rank started.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        set_parent_death_signal(&mut cmd);
+        crate::proctree::set_parent_death_signal(&mut cmd);
         if inherit_stdio {
             cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
         } else {
@@ -324,27 +324,3 @@ pub fn signal_name(sig: i32) -> String {
         .map(|s| s.as_str().to_string())
         .unwrap_or_else(|_| format!("signal {sig}"))
 }
-
-/// Ranks die with the launcher (SIGKILL when the launcher's main thread exits, even by SIGKILL),
-/// so a killed launcher leaves no GPU-holding orphans. Spawns happen on the main thread, which
-/// lives as long as the launcher: PR_SET_PDEATHSIG fires on the *thread's* exit.
-#[cfg(target_os = "linux")]
-pub(crate) fn set_parent_death_signal(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    let parent = nix::unistd::getpid();
-    // SAFETY: runs between fork and exec; prctl and getppid are async-signal-safe and the
-    // closure allocates nothing (the error is built from a raw errno).
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
-            if nix::unistd::getppid() != parent {
-                // The launcher died before prctl took effect.
-                return Err(std::io::Error::from(nix::errno::Errno::ESRCH));
-            }
-            Ok(())
-        });
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-pub(crate) fn set_parent_death_signal(_cmd: &mut Command) {}
