@@ -14,7 +14,7 @@
 //!
 //! Memory does not grow with the input: every format is streamed (a `.json` list element by
 //! element, a compressed file through its decoder, Parquet one page of one column at a time)
-//! and handed on in batches of about [`BATCH_BYTES`] of text. One story is held whole, so its
+//! and handed on in batches of about `batch::BATCH_BYTES` of text. One story is held whole, so its
 //! length is capped (`--max-story-bytes`, [`DataError::StoryTooLong`]): a line or list element
 //! is read only that far, never to its end first.
 //!
@@ -29,19 +29,17 @@ use std::cell::Cell;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use super::archive::{Member, Members};
+use super::batch::{Batcher, Counting, Event};
 use super::error::{DataError, StoryAt};
 use super::format::Split;
 use super::tokenizer::ENDOFTEXT;
-
-/// Stories are handed to the tokenizer in batches of about this many bytes of text.
-const BATCH_BYTES: usize = 1 << 21;
 
 /// Read buffer of a data file or archive on disk.
 const FILE_BUF_BYTES: usize = 1 << 20;
@@ -487,35 +485,6 @@ fn data_member(member: Member) -> Option<(String, Format, Codec)> {
     format_of(base).map(|(f, c)| (name, f, c))
 }
 
-/// Counts bytes read from the underlying file (compressed bytes for archives and compressed
-/// files), for progress.
-pub(super) struct Counting<R> {
-    pub(super) inner: R,
-    pub(super) count: Arc<AtomicU64>,
-}
-
-impl<R: Read> Read for Counting<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.count.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(n)
-    }
-}
-
-/// What the reader hands to the tokenizing side.
-#[derive(Debug)]
-pub(crate) enum Event {
-    /// A data file starts; its stories follow.
-    Source { split: Split, name: String },
-    /// Stories of the current source; `bytes_read`: input bytes read from disk when the batch
-    /// was cut (so progress follows tokenization, not read-ahead).
-    Stories {
-        split: Split,
-        stories: Vec<String>,
-        bytes_read: u64,
-    },
-}
-
 /// Read every job in order and pass its events to `emit`; `emit` returning false stops reading.
 /// `bytes_read` counts bytes read from disk.
 pub(crate) fn read_all(
@@ -653,79 +622,6 @@ pub(crate) fn read_all(
     Ok(())
 }
 
-/// Batches stories and emits them; remembers whether the consumer still listens.
-pub(super) struct Batcher<'a> {
-    split: Split,
-    bytes_read: &'a AtomicU64,
-    stories: Vec<String>,
-    bytes: usize,
-    total: u64,
-    emit: &'a mut dyn FnMut(Event) -> bool,
-    open: bool,
-}
-
-impl<'a> Batcher<'a> {
-    pub(super) fn new(
-        split: Split,
-        bytes_read: &'a AtomicU64,
-        emit: &'a mut dyn FnMut(Event) -> bool,
-    ) -> Self {
-        Self {
-            split,
-            bytes_read,
-            stories: Vec::new(),
-            bytes: 0,
-            total: 0,
-            emit,
-            open: true,
-        }
-    }
-
-    /// Whether the consumer still listens (false: stop reading).
-    pub(super) fn is_open(&self) -> bool {
-        self.open
-    }
-
-    /// Add one story, trimmed; an empty one is skipped.
-    pub(super) fn push(&mut self, story: &str) {
-        let s = story.trim();
-        if s.is_empty() {
-            return;
-        }
-        self.bytes += s.len();
-        self.total += 1;
-        self.stories.push(s.to_owned());
-        if self.bytes >= BATCH_BYTES {
-            self.flush();
-        }
-    }
-
-    fn flush(&mut self) {
-        if self.stories.is_empty() || !self.open {
-            return;
-        }
-        let stories = std::mem::take(&mut self.stories);
-        self.bytes = 0;
-        self.open = (self.emit)(Event::Stories {
-            split: self.split,
-            stories,
-            bytes_read: self.bytes_read.load(Ordering::Relaxed),
-        });
-    }
-
-    /// Emit the last batch of the source `path`; an error when it held no story. Returns
-    /// whether the consumer still listens.
-    pub(super) fn finish(mut self, path: &Path) -> Result<bool, DataError> {
-        self.flush();
-        if self.total == 0 {
-            return Err(DataError::NoStories {
-                path: path.to_path_buf(),
-            });
-        }
-        Ok(self.open)
-    }
-}
-
 #[derive(Deserialize)]
 struct Record {
     story: Option<String>,
@@ -812,7 +708,7 @@ pub(crate) fn read_stories<R: BufRead>(
                 } else {
                     story.push_str(text);
                 }
-                if !batch.open {
+                if !batch.is_open() {
                     return Ok(false);
                 }
             }
@@ -852,7 +748,7 @@ pub(crate) fn read_stories<R: BufRead>(
                     .into_text()
                     .ok_or_else(|| bad("object has neither a `story` nor a `text` field".into()))?;
                 batch.push(&text);
-                if !batch.open {
+                if !batch.is_open() {
                     return Ok(false);
                 }
             }
@@ -870,7 +766,7 @@ pub(crate) fn read_stories<R: BufRead>(
                 limit: &limit,
             };
             if let Err(e) = list.deserialize(&mut de).and_then(|()| de.end()) {
-                if !batch.open {
+                if !batch.is_open() {
                     return Ok(false);
                 }
                 if let Some(element) = limit.exceeded.get() {
@@ -1022,7 +918,7 @@ impl<'de> Visitor<'de> for StoryList<'_, '_> {
                 return Err(de::Error::custom("element without a story"));
             };
             self.batch.push(&text);
-            if !self.batch.open {
+            if !self.batch.is_open() {
                 return Err(de::Error::custom("the consumer stopped listening"));
             }
             i += 1;
@@ -1143,6 +1039,7 @@ impl<R: Read> Read for Utf8Checked<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
 
     fn stories(text: &[u8], format: Format) -> Result<Vec<String>, DataError> {
         stories_from(text, format)
@@ -1277,7 +1174,7 @@ mod tests {
 
     #[test]
     fn json_list_stops_when_the_consumer_stops() {
-        let big = "x".repeat(BATCH_BYTES);
+        let big = "x".repeat(crate::batch::BATCH_BYTES);
         let text = serde_json::to_vec(&vec![serde_json::json!({ "story": big }); 3]).unwrap();
         let counter = AtomicU64::new(0);
         let mut batches = 0;

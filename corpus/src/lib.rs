@@ -17,8 +17,10 @@
 //! ([`RemoteDir`]: `s3://bucket/prefix`, streamed by ranged reads, see `remote.rs`).
 //!
 //! Not here: tensors (loaders return `Vec<i64>`), the CLI and YAML mapping (the binary owns them).
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 mod archive;
+mod batch;
 mod dataset;
 mod download;
 mod error;

@@ -35,8 +35,8 @@ use ::parquet::file::reader::{ChunkReader, FileReader, Length};
 use ::parquet::file::serialized_reader::SerializedFileReader;
 use ::parquet::schema::types::SchemaDescriptor;
 
+use super::batch::{Batcher, Counting};
 use super::error::{DataError, StoryAt};
-use super::input::{Batcher, Counting};
 use super::thrift::read_page_header;
 
 /// Rows decoded per read of the column (a few MB of TinyStories-sized text).
@@ -475,7 +475,7 @@ pub(crate) mod tests {
         let mut out = Vec::new();
         let counter = Arc::new(AtomicU64::new(0));
         let mut emit = |e| {
-            if let super::super::input::Event::Stories { stories, .. } = e {
+            if let super::super::batch::Event::Stories { stories, .. } = e {
                 out.extend(stories);
             }
             true

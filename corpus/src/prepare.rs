@@ -24,10 +24,11 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
+use super::batch::Event;
 use super::error::DataError;
 use super::format::{DatasetIndex, Split, TokenizerInfo, Worker};
 use super::hub::{self, HubDataset};
-use super::input::{self, Event};
+use super::input;
 use super::remote::{remote_url, RemoteDir};
 use super::store::{LocalDir, ShardSink};
 use super::tokenizer::Tokenizer;

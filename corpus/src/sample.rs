@@ -18,11 +18,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
+use super::batch::{Batcher, Event};
 use super::download::DownloadOptions;
 use super::error::DataError;
 use super::format::Split;
 use super::hub::{fetch_parquet, HubDataset};
-use super::input::{Batcher, Event};
 use super::tokenizer::ENDOFTEXT;
 
 /// The hub dataset the sample comes from.

@@ -7,6 +7,9 @@
 #[path = "../../corpus/src/archive.rs"]
 mod archive;
 #[allow(dead_code)]
+#[path = "../../corpus/src/batch.rs"]
+mod batch;
+#[allow(dead_code)]
 #[path = "../../corpus/src/error.rs"]
 mod error;
 #[allow(dead_code)]
@@ -30,7 +33,7 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 
-use input::{Batcher, Event};
+use batch::{Batcher, Event};
 use libfuzzer_sys::fuzz_target;
 
 const MAX_STORY: u64 = 1 << 20;

@@ -9,6 +9,9 @@
 #[path = "../../corpus/src/archive.rs"]
 mod archive;
 #[allow(dead_code)]
+#[path = "../../corpus/src/batch.rs"]
+mod batch;
+#[allow(dead_code)]
 #[path = "../../corpus/src/error.rs"]
 mod error;
 #[allow(dead_code)]
@@ -32,7 +35,8 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
 
-use input::{read_stories, Event, Format};
+use batch::Event;
+use input::{read_stories, Format};
 use libfuzzer_sys::fuzz_target;
 
 const MAX_STORY: u64 = 1 << 20;
