@@ -3,9 +3,16 @@
 //! read; the model section resolves through mla-model (not instrumented here).
 #![no_main]
 
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 #[path = "../../trainer/src/config.rs"]
-mod config;
+pub mod config;
+
+// config.rs takes its `dist:` section from dist/config.rs (crate::dist::config).
+#[path = "../../trainer/src/dist/config.rs"]
+pub mod dist_config;
+mod dist {
+    pub use super::dist_config as config;
+}
 
 use libfuzzer_sys::fuzz_target;
 

@@ -382,6 +382,20 @@ impl ModelConfig {
                 message,
             })
         };
+        self.fill_derived(&mut bad);
+        self.check_ranges(&mut bad);
+        self.check_attention(&mut bad);
+        self.check_unsupported(&mut bad);
+        if issues.is_empty() {
+            Ok(self)
+        } else {
+            Err(ConfigErrors(issues))
+        }
+    }
+
+    /// Sizes at least 1, and the derived fields litgpt fills (head_size, padded_vocab_size,
+    /// n_query_groups, intermediate_size) where they are not set.
+    fn fill_derived(&mut self, bad: &mut impl FnMut(&str, String)) {
         for (key, value) in [
             ("n_layer", self.n_layer),
             ("n_embd", self.n_embd),
@@ -444,6 +458,10 @@ impl ModelConfig {
                 ),
             }
         }
+    }
+
+    /// Every float a finite number in its range, and the flags that need one another.
+    fn check_ranges(&self, bad: &mut impl FnMut(&str, String)) {
         // Every float must be a finite number in range: `.inf`/`.nan` in YAML would give a
         // model of NaNs that trains "fine" (issue 14).
         let positive = [
@@ -482,6 +500,10 @@ impl ModelConfig {
                 "requires parallel_residual: true (as litgpt)".into(),
             );
         }
+    }
+
+    /// The attention's shapes: latent attention's dims, and even RoPE dimensions.
+    fn check_attention(&self, bad: &mut impl FnMut(&str, String)) {
         match self.latent_attention {
             Some(LatentAttention::Flag(true)) | Some(LatentAttention::Dims(_)) => {
                 if self.n_query_groups.is_some_and(|g| g != self.n_head) {
@@ -523,14 +545,14 @@ impl ModelConfig {
                 } else if let Some(hs) = self.head_size {
                     if hs % 2 != 0 {
                         bad(
-                            "head_size",
-                            format!("latent_attention: true splits each head in two halves (rope, nope); head_size {hs} is odd"),
-                        );
+                        "head_size",
+                        format!("latent_attention: true splits each head in two halves (rope, nope); head_size {hs} is odd"),
+                    );
                     } else if (hs / 2) % 2 != 0 {
                         bad(
-                            "head_size",
-                            format!("latent_attention: true rotates head_size/2 = {} dims; RoPE needs an even dimension", hs / 2),
-                        );
+                        "head_size",
+                        format!("latent_attention: true rotates head_size/2 = {} dims; RoPE needs an even dimension", hs / 2),
+                    );
                     }
                 }
             }
@@ -539,21 +561,15 @@ impl ModelConfig {
                     let n = self.rope_n_elem_for(hs);
                     if !n.is_multiple_of(2) {
                         bad(
-                            "rotary_percentage",
-                            format!(
-                                "rotary_percentage {} × head_size {hs} = {n} rotated dims; RoPE needs an even dimension",
-                                self.rotary_percentage
-                            ),
-                        );
+                        "rotary_percentage",
+                        format!(
+                            "rotary_percentage {} × head_size {hs} = {n} rotated dims; RoPE needs an even dimension",
+                            self.rotary_percentage
+                        ),
+                    );
                     }
                 }
             }
-        }
-        self.check_unsupported(&mut bad);
-        if issues.is_empty() {
-            Ok(self)
-        } else {
-            Err(ConfigErrors(issues))
         }
     }
 

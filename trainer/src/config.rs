@@ -8,6 +8,7 @@
 //!
 //! Not here: what the sections mean at run time (data, train loop, checkpoint store).
 
+pub use crate::dist::config::{Backend, DistConfig, Sharding};
 use mla_model::{registry, ModelConfig};
 use serde::{Deserialize, Serialize};
 use serde_yaml_ng::{Mapping, Value};
@@ -556,67 +557,6 @@ impl Default for CheckpointConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    /// nccl on CUDA, mpi for several CPU ranks, single otherwise.
-    #[default]
-    Auto,
-    Single,
-    Mpi,
-    Nccl,
-}
-
-/// `dist.shard`: what each rank keeps only its 1/N slice of (ZeRO stages over the flat buffer,
-/// optim/zero.rs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Sharding {
-    /// Every rank holds everything (DDP): gradients all-reduced, AdamW on the whole buffer.
-    #[default]
-    None,
-    /// ZeRO-1: AdamW moments of the owned slice only; the full gradient buffer is kept and
-    /// reduce-scattered, the parameters all-gathered after the step.
-    Optimizer,
-    /// ZeRO-2: ZeRO-1 without the full gradient buffer: gradients are reduce-scattered straight
-    /// from autograd's into the owned slice, and autograd's are freed at once.
-    Gradients,
-}
-
-impl Sharding {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Sharding::None => "none",
-            Sharding::Optimizer => "optimizer",
-            Sharding::Gradients => "gradients",
-        }
-    }
-}
-
-/// `dist:` (mla extension).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DistConfig {
-    pub backend: Backend,
-    /// A collective that takes longer than this is an error, not a hang.
-    pub timeout_secs: u64,
-    /// Gradient all-reduce (and reduce-scatter / all-gather) bucket size.
-    pub bucket_mb: usize,
-    /// ZeRO sharding of optimizer state and gradients over the ranks.
-    pub shard: Sharding,
-}
-
-impl Default for DistConfig {
-    fn default() -> Self {
-        DistConfig {
-            backend: Backend::Auto,
-            timeout_secs: 600,
-            bucket_mb: 25,
-            shard: Sharding::None,
-        }
-    }
-}
-
 /// Top-level keys; `--key value` on a command line overrides them (litgpt style).
 pub const TOP_LEVEL_KEYS: &[&str] = &[
     "model_name",
@@ -778,6 +718,193 @@ fn set_path(root: &mut Mapping, path: &[String], value: Value) -> Result<(), Str
     Ok(())
 }
 
+/// `train:` and `eval:` rules (the sequence length is bounded by the model's block size).
+fn check_train(
+    t: &TrainConfig,
+    eval: &EvalConfig,
+    block_size: usize,
+    bad: &mut impl FnMut(&str, String),
+) {
+    if t.micro_batch_size == 0 {
+        bad("train.micro_batch_size", "must be at least 1".into());
+    } else if !t.global_batch_size.is_multiple_of(t.micro_batch_size) || t.global_batch_size == 0 {
+        bad(
+            "train.global_batch_size",
+            format!(
+                "{} is not a positive multiple of train.micro_batch_size ({})",
+                t.global_batch_size, t.micro_batch_size
+            ),
+        );
+    }
+    if t.log_interval == 0 {
+        bad("train.log_interval", "must be at least 1".into());
+    }
+    if t.save_interval == Some(0) {
+        bad("train.save_interval", "must be at least 1 (or null)".into());
+    }
+    if t.lr_warmup_fraction.is_some() && t.lr_warmup_steps.is_some_and(|s| s > 0) {
+        bad(
+            "train.lr_warmup_fraction",
+            "cannot be combined with train.lr_warmup_steps; set one of them to null".into(),
+        );
+    }
+    if let Some(f) = t.lr_warmup_fraction {
+        if !(0.0..=1.0).contains(&f) {
+            // NaN is in no range, so it lands here too.
+            bad(
+                "train.lr_warmup_fraction",
+                format!("must be in [0, 1], got {f}"),
+            );
+        }
+    }
+    if let Some(n) = t.max_norm {
+        if !(n.is_finite() && n > 0.0) {
+            bad(
+                "train.max_norm",
+                format!("must be a positive finite number (or null), got {n}"),
+            );
+        }
+    }
+
+    if let Some(m) = t.max_seq_length {
+        if m == 0 || m > block_size {
+            bad(
+                "train.max_seq_length",
+                format!("must be in 1..={block_size} (model_config.block_size), got {m}"),
+            );
+        }
+    }
+    if t.max_time.is_some_and(|s| !(s.is_finite() && s > 0.0)) {
+        bad(
+            "train.max_time",
+            "must be a positive number of seconds".into(),
+        );
+    }
+    if t.max_nonfinite_steps == 0 {
+        bad("train.max_nonfinite_steps", "must be at least 1".into());
+    }
+    if t.activation_checkpointing == ActivationCheckpointing::EveryK(0) {
+        bad(
+            "train.activation_checkpointing.every_k",
+            "must be at least 1 (1 recomputes every block, as `blocks`)".into(),
+        );
+    }
+    if eval.interval == 0 {
+        bad("eval.interval", "must be at least 1".into());
+    }
+}
+
+/// `optimizer:` rules: AdamW, every float finite and in range, and `train.min_lr` under its lr.
+fn check_optimizer(opt: &OptimizerConfig, min_lr: f64, bad: &mut impl FnMut(&str, String)) {
+    if !matches!(opt.class_path.as_str(), "AdamW" | "torch.optim.AdamW") {
+        bad(
+            "optimizer.class_path",
+            format!(
+                "unsupported optimizer `{}` (mla implements AdamW)",
+                opt.class_path
+            ),
+        );
+    }
+    // Every float finite and in range (issue 14: `lr .inf`, `eps .nan`, `weight_decay -5`
+    // trained an all-NaN model to exit 0). Ranges are open where torch's AdamW divides by
+    // the value or its complement.
+    let a = &opt.init_args;
+    if !(a.lr.is_finite() && a.lr > 0.0) {
+        bad(
+            "optimizer.init_args.lr",
+            format!("must be a positive finite number, got {}", a.lr),
+        );
+    }
+    if !(a.weight_decay.is_finite() && a.weight_decay >= 0.0) {
+        bad(
+            "optimizer.init_args.weight_decay",
+            format!("must be a finite number ≥ 0, got {}", a.weight_decay),
+        );
+    }
+    if !(a.eps.is_finite() && a.eps > 0.0) {
+        bad(
+            "optimizer.init_args.eps",
+            format!("must be a positive finite number, got {}", a.eps),
+        );
+    }
+    if !(0.0..1.0).contains(&a.betas.0) || !(0.0..1.0).contains(&a.betas.1) {
+        bad(
+            "optimizer.init_args.betas",
+            format!("must be in [0, 1), got {:?}", a.betas),
+        );
+    }
+    if !(0.0..=a.lr).contains(&min_lr) {
+        bad(
+            "train.min_lr",
+            format!("must be in [0, optimizer lr {}], got {}", a.lr, min_lr),
+        );
+    }
+}
+
+/// `data:` rules: a module mla supports, given the arguments of that module only.
+fn check_data(d: &DataConfig, bad: &mut impl FnMut(&str, String)) {
+    match d.module() {
+        None => bad(
+            "data.class_path",
+            format!(
+                "unsupported data module `{}` (mla supports TinyStories and TextFiles)",
+                d.class_path
+            ),
+        ),
+        Some(DataModule::TextFiles) => {
+            if d.init_args.train_data_path.is_none() {
+                bad(
+                    "data.init_args.train_data_path",
+                    "is required for TextFiles".into(),
+                );
+            }
+            if d.init_args.data_path.is_some() {
+                bad(
+                    "data.init_args.data_path",
+                    "belongs to TinyStories; TextFiles takes train_data_path/val_data_path".into(),
+                );
+            }
+        }
+        Some(DataModule::TinyStories) => {
+            if d.init_args.train_data_path.is_some() || d.init_args.val_data_path.is_some() {
+                bad("data.init_args", "TinyStories takes data_path; train_data_path/val_data_path belong to TextFiles".into());
+            }
+            if d.init_args.tinystories_sample.is_some() {
+                bad(
+                    "data.init_args.tinystories_sample",
+                    "belongs to TextFiles (TinyStories downloads the whole archive into data_path)"
+                        .into(),
+                );
+            }
+        }
+    }
+}
+
+/// The run-wide keys: devices, nodes, dist, out_dir, checkpoint.
+fn check_run(cfg: &RunConfig, bad: &mut impl FnMut(&str, String)) {
+    if cfg.devices == Devices::Count(0) {
+        bad("devices", "must be at least 1 (or \"auto\")".into());
+    }
+    if cfg.num_nodes == 0 {
+        bad("num_nodes", "must be at least 1".into());
+    }
+    if cfg.dist.timeout_secs == 0 {
+        bad("dist.timeout_secs", "must be at least 1".into());
+    }
+    if cfg.dist.bucket_mb == 0 {
+        bad("dist.bucket_mb", "must be at least 1".into());
+    }
+    if let Err(e) = mla_storage::check_location(&cfg.out_dir) {
+        bad("out_dir", mla_storage::redact_userinfo(&e.to_string()));
+    }
+    if cfg.checkpoint.keep_last == Some(0) {
+        bad(
+            "checkpoint.keep_last",
+            "must be at least 1 (or null to keep all)".into(),
+        );
+    }
+}
+
 fn yaml_error_key(e: &serde_path_to_error::Error<serde_yaml_ng::Error>) -> String {
     let path = e.path().to_string();
     if path == "." {
@@ -889,183 +1016,17 @@ impl RunConfig {
         Ok(cfg)
     }
 
-    /// Cross-field rules of the run sections; every problem at once.
+    /// Cross-field rules of the run sections; every problem at once, each section's by its
+    /// own function.
     fn validate(&self, source_name: &str) -> Result<(), ConfigError> {
         let mut problems: Vec<(String, String)> = Vec::new();
         let mut bad = |k: &str, m: String| problems.push((k.to_string(), m));
-        let t = &self.train;
-        if t.micro_batch_size == 0 {
-            bad("train.micro_batch_size", "must be at least 1".into());
-        } else if !t.global_batch_size.is_multiple_of(t.micro_batch_size)
-            || t.global_batch_size == 0
-        {
-            bad(
-                "train.global_batch_size",
-                format!(
-                    "{} is not a positive multiple of train.micro_batch_size ({})",
-                    t.global_batch_size, t.micro_batch_size
-                ),
-            );
-        }
-        if t.log_interval == 0 {
-            bad("train.log_interval", "must be at least 1".into());
-        }
-        if t.save_interval == Some(0) {
-            bad("train.save_interval", "must be at least 1 (or null)".into());
-        }
-        if t.lr_warmup_fraction.is_some() && t.lr_warmup_steps.is_some_and(|s| s > 0) {
-            bad(
-                "train.lr_warmup_fraction",
-                "cannot be combined with train.lr_warmup_steps; set one of them to null".into(),
-            );
-        }
-        if let Some(f) = t.lr_warmup_fraction {
-            if !(0.0..=1.0).contains(&f) {
-                // NaN is in no range, so it lands here too.
-                bad(
-                    "train.lr_warmup_fraction",
-                    format!("must be in [0, 1], got {f}"),
-                );
-            }
-        }
-        if let Some(n) = t.max_norm {
-            if !(n.is_finite() && n > 0.0) {
-                bad(
-                    "train.max_norm",
-                    format!("must be a positive finite number (or null), got {n}"),
-                );
-            }
-        }
-        let block_size = self.model().block_size;
-        if let Some(m) = t.max_seq_length {
-            if m == 0 || m > block_size {
-                bad(
-                    "train.max_seq_length",
-                    format!("must be in 1..={block_size} (model_config.block_size), got {m}"),
-                );
-            }
-        }
-        if t.max_time.is_some_and(|s| !(s.is_finite() && s > 0.0)) {
-            bad(
-                "train.max_time",
-                "must be a positive number of seconds".into(),
-            );
-        }
-        if t.max_nonfinite_steps == 0 {
-            bad("train.max_nonfinite_steps", "must be at least 1".into());
-        }
-        if t.activation_checkpointing == ActivationCheckpointing::EveryK(0) {
-            bad(
-                "train.activation_checkpointing.every_k",
-                "must be at least 1 (1 recomputes every block, as `blocks`)".into(),
-            );
-        }
-        if self.eval.interval == 0 {
-            bad("eval.interval", "must be at least 1".into());
-        }
-        let opt = &self.optimizer;
-        if !matches!(opt.class_path.as_str(), "AdamW" | "torch.optim.AdamW") {
-            bad(
-                "optimizer.class_path",
-                format!(
-                    "unsupported optimizer `{}` (mla implements AdamW)",
-                    opt.class_path
-                ),
-            );
-        }
-        // Every float finite and in range (issue 14: `lr .inf`, `eps .nan`, `weight_decay -5`
-        // trained an all-NaN model to exit 0). Ranges are open where torch's AdamW divides by
-        // the value or its complement.
-        let a = &opt.init_args;
-        if !(a.lr.is_finite() && a.lr > 0.0) {
-            bad(
-                "optimizer.init_args.lr",
-                format!("must be a positive finite number, got {}", a.lr),
-            );
-        }
-        if !(a.weight_decay.is_finite() && a.weight_decay >= 0.0) {
-            bad(
-                "optimizer.init_args.weight_decay",
-                format!("must be a finite number ≥ 0, got {}", a.weight_decay),
-            );
-        }
-        if !(a.eps.is_finite() && a.eps > 0.0) {
-            bad(
-                "optimizer.init_args.eps",
-                format!("must be a positive finite number, got {}", a.eps),
-            );
-        }
-        if !(0.0..1.0).contains(&a.betas.0) || !(0.0..1.0).contains(&a.betas.1) {
-            bad(
-                "optimizer.init_args.betas",
-                format!("must be in [0, 1), got {:?}", a.betas),
-            );
-        }
-        if !(0.0..=a.lr).contains(&t.min_lr) {
-            bad(
-                "train.min_lr",
-                format!("must be in [0, optimizer lr {}], got {}", a.lr, t.min_lr),
-            );
-        }
+        check_train(&self.train, &self.eval, self.model().block_size, &mut bad);
+        check_optimizer(&self.optimizer, self.train.min_lr, &mut bad);
         if let Some(d) = &self.data {
-            match d.module() {
-                None => bad(
-                    "data.class_path",
-                    format!(
-                        "unsupported data module `{}` (mla supports TinyStories and TextFiles)",
-                        d.class_path
-                    ),
-                ),
-                Some(DataModule::TextFiles) => {
-                    if d.init_args.train_data_path.is_none() {
-                        bad(
-                            "data.init_args.train_data_path",
-                            "is required for TextFiles".into(),
-                        );
-                    }
-                    if d.init_args.data_path.is_some() {
-                        bad(
-                            "data.init_args.data_path",
-                            "belongs to TinyStories; TextFiles takes train_data_path/val_data_path"
-                                .into(),
-                        );
-                    }
-                }
-                Some(DataModule::TinyStories) => {
-                    if d.init_args.train_data_path.is_some() || d.init_args.val_data_path.is_some()
-                    {
-                        bad("data.init_args", "TinyStories takes data_path; train_data_path/val_data_path belong to TextFiles".into());
-                    }
-                    if d.init_args.tinystories_sample.is_some() {
-                        bad(
-                            "data.init_args.tinystories_sample",
-                            "belongs to TextFiles (TinyStories downloads the whole archive into data_path)".into(),
-                        );
-                    }
-                }
-            }
+            check_data(d, &mut bad);
         }
-        if self.devices == Devices::Count(0) {
-            bad("devices", "must be at least 1 (or \"auto\")".into());
-        }
-        if self.num_nodes == 0 {
-            bad("num_nodes", "must be at least 1".into());
-        }
-        if self.dist.timeout_secs == 0 {
-            bad("dist.timeout_secs", "must be at least 1".into());
-        }
-        if self.dist.bucket_mb == 0 {
-            bad("dist.bucket_mb", "must be at least 1".into());
-        }
-        if let Err(e) = mla_storage::check_location(&self.out_dir) {
-            bad("out_dir", mla_storage::redact_userinfo(&e.to_string()));
-        }
-        if self.checkpoint.keep_last == Some(0) {
-            bad(
-                "checkpoint.keep_last",
-                "must be at least 1 (or null to keep all)".into(),
-            );
-        }
+        check_run(self, &mut bad);
         if problems.is_empty() {
             Ok(())
         } else {

@@ -1,5 +1,6 @@
-//! Exit-code policy of the `mla` binary: bad input (config, data, checkpoint, flags) exits 2
-//! with one line naming the culprit; anything else exits 1.
+//! [`BadInput`]: a user-input problem (config, data, checkpoint, flags) that no typed error
+//! carries; the binary exits 2 for it, with one line naming the culprit (the exit-code policy
+//! is `cli::exit_code`, above every error type it knows).
 
 use std::fmt;
 
@@ -14,19 +15,3 @@ impl fmt::Display for BadInput {
 }
 
 impl std::error::Error for BadInput {}
-
-/// Exit code for an error chain: 2 when any link is a user-input error.
-pub fn exit_code(err: &anyhow::Error) -> u8 {
-    let input = err.chain().any(|e| {
-        e.is::<BadInput>()
-            || e.is::<crate::config::ConfigError>()
-            || e.is::<mla_model::ModelError>()
-            || e.downcast_ref::<crate::data::DataError>()
-                .is_some_and(|d| d.is_bad_input())
-    });
-    if input {
-        2
-    } else {
-        1
-    }
-}

@@ -27,7 +27,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(mla_trainer::error::exit_code(&e))
+            ExitCode::from(mla_trainer::cli::exit_code(&e))
         }
     }
 }

@@ -33,7 +33,6 @@ pub(crate) mod contents;
 use crate::config::{OnSaveFailure, Resume, RunConfig};
 use crate::data::LoaderPosition;
 use crate::error::BadInput;
-use crate::interop::import;
 use crate::metrics::human_bytes;
 use crate::optim::{copy_flat_range, AdamW, FlatEntry, FlatParams, Moments};
 use anyhow::{bail, Context};
@@ -339,7 +338,18 @@ fn copy_into_flat(entries: &[FlatEntry], buffers: &[&Tensor], tensors: &[Tensor]
 /// shape (all checked before anything is copied).
 pub fn load_model(flat: &FlatParams, bytes: &[u8], what: &str) -> anyhow::Result<()> {
     let (tensors, _) = from_safetensors(bytes, what)?;
-    let ordered = tensors_for(&flat.entries, &tensors, &[""], what)?;
+    load_weights(flat, &tensors, what)?;
+    Ok(())
+}
+
+/// Copy `tensors` (by litgpt name) into the flat buffer: every parameter present with its
+/// shape and nothing else, all checked before anything is copied.
+pub fn load_weights(
+    flat: &FlatParams,
+    tensors: &HashMap<String, Tensor>,
+    what: &str,
+) -> Result<(), BadInput> {
+    let ordered = tensors_for(&flat.entries, tensors, &[""], what)?;
     copy_into_flat(&flat.entries, &[&flat.params], &ordered);
     Ok(())
 }
@@ -804,7 +814,7 @@ fn step_error(what: &str, e: mla_storage::Error) -> anyhow::Error {
 
 /// Load the step `location` names: a step directory (`…/step-00000400`, `…/final`) or an
 /// out_dir, whose newest valid step is taken. Returns (step URL, step).
-fn load_location(location: &str, what: &str) -> anyhow::Result<(String, LoadedStep)> {
+pub(crate) fn load_location(location: &str, what: &str) -> anyhow::Result<(String, LoadedStep)> {
     match BlockingCheckpointStore::resolve(location) {
         Ok((store, step)) => {
             let loaded = store
@@ -944,7 +954,8 @@ fn restore_newest(
     Ok((None, skipped))
 }
 
-/// Apply `resume` / `initial_checkpoint_dir`; returns the restored state when resuming.
+/// Apply `resume`; returns the restored state when resuming (`None`: the run starts fresh,
+/// from `initial_checkpoint_dir`'s weights when set, train/initial.rs).
 pub(crate) fn resume(
     cfg: &RunConfig,
     store: &BlockingCheckpointStore,
@@ -1015,79 +1026,7 @@ pub(crate) fn resume(
         }
         return Ok(Some(restored));
     }
-    if let Some(dir) = &cfg.initial_checkpoint_dir {
-        let (url, saved_tok) = match import::detect(dir) {
-            Some(source) => initial_foreign(cfg, flat, dir, source)?,
-            None => {
-                let (url, l) = load_location(dir, "initial_checkpoint_dir")?;
-                let bytes = l.object(MODEL_FILE).ok_or_else(|| {
-                    BadInput(format!("initial_checkpoint_dir: {url} has no {MODEL_FILE}"))
-                })?;
-                if let Some(yaml) = l.object(CONFIG_FILE) {
-                    let theirs = RunConfig::from_yaml(
-                        &String::from_utf8_lossy(yaml),
-                        &format!("{url}/{CONFIG_FILE}"),
-                        &[],
-                    )?;
-                    same_model(cfg, theirs.model(), &url)?;
-                }
-                load_model(flat, bytes, &format!("{url}/{MODEL_FILE}"))?;
-                (
-                    url,
-                    l.manifest.object(TOKENIZER_FILE).map(|o| o.sha256.clone()),
-                )
-            }
-        };
-        if let (Some(saved), Some(ours)) = (saved_tok, tokenizer_sha256(tokenizer_dir)?) {
-            if !saved.eq_ignore_ascii_case(&ours) {
-                warn!("initial_checkpoint_dir: {url} was trained with another tokenizer than tokenizer_dir {}", tokenizer_dir.display());
-            }
-        }
-        info!("initial weights from {url} (weights only: optimizer, step and data position start fresh)");
-    }
     Ok(None)
-}
-
-/// Weights from a litgpt or Hugging Face model directory; its name and its tokenizer's sha256.
-fn initial_foreign(
-    cfg: &RunConfig,
-    flat: &FlatParams,
-    dir: &str,
-    source: import::Source,
-) -> anyhow::Result<(String, Option<String>)> {
-    let foreign = import::read(dir, source)?;
-    let what = format!("{} ({} model)", foreign.dir.display(), source.name());
-    same_model(cfg, &foreign.model, &what)?;
-    let ordered = tensors_for(&flat.entries, &foreign.weights, &[""], &what)?;
-    copy_into_flat(&flat.entries, &[&flat.params], &ordered);
-    Ok((what, tokenizer_sha256(&foreign.dir)?))
-}
-
-/// Refuse initial weights of a model that computes differently from the run's, naming each
-/// field (shapes alone would let a different rotary fraction or norm through).
-fn same_model(cfg: &RunConfig, theirs: &mla_model::ModelConfig, what: &str) -> anyhow::Result<()> {
-    let tied = |t: bool| if t { "tied" } else { "untied" };
-    if cfg.model().tie_embeddings != theirs.tie_embeddings {
-        return Err(BadInput(format!(
-            "initial_checkpoint_dir: {what} has {} embeddings, and train.tie_embeddings asks for {} ones",
-            tied(theirs.tie_embeddings),
-            tied(cfg.model().tie_embeddings)
-        ))
-        .into());
-    }
-    let diffs = cfg.model().differences(theirs);
-    if diffs.is_empty() {
-        return Ok(());
-    }
-    let list = diffs
-        .iter()
-        .map(|(k, ours, other)| format!("model_config.{k} is {ours} here, {other} there"))
-        .collect::<Vec<_>>()
-        .join("; ");
-    Err(BadInput(format!(
-        "initial_checkpoint_dir: {what} is another model: {list}"
-    ))
-    .into())
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! `mla generate <checkpoint_dir>`: sample text from a checkpoint (local path or URL), or from a
 //! litgpt or Hugging Face model directory. The prompt of an mla checkpoint is prefixed by the
 //! tokenizer's story separator, as every training story is; a litgpt or HF directory's prompt
-//! is framed as litgpt frames it (inference::Framing). litgpt's flag spellings
+//! is framed as litgpt frames it (interop::import::Framing). litgpt's flag spellings
 //! (`--max_new_tokens`, `--top_k`, `--top_p`, `--num_samples`) are accepted too.
 //! With `--temperature 0` the text is the greedy continuation and does not depend on
 //! `--attention` or `--no-cache`. Text goes to stdout; speed, cache size and memory to stderr.
@@ -252,7 +252,7 @@ mod tests {
         let argv = ["generate", "no-such-checkpoint"].iter().chain(flags);
         let cli = Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{flags:?} must parse: {e}"));
         let e = run(&cli.args).unwrap_err();
-        (format!("{e:#}"), crate::error::exit_code(&e))
+        (format!("{e:#}"), crate::cli::exit_code(&e))
     }
 
     #[test]

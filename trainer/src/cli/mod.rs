@@ -1,5 +1,6 @@
 //! The `mla` command line: subcommands and the litgpt-style `--section.key value` overrides.
-//! Each subcommand lives in its own file; this one only parses and dispatches.
+//! Each subcommand lives in its own file; this one parses, dispatches, and maps an error to
+//! the exit code (2: bad input, naming the culprit; 1: anything else).
 
 mod bench;
 mod ckpt;
@@ -97,5 +98,21 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(&a, &overrides),
         Command::Study(a) => study::run(&a, &overrides),
         Command::Report(a) => report::run(&a),
+    }
+}
+
+/// Exit code for an error chain: 2 when any link is a user-input error.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    let input = err.chain().any(|e| {
+        e.is::<crate::error::BadInput>()
+            || e.is::<crate::config::ConfigError>()
+            || e.is::<mla_model::ModelError>()
+            || e.downcast_ref::<crate::data::DataError>()
+                .is_some_and(|d| d.is_bad_input())
+    });
+    if input {
+        2
+    } else {
+        1
     }
 }

@@ -6,7 +6,7 @@
 use crate::config::Override;
 use crate::error::BadInput;
 use crate::report::{self, study};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
@@ -67,6 +67,48 @@ fn train(cmd: &mut Command) -> anyhow::Result<std::process::ExitStatus> {
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+}
+
+/// Train one variant in a child `mla train --resume auto` of its config file (so that a rerun
+/// goes on from its last checkpoint); a stop signal is forwarded to the child.
+fn train_variant(
+    exe: &Path,
+    cfg_path: &Path,
+    out_dir: &Path,
+    args: &StudyArgs,
+    overrides: &[Override],
+    tag: &str,
+) -> anyhow::Result<Outcome> {
+    let t0 = Instant::now();
+    let mut cmd = Command::new(exe);
+    cmd.arg("train")
+        .arg("--config")
+        .arg(cfg_path)
+        .args(["--resume", "auto"]);
+    if let Some(d) = args.device {
+        let name = match d {
+            crate::device::DeviceKind::Cpu => "cpu",
+            crate::device::DeviceKind::Cuda => "cuda",
+        };
+        cmd.args(["--device", name]);
+    }
+    for o in overrides {
+        cmd.arg(format!("--{}", o.key)).arg(&o.value);
+    }
+    let status = train(&mut cmd)?;
+    if crate::signals::stop_requested() {
+        eprintln!(
+            "{tag}: stopped by a signal ({status}); rerun the same command to go on from its last checkpoint"
+        );
+        return Ok(Outcome::Stopped);
+    }
+    Ok(if status.success() && study::finished(out_dir)? {
+        Outcome::Trained(t0.elapsed().as_secs_f64())
+    } else if status.success() {
+        Outcome::Failed("stopped before its final checkpoint".into())
+    } else {
+        Outcome::Failed(format!("mla train exited with {status}"))
+    })
 }
 
 pub fn run(args: &StudyArgs, overrides: &[Override]) -> anyhow::Result<()> {
@@ -131,43 +173,17 @@ pub fn run(args: &StudyArgs, overrides: &[Override]) -> anyhow::Result<()> {
             "{tag}: training {attention}{budget} ({})",
             cfg_path.display()
         );
-        let t0 = Instant::now();
-        let mut cmd = Command::new(&exe);
-        cmd.arg("train")
-            .arg("--config")
-            .arg(&cfg_path)
-            .args(["--resume", "auto"]);
-        if let Some(d) = args.device {
-            let name = match d {
-                crate::device::DeviceKind::Cpu => "cpu",
-                crate::device::DeviceKind::Cuda => "cuda",
-            };
-            cmd.args(["--device", name]);
-        }
-        for o in overrides {
-            cmd.arg(format!("--{}", o.key)).arg(&o.value);
-        }
-        let status = train(&mut cmd)?;
-        if crate::signals::stop_requested() {
-            eprintln!(
-                "{tag}: stopped by a signal ({status}); rerun the same command to go on from its last checkpoint"
-            );
-            outcomes.push((v.name.clone(), Outcome::Stopped));
-            break;
-        }
-        let outcome = if status.success() && study::finished(&v.out_dir)? {
-            Outcome::Trained(t0.elapsed().as_secs_f64())
-        } else if status.success() {
-            Outcome::Failed("stopped before its final checkpoint".into())
-        } else {
-            Outcome::Failed(format!("mla train exited with {status}"))
-        };
+        let outcome = train_variant(&exe, &cfg_path, &v.out_dir, args, overrides, &tag)?;
         match &outcome {
             Outcome::Failed(why) => eprintln!("{tag}: FAILED: {why}; going on with the others"),
             Outcome::Trained(secs) => eprintln!("{tag}: trained in {:.1} min", secs / 60.0),
             Outcome::Skipped | Outcome::Stopped => {}
         }
+        let stopped = matches!(outcome, Outcome::Stopped);
         outcomes.push((v.name.clone(), outcome));
+        if stopped {
+            break;
+        }
     }
     if args.dry_run {
         return Ok(());

@@ -1,15 +1,23 @@
 //! Safe Rust wrappers over shim.cpp, the C ABI to the libtorch ops tch 0.24 lacks: torch's
 //! fused AdamW kernel, the foreach global norm and in-place scale, setting or clearing a
 //! parameter's `.grad` (for optim.rs), pinning host memory (train/loss.rs), and writing a state
-//! dict in `torch.save`'s format (interop/litgpt.rs). Each wrapper passes tch handles (`at::Tensor*`) and turns the shim's
-//! error string into an [`OptimError`]; no C++ exception and no panic crosses the boundary.
+//! dict in `torch.save`'s format (interop/litgpt.rs). Each wrapper passes tch handles
+//! (`at::Tensor*`) and turns the shim's error string into its own [`TorchError`] (so that
+//! cxx depends on nothing of the crate); no C++ exception and no panic crosses the boundary.
 //! Not here: which tensors or hyper-parameters (optim.rs). The autocast bindings are in
 //! autocast.rs.
 
-use crate::optim::OptimError;
 use std::ffi::{c_char, CStr, CString};
 use tch::Tensor;
 use torch_sys::C_tensor;
+
+/// A libtorch op failed: the op's name and the shim's (C++ exception's) message. Never a panic.
+#[derive(Debug, thiserror::Error)]
+#[error("libtorch {op}: {message}")]
+pub struct TorchError {
+    pub op: &'static str,
+    pub message: String,
+}
 
 extern "C" {
     fn mla_free_error(message: *mut c_char);
@@ -49,7 +57,7 @@ extern "C" {
 }
 
 /// Ok on a null return, else the shim's message (which is released here).
-fn check(op: &'static str, message: *mut c_char) -> Result<(), OptimError> {
+fn check(op: &'static str, message: *mut c_char) -> Result<(), TorchError> {
     if message.is_null() {
         return Ok(());
     }
@@ -60,7 +68,7 @@ fn check(op: &'static str, message: *mut c_char) -> Result<(), OptimError> {
         .into_owned();
     // SAFETY: see above.
     unsafe { mla_free_error(message) };
-    Err(OptimError::Torch { op, message: text })
+    Err(TorchError { op, message: text })
 }
 
 fn handles(ts: &[Tensor]) -> Vec<*const C_tensor> {
@@ -69,7 +77,7 @@ fn handles(ts: &[Tensor]) -> Vec<*const C_tensor> {
 
 /// `var.grad = grad`, or `var.grad = None` for `None` (the next backward then takes over its
 /// fresh gradient instead of adding into a buffer). Shape, dtype and device must match.
-pub fn set_grad(var: &Tensor, grad: Option<&Tensor>) -> Result<(), OptimError> {
+pub fn set_grad(var: &Tensor, grad: Option<&Tensor>) -> Result<(), TorchError> {
     let g = grad.map_or(std::ptr::null(), Tensor::as_ptr);
     // SAFETY: both handles are live tch tensors borrowed for the call; the shim only reads the
     // handles and updates the autograd metadata shared by every handle of `var`.
@@ -97,10 +105,10 @@ pub fn fused_adamw(
     step: &Tensor,
     args: AdamWArgs,
     found_inf: Option<&Tensor>,
-) -> Result<(), OptimError> {
+) -> Result<(), TorchError> {
     let n = params.len();
     if [grads.len(), exp_avgs.len(), exp_avg_sqs.len()] != [n; 3] {
-        return Err(OptimError::Torch {
+        return Err(TorchError {
             op: "fused_adamw",
             message: format!(
                 "list lengths differ: {n} params, {} grads, {} exp_avg, {} exp_avg_sq",
@@ -139,7 +147,7 @@ pub fn fused_adamw(
 
 /// Global L2 norm of `grads` (norm of the per-tensor norms, as `clip_grad_norm_`), a 0-dim
 /// fp32 tensor on their device, not synchronised to the host.
-pub fn grad_norm(grads: &[Tensor]) -> Result<Tensor, OptimError> {
+pub fn grad_norm(grads: &[Tensor]) -> Result<Tensor, TorchError> {
     let g = handles(grads);
     // SAFETY: an array of live handles borrowed for the call.
     new_tensor("grad_norm", |out| unsafe {
@@ -152,11 +160,11 @@ pub fn grad_norm(grads: &[Tensor]) -> Result<Tensor, OptimError> {
 fn new_tensor(
     op: &'static str,
     call: impl FnOnce(*mut *mut C_tensor) -> *mut c_char,
-) -> Result<Tensor, OptimError> {
+) -> Result<Tensor, TorchError> {
     let mut out: *mut C_tensor = std::ptr::null_mut();
     check(op, call(&mut out))?;
     if out.is_null() {
-        return Err(OptimError::Torch {
+        return Err(TorchError {
             op,
             message: "no result".into(),
         });
@@ -167,7 +175,7 @@ fn new_tensor(
 }
 
 /// Multiply every tensor of `tensors` in place by the 0-dim tensor `scale` on their device.
-pub fn foreach_mul_(tensors: &[Tensor], scale: &Tensor) -> Result<(), OptimError> {
+pub fn foreach_mul_(tensors: &[Tensor], scale: &Tensor) -> Result<(), TorchError> {
     let t = handles(tensors);
     // SAFETY: an array of live handles and a live scale handle, borrowed for the call; only
     // the tensors' data is written.
@@ -177,7 +185,7 @@ pub fn foreach_mul_(tensors: &[Tensor], scale: &Tensor) -> Result<(), OptimError
 }
 
 /// A copy of the CPU tensor `t` in page-locked memory, for an asynchronous copy to the GPU.
-pub fn pin_memory(t: &Tensor) -> Result<Tensor, OptimError> {
+pub fn pin_memory(t: &Tensor) -> Result<Tensor, TorchError> {
     // SAFETY: a live handle borrowed for the call.
     new_tensor("pin_memory", |out| unsafe {
         mla_pin_memory(t.as_ptr(), out)
@@ -189,8 +197,8 @@ pub fn pin_memory(t: &Tensor) -> Result<Tensor, OptimError> {
 pub fn save_state_dict(
     tensors: &[(String, Tensor)],
     path: &std::path::Path,
-) -> Result<(), OptimError> {
-    let bad = |what: String| OptimError::Torch {
+) -> Result<(), TorchError> {
+    let bad = |what: String| TorchError {
         op: "save_state_dict",
         message: what,
     };

@@ -10,12 +10,13 @@
 //! process with one line naming the rank and the collective ([`watchdog`]).
 //! Not here: what is reduced when (train.rs), starting the ranks (mla-launch).
 
+pub mod config;
 pub mod mpi;
 pub mod nccl;
 pub mod rendezvous;
 pub mod watchdog;
 
-use crate::config::{Backend, DistConfig};
+pub use config::{Backend, DistConfig, Sharding};
 use tch::Device;
 use tch::Tensor;
 
@@ -141,7 +142,7 @@ pub enum DistError {
 pub trait Communicator {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
-    fn backend(&self) -> &'static str;
+    fn backend(&self) -> Backend;
     /// Element-wise sum over ranks, in place (contiguous tensor on the backend's device).
     fn all_reduce_sum(&self, t: &mut Tensor) -> Result<(), DistError>;
     /// ZeRO's gradient reduction: `send` holds `world_size` equal chunks (contiguous, on the
@@ -272,8 +273,8 @@ impl Communicator for Single {
     fn world_size(&self) -> usize {
         1
     }
-    fn backend(&self) -> &'static str {
-        "single"
+    fn backend(&self) -> Backend {
+        Backend::Single
     }
     fn all_reduce_sum(&self, _t: &mut Tensor) -> Result<(), DistError> {
         Ok(())

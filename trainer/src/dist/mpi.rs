@@ -20,7 +20,7 @@
 
 use super::watchdog::Watchdog;
 use super::{buckets, Communicator, DistError, RankInfo};
-use crate::config::DistConfig;
+use super::{Backend, DistConfig};
 use mpi::collective::SystemOperation;
 use mpi::datatype::Equivalence;
 use mpi::environment::Universe;
@@ -145,8 +145,8 @@ impl Communicator for MpiComm {
     fn world_size(&self) -> usize {
         self.size
     }
-    fn backend(&self) -> &'static str {
-        "mpi"
+    fn backend(&self) -> Backend {
+        Backend::Mpi
     }
 
     fn all_reduce_sum(&self, t: &mut Tensor) -> Result<(), DistError> {

@@ -25,7 +25,7 @@
 
 use super::watchdog::Watchdog;
 use super::{buckets, rendezvous, Communicator, DistError, RankInfo};
-use crate::config::DistConfig;
+use super::{Backend, DistConfig};
 use cudarc::nccl::sys::{ncclComm_t, ncclDataType_t, ncclRedOp_t, ncclUniqueId};
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::{Arc, OnceLock};
@@ -541,8 +541,8 @@ impl Communicator for NcclComm {
     fn world_size(&self) -> usize {
         self.size
     }
-    fn backend(&self) -> &'static str {
-        "nccl"
+    fn backend(&self) -> Backend {
+        Backend::Nccl
     }
 
     fn all_reduce_sum(&self, t: &mut Tensor) -> Result<(), DistError> {

@@ -11,9 +11,9 @@
 //! Not here: the config and weight maps (mla_model::formats::hf); the staging directory and
 //! the tokenizer files (interop/mod.rs).
 
+use super::load::LoadedModel;
 use super::{cpu_weights, weight_bytes, write_dir, write_tokenizer, Exported};
 use crate::error::BadInput;
-use crate::inference::LoadedModel;
 use anyhow::Context;
 use mla_model::formats::hf::HfConfig;
 use std::collections::HashMap;

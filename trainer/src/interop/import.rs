@@ -17,7 +17,6 @@ use super::torch_save;
 use crate::checkpoint::from_safetensors;
 use crate::data::Tokenizer;
 use crate::error::BadInput;
-use crate::inference::Framing;
 use anyhow::Context;
 use mla_model::formats::hf::HfConfig;
 use mla_model::ModelConfig;
@@ -214,6 +213,16 @@ fn hf_tensors(dir: &Path) -> anyhow::Result<HashMap<String, Tensor>> {
         }
     }
     Ok(out)
+}
+
+/// How prompts go to the model and where generation stops (an mla step: the tokenizer's
+/// separator both ways; a foreign directory: [`litgpt_framing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Framing {
+    /// Prepended to every prompt.
+    pub bos: Option<u32>,
+    /// Generation ends after it.
+    pub stop: Option<u32>,
 }
 
 /// litgpt's prompt framing for a model directory (its `Tokenizer`): bos and eos from

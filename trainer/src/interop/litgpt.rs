@@ -12,10 +12,10 @@
 //! Not here: which models litgpt can build (mla_model::formats::litgpt); the staging directory
 //! and the tokenizer files (interop/mod.rs).
 
+use super::load::LoadedModel;
 use super::{cpu_weights, weight_bytes, write_dir, write_tokenizer, Exported};
 use crate::cxx;
 use crate::error::BadInput;
-use crate::inference::LoadedModel;
 use anyhow::Context;
 use std::path::Path;
 

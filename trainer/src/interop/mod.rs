@@ -5,6 +5,7 @@
 //! * [`hf`]: writing a Hugging Face model directory (`mla export --to hf`);
 //! * [`import`]: reading litgpt and Hugging Face model directories (generate, eval,
 //!   `initial_checkpoint_dir`), with `torch_save` reading `torch.save` files;
+//! * [`load`]: any of those, or an mla step, as a model ready for inference;
 //! * [`download`]: fetching a Hugging Face model directory from the hub (`mla download`);
 //! * here: what both share: the directory written aside and renamed into place, and the
 //!   tokenizer files.
@@ -13,12 +14,13 @@ pub mod download;
 pub mod hf;
 pub mod import;
 pub mod litgpt;
+pub mod load;
 mod torch_save;
 
 use crate::checkpoint::kind_to_dtype;
 use crate::error::BadInput;
-use crate::inference::LoadedModel;
 use anyhow::Context;
+use load::LoadedModel;
 use safetensors::tensor::TensorView;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -19,20 +19,16 @@
 //! Also here: the LR schedule (linear warmup, cosine to min_lr, by optimizer step) and
 //! global-norm clipping. Not here: the loop that calls them (train.rs).
 
+pub mod sync;
 pub mod zero;
 
-use crate::config::Sharding;
-use crate::cxx;
+pub use sync::GradSync;
+
+use crate::cxx::{self, TorchError};
+use crate::dist::Sharding;
 use std::collections::HashMap;
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
-
-/// A libtorch op of the optimizer failed (reported by the C++ shim, never a panic).
-#[derive(Debug, thiserror::Error)]
-pub enum OptimError {
-    #[error("libtorch {op}: {message}")]
-    Torch { op: &'static str, message: String },
-}
 
 /// Where one parameter lives in the flat buffers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,7 +77,7 @@ pub struct FlatParams {
 impl FlatParams {
     /// Move every trainable variable of `vs` into one flat buffer of `kind` (values kept).
     /// Each `.grad` starts as its (zeroed) slice of the flat gradient buffer.
-    pub fn new(vs: &VarStore, kind: Kind) -> Result<FlatParams, OptimError> {
+    pub fn new(vs: &VarStore, kind: Kind) -> Result<FlatParams, TorchError> {
         Self::build(vs, kind, true, None)
     }
 
@@ -95,7 +91,7 @@ impl FlatParams {
         sharding: Sharding,
         rank: usize,
         world: usize,
-    ) -> Result<FlatParams, OptimError> {
+    ) -> Result<FlatParams, TorchError> {
         let layout = match sharding {
             Sharding::None => None,
             s => Some((s, rank, world)),
@@ -106,7 +102,7 @@ impl FlatParams {
     /// [`FlatParams::new`] without the flat gradient buffer, for a rank with no peer: autograd's
     /// own per-parameter gradients are all the norm, clipping and AdamW read, so a second copy
     /// of every gradient (the buffer, idle between all-reduces that never come) is not kept.
-    pub fn without_grad_buffer(vs: &VarStore, kind: Kind) -> Result<FlatParams, OptimError> {
+    pub fn without_grad_buffer(vs: &VarStore, kind: Kind) -> Result<FlatParams, TorchError> {
         Self::build(vs, kind, false, None)
     }
 
@@ -115,7 +111,7 @@ impl FlatParams {
         kind: Kind,
         grad_buffer: bool,
         layout: Option<(Sharding, usize, usize)>,
-    ) -> Result<FlatParams, OptimError> {
+    ) -> Result<FlatParams, TorchError> {
         let vars: HashMap<String, Tensor> = vs.variables();
         let mut names: Vec<&String> = vars.keys().collect();
         names.sort_by_key(|n| (vars[*n].dim() < 2, n.to_string()));
@@ -219,30 +215,30 @@ impl FlatParams {
 
     /// `p.grad = None` for every parameter: the next backward hands its fresh gradients over
     /// (no zero fill, no add); later micro-batches accumulate into them as usual.
-    pub fn clear_grads(&self) -> Result<(), OptimError> {
+    pub fn clear_grads(&self) -> Result<(), TorchError> {
         self.vars.iter().try_for_each(|v| cxx::set_grad(v, None))
     }
 
     /// Zero the flat gradient buffer and make every `.grad` its slice again, so the next
     /// backward adds into the buffer (gradients end up there without a gather).
-    pub fn zero_grad(&self) -> Result<(), OptimError> {
+    pub fn zero_grad(&self) -> Result<(), TorchError> {
         self.need_grad_buffer("zero_grad")?;
         let _ = self.grads.shallow_clone().zero_();
         self.point_grads_at_flat()
     }
 
-    fn need_grad_buffer(&self, op: &'static str) -> Result<(), OptimError> {
+    fn need_grad_buffer(&self, op: &'static str) -> Result<(), TorchError> {
         if self.grad_buffer {
             Ok(())
         } else {
-            Err(OptimError::Torch {
+            Err(TorchError {
                 op,
                 message: "no flat gradient buffer (built without_grad_buffer, for one rank)".into(),
             })
         }
     }
 
-    fn point_grads_at_flat(&self) -> Result<(), OptimError> {
+    fn point_grads_at_flat(&self) -> Result<(), TorchError> {
         for (e, var) in self.entries.iter().zip(&self.vars) {
             let slice = self.grad_view(e);
             let g = var.grad();
@@ -256,7 +252,7 @@ impl FlatParams {
     /// Copy every gradient into its slice of `grads` (zeros for a parameter without one) and
     /// re-point the `.grad` at that slice, so an in-place all-reduce of `grads` is what the
     /// norm, clipping and AdamW read. Gradients already in the buffer are not copied.
-    pub fn gather_grads(&self) -> Result<(), OptimError> {
+    pub fn gather_grads(&self) -> Result<(), TorchError> {
         self.need_grad_buffer("gather_grads")?;
         tch::no_grad(|| {
             for (e, var) in self.entries.iter().zip(&self.vars) {
@@ -279,7 +275,7 @@ impl FlatParams {
     /// Every parameter's gradient, in `entries` order. A parameter that got no gradient gets
     /// its zeroed flat slice, or zeros of its own without the buffer (AdamW still decays its
     /// moments, as with a zero gradient).
-    pub fn grads_list(&self) -> Result<Vec<Tensor>, OptimError> {
+    pub fn grads_list(&self) -> Result<Vec<Tensor>, TorchError> {
         let mut out = Vec::with_capacity(self.vars.len());
         for (e, var) in self.entries.iter().zip(&self.vars) {
             let g = var.grad();
@@ -402,7 +398,7 @@ impl AdamW {
     /// p ← p·(1 − lr·wd) (≥2-D weights) − lr/(1−β1ᵗ) · m / (√v/√(1−β2ᵗ) + ε).
     /// Non-fp32 parameters (bf16-true) are updated through an fp32 copy, so the moments stay
     /// fp32 (the fused kernel wants one dtype for all four).
-    pub fn step(&mut self, flat: &FlatParams, lr: f64) -> Result<(), OptimError> {
+    pub fn step(&mut self, flat: &FlatParams, lr: f64) -> Result<(), TorchError> {
         self.update(flat, lr, None)?;
         self.applied();
         Ok(())
@@ -416,7 +412,7 @@ impl AdamW {
         flat: &FlatParams,
         lr: f64,
         found_inf: &Tensor,
-    ) -> Result<(), OptimError> {
+    ) -> Result<(), TorchError> {
         self.update(flat, lr, Some(found_inf))
     }
 
@@ -450,7 +446,7 @@ impl AdamW {
         flat: &FlatParams,
         lr: f64,
         found_inf: Option<&Tensor>,
-    ) -> Result<(), OptimError> {
+    ) -> Result<(), TorchError> {
         if let Some(shard) = &flat.shard {
             return self.update_slice(flat, shard, lr, found_inf);
         }
@@ -469,7 +465,7 @@ impl AdamW {
         };
         let k = flat.n_decay_entries();
         let n = flat.entries.len();
-        tch::no_grad(|| -> Result<(), OptimError> {
+        tch::no_grad(|| -> Result<(), TorchError> {
             let _ = self.step_count.fill_(step as f64);
             for (range, weight_decay) in [(0..k, self.weight_decay), (k..n, 0.0)] {
                 let args = self.args(lr, weight_decay);
@@ -501,11 +497,11 @@ impl AdamW {
         shard: &Shard,
         lr: f64,
         found_inf: Option<&Tensor>,
-    ) -> Result<(), OptimError> {
+    ) -> Result<(), TorchError> {
         let (lo, hi) = shard.owned();
         let step = self.step + 1;
         let cut = flat.n_decay.clamp(lo, hi);
-        tch::no_grad(|| -> Result<(), OptimError> {
+        tch::no_grad(|| -> Result<(), TorchError> {
             let _ = self.step_count.fill_(step as f64);
             for ((a, b), weight_decay) in [((lo, cut), self.weight_decay), ((cut, hi), 0.0)] {
                 if a == b {
@@ -552,7 +548,7 @@ pub struct Moments<'a> {
 
 /// Global L2 norm of the gradients (fp32 scalar tensor, not synchronised to the host), as
 /// torch's clip_grad_norm_: the norm of the per-parameter norms.
-pub fn grad_norm(flat: &FlatParams) -> Result<Tensor, OptimError> {
+pub fn grad_norm(flat: &FlatParams) -> Result<Tensor, TorchError> {
     if flat.entries.is_empty() {
         return Ok(Tensor::zeros([], (Kind::Float, flat.params.device())));
     }
@@ -564,7 +560,7 @@ pub fn grad_norm(flat: &FlatParams) -> Result<Tensor, OptimError> {
 /// host sync). The coefficient is computed in fp64 and rounded once to fp32, the value the
 /// host-scalar form multiplied by; a coefficient of 1 leaves every gradient as it was. On CUDA,
 /// bf16 gradients take it rounded to bf16, as clip_grad_norm_ does with bf16 norms.
-pub fn clip_grads(flat: &FlatParams, norm: &Tensor, max_norm: f64) -> Result<(), OptimError> {
+pub fn clip_grads(flat: &FlatParams, norm: &Tensor, max_norm: f64) -> Result<(), TorchError> {
     let grads = flat.grads_list()?;
     let kind = match grads.first() {
         Some(g) if norm.device().is_cuda() => g.kind(), // the multi-tensor kernel wants one dtype
@@ -587,7 +583,7 @@ pub(crate) fn clip_coefficient(norm: &Tensor, max_norm: f64, kind: Kind) -> Tens
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Sharding;
+    use crate::dist::Sharding;
     use tch::{nn, Device};
 
     /// fp32 unit roundoff: one rounding moves a value by at most u = 2^-24 of itself.

@@ -24,7 +24,7 @@
 //! Not here: where this runs in the step (train/mod.rs), the collectives (dist/).
 
 use super::{clip_coefficient, copy_flat_range, AdamW, FlatParams, Shard};
-use crate::config::Sharding;
+use crate::dist::Sharding;
 use crate::dist::{buckets, Communicator};
 use anyhow::Context;
 use tch::{Device, Kind, Tensor};

@@ -22,6 +22,7 @@
 //! (train/validation.rs), where data comes from (datasource.rs), tensor ↔ bytes
 //! (checkpoint.rs).
 
+mod initial;
 pub(crate) mod loss;
 pub(crate) mod memory;
 mod outdir;
@@ -33,16 +34,16 @@ use crate::checkpoint::{self, TrainState};
 use crate::config::{Precision, RunConfig, Sharding};
 use crate::data::{EvalLoader, LoaderConfig, LoaderPosition, Split, TrainLoader};
 use crate::device::{self, DeviceKind};
-use crate::dist::{self, Communicator, RankInfo};
+use crate::dist::{self, Backend, Communicator, RankInfo};
 use crate::error::BadInput;
 use crate::metrics::{self, MetricsWriter, TrainRecord};
-use crate::optim::{self, zero, AdamW, FlatParams};
+use crate::optim::{self, AdamW, FlatParams, GradSync};
 use crate::{datasource, signals};
 use anyhow::{bail, Context};
 use loss::{loss_and_backward, tokens_to_batch};
 use mla_model::{stats, Gpt};
 use mla_storage::{BlockingCheckpointStore, StepName};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -138,6 +139,149 @@ impl Window {
     }
 }
 
+/// The run's data on this rank: the tokenizer directory, the training loader (this rank's
+/// windows of each global batch) and validation over this rank's share of the val split.
+fn open_data(
+    cfg: &RunConfig,
+    rank: &RankInfo,
+    comm: &dyn Communicator,
+    device: Device,
+    autocast: bool,
+) -> anyhow::Result<(PathBuf, TrainLoader, Validation)> {
+    let (tokenizer_dir, dataset) = datasource::open_once_per_node(cfg, rank, comm)?;
+    crate::data::check_vocab(&dataset, cfg.model().padded_vocab_size() as u64)?;
+    let seq_len = cfg.train.max_seq_length.unwrap_or(cfg.model().block_size);
+    let micro = cfg.train.micro_batch_size;
+    let accum = cfg.grad_accum_steps(rank.world_size).map_err(BadInput)?;
+    let data_seed = cfg
+        .data
+        .as_ref()
+        .and_then(|d| d.init_args.seed)
+        .unwrap_or(cfg.seed);
+    let loader = TrainLoader::new(
+        dataset.split(Split::Train),
+        LoaderConfig {
+            block_size: seq_len,
+            micro_batch_size: micro,
+            grad_accum_steps: accum,
+            rank: rank.rank,
+            world_size: rank.world_size,
+            seed: data_seed,
+        },
+    )?;
+    let validation = Validation {
+        loader: EvalLoader::new(
+            dataset.split(Split::Val),
+            seq_len,
+            micro,
+            rank.rank,
+            rank.world_size,
+            Some(cfg.eval.max_iters as u64),
+        )?,
+        micro,
+        seq_len,
+        device,
+        autocast,
+    };
+    Ok((tokenizer_dir, loader, validation))
+}
+
+/// The model in `param_kind` on `device`, its flat buffers (a gradient buffer only where
+/// gradients are all-reduced; sharded only with `dist.shard`) and AdamW over them.
+fn build_trainable(
+    cfg: &RunConfig,
+    rank: &RankInfo,
+    comm: &dyn Communicator,
+    device: Device,
+    param_kind: Kind,
+) -> anyhow::Result<(Trainable, GradSync)> {
+    let mut vs = VarStore::new(device);
+    let model = Gpt::new(&vs.root(), cfg.model())?;
+    if param_kind == Kind::BFloat16 {
+        vs.bfloat16();
+    }
+    let reduces = all_reduces(rank.world_size, comm);
+    let sharding = cfg.dist.shard;
+    if sharding != Sharding::None && !reduces && rank.is_main() {
+        info!(
+            "dist.shard {}: one rank without a communicator holds everything anyway; not sharded",
+            sharding.as_str()
+        );
+    }
+    let flat = match sharding {
+        Sharding::None if reduces => FlatParams::new(&vs, param_kind)?,
+        _ if !reduces => FlatParams::without_grad_buffer(&vs, param_kind)?,
+        s => FlatParams::sharded(&vs, param_kind, s, rank.rank, rank.world_size)?,
+    };
+    // p.grad = None: the first backward of each step hands its gradients over (optim.rs).
+    flat.clear_grads()?;
+    let a = &cfg.optimizer.init_args;
+    let opt = AdamW::new(&flat, a.betas, a.eps, a.weight_decay);
+    let sync = GradSync::for_flat(&flat, reduces, cfg.dist.bucket_mb);
+    Ok((
+        Trainable {
+            _vs: vs,
+            model,
+            flat,
+            opt,
+        },
+        sync,
+    ))
+}
+
+/// The state the run starts from: a resumed checkpoint's (its weights, moments and data
+/// position restored), or step 0 with `initial_checkpoint_dir`'s weights when set. Every rank
+/// must arrive at the same step.
+fn restore_or_start(
+    cfg: &RunConfig,
+    rank: &RankInfo,
+    comm: &dyn Communicator,
+    store: &BlockingCheckpointStore,
+    t: &mut Trainable,
+    loader: &mut TrainLoader,
+    tokenizer_dir: &Path,
+) -> anyhow::Result<TrainState> {
+    let mut state = TrainState {
+        version: checkpoint::STATE_VERSION,
+        step: 0,
+        tokens_seen: 0,
+        loaders: Vec::new(),
+        world_size: rank.world_size,
+        seed: cfg.seed,
+        skipped_steps: 0,
+        elapsed_secs: 0.0,
+        last_val_loss: None,
+    };
+    if let Some(restored) = checkpoint::resume(
+        cfg,
+        store,
+        &t.flat,
+        &mut t.opt,
+        rank.world_size,
+        tokenizer_dir,
+    )? {
+        let s = restored.state;
+        loader.restore(step_position(&s.loaders, rank.world_size)?)?;
+        state = TrainState {
+            world_size: rank.world_size,
+            ..s
+        };
+    } else if let Some(dir) = &cfg.initial_checkpoint_dir {
+        initial::load(cfg, &t.flat, dir, tokenizer_dir)?;
+    }
+    if rank.world_size > 1 {
+        // Every rank must continue from the same step (out_dir is storage all ranks see).
+        let steps = dist::all_gather_host(comm, &[state.step as f64])?;
+        if let Some((r, s)) = steps.iter().enumerate().find(|(_, s)| s[0] != steps[0][0]) {
+            bail!(
+                "rank {r} resumed at step {} but rank 0 at step {}: every rank must see the same out_dir ({})",
+                s[0], steps[0][0], cfg.out_dir
+            );
+        }
+    }
+    Ok(state)
+}
+
 /// One rank's training run: everything [`Trainer::new`] sets up and [`Trainer::step`] and
 /// [`Trainer::finish`] use.
 pub(crate) struct Trainer {
@@ -153,6 +297,8 @@ pub(crate) struct Trainer {
     validation: Validation,
     budget: Budget,
     t: Trainable,
+    /// How gradients and parameters travel between ranks (DDP, ZeRO, or not at all).
+    sync: GradSync,
     store: BlockingCheckpointStore,
     saver: checkpoint::Saver,
     metrics: Option<MetricsWriter>,
@@ -215,114 +361,27 @@ impl Trainer {
         tch::manual_seed(cfg.seed as i64);
 
         // Data: a first run downloads/tokenizes into a cache, once per node.
-        let (tokenizer_dir, dataset) = datasource::open_once_per_node(&cfg, &rank, comm.as_ref())?;
-        crate::data::check_vocab(&dataset, cfg.model().padded_vocab_size() as u64)?;
-        let seq_len = cfg.train.max_seq_length.unwrap_or(cfg.model().block_size);
-        let micro = cfg.train.micro_batch_size;
-        let accum = cfg.grad_accum_steps(rank.world_size).map_err(BadInput)?;
-        let data_seed = cfg
-            .data
-            .as_ref()
-            .and_then(|d| d.init_args.seed)
-            .unwrap_or(cfg.seed);
-        let mut loader = TrainLoader::new(
-            dataset.split(Split::Train),
-            LoaderConfig {
-                block_size: seq_len,
-                micro_batch_size: micro,
-                grad_accum_steps: accum,
-                rank: rank.rank,
-                world_size: rank.world_size,
-                seed: data_seed,
-            },
-        )?;
-        let validation = Validation {
-            loader: EvalLoader::new(
-                dataset.split(Split::Val),
-                seq_len,
-                micro,
-                rank.rank,
-                rank.world_size,
-                Some(cfg.eval.max_iters as u64),
-            )?,
-            micro,
-            seq_len,
-            device,
-            autocast,
-        };
+        let (tokenizer_dir, mut loader, validation) =
+            open_data(&cfg, &rank, comm.as_ref(), device, autocast)?;
+        let (seq_len, micro) = (validation.seq_len, validation.micro);
+        let accum = loader.config().grad_accum_steps;
         let budget =
             Budget::new(&cfg, rank.world_size, loader.windows_per_epoch()).map_err(BadInput)?;
 
-        // Model, flat buffers, optimizer.
-        let mut vs = VarStore::new(device);
-        let model = Gpt::new(&vs.root(), cfg.model())?;
-        if param_kind == Kind::BFloat16 {
-            vs.bfloat16();
-        }
-        // The flat gradient buffer exists only where gradients are all-reduced; sharded (ZeRO)
-        // only with `dist.shard: optimizer`.
-        let reduces = all_reduces(rank.world_size, comm.as_ref());
-        let sharding = cfg.dist.shard;
-        if sharding != Sharding::None && !reduces && main {
-            info!(
-                "dist.shard {}: one rank without a communicator holds everything anyway; not sharded",
-                sharding.as_str()
-            );
-        }
-        let flat = match sharding {
-            Sharding::None if reduces => FlatParams::new(&vs, param_kind)?,
-            _ if !reduces => FlatParams::without_grad_buffer(&vs, param_kind)?,
-            s => FlatParams::sharded(&vs, param_kind, s, rank.rank, rank.world_size)?,
-        };
-        // p.grad = None: the first backward of each step hands its gradients over (optim.rs).
-        flat.clear_grads()?;
-        let a = &cfg.optimizer.init_args;
-        let opt = AdamW::new(&flat, a.betas, a.eps, a.weight_decay);
-        let mut t = Trainable {
-            _vs: vs,
-            model,
-            flat,
-            opt,
-        };
+        // Model, flat buffers, optimizer: the same initial weights on every rank.
+        let (mut t, sync) = build_trainable(&cfg, &rank, comm.as_ref(), device, param_kind)?;
         comm.broadcast(&mut t.flat.params, 0)?;
 
-        // Resume.
-        let mut state = TrainState {
-            version: checkpoint::STATE_VERSION,
-            step: 0,
-            tokens_seen: 0,
-            loaders: Vec::new(),
-            world_size: rank.world_size,
-            seed: cfg.seed,
-            skipped_steps: 0,
-            elapsed_secs: 0.0,
-            last_val_loss: None,
-        };
-        if let Some(restored) = checkpoint::resume(
+        // Resume, or start fresh (from initial_checkpoint_dir's weights when set).
+        let state = restore_or_start(
             &cfg,
+            &rank,
+            comm.as_ref(),
             &store,
-            &t.flat,
-            &mut t.opt,
-            rank.world_size,
+            &mut t,
+            &mut loader,
             &tokenizer_dir,
-        )? {
-            let s = restored.state;
-            loader.restore(step_position(&s.loaders, rank.world_size)?)?;
-            state = TrainState {
-                world_size: rank.world_size,
-                ..s
-            };
-        }
-        if rank.world_size > 1 {
-            // Every rank must continue from the same step (out_dir is storage all ranks see).
-            let steps = dist::all_gather_host(comm.as_ref(), &[state.step as f64])?;
-            if let Some((r, s)) = steps.iter().enumerate().find(|(_, s)| s[0] != steps[0][0]) {
-                bail!(
-                    "rank {r} resumed at step {} but rank 0 at step {}: every rank must see the same out_dir ({})",
-                    s[0], steps[0][0], cfg.out_dir
-                );
-            }
-        }
+        )?;
 
         let metrics = if main {
             let dir = local_metrics_dir(&cfg);
@@ -382,6 +441,7 @@ impl Trainer {
             validation,
             budget,
             t,
+            sync,
             store,
             saver,
             metrics,
@@ -492,19 +552,8 @@ impl Trainer {
                 let _ = tch::no_grad(|| g.shallow_clone().fill_(f64::NAN));
             }
         }
-        let sharded = self.t.flat.shard.is_some();
-        let bucket_mb = self.cfg.dist.bucket_mb;
         let reduce_start = Instant::now();
-        if sharded {
-            // ZeRO: each rank gets the sum of its own slice only (optim/zero.rs).
-            zero::reduce_scatter_grads(&self.t.flat, self.comm.as_ref(), bucket_mb)?;
-            self.window.reduce_secs += reduce_start.elapsed().as_secs_f64();
-        } else if all_reduces(world, self.comm.as_ref()) {
-            // One flat buffer for the bucketed all-reduce: gather (copy) the gradients into it.
-            // A real communicator reduces even alone (one GPU under `--dist.backend nccl`), so
-            // scripts/gpu_check.sh passes gradients through NCCL on a single card.
-            self.t.flat.gather_grads()?;
-            self.comm.all_reduce_sum(&mut self.t.flat.grads)?;
+        if self.sync.reduce(&mut self.t.flat, self.comm.as_ref())? {
             self.window.reduce_secs += reduce_start.elapsed().as_secs_f64();
         }
         // Queued on the device, read back once at the end: this rank's mean loss and its stop
@@ -514,11 +563,7 @@ impl Trainer {
         let time_up = self.cfg.train.max_time.is_some_and(|m| self.elapsed() >= m);
         let stop = signals::stop_requested() || self.stop_at_step == Some(self.state.step + 1);
         let flag = |on: bool| Tensor::full([], f64::from(u8::from(on)), (Kind::Double, device));
-        let norm_sq = if sharded {
-            zero::norm_sq(&self.t.flat)?
-        } else {
-            flag(false)
-        };
+        let norm_sq = self.sync.norm_sq_part(&self.t.flat)?;
         let mut shared = Tensor::stack(
             &[
                 loss_sum.to_kind(Kind::Double) / self.accum as f64,
@@ -529,22 +574,14 @@ impl Trainer {
             0,
         );
         self.comm.all_reduce_sum(&mut shared)?;
-        let norm = if sharded {
-            tch::no_grad(|| shared.get(3).sqrt().to_kind(Kind::Float))
-        } else {
-            optim::grad_norm(&self.t.flat)?
-        };
+        let norm = self.sync.global_norm(&self.t.flat, &shared.get(3))?;
         let found_inf = tch::no_grad(|| {
             (shared.get(0).isfinite().logical_and(&norm.isfinite()))
                 .logical_not()
                 .to_kind(Kind::Float)
         });
         if let Some(max_norm) = self.cfg.train.max_norm {
-            if sharded {
-                zero::clip(&self.t.flat, &norm, max_norm)?;
-            } else {
-                optim::clip_grads(&self.t.flat, &norm, max_norm)?;
-            }
+            self.sync.clip(&self.t.flat, &norm, max_norm)?;
         }
         let lr = optim::lr_at(
             self.state.step,
@@ -554,10 +591,9 @@ impl Trainer {
             self.budget.total_steps,
         );
         self.t.opt.step_unless(&self.t.flat, lr, &found_inf)?;
-        if sharded {
-            // Every rank's updated slice to every rank (unchanged slices when skipped).
-            let gather_start = Instant::now();
-            zero::all_gather_params(&self.t.flat, self.comm.as_ref(), bucket_mb)?;
+        // Sharded: every rank's updated slice to every rank (unchanged slices when skipped).
+        let gather_start = Instant::now();
+        if self.sync.after_update(&self.t.flat, self.comm.as_ref())? {
             self.window.reduce_secs += gather_start.elapsed().as_secs_f64();
         }
         // The step's one host sync, with all of the step's work already queued.
@@ -662,12 +698,7 @@ impl Trainer {
         let (flat, opt) = (&self.t.flat, &self.t.opt);
         // Sharded, the whole moments are gathered on rank 0 (every rank takes part); only
         // rank 0 writes, so the others' slices never reach the saver.
-        let gathered = match &flat.shard {
-            Some(_) => {
-                zero::gather_moments(flat, opt, self.comm.as_ref(), self.cfg.dist.bucket_mb)?
-            }
-            None => None,
-        };
+        let gathered = self.sync.gather_moments(flat, opt, self.comm.as_ref())?;
         let moments = match &gathered {
             Some((exp_avg, exp_avg_sq)) => optim::Moments {
                 exp_avg,
@@ -759,12 +790,12 @@ fn report_start(
         device::describe(device),
         precision.as_str(),
     );
-    if rank.world_size > 1 || comm.backend() != "single" {
+    if rank.world_size > 1 || comm.backend() != Backend::Single {
         info!(
             "dist: {} rank(s) ({}), backend {}, gradient buckets of {} MiB, collective timeout {} s",
             rank.world_size,
             rank.source,
-            comm.backend(),
+            comm.backend().as_str(),
             cfg.dist.bucket_mb,
             cfg.dist.timeout_secs
         );
@@ -905,7 +936,7 @@ fn nan_grad_steps_from_env() -> anyhow::Result<Vec<u64>> {
 /// Whether the gradients go through the communicator every step: with a peer, and with a real
 /// communicator even alone (one GPU under `--dist.backend nccl` in scripts/gpu_check.sh).
 fn all_reduces(world_size: usize, comm: &dyn Communicator) -> bool {
-    world_size > 1 || comm.backend() != "single"
+    world_size > 1 || comm.backend() != Backend::Single
 }
 
 /// Where metrics files go: out_dir itself when local, else `.cache/mla/runs/<name>`.
