@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # scripts/test.sh — the whole CPU test suite, as CI runs it (.ci/run calls this).
 #   1. scripts/setup.sh (idempotent: system packages, .venv with torch 2.11.0, release build)
-#   2. formatting check
+#   2. formatting check, and the import graph (scripts/layers.py: no cycle between crates or
+#      modules, no arrow up the trainer's layers)
 #   3. a local S3-compatible server for the storage/checkpoint tests (stopped on exit)
 #   4. cargo test --release --no-fail-fast over the workspace (release: shares setup's build,
 #      runs the numerics at full speed; a failing test binary never hides the ones after it),
@@ -17,6 +18,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 source scripts/env.sh
 cargo fmt --all -- --check || { echo "test.sh: run 'cargo fmt --all'" >&2; exit 1; }
+python3 scripts/layers.py || { echo "test.sh: an import cycle or an arrow up a layer (above)" >&2; exit 1; }
 eval "$(scripts/s3_server.sh start)"
 log=$(mktemp -t mla-test.XXXXXX)
 export MLA_REQUIRE_S3=1
