@@ -14,6 +14,7 @@ pub mod datasource;
 pub mod device;
 pub mod dist;
 pub mod error;
+pub mod faults;
 pub mod inference;
 pub mod interop;
 pub mod logging;

@@ -54,9 +54,6 @@ pub const CONFIG_FILE: &str = "config.yaml";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const TOKENIZER_FILES: &[&str] = &[TOKENIZER_FILE, "tokenizer_config.json"];
 pub const STATE_VERSION: u32 = 1;
-/// Test hook: behave as if SIGTERM arrived during optimizer step N (save step N, exit 0), so a
-/// test can interrupt a run at an exact step while keeping the run's LR schedule.
-pub const STOP_AT_STEP_ENV: &str = "MLA_TEST_STOP_AT_STEP";
 
 /// Training progress, enough to continue bit-exactly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -732,16 +729,6 @@ impl Saver {
 /// Whether every element of `t` is finite (one reduction on the tensor's device).
 fn all_finite(t: &Tensor) -> anyhow::Result<bool> {
     Ok(t.f_isfinite()?.f_all()?.f_int64_value(&[])? != 0)
-}
-
-/// [`STOP_AT_STEP_ENV`], when set.
-pub fn stop_at_step_from_env() -> anyhow::Result<Option<u64>> {
-    match std::env::var(STOP_AT_STEP_ENV) {
-        Ok(v) if !v.trim().is_empty() => v.trim().parse().map(Some).map_err(|_| {
-            BadInput(format!("{STOP_AT_STEP_ENV}={v:?}: expected a step number")).into()
-        }),
-        _ => Ok(None),
-    }
 }
 
 // ---- resuming -----------------------------------------------------------------------------

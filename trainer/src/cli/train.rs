@@ -4,6 +4,7 @@
 
 use crate::config::{Override, RunConfig};
 use crate::device::DeviceKind;
+use crate::faults::Faults;
 use crate::train::{self, TrainOptions};
 use std::path::PathBuf;
 
@@ -32,6 +33,7 @@ pub fn run(args: &TrainArgs, overrides: &[Override]) -> anyhow::Result<()> {
         &TrainOptions {
             device: args.device,
             force: args.force,
+            faults: Faults::from_env()?,
         },
     )
 }

@@ -188,16 +188,18 @@ pub fn choose_backend(
 
 /// The communicator of this rank for `device`. Errors that are the user's (an impossible
 /// backend/device combination, ranks not started by mpirun) are `DistError::Setup`.
+/// `stall`: a test fault (faults.rs) that makes an MPI rank hang in its first all-reduce.
 pub fn connect(
     cfg: &DistConfig,
     rank: &RankInfo,
     device: Device,
+    stall: bool,
 ) -> Result<Box<dyn Communicator>, DistError> {
     let backend =
         choose_backend(cfg.backend, rank.world_size, device.is_cuda()).map_err(DistError::Setup)?;
     Ok(match backend {
         Backend::Single | Backend::Auto => Box::new(Single),
-        Backend::Mpi => Box::new(mpi::MpiComm::init(cfg, rank)?),
+        Backend::Mpi => Box::new(mpi::MpiComm::init(cfg, rank, stall)?),
         Backend::Nccl => Box::new(nccl::NcclComm::init(cfg, rank, device)?),
     })
 }

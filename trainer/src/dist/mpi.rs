@@ -14,8 +14,8 @@
 //!   communicator dropped without `finish` (an error path) skips it on purpose, so mpirun
 //!   stops the job instead of a finalize waiting for a peer that will never come.
 //!
-//! Test hook: `MLA_TEST_DIST_STALL_RANK=R` makes rank R hang in its first gradient all-reduce
-//! (to test the timeout). Not here: which backend runs (mod.rs), the NCCL id broadcast uses
+//! Test fault: `stall` (faults.rs, `MLA_TEST_DIST_STALL_RANK=R` for rank R) makes the rank hang
+//! in its first gradient all-reduce (to test the timeout). Not here: which backend runs (mod.rs), the NCCL id broadcast uses
 //! [`init_world`] from nccl.rs.
 
 use super::watchdog::Watchdog;
@@ -29,8 +29,6 @@ use mpi::traits::{Communicator as _, CommunicatorCollectives, Root};
 use mpi::Threading;
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};
-
-pub const STALL_RANK_ENV: &str = "MLA_TEST_DIST_STALL_RANK";
 
 /// Initialise MPI (MPI_THREAD_FUNNELED: only the main thread calls MPI) and check that it
 /// sees the same rank and world size as the environment did.
@@ -64,12 +62,9 @@ pub struct MpiComm {
 }
 
 impl MpiComm {
-    pub fn init(cfg: &DistConfig, rank: &RankInfo) -> Result<MpiComm, DistError> {
+    /// `stall`: hang in the first gradient all-reduce (a test fault, faults.rs).
+    pub fn init(cfg: &DistConfig, rank: &RankInfo, stall: bool) -> Result<MpiComm, DistError> {
         let (universe, world) = init_world(rank)?;
-        let stall = std::env::var(STALL_RANK_ENV)
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            == Some(rank.rank);
         Ok(MpiComm {
             world,
             universe: Some(universe),

@@ -16,11 +16,12 @@
 //! on the device when the loss or norm is not finite) is queued; tokens reach a GPU from
 //! pinned memory without a sync.
 //!
-//! Test hook: `MLA_TEST_NAN_GRAD_STEPS=3,4` makes one gradient NaN at those optimizer steps
-//! (1-based), to test the non-finite guard end to end.
+//! Test faults (faults.rs, given in [`TrainOptions`]): a NaN gradient at chosen optimizer steps
+//! (the non-finite guard end to end), a stop at a chosen step (as a signal).
 //! Not here: the loss and its chunked backward (train/loss.rs), validation
-//! (train/validation.rs), where data comes from (datasource.rs), tensor ↔ bytes
-//! (checkpoint.rs).
+//! (train/validation.rs), initial weights (train/initial.rs), where data comes from
+//! (datasource.rs), how gradients travel between ranks (optim/sync.rs), tensor ↔ bytes
+//! (checkpoint/).
 
 mod initial;
 pub(crate) mod loss;
@@ -36,6 +37,7 @@ use crate::data::{EvalLoader, LoaderConfig, LoaderPosition, Split, TrainLoader};
 use crate::device::{self, DeviceKind};
 use crate::dist::{self, Backend, Communicator, RankInfo};
 use crate::error::BadInput;
+use crate::faults::Faults;
 use crate::metrics::{self, MetricsWriter, TrainRecord};
 use crate::optim::{self, AdamW, FlatParams, GradSync};
 use crate::{datasource, signals};
@@ -56,6 +58,8 @@ pub struct TrainOptions {
     pub device: Option<DeviceKind>,
     /// Skip the memory check (`mla train --force`).
     pub force: bool,
+    /// Faults injected by the end-to-end tests (`Faults::none()` otherwise).
+    pub faults: Faults,
 }
 
 /// Model, optimizer and the flat buffers they share.
@@ -306,7 +310,7 @@ pub(crate) struct Trainer {
     flops_per_token: f64,
     peak_flops: Option<f64>,
     stop_at_step: Option<u64>,
-    /// Steps whose gradients the test hook poisons (`MLA_TEST_NAN_GRAD_STEPS`).
+    /// Steps whose gradients a test fault poisons (faults.rs).
     nan_grad_steps: Vec<u64>,
     run_start: Instant,
     /// Training wall time of the run before this process (from the checkpoint).
@@ -331,7 +335,8 @@ impl Trainer {
         let device = device::select(opts.device, rank.local_rank)?;
         dist::choose_backend(cfg.dist.backend, rank.world_size, device.is_cuda())
             .map_err(BadInput)?;
-        let comm = dist::connect(&cfg.dist, &rank, device)?;
+        let stall = opts.faults.stall_rank == Some(rank.rank);
+        let comm = dist::connect(&cfg.dist, &rank, device, stall)?;
         let (precision, autocast, param_kind) = precision_for(&cfg, device);
         let main = rank.is_main();
         if let (true, crate::config::Devices::Count(d)) = (main, cfg.devices) {
@@ -417,7 +422,7 @@ impl Trainer {
         }
 
         let saver = checkpoint::Saver::new(&cfg, &store, &tokenizer_dir, main)?;
-        let stop_at_step = checkpoint::stop_at_step_from_env()?;
+        let stop_at_step = opts.faults.stop_at_step;
         let mut stop_agreed = false;
         if rank.world_size > 1 {
             let mut flag = [f64::from(u8::from(
@@ -449,7 +454,7 @@ impl Trainer {
             flops_per_token,
             peak_flops: device::peak_flops(device),
             stop_at_step,
-            nan_grad_steps: nan_grad_steps_from_env()?,
+            nan_grad_steps: opts.faults.nan_grad_steps.clone(),
             run_start: Instant::now(),
             elapsed_before,
             window: Window::new(),
@@ -914,23 +919,6 @@ fn step_position(
         )));
     }
     Ok(first)
-}
-
-const NAN_GRAD_STEPS_ENV: &str = "MLA_TEST_NAN_GRAD_STEPS";
-
-/// The steps of [`NAN_GRAD_STEPS_ENV`] (a comma-separated list), when set.
-fn nan_grad_steps_from_env() -> anyhow::Result<Vec<u64>> {
-    let Ok(v) = std::env::var(NAN_GRAD_STEPS_ENV) else {
-        return Ok(Vec::new());
-    };
-    v.split(',')
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| {
-            s.trim().parse().map_err(|_| {
-                BadInput(format!("{NAN_GRAD_STEPS_ENV}={v:?}: expected step numbers")).into()
-            })
-        })
-        .collect()
 }
 
 /// Whether the gradients go through the communicator every step: with a peer, and with a real
