@@ -2,7 +2,7 @@
 //! gradient accumulation, total steps (from max_steps / max_tokens / epochs), warmup, and
 //! whether save/eval intervals can ever fire (the seed's run saved every 1000 of 381 steps).
 
-use crate::config::RunConfig;
+use crate::config::{EvalConfig, TrainConfig};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Budget {
@@ -23,14 +23,16 @@ pub struct Budget {
 }
 
 impl Budget {
+    /// The budget of `train:` for `world_size` ranks, a model of `block_size` and a dataset
+    /// of `windows_per_epoch` training windows.
     pub fn new(
-        cfg: &RunConfig,
+        t: &TrainConfig,
+        block_size: usize,
         world_size: usize,
         windows_per_epoch: u64,
     ) -> Result<Budget, String> {
-        let t = &cfg.train;
-        let grad_accum_steps = cfg.grad_accum_steps(world_size)?;
-        let seq_len = t.max_seq_length.unwrap_or(cfg.model().block_size);
+        let grad_accum_steps = t.grad_accum_steps(world_size)?;
+        let seq_len = t.max_seq_length.unwrap_or(block_size);
         let tokens_per_step = (t.global_batch_size * seq_len) as u64;
         let steps_per_epoch = windows_per_epoch as f64 / t.global_batch_size as f64;
         let mut limits: Vec<(u64, &'static str)> = Vec::new();
@@ -80,7 +82,7 @@ impl Budget {
     }
 
     /// Human lines: the arithmetic, then warnings for intervals that never fire.
-    pub fn report(&self, cfg: &RunConfig) -> (Vec<String>, Vec<String>) {
+    pub fn report(&self, train: &TrainConfig, eval: &EvalConfig) -> (Vec<String>, Vec<String>) {
         let mut lines = vec![format!(
             "batch: {} samples/step = {} micro × {} accumulation × {} rank(s); {} tokens/step ({} × {} tokens)",
             self.global_batch_size,
@@ -98,11 +100,11 @@ impl Budget {
                 n as f64 / self.steps_per_epoch.max(1e-12),
                 self.limited_by,
                 self.warmup_steps,
-                cfg.train.min_lr
+                train.min_lr
             )),
             None => lines.push(format!(
                 "budget: until train.max_time = {} s; warmup {} steps then constant lr",
-                cfg.train.max_time.unwrap_or_default(),
+                train.max_time.unwrap_or_default(),
                 self.warmup_steps
             )),
         }
@@ -114,15 +116,15 @@ impl Budget {
         ));
         let mut warnings = Vec::new();
         if let Some(n) = self.total_steps {
-            if let Some(s) = cfg.train.save_interval {
+            if let Some(s) = train.save_interval {
                 if s as u64 > n {
                     warnings.push(format!(
                         "train.save_interval = {s} but the run has only {n} steps: no intermediate checkpoint will be written (only final/)"
                     ));
                 }
             }
-            if cfg.eval.interval as u64 > n {
-                let when = match (cfg.eval.initial_validation, cfg.eval.final_validation) {
+            if eval.interval as u64 > n {
+                let when = match (eval.initial_validation, eval.final_validation) {
                     (true, true) => "validation runs only at the start and at the end",
                     (false, true) => "validation runs only at the end",
                     (true, false) => "validation runs only at the start",
@@ -132,7 +134,7 @@ impl Budget {
                 };
                 warnings.push(format!(
                     "eval.interval = {} but the run has only {n} steps: {when}",
-                    cfg.eval.interval
+                    eval.interval
                 ));
             }
             if self.warmup_steps >= n && n > 1 {
@@ -155,6 +157,11 @@ impl Budget {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::RunConfig;
+
+    fn budget(c: &RunConfig, world: usize, windows: u64) -> Result<Budget, String> {
+        Budget::new(&c.train, c.model().block_size, world, windows)
+    }
 
     fn cfg(extra: &str) -> RunConfig {
         let yaml = format!(
@@ -166,12 +173,12 @@ mod tests {
     #[test]
     fn the_seed_run_has_381_steps_and_its_intervals_never_fire() {
         let c = cfg("");
-        let b = Budget::new(&c, 1, 1_000_000).unwrap();
+        let b = budget(&c, 1, 1_000_000).unwrap();
         assert_eq!(b.tokens_per_step, 128 * 2048);
         assert_eq!(b.grad_accum_steps, 32);
         assert_eq!(b.total_steps, Some(381));
         assert_eq!(b.limited_by, "train.max_tokens");
-        let (_, warnings) = b.report(&c);
+        let (_, warnings) = b.report(&c.train, &c.eval);
         assert_eq!(warnings.len(), 2, "{warnings:?}");
         assert!(
             warnings[0].contains("save_interval = 1000")
@@ -186,7 +193,7 @@ mod tests {
                 "model_name: pythia-14m\ntrain:\n  global_batch_size: 4\n  micro_batch_size: 4\n  max_steps: 10\neval:\n  interval: 100\n  initial_validation: {initial}\n  final_validation: {fin}\n"
             );
             let c = RunConfig::from_yaml(&yaml, "t.yaml", &[]).unwrap();
-            let (_, warnings) = Budget::new(&c, 1, 1_000_000).unwrap().report(&c);
+            let (_, warnings) = budget(&c, 1, 1_000_000).unwrap().report(&c.train, &c.eval);
             warnings
                 .into_iter()
                 .find(|w| w.starts_with("eval.interval = 100 "))
@@ -201,16 +208,16 @@ mod tests {
     #[test]
     fn the_smallest_limit_wins_and_accumulation_splits_over_ranks() {
         let c = cfg("  max_steps: 50\n");
-        let b = Budget::new(&c, 4, 1_000_000).unwrap();
+        let b = budget(&c, 4, 1_000_000).unwrap();
         assert_eq!((b.total_steps, b.limited_by), (Some(50), "train.max_steps"));
         assert_eq!(b.grad_accum_steps, 8);
-        assert!(Budget::new(&c, 3, 1_000_000).is_err());
+        assert!(budget(&c, 3, 1_000_000).is_err());
     }
 
     #[test]
     fn a_run_without_any_limit_is_refused() {
         let c = RunConfig::from_yaml("model_name: pythia-14m\n", "t.yaml", &[]).unwrap();
-        assert!(Budget::new(&c, 1, 1000)
+        assert!(budget(&c, 1, 1000)
             .unwrap_err()
             .contains("no training budget"));
     }

@@ -1042,10 +1042,22 @@ impl RunConfig {
         serde_yaml_ng::to_string(self).unwrap_or_else(|e| format!("# unserializable config: {e}\n"))
     }
 
+    /// The world sizes that split `train.global_batch_size` (see [`TrainConfig::world_sizes`]).
+    pub fn world_sizes(&self) -> Vec<usize> {
+        self.train.world_sizes()
+    }
+
+    /// Gradient-accumulation steps per optimizer step for `world_size` ranks.
+    pub fn grad_accum_steps(&self, world_size: usize) -> Result<usize, String> {
+        self.train.grad_accum_steps(world_size)
+    }
+}
+
+impl TrainConfig {
     /// The world sizes (numbers of ranks) that split `train.global_batch_size` into whole
     /// micro-batches of `train.micro_batch_size`: those a run, or its resume, can have.
     pub fn world_sizes(&self) -> Vec<usize> {
-        let t = &self.train;
+        let t = self;
         if t.micro_batch_size == 0 || !t.global_batch_size.is_multiple_of(t.micro_batch_size) {
             return Vec::new();
         }
@@ -1055,7 +1067,7 @@ impl RunConfig {
 
     /// Gradient-accumulation steps per optimizer step for `world_size` ranks.
     pub fn grad_accum_steps(&self, world_size: usize) -> Result<usize, String> {
-        let t = &self.train;
+        let t = self;
         let per_step = t.micro_batch_size * world_size;
         if per_step == 0 || !t.global_batch_size.is_multiple_of(per_step) {
             let can = match self.world_sizes() {

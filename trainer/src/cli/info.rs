@@ -44,7 +44,14 @@ pub fn run(args: &InfoArgs, overrides: &[Override]) -> anyhow::Result<()> {
         crate::config::Devices::Count(d) => d * cfg.num_nodes,
         crate::config::Devices::Auto => 1,
     };
-    let memory = crate::train::memory::estimate(&cfg, param_kind, autocast, world);
+    let memory = crate::train::memory::estimate(
+        cfg.model(),
+        &cfg.train,
+        &cfg.dist,
+        param_kind,
+        autocast,
+        world,
+    );
     if args.json {
         let obj = serde_json::json!({
             "model": m.name,

@@ -11,11 +11,12 @@
 //!
 //! Not here: measuring memory (device.rs), the chunked loss that bounds the logits (loss.rs).
 
-use crate::config::{Backend, RunConfig, Sharding};
+use crate::config::TrainConfig;
 use crate::device;
+use crate::dist::{Backend, DistConfig, Sharding};
 use crate::error::BadInput;
 use crate::metrics::human_bytes;
-use mla_model::stats;
+use mla_model::{stats, ModelConfig};
 use tch::{Device, Kind};
 
 /// One rank's training memory, by part, in bytes.
@@ -47,7 +48,8 @@ impl Estimate {
     }
 }
 
-/// The estimate for one of `world` ranks training `cfg` with parameters of `param_kind` and
+/// The estimate for one of `world` ranks training model `m` as `train:` and `dist:` say, with
+/// parameters of `param_kind` and
 /// activations in bf16 when `autocast` (else in the parameters' kind).
 ///
 /// Gradients: autograd's own (N values, alive from the first backward to the reduction), plus
@@ -55,20 +57,17 @@ impl Estimate {
 /// they are gathered into: N values, or with `dist.shard: gradients` only this rank's slice,
 /// S = ⌈N / world⌉. AdamW's two fp32 moments: N values each, or S sharded (optim/zero.rs).
 pub(crate) fn estimate(
-    cfg: &RunConfig,
+    m: &ModelConfig,
+    train: &TrainConfig,
+    dist: &DistConfig,
     param_kind: Kind,
     autocast: bool,
     world: usize,
 ) -> Estimate {
-    let m = cfg.model();
     let n = stats::parameters(m) as u64;
     let w = param_kind.elt_size_in_bytes() as u64;
-    let reduces = world > 1 || matches!(cfg.dist.backend, Backend::Mpi | Backend::Nccl);
-    let sharding = if reduces {
-        cfg.dist.shard
-    } else {
-        Sharding::None
-    };
+    let reduces = world > 1 || matches!(dist.backend, Backend::Mpi | Backend::Nccl);
+    let sharding = if reduces { dist.shard } else { Sharding::None };
     let slice = n.div_ceil(world.max(1) as u64);
     let buffer = match sharding {
         _ if !reduces => 0,
@@ -77,8 +76,7 @@ pub(crate) fn estimate(
     };
     let moments = if sharding == Sharding::None { n } else { slice };
     let a = if autocast { 2 } else { w };
-    let tokens =
-        (cfg.train.micro_batch_size * cfg.train.max_seq_length.unwrap_or(m.block_size)) as u64;
+    let tokens = (train.micro_batch_size * train.max_seq_length.unwrap_or(m.block_size)) as u64;
     let (c, i, l) = (
         m.n_embd as u64,
         m.intermediate_size() as u64,
@@ -93,7 +91,7 @@ pub(crate) fn estimate(
     // blocks below it).
     let per_block = tokens * (4 * c + 2 * i) * a;
     let input = tokens * c * a;
-    let policy = cfg.train.activation_checkpointing;
+    let policy = train.activation_checkpointing;
     let recomputed: Vec<u64> = (0..l).filter(|&b| policy.recomputes(b as usize)).collect();
     let n_recomputed = recomputed.len() as u64;
     let at_start = (l - n_recomputed) * per_block + n_recomputed * input;
@@ -134,17 +132,18 @@ pub(crate) fn check(est: &Estimate, device: Device, force: bool) -> Result<Optio
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::RunConfig;
 
     #[test]
     fn estimate_counts_weights_gradients_and_moments_exactly() {
         let cfg = RunConfig::from_yaml("model_name: pythia-160m\n", "t.yaml", &[]).unwrap();
-        let e = estimate(&cfg, Kind::Float, false, 1);
+        let e = estimate(cfg.model(), &cfg.train, &cfg.dist, Kind::Float, false, 1);
         let n = stats::parameters(cfg.model()) as u64;
         assert_eq!((e.weights, e.gradients, e.optimizer), (4 * n, 4 * n, 8 * n));
         // micro 4 × 2048 tokens, 12 layers of (4·768 + 2·3072) fp32 values per token.
         assert_eq!(e.activations, 12 * 4 * 2048 * (4 * 768 + 2 * 3072) * 4);
         assert_eq!(e.logits, 3 * (256 << 20));
-        let half = estimate(&cfg, Kind::BFloat16, false, 1);
+        let half = estimate(cfg.model(), &cfg.train, &cfg.dist, Kind::BFloat16, false, 1);
         assert_eq!(half.weights, 2 * n);
         assert_eq!(half.activations * 2, e.activations);
         // Recomputing every block: 12 inputs (768 per token) and block 11's activations again;
@@ -154,7 +153,7 @@ mod tests {
             let yaml =
                 format!("model_name: pythia-160m\ntrain: {{activation_checkpointing: {policy}}}\n");
             let cfg = RunConfig::from_yaml(&yaml, "t.yaml", &[]).unwrap();
-            estimate(&cfg, Kind::Float, false, 1).activations
+            estimate(cfg.model(), &cfg.train, &cfg.dist, Kind::Float, false, 1).activations
         };
         let (tokens, block) = (4 * 2048, (4 * 768 + 2 * 3072) * 4);
         assert_eq!(with("blocks"), tokens * (12 * 768 * 4 + block));
@@ -178,7 +177,14 @@ mod tests {
         let at = |shard: &str, world: usize| {
             let yaml = format!("model_name: pythia-160m\ndist: {{shard: {shard}}}\n");
             let cfg = RunConfig::from_yaml(&yaml, "t.yaml", &[]).unwrap();
-            estimate(&cfg, Kind::Float, false, world)
+            estimate(
+                cfg.model(),
+                &cfg.train,
+                &cfg.dist,
+                Kind::Float,
+                false,
+                world,
+            )
         };
         let cfg = RunConfig::from_yaml("model_name: pythia-160m\n", "t.yaml", &[]).unwrap();
         let n = stats::parameters(cfg.model()) as u64;
@@ -205,7 +211,7 @@ mod tests {
             &[],
         )
         .unwrap();
-        let e = estimate(&cfg, Kind::Float, false, 1);
+        let e = estimate(cfg.model(), &cfg.train, &cfg.dist, Kind::Float, false, 1);
         assert!(e.total() > 1 << 40, "{}", e.describe());
         let err = check(&e, Device::Cpu, false).unwrap_err();
         assert!(

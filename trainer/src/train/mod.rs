@@ -352,7 +352,14 @@ impl Trainer {
 
         // Before any work: will it fit, and may this run write its out_dir (rank 0 probes it,
         // takes its lease, refuses to overwrite another run, clears crashed saves' leftovers).
-        let estimate = memory::estimate(&cfg, param_kind, autocast, rank.world_size);
+        let estimate = memory::estimate(
+            cfg.model(),
+            &cfg.train,
+            &cfg.dist,
+            param_kind,
+            autocast,
+            rank.world_size,
+        );
         let free = memory::check(&estimate, device, opts.force)?;
         // A location that cannot be opened (a local path under a file, a read-only disk) is
         // the user's choice of out_dir: one line, exit 2, before any work.
@@ -370,8 +377,13 @@ impl Trainer {
             open_data(&cfg, &rank, comm.as_ref(), device, autocast)?;
         let (seq_len, micro) = (validation.seq_len, validation.micro);
         let accum = loader.config().grad_accum_steps;
-        let budget =
-            Budget::new(&cfg, rank.world_size, loader.windows_per_epoch()).map_err(BadInput)?;
+        let budget = Budget::new(
+            &cfg.train,
+            cfg.model().block_size,
+            rank.world_size,
+            loader.windows_per_epoch(),
+        )
+        .map_err(BadInput)?;
 
         // Model, flat buffers, optimizer: the same initial weights on every rank.
         let (mut t, sync) = build_trainable(&cfg, &rank, comm.as_ref(), device, param_kind)?;
@@ -848,7 +860,7 @@ fn report_start(
             device
         )
     );
-    let (lines, warnings) = budget.report(cfg);
+    let (lines, warnings) = budget.report(&cfg.train, &cfg.eval);
     for l in lines {
         info!("{l}");
     }
