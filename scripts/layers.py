@@ -18,7 +18,7 @@ ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
 
 # The trainer's modules, lowest layer first; a module may use those of its own layer or below.
 TRAINER_LAYERS = [
-    ["error", "faults", "signals", "logging", "autocast", "device", "tensorboard", "cxx"],
+    ["error", "faults", "signals", "logging", "autocast", "device", "tensorboard", "cxx", "tensors"],
     ["dist"],
     ["config"],
     ["metrics", "budget", "optim"],

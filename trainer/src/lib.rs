@@ -23,4 +23,5 @@ pub mod optim;
 pub mod report;
 pub mod signals;
 pub mod tensorboard;
+pub mod tensors;
 pub mod train;

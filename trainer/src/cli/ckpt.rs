@@ -9,12 +9,12 @@
 //! naming the object); 1 when the store itself fails (network, permissions).
 
 use crate::checkpoint::{
-    contents, safetensors_index, TensorInfo, CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE,
-    TOKENIZER_FILE,
+    contents, CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, TOKENIZER_FILE,
 };
 use crate::config::RunConfig;
 use crate::error::BadInput;
 use crate::metrics::human_bytes;
+use crate::tensors::{safetensors_index, TensorInfo};
 use anyhow::Context;
 use mla_model::stats;
 use mla_storage::{

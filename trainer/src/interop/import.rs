@@ -14,9 +14,9 @@
 //! Not here: the config and layout maps (mla_model::formats).
 
 use super::torch_save;
-use crate::checkpoint::from_safetensors;
 use crate::data::Tokenizer;
 use crate::error::BadInput;
+use crate::tensors::from_safetensors;
 use anyhow::Context;
 use mla_model::formats::hf::HfConfig;
 use mla_model::ModelConfig;

@@ -6,7 +6,7 @@
 //! Not here: training resume (checkpoint/), the `--precision` settings (inference.rs).
 
 use super::import::{self, Framing};
-use crate::checkpoint::{self, CONFIG_FILE, MODEL_FILE, TOKENIZER_FILES};
+use crate::checkpoint::{CONFIG_FILE, MODEL_FILE, TOKENIZER_FILES};
 use crate::config::RunConfig;
 use crate::data::Tokenizer;
 use crate::error::BadInput;
@@ -67,7 +67,7 @@ pub fn load(step_dir: &str, device: Device, kind: Kind) -> anyhow::Result<Loaded
         .map_err(|e| BadInput(format!("{step_dir}: tokenizer: {e}")))?;
 
     let (tensors, _) =
-        checkpoint::from_safetensors(object(MODEL_FILE)?, &format!("{step_dir}/{MODEL_FILE}"))?;
+        crate::tensors::from_safetensors(object(MODEL_FILE)?, &format!("{step_dir}/{MODEL_FILE}"))?;
     let (vs, model) = build(
         &cfg,
         &tensors,

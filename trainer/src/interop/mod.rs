@@ -17,8 +17,8 @@ pub mod litgpt;
 pub mod load;
 mod torch_save;
 
-use crate::checkpoint::kind_to_dtype;
 use crate::error::BadInput;
+use crate::tensors::kind_to_dtype;
 use anyhow::Context;
 use load::LoadedModel;
 use safetensors::tensor::TensorView;

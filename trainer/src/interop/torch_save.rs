@@ -8,8 +8,8 @@
 //!
 //! Not here: what the names mean (interop/import.rs).
 
-use crate::checkpoint::kind_of;
 use crate::error::BadInput;
+use crate::tensors::kind_of;
 use anyhow::Context;
 use mla_storage::formats::{torch_save, Limits};
 use std::path::Path;

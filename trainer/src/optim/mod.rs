@@ -19,6 +19,7 @@
 //! Also here: the LR schedule (linear warmup, cosine to min_lr, by optimizer step) and
 //! global-norm clipping. Not here: the loop that calls them (train.rs).
 
+pub mod state;
 pub mod sync;
 pub mod zero;
 

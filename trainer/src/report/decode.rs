@@ -7,7 +7,7 @@
 //! the whole sequence). Prompts are fixed pseudo-random token ids, decode feeds back the
 //! greedy token: speed does not depend on the weights, so a random-init model measures the
 //! same as a trained one.
-//! Not here: loading the model (inference.rs), printing and flags (cli/bench.rs).
+//! Not here: loading the model (interop/load.rs), printing and flags (cli/bench.rs).
 
 use crate::device;
 use mla_model::{AttentionKind, Gpt, InferenceCache, MlaDecode};

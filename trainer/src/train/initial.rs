@@ -6,13 +6,11 @@
 //!
 //! Not here: resuming a run (checkpoint::resume, which takes precedence over this).
 
-use crate::checkpoint::{
-    self, load_location, tokenizer_sha256, CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE,
-};
+use crate::checkpoint::{load_location, tokenizer_sha256, CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE};
 use crate::config::RunConfig;
 use crate::error::BadInput;
 use crate::interop::import;
-use crate::optim::FlatParams;
+use crate::optim::{state, FlatParams};
 use std::path::Path;
 use tracing::{info, warn};
 
@@ -39,7 +37,7 @@ pub(crate) fn load(
                 )?;
                 same_model(cfg, theirs.model(), &url)?;
             }
-            checkpoint::load_model(flat, bytes, &format!("{url}/{MODEL_FILE}"))?;
+            state::load_model(flat, bytes, &format!("{url}/{MODEL_FILE}"))?;
             (
                 url,
                 l.manifest.object(TOKENIZER_FILE).map(|o| o.sha256.clone()),
@@ -70,7 +68,7 @@ fn load_foreign(
     let foreign = import::read(dir, source)?;
     let what = format!("{} ({} model)", foreign.dir.display(), source.name());
     same_model(cfg, &foreign.model, &what)?;
-    checkpoint::load_weights(flat, &foreign.weights, &what)?;
+    state::load_weights(flat, &foreign.weights, &what)?;
     Ok((what, tokenizer_sha256(&foreign.dir)?))
 }
 
