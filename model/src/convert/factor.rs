@@ -16,8 +16,8 @@
 //!
 //! Notation as in mod.rs.
 
-use super::layout::{kv_b_rows, Source, F64};
 use super::rorope::Rope;
+use super::source::{kv_b_rows, Source, F64};
 use super::{Dims, Factor};
 use tch::{Kind, Tensor};
 

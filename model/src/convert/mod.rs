@@ -25,6 +25,7 @@
 mod factor;
 mod layout;
 mod rorope;
+mod source;
 
 use crate::config::{ConfigErrors, LatentAttention, MlaDims, ModelConfig};
 use std::collections::HashMap;
@@ -260,7 +261,7 @@ impl Calibration {
         let e1 = n_embd as i64 + 1;
         Calibration {
             sums: (0..n_layer)
-                .map(|_| Tensor::zeros([e1, e1], layout::F64))
+                .map(|_| Tensor::zeros([e1, e1], source::F64))
                 .collect(),
             tokens: 0,
         }
@@ -274,7 +275,7 @@ impl Calibration {
                 .reshape([-1, e])
                 .to_device(tch::Device::Cpu)
                 .to_kind(tch::Kind::Double);
-            let x = Tensor::cat(&[&x, &Tensor::ones([x.size()[0], 1], layout::F64)], 1);
+            let x = Tensor::cat(&[&x, &Tensor::ones([x.size()[0], 1], source::F64)], 1);
             *sum += x.tr().matmul(&x);
         }
         if let Some(x) = inputs.first() {
@@ -347,16 +348,16 @@ impl Plan {
         }
         let mut out: HashMap<String, Tensor> = weights
             .iter()
-            .filter(|(name, _)| !layout::is_source_qkv(name))
+            .filter(|(name, _)| !source::is_source_qkv(name))
             .map(|(name, t)| (name.clone(), t.to_kind(tch::Kind::Float).copy()))
             .collect();
         let mut layers = Vec::with_capacity(n_layer);
         tch::no_grad(|| -> Result<(), ConvertError> {
             for l in 0..n_layer {
-                let src = layout::Source::read(weights, l, &d)?;
+                let src = source::Source::read(weights, l, &d)?;
                 let moment = match moments {
                     Some(m) => m[l].to_kind(tch::Kind::Double).to_device(tch::Device::Cpu),
-                    None => Tensor::eye(d.e + 1, layout::F64),
+                    None => Tensor::eye(d.e + 1, source::F64),
                 };
                 let rope = rorope::split(&src, &moment, &d);
                 let kv = factor::kv(&src, &rope, &moment, &d, self.factor);

@@ -13,7 +13,7 @@
 //!
 //! Notation as in mod.rs; F = n/2 frequencies of the source, K = Dr/2 kept.
 
-use super::layout::Source;
+use super::source::Source;
 use super::Dims;
 use tch::Tensor;
 
