@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""scripts/layers.py — the workspace's import graph, checked: no cycle between crates or between
-the top-level modules (folders and files under src/) of one crate, and no arrow from a lower
-layer of the trainer to a higher one (the layers are listed below, lowest first).
+"""scripts/layers.py — the workspace's import graph, checked: no cycle between crates, between
+the top-level modules (folders and files under src/) of one crate, or between the files of one
+folder, and no arrow from a lower layer of the trainer to a higher one (the layers are listed
+below, lowest first).
 
 An arrow A -> B means a file of module A names `crate::B`, `crate::{B, ...}`, or `super::B`
 (from a file directly in src/ or from A's mod.rs). Tests (`tests/`, `#[cfg(test)] mod tests` blocks) are left out: they may
@@ -127,6 +128,32 @@ def cycles(graph):
     return out
 
 
+def folder_graphs(src, crate):
+    """{"<crate>/src/<folder>": {file: {sibling file it uses: [files]}}} for every folder below
+    src/: `super::name` from a file that is not the folder's mod.rs (the folder's own
+    declarations are its structure, not a dependency)."""
+    out = {}
+    for dirpath, _, files in os.walk(src):
+        if os.path.samefile(dirpath, src):
+            continue
+        stems = {os.path.splitext(f)[0] for f in files if f.endswith(".rs") and f != "mod.rs"}
+        graph = {stem: {} for stem in stems}
+        for f in files:
+            stem = os.path.splitext(f)[0]
+            if stem not in graph:
+                continue
+            path = os.path.join(dirpath, f)
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                text = re.sub(r"//[^\n]*", "", strip_tests(fh.read()))
+            used = set(re.findall(r"\bsuper::([a-z_][a-z0-9_]*)", text))
+            for group in re.findall(r"\bsuper::\{([^}]*)\}", text):
+                used.update(re.findall(r"(?:^|,)\s*([a-z_][a-z0-9_]*)", group))
+            for name in used & stems - {stem}:
+                graph[stem].setdefault(name, []).append(os.path.relpath(path, ROOT))
+        out[f"{crate}/src/{os.path.relpath(dirpath, src)}"] = graph
+    return out
+
+
 def crate_graph():
     members = {}
     for d in sorted(os.listdir(ROOT)):
@@ -148,6 +175,7 @@ def main():
         src = os.path.join(ROOT, d, "src")
         if d != "target" and os.path.isdir(src) and os.path.isfile(os.path.join(ROOT, d, "Cargo.toml")):
             graphs[f"{d}/src"] = module_graph(src)
+            graphs.update(folder_graphs(src, d))
     for where, graph in graphs.items():
         arrows = sum(len(v) for v in graph.values())
         if show:
@@ -157,7 +185,8 @@ def main():
         for comp in cycles(graph):
             ties = [f"{a} -> {b} ({sorted(set(graph[a][b]))[0]})" for a in comp for b in graph[a] if b in comp]
             problems.append(f"{where}: cycle {' ↔ '.join(comp)}: " + "; ".join(ties))
-        print(f"layers.py: {where}: {len(graph)} modules, {arrows} arrows", file=sys.stderr)
+        if where.count("/") < 2:  # crates and crates' src/: one line each; folders only when wrong
+            print(f"layers.py: {where}: {len(graph)} modules, {arrows} arrows", file=sys.stderr)
     layer = {m: i for i, ms in enumerate(TRAINER_LAYERS) for m in ms}
     trainer = graphs.get("trainer/src", {})
     unplaced = sorted(set(trainer) - set(layer))
@@ -172,7 +201,7 @@ def main():
     if problems:
         print(f"layers.py: {len(problems)} problem(s)", file=sys.stderr)
         return 1
-    print("layers.py: no cycle between crates or modules, no arrow up a layer", file=sys.stderr)
+    print("layers.py: no cycle between crates, modules or the files of a folder; no arrow up a layer", file=sys.stderr)
     return 0
 
 
