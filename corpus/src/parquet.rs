@@ -16,15 +16,19 @@
 //! against the file and its page headers are walked ([`check_pages`], with `thrift.rs`): a page
 //! may declare at most [`PAGE_STORIES`] × `--max-story-bytes` (1 MiB when that is less). A
 //! chunk with a DELTA_BYTE_ARRAY page is read one row at a time, as each of its values may be
-//! rebuilt as long as the page.
+//! rebuilt as long as the page. What the crate still trusts inside a page (a dictionary page
+//! declaring more values than it holds makes it slice out of range) ends in a panic that
+//! [`guarded`] turns into an error naming the file.
 //!
 //! Not here: the other formats, archives, or tokenizing (see `input` and `prepare`).
 
+use std::cell::{Cell, RefCell};
 use std::fs::File;
 use std::io::{BufReader, Seek, SeekFrom};
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Once};
 
 use ::parquet::basic::{Compression, ConvertedType, LogicalType, Type as PhysicalType};
 use ::parquet::column::reader::ColumnReader;
@@ -72,11 +76,11 @@ pub(super) fn read_column(
     let mut headers = BufReader::new(file.try_clone().map_err(|e| DataError::io(path, e))?);
     let page_limit = max_story.saturating_mul(PAGE_STORIES).max(MIN_PAGE_LIMIT);
     let start = bytes_read.load(Ordering::Relaxed);
-    let reader = SerializedFileReader::new(CountingFile {
+    let counting = CountingFile {
         file,
         count: bytes_read.clone(),
-    })
-    .map_err(|e| parquet_error(path, e))?;
+    };
+    let reader = guarded(path, || SerializedFileReader::new(counting))?;
     let meta = reader.metadata();
     let schema = meta.file_metadata().schema_descr();
     let (leaf, name) = text_column(schema, column).map_err(bad)?;
@@ -89,9 +93,7 @@ pub(super) fn read_column(
     let mut values: Vec<ByteArray> = Vec::new();
     let mut row = 0u64;
     for g in 0..meta.num_row_groups() {
-        let group = reader
-            .get_row_group(g)
-            .map_err(|e| parquet_error(path, e))?;
+        let group = guarded(path, || reader.get_row_group(g))?;
         let chunk = group.metadata().column(leaf);
         check_codec(chunk.compression(), &name).map_err(bad)?;
         let walk = check_pages(&mut headers, chunk, file_len, page_limit).map_err(|e| match e {
@@ -105,18 +107,17 @@ pub(super) fn read_column(
         } else {
             ROWS_PER_READ
         };
-        let ColumnReader::ByteArrayColumnReader(mut col) = group
-            .get_column_reader(leaf)
-            .map_err(|e| parquet_error(path, e))?
+        let ColumnReader::ByteArrayColumnReader(mut col) =
+            guarded(path, || group.get_column_reader(leaf))?
         else {
             return Err(bad(format!("column `{name}` is not a string column")));
         };
         loop {
             defs.clear();
             values.clear();
-            let (rows, _, _) = col
-                .read_records(rows_per_read, Some(&mut defs), None, &mut values)
-                .map_err(|e| parquet_error(path, e))?;
+            let (rows, _, _) = guarded(path, || {
+                col.read_records(rows_per_read, Some(&mut defs), None, &mut values)
+            })?;
             if rows == 0 {
                 break;
             }
@@ -340,6 +341,55 @@ fn catch_up(count: &AtomicU64, start: u64, done: u64) {
     let now = count.load(Ordering::Relaxed) - start;
     if done > now {
         count.fetch_add(done - now, Ordering::Relaxed);
+    }
+}
+
+/// Run `f`, a call into the parquet crate, turning a panic of the crate on a malformed file into
+/// an error naming `path`. The crate trusts some bytes it reads: a dictionary page declaring
+/// more values than it holds ends in an out-of-range slice inside the crate (parquet 60.2, the
+/// newest; found by `scripts/fuzz.sh parquet`). Its panic is caught here, its message goes into
+/// the error, and nothing is printed for it; a panic anywhere else (mla's own code, another
+/// thread) still reaches the process's panic hook as before. The reader is dropped with the
+/// error, never used again.
+fn guarded<T>(
+    path: &Path,
+    f: impl FnOnce() -> ::parquet::errors::Result<T>,
+) -> Result<T, DataError> {
+    thread_local! {
+        /// Set while this thread runs a guarded call; the panic message lands in `CAUGHT`.
+        static GUARDED: Cell<bool> = const { Cell::new(false) };
+        static CAUGHT: RefCell<Option<String>> = const { RefCell::new(None) };
+    }
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if GUARDED.with(Cell::get) {
+                let payload = info.payload();
+                let message = (payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".to_owned());
+                CAUGHT.with(|c| *c.borrow_mut() = Some(message));
+            } else {
+                previous(info);
+            }
+        }));
+    });
+    GUARDED.with(|g| g.set(true));
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(false));
+    match outcome {
+        Ok(result) => result.map_err(|e| parquet_error(path, e)),
+        Err(_) => {
+            let message = CAUGHT.with(|c| c.borrow_mut().take());
+            Err(DataError::BadParquet {
+                path: path.to_path_buf(),
+                message: format!(
+                    "corrupt Parquet file: the parquet reader failed on it ({})",
+                    message.as_deref().unwrap_or("no message")
+                ),
+            })
+        }
     }
 }
 
@@ -728,5 +778,48 @@ pub(crate) mod tests {
                     .compressed_size()
             )
         );
+    }
+
+    #[test]
+    fn a_dictionary_page_declaring_more_values_than_it_holds_is_an_error_not_a_panic() {
+        use ::parquet::basic::Encoding;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.parquet");
+        let values: Vec<String> = (0..3000).map(|i| format!("story {}", i % 700)).collect();
+        write_parquet_encoded(
+            &path,
+            &values,
+            Compression::UNCOMPRESSED,
+            Some(Encoding::RLE_DICTIONARY),
+        );
+        assert!(column_stories(&path, u64::MAX).unwrap() == values);
+        // DictionaryPageHeader.num_values (PageHeader field 7, its field 1): 700, two varint
+        // bytes; 8000 fits in two too. The crate then reads lengths past the page's end
+        // (found by the parquet fuzz target: a panic, exit 101, before this guard).
+        let at = SerializedFileReader::new(File::open(&path).unwrap())
+            .unwrap()
+            .metadata()
+            .row_group(0)
+            .column(0)
+            .dictionary_page_offset()
+            .unwrap() as usize;
+        let mut bytes = std::fs::read(&path).unwrap();
+        let span = crate::thrift::field_spans(&bytes[at..at + 64], &[7, 1])[0].clone();
+        assert_eq!(span.len(), 2, "num_values 700");
+        patch(&mut bytes, at + span.start..at + span.end, 8000);
+        std::fs::write(&path, &bytes).unwrap();
+        let e = column_stories(&path, u64::MAX).unwrap_err();
+        assert!(matches!(e, DataError::BadParquet { .. }) && e.is_bad_input());
+        let text = e.to_string();
+        assert!(
+            text.starts_with(&format!(
+                "{}: corrupt Parquet file: the parquet reader failed on it (",
+                path.display()
+            )),
+            "{text}"
+        );
+        // The guard leaves other panics to the process's hook: a panic outside it still
+        // unwinds (caught here only to observe it) after the guarded one.
+        assert!(std::panic::catch_unwind(|| panic!("outside the guard")).is_err());
     }
 }
