@@ -143,6 +143,20 @@ impl Window {
     }
 }
 
+/// Warn when the config's `devices × num_nodes` is not the number of ranks this run has (srun
+/// and mpirun start what they are told, not what the config says).
+fn warn_if_other_ranks(cfg: &RunConfig, world_size: usize) {
+    if let crate::config::Devices::Count(d) = cfg.devices {
+        let want = d * cfg.num_nodes;
+        if want != world_size {
+            warn!(
+                "the config's devices: {d} × num_nodes: {} ask for {want} rank(s), but this run has {world_size}: mla-launch starts what they say; srun and mpirun start what they are told",
+                cfg.num_nodes
+            );
+        }
+    }
+}
+
 /// The run's data on this rank: the tokenizer directory, the training loader (this rank's
 /// windows of each global batch) and validation over this rank's share of the val split.
 fn open_data(
@@ -339,14 +353,8 @@ impl Trainer {
         let comm = dist::connect(&cfg.dist, &rank, device, stall)?;
         let (precision, autocast, param_kind) = precision_for(&cfg, device);
         let main = rank.is_main();
-        if let (true, crate::config::Devices::Count(d)) = (main, cfg.devices) {
-            let want = d * cfg.num_nodes;
-            if want != rank.world_size {
-                warn!(
-                    "the config's devices: {d} × num_nodes: {} ask for {want} rank(s), but this run has {}: mla-launch starts what they say; srun and mpirun start what they are told",
-                    cfg.num_nodes, rank.world_size
-                );
-            }
+        if main {
+            warn_if_other_ranks(&cfg, rank.world_size);
         }
         signals::install();
 
