@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # scripts/test.sh — the whole CPU test suite, as CI runs it (.ci/run calls this).
 #   1. scripts/setup.sh (idempotent: system packages, .venv with torch 2.11.0, release build)
-#   2. formatting check, and the import graph (scripts/layers.py: no cycle between crates or
-#      modules, no arrow up the trainer's layers)
+#   2. formatting check, the import graph (scripts/layers.py: no cycle between crates, modules
+#      or a folder's files, no arrow up the trainer's layers) and function lengths
+#      (scripts/fn_length.py: none over 150 lines)
 #   3. a local S3-compatible server for the storage/checkpoint tests (stopped on exit)
 #   4. cargo test --release --no-fail-fast over the workspace (release: shares setup's build,
 #      runs the numerics at full speed; a failing test binary never hides the ones after it),
@@ -19,6 +20,7 @@ scripts/setup.sh
 source scripts/env.sh
 cargo fmt --all -- --check || { echo "test.sh: run 'cargo fmt --all'" >&2; exit 1; }
 python3 scripts/layers.py || { echo "test.sh: an import cycle or an arrow up a layer (above)" >&2; exit 1; }
+python3 scripts/fn_length.py || { echo "test.sh: a function over 150 lines (above)" >&2; exit 1; }
 eval "$(scripts/s3_server.sh start)"
 log=$(mktemp -t mla-test.XXXXXX)
 export MLA_REQUIRE_S3=1
