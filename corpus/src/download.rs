@@ -371,6 +371,15 @@ fn progress_bar(enabled: bool, len: Option<u64>, name: &str) -> Option<indicatif
     Some(bar)
 }
 
+/// The topmost ancestor of `dir` (itself included) that does not exist yet: what a download
+/// into `dir` creates, and removes again when it fails. None when `dir` exists.
+pub fn first_missing_ancestor(dir: &Path) -> Option<PathBuf> {
+    dir.ancestors()
+        .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
+        .last()
+        .map(Path::to_path_buf)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

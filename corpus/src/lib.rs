@@ -42,8 +42,8 @@ mod writer;
 
 pub use dataset::{is_prepared, Dataset, OpenOptions, TokenStream};
 pub use download::{
-    download_file, download_tinystories, download_tokenizer, fetch_bytes, hf_endpoint,
-    model_file_url, repo_dir, tinystories_input, tinystories_url, DownloadOptions,
+    download_file, download_tinystories, download_tokenizer, fetch_bytes, first_missing_ancestor,
+    hf_endpoint, model_file_url, repo_dir, tinystories_input, tinystories_url, DownloadOptions,
     DEFAULT_HF_ENDPOINT, TINYSTORIES_ARCHIVE,
 };
 pub use error::{DataError, StoryAt};

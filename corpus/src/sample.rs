@@ -19,7 +19,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use super::batch::{Batcher, Event};
-use super::download::DownloadOptions;
+use super::download::{first_missing_ancestor, DownloadOptions};
 use super::error::DataError;
 use super::format::Split;
 use super::hub::{fetch_parquet, HubDataset};
@@ -63,11 +63,7 @@ pub fn download_tinystories_sample(
 /// Create `dir` and its missing parents; returns the topmost one created (to remove on
 /// failure), or None when `dir` existed.
 fn create_missing(dir: &Path) -> Result<Option<PathBuf>, DataError> {
-    let top = dir
-        .ancestors()
-        .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
-        .last()
-        .map(Path::to_path_buf);
+    let top = first_missing_ancestor(dir);
     std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
     Ok(top)
 }

@@ -202,22 +202,17 @@ impl Drop for Lease {
 pub(crate) fn lock_local(dir: &std::path::Path, url: &str, holder: &Holder) -> Result<Lease> {
     use std::io::{Read, Seek, Write};
     let path = dir.join(LOCK_FILE);
-    let io_err = |e: std::io::Error| {
-        // Name the file once: a refusal of `open_file` already does.
-        let shown = path.display().to_string();
-        let e = e.to_string();
-        Error::Open {
-            url: url.to_string(),
-            detail: if e.contains(&shown) {
-                e
-            } else {
-                format!("lock file {shown}: {e}")
-            },
-        }
+    let io_err = |e: std::io::Error| Error::Open {
+        url: url.to_string(),
+        detail: format!("lock file {}: {e}", path.display()),
     };
     // Never through a link: `.mla-lock -> ~/somefile` would be truncated and overwritten.
+    // `open_file`'s errors name the file already.
     let mut file = crate::local::open_file(dir, LOCK_FILE, crate::local::OpenMode::ReadWrite)
-        .map_err(io_err)?;
+        .map_err(|e| Error::Open {
+            url: url.to_string(),
+            detail: e.to_string(),
+        })?;
     match file.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {

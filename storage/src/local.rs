@@ -420,6 +420,7 @@ pub enum OpenMode {
 /// refuse anything but a regular file there: a link planted at `out_dir/.mla-lock` or
 /// `out_dir/metrics.jsonl` must not make mla truncate or append to what it points to.
 /// `dir` itself must be a real directory when it is below an out_dir (see [`create_dir`]).
+/// Every error names the file.
 pub fn open_file(dir: &std::path::Path, name: &str, mode: OpenMode) -> io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     if name.is_empty() || name.contains('/') || name == "." || name == ".." {
@@ -454,17 +455,22 @@ pub fn open_file(dir: &std::path::Path, name: &str, mode: OpenMode) -> io::Resul
             // A FIFO without a reader refuses a non-blocking writer (ENXIO): say what it is.
             return Err(match std::fs::symlink_metadata(&path) {
                 Ok(m) if !m.is_file() => not_regular(&path, &m),
-                _ => e,
+                _ => named(&path, e),
             });
         }
     };
-    let m = file.metadata()?;
+    let m = file.metadata().map_err(|e| named(&path, e))?;
     if !m.is_file() {
         return Err(not_regular(&path, &m));
     }
     // Back to blocking I/O for the regular file.
-    set_blocking(&file)?;
+    set_blocking(&file).map_err(|e| named(&path, e))?;
     Ok(file)
+}
+
+/// `e` with the file it is about, as the message's first words.
+fn named(path: &std::path::Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
 fn not_regular(path: &std::path::Path, m: &std::fs::Metadata) -> io::Error {

@@ -511,13 +511,20 @@ pub enum DataModule {
     TextFiles,
 }
 
-impl DataConfig {
-    pub fn module(&self) -> Option<DataModule> {
-        match self.class_path.trim_start_matches("litgpt.data.") {
+impl DataModule {
+    /// The module a `class_path` names (`TinyStories`, `litgpt.data.TextFiles`, …).
+    pub fn of(class_path: &str) -> Option<DataModule> {
+        match class_path.trim_start_matches("litgpt.data.") {
             "TinyStories" => Some(DataModule::TinyStories),
             "TextFiles" => Some(DataModule::TextFiles),
             _ => None,
         }
+    }
+}
+
+impl DataConfig {
+    pub fn module(&self) -> Option<DataModule> {
+        DataModule::of(&self.class_path)
     }
 }
 
@@ -648,12 +655,7 @@ fn normalize_class_sections(root: &mut Mapping) {
 
 /// The data module the tree names now (`None`: none, or one mla does not know).
 fn data_class(root: &Mapping) -> Option<DataModule> {
-    let class_path = root.get("data")?.get("class_path")?.as_str()?;
-    DataConfig {
-        class_path: class_path.to_string(),
-        init_args: DataArgs::default(),
-    }
-    .module()
+    DataModule::of(root.get("data")?.get("class_path")?.as_str()?)
 }
 
 /// An override that switches `data.class_path` (TextFiles ↔ TinyStories) drops the init_args
@@ -661,9 +663,10 @@ fn data_class(root: &Mapping) -> Option<DataModule> {
 /// `--data.class_path TinyStories --data.data_path D` works on a TextFiles config. Arguments
 /// both take (seed, cache_dir, …) are kept; a later override may still set any of them.
 fn drop_other_modules_args(root: &mut Mapping, before: Option<DataModule>) {
-    let now = data_class(root);
-    let Some(before) = before else { return };
-    if now.is_none() || now == Some(before) {
+    let (Some(before), Some(now)) = (before, data_class(root)) else {
+        return;
+    };
+    if now == before {
         return;
     }
     let only_before: &[&str] = match before {
@@ -1057,19 +1060,19 @@ impl TrainConfig {
     /// The world sizes (numbers of ranks) that split `train.global_batch_size` into whole
     /// micro-batches of `train.micro_batch_size`: those a run, or its resume, can have.
     pub fn world_sizes(&self) -> Vec<usize> {
-        let t = self;
-        if t.micro_batch_size == 0 || !t.global_batch_size.is_multiple_of(t.micro_batch_size) {
+        if self.micro_batch_size == 0
+            || !self.global_batch_size.is_multiple_of(self.micro_batch_size)
+        {
             return Vec::new();
         }
-        let n = t.global_batch_size / t.micro_batch_size;
+        let n = self.global_batch_size / self.micro_batch_size;
         (1..=n).filter(|w| n.is_multiple_of(*w)).collect()
     }
 
     /// Gradient-accumulation steps per optimizer step for `world_size` ranks.
     pub fn grad_accum_steps(&self, world_size: usize) -> Result<usize, String> {
-        let t = self;
-        let per_step = t.micro_batch_size * world_size;
-        if per_step == 0 || !t.global_batch_size.is_multiple_of(per_step) {
+        let per_step = self.micro_batch_size * world_size;
+        if per_step == 0 || !self.global_batch_size.is_multiple_of(per_step) {
             let can = match self.world_sizes() {
                 w if w.is_empty() => "none".to_string(),
                 w => w
@@ -1080,10 +1083,10 @@ impl TrainConfig {
             };
             return Err(format!(
                 "train.global_batch_size ({}) must be divisible by micro_batch_size × world size ({} × {world_size}); world sizes that can with this micro_batch_size: {can}",
-                t.global_batch_size, t.micro_batch_size
+                self.global_batch_size, self.micro_batch_size
             ));
         }
-        Ok(t.global_batch_size / per_step)
+        Ok(self.global_batch_size / per_step)
     }
 }
 

@@ -27,9 +27,9 @@
 
 use crate::config::{DataModule, RunConfig};
 use crate::data::{
-    download_tinystories, download_tinystories_sample, download_tokenizer, input_files,
-    is_prepared, open_remote, prepare, remote_url, tinystories_input, Dataset, DownloadOptions,
-    OpenOptions, PrepareArgs, Tokenizer, TINYSTORIES_REPO,
+    download_tinystories, download_tinystories_sample, download_tokenizer, first_missing_ancestor,
+    input_files, is_prepared, open_remote, prepare, remote_url, tinystories_input, Dataset,
+    DownloadOptions, OpenOptions, PrepareArgs, Tokenizer, TINYSTORIES_REPO,
 };
 use crate::dist::{Communicator, RankInfo};
 use crate::error::BadInput;
@@ -299,11 +299,7 @@ pub fn tokenizer_dir(cfg: &RunConfig) -> anyhow::Result<PathBuf> {
             info!("tokenizer: {} missing, downloading {repo}", dir.display());
             // What the download creates, it removes when it fails: a mistyped path must not
             // leave an empty `<owner>/<name>` behind (issue 9), wherever it pointed.
-            let created = dir
-                .ancestors()
-                .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
-                .last()
-                .map(Path::to_path_buf);
+            let created = first_missing_ancestor(&dir);
             download_tokenizer(&repo, &cache, &DownloadOptions::default()).map_err(|e| {
                 if let Some(c) = &created {
                     let _ = std::fs::remove_dir_all(c);

@@ -466,6 +466,19 @@ fn plain_clone(root: &Path) -> std::path::PathBuf {
     clone
 }
 
+/// `mla train` of the quickstart config on the CPU, shrunk by [`QUICK`].
+fn quickstart() -> Vec<&'static str> {
+    let mut args = vec![
+        "train",
+        "--device",
+        "cpu",
+        "--config",
+        "config_hub/pretrain/debug.yaml",
+    ];
+    args.extend_from_slice(&QUICK);
+    args
+}
+
 /// The quickstart's config, shrunk to seconds: the README's command with smaller numbers.
 const QUICK: [&str; 16] = [
     "--model_config.block_size",
@@ -512,14 +525,7 @@ fn the_quickstart_fills_its_tokenizer_and_tinystories_sample_from_the_hub_on_fir
     ]));
     let clone = plain_clone(tmp.path());
     let env = [("HF_ENDPOINT", server.addr.as_str())];
-    let mut args = vec![
-        "train",
-        "--device",
-        "cpu",
-        "--config",
-        "config_hub/pretrain/debug.yaml",
-    ];
-    args.extend_from_slice(&QUICK);
+    let args = quickstart();
     let out = mla_in(&clone, &args, &env);
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
     ok(&out);
@@ -572,14 +578,7 @@ fn the_quickstart_offline_says_what_to_point_at_local_files_and_leaves_nothing()
         format!("http://{}", l.local_addr().unwrap())
     };
     let env = [("HF_ENDPOINT", closed.as_str())];
-    let mut args = vec![
-        "train",
-        "--device",
-        "cpu",
-        "--config",
-        "config_hub/pretrain/debug.yaml",
-    ];
-    args.extend_from_slice(&QUICK);
+    let mut args = quickstart();
     let out = mla_in(&clone, &args, &env);
     assert_bad_line(&out, &["--tokenizer_dir"]);
     let tok = tokenizer_dir();

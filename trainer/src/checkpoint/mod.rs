@@ -710,15 +710,8 @@ pub(crate) fn resume(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::optim::state::tests::flat_of;
     use tch::Kind;
-
-    fn flat_of(shapes: &[(&str, &[i64])], kind: Kind) -> FlatParams {
-        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-        for (name, shape) in shapes {
-            let _ = vs.root().randn(name, shape, 0.0, 1.0);
-        }
-        FlatParams::new(&vs, kind).unwrap()
-    }
 
     #[test]
     fn non_finite_weights_are_never_saved_and_the_run_ends_in_an_error() {

@@ -250,13 +250,14 @@ fn copy_moments(flat: &FlatParams, opt: &AdamW, moments: &[Tensor]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::dist::Sharding;
     use crate::tensors::safetensors_index;
     use tch::Kind;
 
-    fn flat_of(shapes: &[(&str, &[i64])], kind: Kind) -> FlatParams {
+    /// Flat buffers over random parameters of `shapes` (also for checkpoint/'s tests).
+    pub(crate) fn flat_of(shapes: &[(&str, &[i64])], kind: Kind) -> FlatParams {
         let vs = tch::nn::VarStore::new(tch::Device::Cpu);
         for (name, shape) in shapes {
             let _ = vs.root().randn(name, shape, 0.0, 1.0);
